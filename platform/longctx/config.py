@@ -1,0 +1,421 @@
+"""Typed job configuration: one `JobConfig` with `data`, `model`, `train`, `eval` sections.
+
+Configs are YAML files (see `jobs/configs/`) plus `--set a.b.c=value` overrides. Every section has defaults
+that together make the *embedded default*: the shipped sample corpus, the shipped tiny model, local Ray, CPU.
+Unknown keys and bad values fail with an error naming the key and what is allowed.
+
+    cfg = load_config("jobs/configs/tiny.yaml", ["train.lr=3e-4", "data.seq_len=2048"])
+
+Field docstrings are the help text and land in the exported JSON Schema (`schemas/job_config.schema.json`,
+kept in sync by a test; regenerate with `longctx config schema --output schemas/job_config.schema.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------- storage / ray
+class StorageConfig(_Section):
+    endpoint_url: str | None = None
+    """S3-compatible endpoint override (e.g. http://127.0.0.1:9000). Default: AWS_ENDPOINT_URL_S3 or
+    AWS_ENDPOINT_URL from the environment, else AWS itself. Credentials never go here: use the standard AWS
+    variables or an instance profile / IAM role."""
+    region: str | None = None
+    """S3 region; default from AWS_DEFAULT_REGION / AWS_REGION."""
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    """Ray cluster address. Default: RAY_ADDRESS when set (as under `ray job submit`), else a local cluster."""
+    num_cpus: int | None = None
+    """CPUs for a local cluster started by the job (may oversubscribe the machine so Ray Data and the
+    training workers can run side by side). Ignored when connecting to an existing cluster."""
+    data_cpus_per_task: float = 0.25
+    """CPUs each Ray Data read/tokenize/pack task or actor reserves. Fractional on small machines: two 1-CPU
+    actors plus a read task deadlock a 2-CPU cluster."""
+    data_resources: dict[str, float] = Field(default_factory=dict)
+    """Custom resources data tasks ask for (e.g. {"data_node": 0.01} to pin them to the CPU pool)."""
+
+
+# ----------------------------------------------------------------------------------------------------- data
+class SourceSpec(_Section):
+    uri: str | list[str]
+    """File, folder, glob or s3:// prefix (or a list of them). Formats by suffix: .jsonl, .jsonl.gz,
+    .jsonl.zst, .json, .parquet. `builtin:corpus/NAME.jsonl.gz` names a shipped sample file."""
+    text_field: str = "text"
+    """Field holding the document text (dotted path for nested fields)."""
+    source_field: str | None = None
+    """Field holding the source label (dotted path, e.g. SlimPajama's `meta.redpajama_set_name`). Default:
+    the name this source is listed under."""
+    id_field: str | None = None
+    """Field holding the document id (dotted path). Default: `path:line` (or `path:row` for parquet)."""
+
+
+Strategy = Literal["per-source", "cut-4k", "cut-seq", "global", "sources"]
+
+
+class DataConfig(_Section):
+    sources: dict[str, str | SourceSpec] = Field(
+        default_factory=lambda: {
+            "code": "builtin:corpus/code.jsonl.gz",
+            "c": "builtin:corpus/c.jsonl.gz",
+            "records": "builtin:corpus/records.jsonl.gz",
+        }
+    )
+    """Source name -> URI/glob (or a full SourceSpec). The name is the source label unless `source_field`
+    says otherwise."""
+    tokenizer: str = "builtin:tiny-tokenizer"
+    """Hugging Face fast tokenizer directory: local path or s3:// prefix."""
+    seq_len: int = Field(1024, ge=16)
+    """Tokens per packed row (the training context length)."""
+    attention: Literal["document", "full"] = "document"
+    """`document`: position ids restart at every document and no token attends across documents (Index).
+    `full`: documents are concatenated and attend to each other (Fu et al.)."""
+    strategy: Strategy = "per-source"
+    """Length mixture: `per-source` upsampling (Fu et al., default), `cut-4k` (chunk every document at 4K),
+    `cut-seq` (natural lengths), `global` (upsample long documents over the whole corpus), `sources`
+    (upsample only `upsample_sources`)."""
+    upsample_mode: Literal["target_share", "keep_prob"] = "target_share"
+    """`target_share`: aim at `long_share` directly. `keep_prob`: Fu et al.'s released builder (keep every long
+    document, keep a short one with probability `keep_prob`)."""
+    long_threshold: int = Field(4096, ge=1)
+    """A document with at least this many tokens is long."""
+    long_share: float = Field(0.7, ge=0.0, le=1.0)
+    """Target share of tokens from long documents (target_share mode); a source already above it keeps its
+    natural share."""
+    keep_prob: float = Field(0.1, ge=0.0, le=1.0)
+    """Probability of keeping a short document (keep_prob mode)."""
+    upsample_sources: list[str] = Field(default_factory=list)
+    """Sources to upsample with strategy `sources` (e.g. [book, arxiv, github])."""
+    token_budget: int | None = Field(None, ge=1)
+    """Tokens to emit (e.g. 500_000_000). Default: every token the strategy keeps, once."""
+    seed: int = 0
+    """Seed for shuffling, sampling and packing order."""
+    output: str | None = None
+    """Where packed Parquet shards and manifest.json go (local or s3://). Default: `<run dir>/data`."""
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    """Fail the job when more than this fraction of input records is quarantined."""
+    pack_buffer_rows: int = Field(16, ge=1)
+    """Rows of the bounded best-fit packing buffer (more rows: less padding, more memory)."""
+    rows_per_shard: int = Field(4096, ge=1)
+    """Packed rows per Parquet shard."""
+    tokenize_batch_size: int = Field(256, ge=1)
+    """Documents per tokenizer batch."""
+    num_tokenize_actors: int = Field(1, ge=1)
+    """Size of the tokenizer actor pool (raise on a cluster)."""
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Share of long documents held out (by id hash) for evaluation instead of training."""
+
+    @field_validator("sources")
+    @classmethod
+    def _nonempty_sources(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("data.sources is empty: name at least one source, e.g. --set data.sources.web=s3://bucket/web/")
+        return v
+
+    def source_specs(self) -> dict[str, SourceSpec]:
+        """Every source as a full SourceSpec."""
+        return {k: (SourceSpec(uri=v) if isinstance(v, str) else v) for k, v in self.sources.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- model
+class RopeScalingConfig(_Section):
+    type: Literal["linear", "dynamic", "yarn", "llama3"]
+    """RoPE scaling: `linear` (position interpolation), `dynamic` (dynamic NTK), `yarn`, `llama3`."""
+    factor: float = Field(gt=0)
+    """Scaling factor (target length / original length)."""
+    original_max_position_embeddings: int | None = None
+    """Context length the model was trained at; default: the model config's max_position_embeddings."""
+    extra: dict[str, float] = Field(default_factory=dict)
+    """Further rope_parameters for the type (e.g. beta_fast, beta_slow, low_freq_factor)."""
+
+
+AttnImpl = Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"]
+
+
+class ModelConfig(_Section):
+    path: str = "builtin:tiny-llama"
+    """Hugging Face causal LM directory: local path or s3:// prefix."""
+    rope_theta: float | None = Field(None, gt=0)
+    """New RoPE base (Index: 10^4 -> 3.2*10^5 at 32K). Default: keep the model's."""
+    rope_scaling: RopeScalingConfig | None = None
+    """RoPE scaling to apply (PI, dynamic NTK, YaRN, llama3)."""
+    max_position_embeddings: int | None = None
+    """Set the model's max_position_embeddings (default: data.seq_len when training at a longer length)."""
+    attn_implementation: AttnImpl = "auto"
+    """Attention backend; `auto` picks flash_attention_2 (GPU, installed), flex_attention (GPU), else sdpa."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype; `auto` is bfloat16 on GPU and float32 on CPU."""
+    trust_remote_code: bool = False
+    """Run code shipped with the model. Off: only architectures transformers itself implements load."""
+    allow_pickle: bool = False
+    """Allow pickle-based weights (.bin). Off: safetensors only."""
+
+
+# ---------------------------------------------------------------------------------------------------- train
+class TrainConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    """Ray Train workers (data-parallel size x sequence_parallel)."""
+    use_gpu: bool = False
+    """One GPU per worker (nccl, bf16); else CPU (gloo, fp32)."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs each training worker reserves."""
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    """Custom resources per worker (e.g. {"trainer_node": 0.01} to land on the GPU pool)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    offload_optimizer: bool = False
+    """ZeRO optimizer state offload to CPU."""
+    activation_checkpointing: bool = False
+    """Recompute activations in backward (saves memory on long rows)."""
+    deepspeed_config: str | None = None
+    """Path to a DeepSpeed JSON whose keys override the generated config."""
+    micro_batch_size: int = Field(1, ge=1)
+    """Rows per worker per forward pass."""
+    global_batch_tokens: int = Field(8192, ge=1)
+    """Tokens per optimizer step over all workers (Index: 4M for Long-PT, 1M for Long-SFT). Gradient
+    accumulation = global_batch_tokens / (seq_len * micro_batch_size * data_parallel_size)."""
+    token_budget: int | None = Field(None, ge=1)
+    """Tokens to train on (steps = token_budget / global_batch_tokens). Default: one pass over the data."""
+    max_steps: int | None = Field(None, ge=1)
+    """Hard cap on optimizer steps (overrides token_budget when smaller)."""
+    epochs: int = Field(1, ge=1)
+    """Passes over the data (Long-SFT: 2)."""
+    lr: float = Field(1e-5, gt=0)
+    """Peak learning rate (Index Long-PT 1e-5, Long-SFT 5e-6)."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Final LR of the cosine schedule as a fraction of the peak."""
+    warmup_ratio: float = Field(0.01, ge=0, lt=1)
+    """Share of steps spent in linear warmup."""
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Gradient norm clip (0: off)."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Checkpoint every N optimizer steps (0: only at the end)."""
+    storage_path: str = "runs"
+    """Where checkpoints and the final model go (local or s3://)."""
+    max_failures: int = Field(0, ge=0)
+    """Worker-group restarts Ray Train allows; each resumes from the last checkpoint."""
+    seed: int = 0
+    """Seed for initialisation and data order."""
+    sequence_parallel: int = Field(1, ge=1)
+    """Ulysses sequence-parallel degree (splits each row over this many workers)."""
+    loss_chunk_tokens: int = Field(1024, ge=1)
+    """Tokens per chunk of the chunked logits+loss (the full [seq, vocab] logits never exist)."""
+    log_every: int = Field(1, ge=1)
+    """Log metrics every N optimizer steps."""
+
+
+# ----------------------------------------------------------------------------------------------------- eval
+Baseline = Literal["naive", "pi", "dynamic_ntk", "yarn"]
+
+
+class PasskeyConfig(_Section):
+    enabled: bool = True
+    """Run passkey retrieval."""
+    lengths: list[int] = Field(default_factory=lambda: [256, 512, 1024])
+    """Prompt lengths in tokens."""
+    depths: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
+    """Relative depth of the passkey in the filler."""
+    trials: int = Field(4, ge=1)
+    """Prompts per (length, depth) cell."""
+
+
+class EvalConfig(_Section):
+    enabled: bool = True
+    """Evaluate at the end of the job."""
+    model: str | None = None
+    """Model to evaluate (local or s3://). Default: the job's trained model."""
+    documents: str = "builtin:corpus/heldout.jsonl.gz"
+    """Held-out long documents for perplexity by position (local or s3://, any corpus format)."""
+    text_field: str = "text"
+    """Field of `documents` holding the text."""
+    context_length: int | None = None
+    """Context length for perplexity (default: data.seq_len)."""
+    bucket_edges: list[int] = Field(default_factory=lambda: [0, 256, 512, 1024])
+    """Position bucket edges for perplexity ([0,256) [256,512) ...)."""
+    num_documents: int = Field(64, ge=1)
+    """Held-out documents to score (the first N long enough)."""
+    base_context_length: int | None = None
+    """Context length the base model was trained at (marks the extrapolation region; default: its
+    max_position_embeddings)."""
+    baselines: list[Baseline] = Field(default_factory=lambda: ["naive", "dynamic_ntk"])
+    """Training-free baselines on the base model, beside the trained model."""
+    scaling_factor: float | None = Field(None, gt=0)
+    """Factor for PI / dynamic NTK / YaRN baselines (Index used 8). Default: context_length / base length."""
+    passkey: PasskeyConfig = Field(default_factory=PasskeyConfig)
+    """Passkey retrieval settings."""
+    batch_size: int = Field(4, ge=1)
+    """Sequences per forward pass."""
+
+
+# ------------------------------------------------------------------------------------------------------ job
+class JobConfig(_Section):
+    run_name: str | None = None
+    """Run id (folder under output_dir). Default: `<job>-<timestamp>`."""
+    output_dir: str = "runs"
+    """Where run folders (report, metrics, data, logs) go: local or s3://."""
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """Object storage settings."""
+    ray: RayConfig = Field(default_factory=RayConfig)
+    """Ray connection and CPU budgets."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Data preparation (sources -> tokenize -> length mixture -> packed rows)."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """Base model and RoPE changes."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Training (Ray Train + DeepSpeed)."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Long-context evaluation."""
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "JobConfig":
+        if self.train.num_workers % self.train.sequence_parallel:
+            raise ValueError(
+                f"train.num_workers={self.train.num_workers} is not a multiple of "
+                f"train.sequence_parallel={self.train.sequence_parallel}: the data-parallel size would be fractional"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------------------------ loading
+_SECTIONS = {"storage", "ray", "data", "model", "train", "eval"}
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as YAML (numbers, booleans, lists, null), keeping plain strings."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` override to a nested dict (creating intermediate dicts)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form key.path=value")
+    key, _, raw = assignment.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {assignment!r} has an empty key")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif isinstance(child, str) and parts[:2] == ["data", "sources"] and i == 2:
+            child = node[part] = {"uri": child}  # data.sources.NAME.field=... on a plain-URI source
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = _parse_value(raw)
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(JobConfig, e["loc"][:-1])
+            allowed = sorted(parent.model_fields) if parent else []
+            msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
+        elif e["type"] == "literal_error":
+            msg = f"{msg}; got {e.get('input')!r}"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class found at a validation-error location (skipping dict keys / union tags)."""
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is None:
+            continue
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            # dict[str, X | SourceSpec] and friends
+            for c in candidates:
+                for a in getattr(c, "__args__", ()):
+                    for b in [a, *getattr(a, "__args__", ())]:
+                        if isinstance(b, type) and issubclass(b, BaseModel):
+                            nxt = b
+            if nxt is None:
+                return None
+        model = nxt
+    return model
+
+
+def config_from_dict(tree: dict, origin: str = "<dict>") -> JobConfig:
+    unknown = set(tree) - _SECTIONS - set(JobConfig.model_fields)
+    if unknown:
+        raise ConfigError(
+            f"invalid configuration ({origin}): unknown top-level key(s) {sorted(unknown)}; "
+            f"allowed: {sorted(JobConfig.model_fields)}"
+        )
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, origin)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Load a job config from YAML (or defaults when `path` is None) and apply `a.b=c` overrides."""
+    tree: dict = {}
+    origin = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level, got {type(loaded).__name__}")
+        tree = loaded
+        origin = str(p)
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    if overrides:
+        origin += " + --set " + " ".join(overrides)
+    return config_from_dict(tree, origin)
+
+
+def dump_config(cfg: JobConfig) -> str:
+    """YAML of the full resolved config (what a run records beside its outputs)."""
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+
+
+def job_config_schema() -> dict:
+    """JSON Schema of the job config (exported to schemas/job_config.schema.json)."""
+    schema = JobConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://longctx.dev/schemas/job_config.schema.json"
+    return schema
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
