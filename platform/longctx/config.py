@@ -379,24 +379,33 @@ def config_from_dict(tree: dict, origin: str = "<dict>") -> JobConfig:
         raise ConfigError(_format_error(err, origin)) from None
 
 
+EMBEDDED_DEFAULT = "builtin:recipes/tiny-long-pt.yaml"
+"""The embedded default recipe: shipped corpus and tiny model, local Ray, CPU, a few minutes."""
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
-    """Load a job config from YAML (or defaults when `path` is None) and apply `a.b=c` overrides."""
+    """Load a job config from YAML (local, builtin: or s3://; schema defaults when `path` is None) and
+    apply `a.b=c` overrides."""
     tree: dict = {}
     origin = "defaults"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+        from longctx import storage  # config files may be local, builtin: (shipped recipes) or s3://
+
+        p = str(path)
         try:
-            loaded = yaml.safe_load(p.read_text())
+            text = storage.read_text(p)
+        except (storage.StorageError, FileNotFoundError, IsADirectoryError):
+            raise ConfigError(f"config file {p!r} does not exist") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {p!r} is not valid YAML: {e}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level, got {type(loaded).__name__}")
+            raise ConfigError(f"config file {p!r} must hold a mapping at the top level, got {type(loaded).__name__}")
         tree = loaded
-        origin = str(p)
+        origin = p
     for assignment in overrides or []:
         apply_override(tree, assignment)
     if overrides:

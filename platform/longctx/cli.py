@@ -1,0 +1,164 @@
+"""The `longctx` console script: one table of verbs, each a thin call into the library.
+
+    longctx data prepare --config jobs/configs/tiny.yaml --set data.output=s3://bucket/packed/
+    longctx data stats   --config FILE
+    longctx train        --config FILE            (same as jobs/long_pt.py)
+    longctx eval run     --config FILE --set eval.model=URI
+    longctx eval score   --predictions preds.jsonl --output scores.json
+    longctx rope suggest --head-dim 128 --train-len 4096 --target-len 32768
+    longctx config show|validate|schema --config FILE [--output schemas/job_config.schema.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    from longctx.config import EMBEDDED_DEFAULT
+
+    p.add_argument("--config", default=EMBEDDED_DEFAULT, help="YAML job config: local, builtin: or s3:// "
+                   "(default: the embedded default recipe, shipped corpus + tiny model on CPU)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key by dotted path, e.g. --set train.lr=2e-5 (repeatable)")
+
+
+def _load(args):
+    from longctx.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _cmd_data_prepare(args) -> int:
+    from longctx.workflow import connect_ray, start_run
+    from longctx.data.pipeline import prepare_data
+
+    cfg = _load(args)
+    run = start_run(cfg, "prepare")
+    connect_ray(cfg)
+    manifest = prepare_data(cfg, cfg.data.output or run.path("data"))
+    print(json.dumps({k: manifest[k] for k in ("rows", "tokens") if k in manifest}))
+    return 0
+
+
+def _cmd_data_stats(args) -> int:
+    from longctx.workflow import connect_ray
+    from longctx.data.pipeline import length_stats
+
+    cfg = _load(args)
+    connect_ray(cfg)
+    length_stats(cfg)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from longctx.workflow import run_long_pt
+
+    cfg = _load(args)
+    run_long_pt(cfg)
+    return 0
+
+
+def _cmd_eval_run(args) -> int:
+    from longctx.eval.runner import run_eval
+
+    cfg = _load(args)
+    run_eval(cfg)
+    return 0
+
+
+def _cmd_eval_score(args) -> int:
+    from longctx.eval.longbench import score_predictions
+
+    score_predictions(args.predictions, args.output)
+    return 0
+
+
+def _cmd_rope_suggest(args) -> int:
+    from longctx.model.rope import suggest_rope_base
+
+    r = suggest_rope_base(args.head_dim, args.train_len, args.target_len)
+    print(f"head_dim={r['head_dim']} train_len={r['train_len']} target_len={r['target_len']}")
+    print(f"critical dimension d_c = {r['critical_dim']}")
+    print(f"RoPE base lower bound (Liu et al. 2023, arXiv 2310.05209): {r['base_lower_bound']:.4g}")
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from longctx.config import dump_config, job_config_schema
+
+    if args.action == "schema":
+        text = json.dumps(job_config_schema(), indent=2, sort_keys=True) + "\n"
+        if args.output:
+            from longctx import storage
+
+            storage.write_text(args.output, text)
+            print(f"wrote {args.output}")
+        else:
+            sys.stdout.write(text)
+        return 0
+    cfg = _load(args)
+    if args.action == "show":
+        sys.stdout.write(dump_config(cfg))
+    else:
+        print(f"{args.config}: valid")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longctx", description=__doc__.split("\n\n")[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    data = verbs.add_parser("data", help="prepare packed training data / corpus statistics")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    for name, fn, help_ in [("prepare", _cmd_data_prepare, "tokenize, mix and pack into Parquet shards"),
+                            ("stats", _cmd_data_stats, "per-source length statistics only")]:
+        p = data_sub.add_parser(name, help=help_)
+        _add_config_args(p)
+        p.set_defaults(func=fn)
+
+    train = verbs.add_parser("train", help="Long-PT: prepare data, train, evaluate (as jobs/long_pt.py)")
+    _add_config_args(train)
+    train.set_defaults(func=_cmd_train)
+
+    ev = verbs.add_parser("eval", help="long-context evaluation")
+    ev_sub = ev.add_subparsers(dest="action", required=True)
+    p = ev_sub.add_parser("run", help="run the configured evaluations on eval.model")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_eval_run)
+    p = ev_sub.add_parser("score", help="score a LongBench-format predictions JSONL")
+    p.add_argument("--predictions", required=True, help="JSONL with pred, answers, all_classes, dataset[, length]")
+    p.add_argument("--output", required=True, help="where to write {dataset: score} JSON")
+    p.set_defaults(func=_cmd_eval_score)
+
+    rope = verbs.add_parser("rope", help="RoPE tools")
+    rope_sub = rope.add_subparsers(dest="action", required=True)
+    p = rope_sub.add_parser("suggest", help="lower bound on the RoPE base for a target length (arXiv 2310.05209)")
+    p.add_argument("--head-dim", type=int, required=True)
+    p.add_argument("--train-len", type=int, required=True)
+    p.add_argument("--target-len", type=int, required=True)
+    p.set_defaults(func=_cmd_rope_suggest)
+
+    conf = verbs.add_parser("config", help="show, validate or export the job config schema")
+    conf.add_argument("action", choices=["show", "validate", "schema"])
+    _add_config_args(conf)
+    conf.add_argument("--output", default=None, help="schema: write here instead of stdout")
+    conf.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from longctx.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"longctx: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
