@@ -82,7 +82,10 @@ def connect_ray(cfg: JobConfig):
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars})
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
+        # NOTE: address="local" always starts a fresh cluster; a bare ray.init() would silently attach to the
+        # latest `ray start` cluster on this machine (/tmp/ray/ray_current_cluster).
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+                 runtime_env={"env_vars": env_vars})
     return ray
 
 
