@@ -1,0 +1,165 @@
+"""Packed rows -> micro-batches on each training worker, in a deterministic order, with a ledger of what was used.
+
+Every worker sees the whole dataset (Ray Train `DataConfig(datasets_to_split=[])`, order preserved) and keeps
+the rows whose `row_id % data_parallel == dp_rank`. Ray Data's streaming split makes no ordering promise (its
+OutputSplitter hands blocks to whichever worker asks), so it cannot give an exact resume; this split can:
+each rank's stream is a fixed sequence, the ledger records the row ids consumed per epoch, and after a restart
+the stream skips exactly those. Every row id is then used once per epoch across failures, and the batches after
+a resume are the ones an uninterrupted run would have seen. Cost: every worker reads every row's bytes (the
+Parquet columns, not the compute), which is small next to a training step on long rows.
+
+Sequence-parallel ranks of one group share a dp_rank and therefore read the same rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from longctx.model.attention import document_ids_from_seg_lengths
+
+REQUIRED_COLUMNS = ("input_ids", "position_ids", "labels", "seg_lengths", "row_id")
+
+
+@dataclass
+class PackedRow:
+    row_id: int
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    labels: np.ndarray
+    seg_lengths: list[int]
+    seg_is_pad: list[bool]
+
+
+@dataclass
+class Ledger:
+    """Row ids consumed so far by this run, per epoch (what makes resume exact)."""
+
+    consumed: dict[int, set[int]] = field(default_factory=dict)
+
+    def add(self, epoch: int, row_id: int) -> None:
+        self.consumed.setdefault(epoch, set()).add(int(row_id))
+
+    def contains(self, epoch: int, row_id: int) -> bool:
+        return int(row_id) in self.consumed.get(epoch, ())
+
+    def to_json(self) -> dict:
+        return {"consumed": {str(e): sorted(ids) for e, ids in sorted(self.consumed.items())}}
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> "Ledger":
+        if not data:
+            return cls()
+        return cls({int(e): set(int(i) for i in ids) for e, ids in data.get("consumed", {}).items()})
+
+    @classmethod
+    def merge(cls, parts: list["Ledger"]) -> "Ledger":
+        out = cls()
+        for part in parts:
+            for e, ids in part.consumed.items():
+                out.consumed.setdefault(e, set()).update(ids)
+        return out
+
+    def total(self) -> int:
+        return sum(len(v) for v in self.consumed.values())
+
+
+def _rows_from_table(table: pa.Table, where: str) -> Iterator[PackedRow]:
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{where}: packed rows lack column(s) {missing}; have {table.column_names}")
+    cols = {c: table.column(c).to_pylist() if c in ("seg_lengths", "seg_doc_ids", "row_id") else table.column(c)
+            for c in table.column_names if c in (*REQUIRED_COLUMNS, "seg_doc_ids")}
+    arrays = {}
+    for c in ("input_ids", "position_ids", "labels"):
+        chunked = cols[c].combine_chunks() if isinstance(cols[c], pa.ChunkedArray) else cols[c]
+        arrays[c] = chunked
+    for i in range(table.num_rows):
+        seg_doc_ids = cols["seg_doc_ids"][i] if "seg_doc_ids" in cols else None
+        lengths = [int(n) for n in cols["seg_lengths"][i]]
+        yield PackedRow(
+            row_id=int(cols["row_id"][i]),
+            input_ids=np.asarray(arrays["input_ids"][i].values, dtype=np.int64),
+            position_ids=np.asarray(arrays["position_ids"][i].values, dtype=np.int64),
+            labels=np.asarray(arrays["labels"][i].values, dtype=np.int64),
+            seg_lengths=lengths,
+            seg_is_pad=[d == "" for d in seg_doc_ids] if seg_doc_ids is not None else [False] * len(lengths),
+        )
+
+
+class RowStream:
+    """This rank's rows, epoch after epoch, skipping rows the ledger already holds."""
+
+    def __init__(self, data_iterator, *, dp_rank: int, data_parallel: int, epochs: int, ledger: Ledger,
+                 read_batch_rows: int = 64):
+        self.it = data_iterator
+        self.dp_rank, self.dp = dp_rank, data_parallel
+        self.epochs = epochs
+        self.ledger = ledger
+        self.read_batch_rows = read_batch_rows
+        self._gen = self._rows()
+
+    def _rows(self) -> Iterator[tuple[int, PackedRow]]:
+        for epoch in range(self.epochs):
+            for table in self.it.iter_batches(batch_size=self.read_batch_rows, batch_format="pyarrow", prefetch_batches=1):
+                ids = table.column("row_id").to_numpy() if "row_id" in table.column_names else None
+                if ids is None:
+                    raise ValueError("packed rows lack the row_id column (needed for exact resume)")
+                mine = np.nonzero(ids % self.dp == self.dp_rank)[0]
+                if mine.size == 0:
+                    continue
+                for row in _rows_from_table(table.take(pa.array(mine)), "training data"):
+                    if not self.ledger.contains(epoch, row.row_id):
+                        yield epoch, row
+
+    def take(self, n: int) -> list[tuple[int, PackedRow]] | None:
+        """The next n rows (with their epoch), or None when the data ran out first."""
+        out = []
+        for _ in range(n):
+            nxt = next(self._gen, None)
+            if nxt is None:
+                return None
+            out.append(nxt)
+        return out
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    doc_ids: torch.Tensor
+    row_ids: list[int]
+    tokens: int
+    """Tokens in the rows (seq_len x rows, padding included)."""
+    non_pad_tokens: int
+    sum_sq_doc_lengths: int
+    """Sum over documents of length^2, padding excluded (attention FLOPs)."""
+
+
+def collate(rows: list[PackedRow], attention: str) -> MicroBatch:
+    seq_len = len(rows[0].input_ids)
+    for r in rows:
+        if len(r.input_ids) != seq_len or len(r.labels) != seq_len or len(r.position_ids) != seq_len:
+            raise ValueError(f"row {r.row_id}: input_ids/labels/position_ids lengths differ from seq_len={seq_len}")
+    doc_ids = document_ids_from_seg_lengths([r.seg_lengths for r in rows], seq_len)
+    sum_sq = 0
+    non_pad = 0
+    for r in rows:
+        real = [n for n, pad in zip(r.seg_lengths, r.seg_is_pad) if not pad]
+        non_pad += sum(real)
+        sum_sq += sum(n * n for n in real) if attention == "document" else sum(real) ** 2
+    return MicroBatch(
+        input_ids=torch.from_numpy(np.stack([r.input_ids for r in rows])),
+        position_ids=torch.from_numpy(np.stack([r.position_ids for r in rows])),
+        labels=torch.from_numpy(np.stack([r.labels for r in rows])),
+        doc_ids=doc_ids,
+        row_ids=[r.row_id for r in rows],
+        tokens=seq_len * len(rows),
+        non_pad_tokens=non_pad,
+        sum_sq_doc_lengths=sum_sq,
+    )

@@ -1,0 +1,216 @@
+"""The per-worker training loop Ray Train runs: DeepSpeed engine, packed-document batches, exact resume.
+
+Ray Train has already created the torch process group (gloo on CPU, nccl on GPU); DeepSpeed adopts it. One
+optimizer step = grad_accum micro-batches per data-parallel rank. The loss is the mean over every valid target
+token of the whole global batch: each micro-batch's summed loss is scaled by (dp x grad_accum / N_global) so
+DeepSpeed's own 1/grad_accum and 1/dp averaging leave exactly sum / N_global.
+
+Entry point: `train_loop_per_worker(loop_config)`; `longctx.train.trainer.run_training` builds the config.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+from longctx.train.schedule import BatchLayout
+
+# Set before DeepSpeed is imported (it picks its accelerator at import time).
+_DS_ACCEL_ENV = "DS_ACCELERATOR"
+
+
+def _device(use_gpu: bool) -> torch.device:
+    if use_gpu:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _param_groups(model, weight_decay: float):
+    """AdamW groups: no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _all_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+
+    from longctx import storage
+    from longctx.config import JobConfig
+    from longctx.model.attention import attention_inputs
+    from longctx.model.load import load_causal_lm, local_model_dir, pick_attn_implementation
+    from longctx.train import checkpoint as ckpt
+    from longctx.train.batches import Ledger, RowStream, collate
+    from longctx.train.deepspeed import build_deepspeed_config
+    from longctx.train.loss import CausalLMWithChunkedLoss, shift_targets
+    from longctx.train.metrics import StepLog, count_params, device_peak_flops, memory_stats, step_flops
+    from longctx.train.schedule import lr_lambda
+
+    cfg = JobConfig.model_validate(loop_config["job"])
+    tcfg = cfg.train
+    layout = BatchLayout(**loop_config["layout"])
+    total_steps = int(loop_config["total_steps"])
+    storage.configure(cfg.storage)
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    dp_rank = rank // layout.sequence_parallel
+    is_rank0 = rank == 0
+    device = _device(tcfg.use_gpu)
+    if not tcfg.use_gpu:
+        os.environ.setdefault(_DS_ACCEL_ENV, "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if tcfg.use_gpu else "gloo")
+    torch.manual_seed(tcfg.seed)
+
+    # 1. Model: RoPE changes from config, trained at the new length.
+    attn_impl = pick_attn_implementation(cfg.model.attn_implementation, device)
+    max_pos = cfg.model.max_position_embeddings or cfg.data.seq_len
+    lm = load_causal_lm(cfg.model.path, cfg.model, device=device, attn_implementation=attn_impl,
+                        max_position_embeddings=max_pos)
+    if tcfg.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False
+    n_params = count_params(lm)
+    wrapped = CausalLMWithChunkedLoss(lm, chunk_tokens=tcfg.loss_chunk_tokens)
+
+    # 2. DeepSpeed engine with our AdamW + cosine schedule.
+    optimizer = torch.optim.AdamW(_param_groups(wrapped, tcfg.weight_decay), lr=tcfg.lr, betas=tuple(tcfg.adam_betas),
+                                  eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tcfg.warmup_ratio, tcfg.min_lr_ratio))
+    ds_config = build_deepspeed_config(tcfg, layout, use_gpu=tcfg.use_gpu, user_override=loop_config.get("ds_override"))
+    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if is_rank0:
+        print(f"[train] world={world} layout={layout.as_dict()} steps={total_steps} attn={attn_impl} "
+              f"zero={tcfg.zero_stage} params={n_params['total']:,} rope={lm.config.rope_parameters}", flush=True)
+
+    # 3. Resume: DeepSpeed state + the data ledger + the metrics history so far.
+    start_step, ledger, history = 0, Ledger(), []
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as folder:
+            state = ckpt.read_trainer_state(folder)
+            with ckpt.safe_deepspeed_load():
+                engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag="state")
+        start_step, ledger, history = int(state["step"]), Ledger.from_json(state["ledger"]), state["history"]
+        if is_rank0:
+            print(f"[train] resumed at step {start_step} ({ledger.total()} rows already consumed)", flush=True)
+
+    train_root = loop_config["train_root"]
+    log = StepLog(storage.join(train_root, "metrics.jsonl") if is_rank0 else None, history, echo=is_rank0)
+    stream = RowStream(ray.train.get_dataset_shard("train"), dp_rank=dp_rank, data_parallel=layout.data_parallel,
+                       epochs=tcfg.epochs, ledger=ledger)
+    peak = device_peak_flops(str(device))
+    model_dir = local_model_dir(cfg.model.path)
+    tokenizer_dirs = [model_dir, local_model_dir(cfg.data.tokenizer)]
+
+    def save_checkpoint(step: int, local_ledger: Ledger) -> None:
+        parts = [None] * world
+        dist.all_gather_object(parts, local_ledger.to_json())
+        merged = Ledger.merge([Ledger.from_json(p) for p in parts])
+        hf_sd = ckpt.gather_hf_state_dict(engine, tcfg.zero_stage)
+        with tempfile.TemporaryDirectory(prefix="longctx-ckpt-") as folder:
+            engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag="state")
+            if is_rank0:
+                ckpt.write_trainer_state(folder, {"step": step, "ledger": merged.to_json(), "history": log.history,
+                                                  "layout": layout.as_dict()})
+                ckpt.save_hf_model(lm, hf_sd, os.path.join(folder, "hf_model"), tokenizer_dirs)
+                log.flush()
+            ray.train.report({"step": step, "loss": log.history[-1]["loss"] if log.history else None},
+                             checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=f"checkpoint_{step:08d}")
+
+    # 4. Steps.
+    step = start_step
+    tokens_seen = int(history[-1]["tokens"]) if history else 0
+    while step < total_steps:
+        t0 = time.perf_counter()
+        rows = stream.take(layout.micro_batch_size * layout.grad_accum)
+        ran_out = _all_sum([0.0 if rows is not None else 1.0], device)[0]
+        if ran_out:
+            if is_rank0:
+                print(f"[train] data exhausted after {step} steps (planned {total_steps})", flush=True)
+            break
+        micro = [collate([r for _, r in rows[i : i + layout.micro_batch_size]], cfg.data.attention)
+                 for i in range(0, len(rows), layout.micro_batch_size)]
+        targets = [shift_targets(m.labels, m.doc_ids if cfg.data.attention == "document" else None) for m in micro]
+        local_valid = float(sum(int((t != -100).sum()) for t in targets))
+        n_global, = _all_sum([local_valid], device)
+        scale = layout.data_parallel * layout.grad_accum / max(n_global, 1.0)
+        lr_used = float(engine.get_lr()[0])
+        loss_sum_local = 0.0
+        for m, tgt in zip(micro, targets):
+            kwargs = attention_inputs(m.position_ids.to(device), attn_implementation=attn_impl,
+                                      attention=cfg.data.attention, doc_ids=m.doc_ids)
+            loss_sum, _ = engine(m.input_ids.to(device), tgt.to(device), **kwargs)
+            engine.backward(loss_sum * scale)
+            engine.step()
+            loss_sum_local += float(loss_sum.detach())
+        for epoch, r in rows:
+            ledger.add(epoch, r.row_id)
+        step += 1
+        loss_total, tokens_step, nonpad, sumsq = _all_sum(
+            [loss_sum_local, float(sum(m.tokens for m in micro)), float(sum(m.non_pad_tokens for m in micro)),
+             float(sum(m.sum_sq_doc_lengths for m in micro))], device)
+        if layout.sequence_parallel > 1:  # every SP rank of a group counted the same rows
+            tokens_step, nonpad, sumsq = (x / layout.sequence_parallel for x in (tokens_step, nonpad, sumsq))
+        dt = time.perf_counter() - t0
+        tokens_seen += int(tokens_step)
+        if is_rank0 and (step % tcfg.log_every == 0 or step == total_steps):
+            flops = step_flops(matmul_params=n_params["matmul"], tokens=int(nonpad), num_layers=lm.config.num_hidden_layers,
+                               hidden_size=lm.config.hidden_size, sum_sq_doc_lengths=int(sumsq))
+            grad_norm = engine.get_global_grad_norm()
+            record = {
+                "step": step, "total_steps": total_steps, "loss": loss_total / max(n_global, 1.0),
+                "lr": lr_used,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens": tokens_seen, "step_tokens": int(tokens_step), "loss_tokens": int(n_global),
+                "step_time_s": dt, "tokens_per_s": tokens_step / dt, "tflops_per_s": flops / dt / 1e12 / world,
+                "mfu": (flops / dt / world / peak) if peak else None, **memory_stats(str(device)),
+            }
+            log.add(record)
+        if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps:
+            save_checkpoint(step, ledger)
+        _maybe_inject_failure(loop_config, step, rank)
+
+    # 5. Final checkpoint + the published HF model.
+    save_checkpoint(step, ledger)
+    hf_sd = ckpt.gather_hf_state_dict(engine, tcfg.zero_stage)
+    if is_rank0:
+        final_uri = storage.join(train_root, "final_model")
+        with storage.publish_dir(final_uri, overwrite=True) as staging:
+            ckpt.save_hf_model(lm, hf_sd, staging, tokenizer_dirs)
+        log.flush()
+        print(f"[train] final model: {final_uri}", flush=True)
+    dist.barrier()
+
+
+def _maybe_inject_failure(loop_config: dict, step: int, rank: int) -> None:
+    """Fault injection for tests: a hard process exit (no cleanup, like an OOM kill) once, at a given step.
+
+    The trigger file makes it happen on the first attempt only: it is removed before exiting.
+    """
+    spec = loop_config.get("fail_at")
+    if not spec or step != spec["step"] or rank != spec.get("rank", 0):
+        return
+    trigger = spec["trigger_file"]
+    if os.path.exists(trigger):
+        os.remove(trigger)
+        print(f"[train] injected failure: rank {rank} exits at step {step}", flush=True)
+        os._exit(1)

@@ -1,0 +1,159 @@
+"""Build and run the Ray Train job: `run_training(cfg, train_data, run_dir) -> TrainOutcome`.
+
+    from longctx.train.trainer import run_training
+    outcome = run_training(cfg, "runs/r1/data", "runs/r1")      # packed Parquet shards (committed prefix)
+    outcome = run_training(cfg, ray_dataset, "s3://bucket/runs/r1")  # or a ray.data.Dataset with the same columns
+    print(outcome.final_model_uri)
+
+Layout under `<run_dir>/train/` (local or s3://): Ray Train's checkpoints (`checkpoint_<step>/`), `metrics.jsonl`
+and `metrics.csv` (one line per optimizer step, written by rank 0), and `final_model/` (an HF directory with a
+`_COMMITTED` marker). Re-running with the same run_dir resumes from the latest checkpoint (Ray Train restores a
+run by storage path + name).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from longctx import storage
+from longctx.train.schedule import BatchLayout, derive_layout, plan_steps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    final_model_uri: str
+    """HF directory of the trained model (`from_pretrained` loads it)."""
+    metrics_log_uri: str
+    """JSONL with one record per optimizer step (a CSV beside it)."""
+    steps: int
+    tokens: int
+    """Tokens trained on (rows x seq_len, padding included)."""
+    final_loss: float | None
+    history: list[dict] = field(default_factory=list)
+    checkpoint_uri: str | None = None
+    """Latest Ray Train checkpoint."""
+    layout: dict[str, Any] = field(default_factory=dict)
+    tokens_per_s: float | None = None
+    """Mean training throughput over the steps after the first (which includes warm-up)."""
+
+
+def train_root_for(cfg, run_dir: str | None) -> tuple[str, str]:
+    """(storage_path, name) for Ray Train: `<run_dir>/train`, else `<train.storage_path>/<run_name or 'train'>`."""
+    if run_dir:
+        return storage.normalize(run_dir), "train"
+    return storage.normalize(cfg.train.storage_path), cfg.run_name or "train"
+
+
+def open_packed_dataset(train_data, cpus_per_task: float = 0.25):
+    """A ray.data.Dataset of packed rows from a committed Parquet prefix (or the Dataset itself)."""
+    import ray.data
+
+    if isinstance(train_data, ray.data.Dataset):
+        return train_data
+    uri = storage.normalize(str(train_data))
+    if storage.exists(storage.join(uri, storage.COMMIT_MARKER)):
+        storage.require_committed(uri)
+    elif storage.exists(storage.join(uri, "manifest.json")):
+        raise storage.StorageError(f"{uri}: packed data has a manifest but no {storage.COMMIT_MARKER} marker (incomplete)")
+    files = storage.expand(uri, (".parquet",))
+    if not files:
+        raise storage.StorageError(f"{uri}: no .parquet shards found")
+    fs, _ = storage.pyarrow_fs(files[0])
+    paths = [f[len("s3://"):] if storage.is_s3(f) else f for f in files]
+    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=None, num_cpus=cpus_per_task,
+                               columns=["input_ids", "position_ids", "labels", "seg_lengths", "seg_doc_ids", "row_id"])
+    return ds
+
+
+def _layout(cfg) -> BatchLayout:
+    return derive_layout(
+        global_batch_tokens=cfg.train.global_batch_tokens,
+        seq_len=cfg.data.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size,
+        num_workers=cfg.train.num_workers,
+        sequence_parallel=cfg.train.sequence_parallel,
+    )
+
+
+def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict | None = None):
+    """(TorchTrainer, train_root, plan): everything `run_training` runs, for callers that want to add callbacks."""
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    from longctx.train.deepspeed import load_user_deepspeed_json
+    from longctx.train.loop import train_loop_per_worker
+
+    layout = _layout(cfg)
+    ds = open_packed_dataset(train_data, cfg.ray.data_cpus_per_task)
+    ds.context.enable_progress_bars = False  # per-step logs are ours; Ray Data's bars flood worker logs
+    rows = None
+    if cfg.train.token_budget is None or cfg.train.max_steps is None:
+        rows = ds.count()
+    plan = plan_steps(layout, token_budget=cfg.train.token_budget, max_steps=cfg.train.max_steps,
+                      rows_available=rows, epochs=cfg.train.epochs)
+    storage_path, name = train_root_for(cfg, run_dir)
+    train_root = storage.join(storage_path, name)
+    resources = {"CPU": cfg.train.cpus_per_worker, **cfg.train.resources_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    loop_config = {
+        "job": json.loads(cfg.model_dump_json()),
+        "layout": {k: v for k, v in layout.as_dict().items() if k in BatchLayout.__dataclass_fields__},
+        "total_steps": plan.total,
+        "train_root": train_root,
+        "ds_override": load_user_deepspeed_json(cfg.train.deepspeed_config) if cfg.train.deepspeed_config else None,
+        "fail_at": fail_at,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": ds},
+        # Every worker reads the whole dataset in a fixed order and keeps row_id % dp == its rank
+        # (see longctx.train.batches): exact, resumable data order.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    return trainer, train_root, plan
+
+
+def run_training(cfg, train_data, run_dir: str | None = None, *, fail_at: dict | None = None) -> TrainOutcome:
+    """Run Long-PT/Long-SFT training under Ray Train; returns where the model and metrics are.
+
+    `train_data`: a committed packed-Parquet prefix (local or s3://) or a `ray.data.Dataset` with the packed-row
+    columns. `fail_at` ({"step", "rank", "trigger_file"}) injects one hard worker exit, for fault tests.
+    """
+    trainer, train_root, plan = build_trainer(cfg, train_data, run_dir, fail_at=fail_at)
+    log.info("training %d steps (limited by %s) into %s", plan.total, plan.limited_by, train_root)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    metrics_uri = storage.join(train_root, "metrics.jsonl")
+    history = [json.loads(line) for line in storage.read_text(metrics_uri).splitlines() if line.strip()]
+    final_uri = storage.join(train_root, "final_model")
+    storage.require_committed(final_uri)
+    timed = [h for h in history[1:] if h.get("tokens_per_s")]
+    tps = sum(h["step_tokens"] for h in timed) / sum(h["step_time_s"] for h in timed) if timed else None
+    return TrainOutcome(
+        final_model_uri=final_uri,
+        metrics_log_uri=metrics_uri,
+        steps=history[-1]["step"] if history else 0,
+        tokens=history[-1]["tokens"] if history else 0,
+        final_loss=history[-1]["loss"] if history else None,
+        history=history,
+        checkpoint_uri=result.checkpoint.path if result.checkpoint is not None else None,
+        layout=_layout(cfg).as_dict(),
+        tokens_per_s=tps,
+    )

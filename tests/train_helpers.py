@@ -1,0 +1,99 @@
+"""Test fixtures built from code for the training tests: a tiny HF causal LM folder and packed Parquet shards.
+
+The model uses the shipped byte-level tokenizer's vocabulary (so tokenizer files are real) and a tiny config
+(hidden 32-64, 2 layers). Packed rows follow the data engine's contract (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from longctx import storage
+
+TOKENIZER = "builtin:tiny-tokenizer"
+
+
+def make_tiny_model(folder: str, arch: str = "llama", hidden: int = 64, layers: int = 2, vocab: int | None = None,
+                    max_pos: int = 128, seed: int = 0, tie: bool = False) -> str:
+    """Save a randomly initialised tiny causal LM (safetensors + tokenizer files) to `folder`."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    tok_dir = storage.normalize(TOKENIZER)
+    if vocab is None:
+        from transformers import AutoTokenizer
+
+        vocab = len(AutoTokenizer.from_pretrained(tok_dir))
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+    cfg = cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
+              tie_word_embeddings=tie, rope_theta=10000.0)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in os.listdir(tok_dir):
+        shutil.copy2(os.path.join(tok_dir, name), os.path.join(folder, name))
+    return folder
+
+
+def packed_rows(n_rows: int, seq_len: int, vocab: int, seed: int = 0, attention: str = "document",
+                pad_every: int = 3, min_doc: int = 5, max_doc: int | None = None) -> pa.Table:
+    """Rows of random documents packed back to back; every `pad_every`-th row ends in padding."""
+    rng = np.random.default_rng(seed)
+    max_doc = max_doc or seq_len
+    cols = {k: [] for k in ("input_ids", "position_ids", "labels", "seg_lengths", "seg_sources", "seg_doc_ids",
+                            "seg_doc_tokens", "row_id")}
+    doc = 0
+    for r in range(n_rows):
+        room = seq_len - (int(rng.integers(1, seq_len // 4)) if pad_every and r % pad_every == pad_every - 1 else 0)
+        lengths = []
+        while sum(lengths) < room:
+            lengths.append(int(min(rng.integers(min_doc, max_doc + 1), room - sum(lengths))))
+        ids, pos, labels = [], [], []
+        for n in lengths:
+            toks = rng.integers(3, vocab, size=n).tolist()
+            ids += toks
+            labels += toks
+            pos += list(range(n))
+        pad = seq_len - room
+        seg_src, seg_doc = ["code"] * len(lengths), [f"d{doc + i}" for i in range(len(lengths))]
+        doc += len(lengths)
+        if pad:
+            ids += [0] * pad
+            labels += [-100] * pad
+            pos += list(range(pad))
+            lengths.append(pad)
+            seg_src.append("")
+            seg_doc.append("")
+        if attention == "full":
+            pos = list(range(seq_len))
+        cols["input_ids"].append(ids)
+        cols["position_ids"].append(pos)
+        cols["labels"].append(labels)
+        cols["seg_lengths"].append(lengths)
+        cols["seg_sources"].append(seg_src)
+        cols["seg_doc_ids"].append(seg_doc)
+        cols["seg_doc_tokens"].append(lengths)
+        cols["row_id"].append(r)
+    i32 = pa.list_(pa.int32())
+    return pa.table({
+        "input_ids": pa.array(cols["input_ids"], i32), "position_ids": pa.array(cols["position_ids"], i32),
+        "labels": pa.array(cols["labels"], i32), "seg_lengths": pa.array(cols["seg_lengths"], i32),
+        "seg_sources": pa.array(cols["seg_sources"], pa.list_(pa.string())),
+        "seg_doc_ids": pa.array(cols["seg_doc_ids"], pa.list_(pa.string())),
+        "seg_doc_tokens": pa.array(cols["seg_doc_tokens"], i32), "row_id": pa.array(cols["row_id"], pa.int64()),
+    })
+
+
+def write_packed_shards(uri: str, table: pa.Table, rows_per_shard: int = 16) -> str:
+    """Publish packed rows as Parquet shards under `uri` (with the `_COMMITTED` marker), like the data engine."""
+    with storage.publish_dir(uri, overwrite=True) as staging:
+        for i, start in enumerate(range(0, table.num_rows, rows_per_shard)):
+            pq.write_table(table.slice(start, rows_per_shard), os.path.join(staging, f"shard-{i:05d}.parquet"))
+        storage.write_json(os.path.join(staging, "manifest.json"), {"rows": table.num_rows})
+    return uri
