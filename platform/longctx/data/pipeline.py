@@ -1,0 +1,386 @@
+"""The data engine: sources -> validated records -> tokens -> length mixture -> packed rows -> Parquet shards.
+
+Public entry points (the CLI and jobs call these):
+
+    manifest = prepare_data(cfg)              # writes shards + manifest.json under cfg.data.output, atomically
+    ds = read_packed(manifest_uri_or_dir)     # ray.data.Dataset of packed rows (checks the commit marker)
+    ds = packed_dataset(cfg)                  # same rows, streamed straight to training without writing
+    stats = length_stats(cfg)                 # per-source length table only (`longctx data stats`)
+
+Two passes (why: per-source upsampling needs each source's length distribution before it can choose):
+  pass 1  Ray Data: one read task per file (our own parser, quarantine rows instead of errors) -> tokenizer
+          actor pool. The driver consumes the stream in a fixed order (preserve_order) and appends tokens to a
+          per-source Parquet cache on local disk, keeping only the lengths in memory (4 bytes per document).
+  plan    `mixture.plan_mixture` turns the lengths into per-document repeat counts (no tokens touched).
+  pass 2  stream the cache source by source in seeded row-group order, interleave sources by their remaining
+          planned tokens, pack best-fit decreasing over a bounded buffer, and write shards of
+          `rows_per_shard` rows. Memory stays bounded by one cache row group per source plus the pack buffer.
+Same input + config + seed -> byte-identical shards (order is fixed everywhere; the sha256 of every shard is in
+the manifest). See data/README.md for the numbered walk-through.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from longctx import storage
+from longctx.data import sources as src
+from longctx.data.mixture import MixturePlan, SourcePlan, plan_mixture
+from longctx.data.pack import BestFitPacker, RowBuilder, Segment
+from longctx.data.stats import LengthAccumulator, format_length_table, plot_length_histogram, source_length_stats
+from longctx.data.tokenize import TokenizeBatches, load_fast_tokenizer
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+QUARANTINE_FILE = "_quarantine/records.jsonl"
+CACHE_SCHEMA = pa.schema([("doc_id", pa.string()), ("tokens", pa.list_(pa.int32()))])
+
+
+class DataQualityError(RuntimeError):
+    """Too much of the input was quarantined (data.max_bad_fraction); the message has the counts."""
+
+
+# ------------------------------------------------------------------------------------------------- pass 1
+@dataclass
+class TokenCache:
+    """Result of pass 1: per-source token caches on local disk, lengths in memory, quarantine counts."""
+
+    root: str
+    files: int = 0
+    good: int = 0
+    bad_by_reason: dict[str, int] = field(default_factory=dict)
+    lengths: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    row_groups: dict[str, list[int]] = field(default_factory=dict)  # docs per cache row group
+    quarantine_path: str = ""
+    seconds: float = 0.0
+
+    @property
+    def bad(self) -> int:
+        return sum(self.bad_by_reason.values())
+
+    def source_lengths(self) -> dict[str, np.ndarray]:
+        return {s: np.concatenate(v) if v else np.zeros(0, np.int32) for s, v in self.lengths.items()}
+
+    def path(self, source: str) -> str:
+        return os.path.join(self.root, f"{sorted(self.lengths).index(source):04d}.parquet")
+
+
+def ensure_ray(cfg) -> None:
+    """Connect to Ray if the caller has not (RAY_ADDRESS / cfg.ray.address, else a local cluster)."""
+    import ray
+
+    if not ray.is_initialized():
+        kwargs = {"include_dashboard": False}
+        if cfg.ray.address:
+            kwargs["address"] = cfg.ray.address
+        elif cfg.ray.num_cpus and not os.environ.get("RAY_ADDRESS"):
+            kwargs["num_cpus"] = cfg.ray.num_cpus
+        ray.init(**kwargs)
+
+
+def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True) -> Iterator[pa.Table]:
+    """Pass 1 on Ray Data, in input order: read + validate files, then tokenize in an actor pool."""
+    import ray.data
+
+    ensure_ray(cfg)
+    opts = storage.options()
+    remote = {"num_cpus": cfg.ray.data_cpus_per_task}
+    if cfg.ray.data_resources:
+        remote["resources"] = dict(cfg.ray.data_resources)
+    ctx = ray.data.DataContext.get_current()
+    old_order = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # determinism: blocks come back in file/record order
+    try:
+        items = [{"file_idx": t.file_idx, "uri": t.uri, "source": t.source} for t in tasks]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        specs = {t.source: t.spec.model_dump() for t in tasks}
+        ds = ds.map_batches(src.read_files_batch, batch_size=1, batch_format="numpy",
+                            fn_kwargs={"specs": specs, "opts": {"endpoint_url": opts.endpoint_url,
+                                                               "region": opts.region}}, **remote)
+        ds = ds.map_batches(TokenizeBatches, fn_constructor_kwargs={"tokenizer": cfg.data.tokenizer},
+                            batch_size=cfg.data.tokenize_batch_size, batch_format="pyarrow",
+                            concurrency=cfg.data.num_tokenize_actors, **remote)
+        if not with_tokens:
+            ds = ds.drop_columns(["tokens"])
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    finally:
+        ctx.execution_options.preserve_order = old_order
+
+
+def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True) -> TokenCache:
+    """Pass 1: tokenize every source into `cache_root` (tokens) and return lengths + quarantine counts.
+
+    With `with_tokens=False` (length statistics only) nothing is cached."""
+    t0 = time.time()
+    tasks = src.list_files(cfg.data.source_specs())
+    cache = TokenCache(root=cache_root or "", files=len(tasks))
+    writers: dict[str, pq.ParquetWriter] = {}
+    staged: dict[str, str] = {}
+    qfile = open(os.path.join(cache_root, "quarantine.jsonl"), "w") if cache_root else None
+    cache.quarantine_path = qfile.name if qfile else ""
+    try:
+        for batch in _tokenized_batches(cfg, tasks, with_tokens):
+            reason = batch.column("reason")
+            bad_mask = pc.is_valid(reason)
+            if pc.any(bad_mask).as_py():
+                bad = batch.filter(bad_mask).select(["doc_id", "reason", "detail"]).to_pylist()
+                for r in bad:
+                    cache.bad_by_reason[r["reason"]] = cache.bad_by_reason.get(r["reason"], 0) + 1
+                    if qfile:
+                        qfile.write(json.dumps({"location": r["doc_id"], "reason": r["reason"],
+                                                "detail": r["detail"]}) + "\n")
+                batch = batch.filter(pc.invert(bad_mask))
+            if batch.num_rows == 0:
+                continue
+            cache.good += batch.num_rows
+            labels = batch.column("source")
+            for label in pc.unique(labels).to_pylist():
+                part = batch if len(labels.unique()) == 1 else batch.filter(pc.equal(labels, label))
+                lengths = part.column("n_tokens").to_numpy()
+                cache.lengths.setdefault(label, []).append(lengths)
+                cache.row_groups.setdefault(label, []).append(part.num_rows)
+                if with_tokens:
+                    if label not in writers:
+                        staged[label] = os.path.join(cache_root, f"staged-{len(writers):04d}.parquet")
+                        writers[label] = pq.ParquetWriter(staged[label], CACHE_SCHEMA, compression="none")
+                    writers[label].write_table(part.select(["doc_id", "tokens"]).cast(CACHE_SCHEMA),
+                                               row_group_size=part.num_rows)
+    finally:
+        for w in writers.values():
+            w.close()
+        if qfile:
+            qfile.close()
+    for label, path in staged.items():  # final names follow sorted labels, whatever order they appeared in
+        os.replace(path, cache.path(label))
+    cache.seconds = time.time() - t0
+    return cache
+
+
+def check_bad_fraction(cache: TokenCache, limit: float) -> float:
+    total = cache.good + cache.bad
+    frac = cache.bad / total if total else 0.0
+    if frac > limit or cache.good == 0:
+        examples = ""
+        if cache.quarantine_path and os.path.exists(cache.quarantine_path):
+            with open(cache.quarantine_path) as f:
+                examples = "".join(f"\n    {json.loads(l)['location']}: {json.loads(l)['reason']}"
+                                   for _, l in zip(range(5), f))
+        raise DataQualityError(
+            f"{cache.bad} of {total} input records ({100 * frac:.2f}%) were quarantined, above "
+            f"data.max_bad_fraction={limit} ({100 * limit:.2f}%); by reason: {dict(sorted(cache.bad_by_reason.items()))}."
+            f"{' First ones:' + examples if examples else ''}\n  Fix the input, or raise data.max_bad_fraction "
+            f"if these records may be dropped.")
+    return frac
+
+
+# ------------------------------------------------------------------------------------------------- pass 2
+def _source_segments(cache: TokenCache, source: str, plan: SourcePlan, seed: int,
+                     chunk_len: int | None) -> Iterator[Segment]:
+    """Documents of one source as the plan says: pass p emits every document with counts > p, row groups in a
+    seeded order, documents shuffled inside each row group."""
+    if not plan.counts.any():
+        return
+    pf = pq.ParquetFile(cache.path(source))
+    sizes = cache.row_groups[source]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    sidx = sorted(cache.lengths).index(source)
+    for p in range(int(plan.counts.max())):
+        rng = np.random.default_rng([seed, sidx, p])
+        for rg in rng.permutation(len(sizes)):
+            lo, hi = int(offsets[rg]), int(offsets[rg + 1])
+            sel = np.flatnonzero(plan.counts[lo:hi] > p)
+            if not len(sel):
+                continue
+            table = pf.read_row_group(int(rg))
+            tokens = table.column("tokens").combine_chunks()
+            values = tokens.values.to_numpy()
+            offs = tokens.offsets.to_numpy()
+            ids = table.column("doc_id").to_pylist()
+            for i in rng.permutation(sel):
+                d = lo + int(i)
+                toks = values[offs[i]:offs[i + 1]]
+                if plan.counts[d] == p + 1:
+                    toks = toks[: plan.last_take[d]]
+                if chunk_len:
+                    for c in range(0, len(toks), chunk_len):
+                        piece = toks[c:c + chunk_len]
+                        yield Segment(piece, source, ids[i], len(piece))
+                else:
+                    yield Segment(toks, source, ids[i], int(plan.lengths[d]))
+
+
+def mixed_segments(cache: TokenCache, plan: MixturePlan, seed: int) -> Iterator[Segment]:
+    """Interleave the sources' segment streams, picking the next source with probability proportional to the
+    tokens it still has to emit (so every stretch of the output has about the target mix)."""
+    names = sorted(plan.sources)
+    streams = {s: _source_segments(cache, s, plan.sources[s], seed, plan.chunk_len) for s in names}
+    remaining = np.array([plan.sources[s].planned_tokens for s in names], np.float64)
+    alive = remaining > 0
+    rng = np.random.default_rng([seed, 1_000_003])
+    while alive.any():
+        w = np.where(alive, np.maximum(remaining, 1.0), 0.0)
+        k = int(np.searchsorted(np.cumsum(w), rng.random() * w.sum(), side="right"))
+        k = min(k, len(names) - 1)
+        seg = next(streams[names[k]], None)
+        if seg is None:
+            alive[k] = False
+            continue
+        remaining[k] -= len(seg.tokens)
+        yield seg
+
+
+def packed_row_tables(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int,
+                      out_stats: dict[str, LengthAccumulator] | None = None,
+                      packer: BestFitPacker | None = None) -> Iterator[pa.Table]:
+    """Pass 2: packed rows as Arrow tables of up to `rows_per_shard` rows, row_id 0..N-1 in order."""
+    d = cfg.data
+    packer = packer or BestFitPacker(d.seq_len, d.pack_buffer_rows)
+    builder = RowBuilder(d.seq_len, pad_id, d.attention)
+    row_id = 0
+
+    def rows() -> Iterator[list[Segment]]:
+        for seg in mixed_segments(cache, plan, d.seed):
+            if out_stats is not None:
+                out_stats.setdefault(seg.source, LengthAccumulator(d.long_threshold)).add(seg.doc_tokens,
+                                                                                         len(seg.tokens))
+            yield from packer.add(seg)
+        yield from packer.finish()
+
+    for segments in rows():
+        builder.add(row_id, segments)
+        row_id += 1
+        if len(builder) == d.rows_per_shard:
+            yield builder.table()
+            builder.clear()
+    if len(builder):
+        yield builder.table()
+
+
+# ------------------------------------------------------------------------------------------- entry points
+def prepare_data(cfg, output: str | None = None, overwrite: bool = False) -> dict:
+    """Prepare packed training data for `cfg` (a JobConfig) and publish it atomically; returns the manifest.
+
+    Output (local or s3://): `part-NNNNN.parquet` shards, `manifest.json`, `lengths.png`,
+    `_quarantine/records.jsonl`, and the `_COMMITTED` marker written last."""
+    from longctx.data.manifest import build_manifest
+
+    d = cfg.data
+    dest = output or d.output
+    if not dest:
+        raise ValueError("no output location: set data.output (local folder or s3:// prefix) or pass output=")
+    storage.configure(cfg.storage)
+    t0 = time.time()
+    tok, eos, pad = load_fast_tokenizer(d.tokenizer)
+    work = tempfile.mkdtemp(prefix="longctx-tokens-")
+    try:
+        cache = tokenize_corpus(cfg, work)
+        bad_fraction = check_bad_fraction(cache, d.max_bad_fraction)
+        in_lengths = cache.source_lengths()
+        plan = plan_mixture(in_lengths, d)
+        t_pack = time.time()
+        out_stats: dict[str, LengthAccumulator] = {}
+        packer = BestFitPacker(d.seq_len, d.pack_buffer_rows)
+        with storage.publish_dir(dest, overwrite=overwrite) as staging:
+            shards = []
+            for i, table in enumerate(packed_row_tables(cfg, cache, plan, pad, out_stats, packer)):
+                name = f"part-{i:05d}.parquet"
+                path = os.path.join(staging, name)
+                pq.write_table(table, path, compression="zstd", row_group_size=min(256, table.num_rows))
+                shards.append({"path": name, "rows": table.num_rows,
+                               "row_id_start": int(table.column("row_id")[0].as_py()),
+                               "bytes": os.path.getsize(path), "sha256": storage.sha256_file(path)})
+            os.makedirs(os.path.join(staging, "_quarantine"))
+            shutil.copyfile(cache.quarantine_path, os.path.join(staging, QUARANTINE_FILE))
+            in_stats = source_length_stats(in_lengths, d.long_threshold)
+            plot_length_histogram(in_stats, os.path.join(staging, "lengths.png"),
+                                  title=f"input tokens by document length ({d.long_threshold=})")
+            manifest = build_manifest(cfg, tok, eos, pad, cache, plan, in_stats, out_stats, packer.stats, shards,
+                                      bad_fraction)
+            with open(os.path.join(staging, MANIFEST), "w") as f:
+                json.dump(manifest, f, indent=2)
+        timings = {"tokenize_s": round(cache.seconds, 3), "pack_write_s": round(time.time() - t_pack, 3),
+                   "total_s": round(time.time() - t0, 3)}
+        print(format_length_table(in_stats, d.long_threshold))
+        print(f"packed {packer.stats.rows} rows x {d.seq_len} tokens ({packer.stats.tokens:,} tokens, pad "
+              f"{100 * manifest['totals']['pad_fraction']:.3f}%), {cache.bad} records quarantined, "
+              f"{timings['total_s']:.1f}s -> {storage.normalize(dest)}")
+        return {**manifest, "timings": timings}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def load_manifest(uri: str) -> dict:
+    """The manifest of a committed packed-data folder (raises StorageError when it is not committed)."""
+    storage.require_committed(uri)
+    return json.loads(storage.read_text(storage.join(uri, MANIFEST)))
+
+
+def read_packed(uri: str):
+    """Packed rows of a committed folder as a ray.data.Dataset (row order = row_id order per shard).
+
+    Columns as in schemas/packed_sequence.schema.json; `input_ids`, `position_ids`, `labels` convert to numpy
+    int32 arrays of shape [seq_len] (batch_format="numpy" gives [batch, seq_len])."""
+    import ray.data
+
+    manifest = load_manifest(uri)
+    paths = [storage.join(uri, s["path"]) for s in manifest["shards"]]
+    if not paths:
+        raise storage.StorageError(f"{uri}: manifest lists no shards (the corpus produced no rows)")
+    fs, _ = storage.pyarrow_fs(paths[0])
+    local = [p[len("s3://"):] if storage.is_s3(p) else p for p in paths]
+    ds = ray.data.read_parquet(local, filesystem=fs, shuffle=None)
+    return ds.map_batches(fixed_length_columns, batch_format="pyarrow", fn_kwargs={"seq_len": manifest["seq_len"]},
+                          num_cpus=0.05)
+
+
+FIXED_COLUMNS = ("input_ids", "position_ids", "labels")
+
+
+def fixed_length_columns(batch: pa.Table, seq_len: int) -> pa.Table:
+    """list<int32> columns of length seq_len -> Ray tensor columns, so numpy batches are [rows, seq_len] int32."""
+    from ray.data.extensions import ArrowTensorArray
+
+    for name in FIXED_COLUMNS:
+        col = batch.column(name).combine_chunks()
+        values = col.flatten().to_numpy().reshape(-1, seq_len)
+        batch = batch.set_column(batch.schema.get_field_index(name), name, ArrowTensorArray.from_numpy(values))
+    return batch
+
+
+def packed_dataset(cfg):
+    """Not yet implemented (step 2)."""
+    raise NotImplementedError
+
+
+def length_stats(cfg, plot: str | None = None, quiet: bool = False) -> dict:
+    """Per-source length statistics of the configured sources (no packing, nothing cached).
+
+    Returns {"sources": {name: {...}, "__all__": {...}}, "quarantine": {...}, "long_threshold": N}; prints the
+    table; writes a PNG histogram to `plot` (local path) when given."""
+    storage.configure(cfg.storage)
+    work = tempfile.mkdtemp(prefix="longctx-stats-")
+    try:
+        cache = tokenize_corpus(cfg, work, with_tokens=False)
+        stats = source_length_stats(cache.source_lengths(), cfg.data.long_threshold)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if not quiet:
+        print(format_length_table(stats, cfg.data.long_threshold))
+    if plot:
+        plot_length_histogram(stats, plot)
+    return {"long_threshold": cfg.data.long_threshold, "sources": stats,
+            "quarantine": {"records": cache.bad, "by_reason": dict(sorted(cache.bad_by_reason.items()))},
+            "records": cache.good + cache.bad, "files": cache.files}

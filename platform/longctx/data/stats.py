@@ -1,0 +1,125 @@
+"""Length statistics per source: documents and tokens by length bucket, and the long-token share.
+
+Buckets (tokens, EOS included): 0-4K, 4-8K, 8-16K, 16-32K, 32-64K, 64-128K, >128K; this is the table the Index
+report shows for its corpus. The same function describes the input (pass 1) and the output (what the packed
+rows hold, counted per segment by the length of the document it came from).
+
+    stats = source_length_stats({"web": np.array([812, 9000, ...])}, long_threshold=4096)
+    print(format_length_table(stats)); plot_length_histogram(stats, "lengths.png")
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BUCKET_EDGES = [0, 4096, 8192, 16384, 32768, 65536, 131072]
+BUCKET_NAMES = ["0-4K", "4-8K", "8-16K", "16-32K", "32-64K", "64-128K", ">128K"]
+
+
+def _bucket_index(lengths: np.ndarray) -> np.ndarray:
+    return np.searchsorted(BUCKET_EDGES, lengths, side="right") - 1
+
+
+def describe_lengths(lengths: np.ndarray, long_threshold: int, weights: np.ndarray | None = None) -> dict:
+    """{docs, tokens, long_docs, long_tokens, long_share, buckets: {name: {docs, tokens}}}.
+
+    `weights` (tokens per document, default its length) lets the output side count tokens actually emitted
+    for documents of a given length (repeats and cuts included)."""
+    lengths = np.asarray(lengths, np.int64)
+    tokens = lengths if weights is None else np.asarray(weights, np.int64)
+    b = _bucket_index(lengths)
+    is_long = lengths >= long_threshold
+    total = int(tokens.sum())
+    long_tokens = int(tokens[is_long].sum())
+    return {
+        "docs": int(len(lengths)),
+        "tokens": total,
+        "long_docs": int(is_long.sum()),
+        "long_tokens": long_tokens,
+        "long_share": long_tokens / total if total else 0.0,
+        "buckets": {
+            name: {"docs": int((b == i).sum()), "tokens": int(tokens[b == i].sum())}
+            for i, name in enumerate(BUCKET_NAMES)
+        },
+    }
+
+
+def source_length_stats(lengths_by_source: dict[str, np.ndarray], long_threshold: int) -> dict:
+    """Per-source `describe_lengths` plus an `__all__` total."""
+    out = {s: describe_lengths(v, long_threshold) for s, v in sorted(lengths_by_source.items())}
+    allv = [np.asarray(v) for v in lengths_by_source.values()]
+    out["__all__"] = describe_lengths(np.concatenate(allv) if allv else np.zeros(0, np.int64), long_threshold)
+    return out
+
+
+def format_length_table(stats: dict, long_threshold: int | None = None) -> str:
+    """Fixed-width table: one line per source, token share per bucket, long share."""
+    header = f"{'source':<16} {'docs':>9} {'tokens':>13} " + " ".join(f"{n:>8}" for n in BUCKET_NAMES)
+    long_name = f"long>={long_threshold}" if long_threshold else "long"
+    header += f" {long_name:>11}"
+    lines = [header, "-" * len(header)]
+    for s, st in stats.items():
+        tot = st["tokens"] or 1
+        shares = " ".join(f"{100 * st['buckets'][n]['tokens'] / tot:7.1f}%" for n in BUCKET_NAMES)
+        name = "ALL" if s == "__all__" else s
+        lines.append(f"{name:<16} {st['docs']:>9,} {st['tokens']:>13,} {shares} {100 * st['long_share']:10.1f}%")
+    lines.append("(bucket columns: share of the source's tokens in documents of that length)")
+    return "\n".join(lines)
+
+
+def plot_length_histogram(stats: dict, path: str, title: str = "tokens by document length") -> str:
+    """PNG bar chart (matplotlib Agg): tokens per length bucket, one bar group per source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = [s for s in stats if s != "__all__"]
+    x = np.arange(len(BUCKET_NAMES))
+    width = 0.8 / max(len(sources), 1)
+    fig, ax = plt.subplots(figsize=(9, 4), dpi=100)
+    for i, s in enumerate(sources):
+        vals = [stats[s]["buckets"][n]["tokens"] for n in BUCKET_NAMES]
+        ax.bar(x + i * width - 0.4 + width / 2, vals, width,
+               label=f"{s} (long {100 * stats[s]['long_share']:.0f}%)")
+    ax.set_xticks(x, BUCKET_NAMES)
+    ax.set_xlabel("document length (tokens)")
+    ax.set_ylabel("tokens")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})  # no version stamp: the PNG is reproducible
+    plt.close(fig)
+    return path
+
+
+class LengthAccumulator:
+    """Streaming version of `describe_lengths` for the output side: one `add` per emitted document (or cut-4k
+    chunk); `docs` counts emissions (a repeated document counts each time)."""
+
+    def __init__(self, long_threshold: int):
+        self.long_threshold = long_threshold
+        self.docs = np.zeros(len(BUCKET_NAMES), np.int64)
+        self.tokens = np.zeros(len(BUCKET_NAMES), np.int64)
+        self.long_docs = 0
+        self.long_tokens = 0
+
+    def add(self, doc_tokens: int, tokens: int) -> None:
+        b = int(np.searchsorted(BUCKET_EDGES, doc_tokens, side="right")) - 1
+        self.docs[b] += 1
+        self.tokens[b] += tokens
+        if doc_tokens >= self.long_threshold:
+            self.long_docs += 1
+            self.long_tokens += tokens
+
+    def result(self) -> dict:
+        total = int(self.tokens.sum())
+        return {
+            "docs": int(self.docs.sum()),
+            "tokens": total,
+            "long_docs": self.long_docs,
+            "long_tokens": self.long_tokens,
+            "long_share": self.long_tokens / total if total else 0.0,
+            "buckets": {n: {"docs": int(self.docs[i]), "tokens": int(self.tokens[i])}
+                        for i, n in enumerate(BUCKET_NAMES)},
+        }
