@@ -100,6 +100,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         print(f"[train] world={world} layout={layout.as_dict()} steps={total_steps} attn={attn_impl} "
               f"zero={tcfg.zero_stage} params={n_params['total']:,} rope={lm.config.rope_parameters}", flush=True)
 
+    _write_engine_info(engine, loop_config["train_root"], rank, world, n_params, attn_impl, ds_config)
+
     # 3. Resume: DeepSpeed state + the data ledger + the metrics history so far.
     start_step, ledger, history = 0, Ledger(), []
     resume = ray.train.get_checkpoint()
@@ -199,6 +201,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.flush()
         print(f"[train] final model: {final_uri}", flush=True)
     dist.barrier()
+
+
+def _optimizer_state_numel(engine) -> int:
+    """Elements of fp32 master weights this rank's optimizer holds (shows ZeRO partitioning at work)."""
+    opt = engine.optimizer
+    groups = getattr(opt, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+    if groups is None:
+        groups = getattr(opt, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+    if groups is not None:
+        return int(sum(g.numel() for g in groups))
+    return int(sum(p.numel() for group in opt.param_groups for p in group["params"]))
+
+
+def _write_engine_info(engine, train_root: str, rank: int, world: int, n_params: dict, attn_impl: str, ds_config: dict):
+    """Rank 0 writes train/engine_info.json: per-rank optimizer-state sizes, attention backend, DeepSpeed config."""
+    from longctx import storage
+
+    parts = [None] * world
+    dist.all_gather_object(parts, {"rank": rank, "optimizer_state_numel": _optimizer_state_numel(engine)})
+    if rank == 0:
+        storage.write_json(storage.join(train_root, "engine_info.json"), {
+            "world_size": world, "params": n_params, "attn_implementation": attn_impl,
+            "zero_stage": ds_config["zero_optimization"]["stage"], "ranks": parts, "deepspeed_config": ds_config,
+        })
 
 
 def _maybe_inject_failure(loop_config: dict, step: int, rank: int) -> None:
