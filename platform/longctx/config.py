@@ -265,6 +265,15 @@ class EvalConfig(_Section):
     """Passkey retrieval settings."""
     batch_size: int = Field(4, ge=1)
     """Sequences per forward pass."""
+    num_actors: int | None = Field(None, ge=1)
+    """Ray Data actors (one model replica each) evaluating in parallel. Default: one per GPU in the cluster,
+    else min(number of models, cluster CPUs)."""
+    gpus_per_actor: float | None = Field(None, ge=0)
+    """GPUs each evaluation actor reserves. Default: 1 when the cluster has GPUs, else 0 (CPU)."""
+    prefill_chunk_tokens: int = Field(4096, ge=1)
+    """Long prompts are prefilled into the KV cache this many tokens at a time before greedy decoding."""
+    seed: int = 0
+    """Seed for passkeys, needles and haystack offsets (evaluation prompts are reproducible)."""
 
 
 # ------------------------------------------------------------------------------------------------------ job

@@ -1,0 +1,193 @@
+"""Markdown tables and a one-line verdict for evaluation metrics; `write_report` assembles report.md + PNGs.
+
+Tables: NLL / perplexity per position bucket per model, passkey accuracy per length per model, needle
+grid means, LongBench-format scores. Buckets and lengths beyond the base model's training length are
+marked with a dagger (†), the region where training-free baselines and Long-PT differ.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+from longctx import storage
+from longctx.report.plots import plot_needle_heatmap, plot_nll_by_position, plot_passkey_accuracy
+
+BEYOND = "†"
+
+
+def _f(x, digits: int = 2) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _eval_part(metrics: dict) -> dict:
+    return metrics.get("eval", metrics) if isinstance(metrics, dict) else {}
+
+
+def _role_of(name: str, entry: dict) -> str:
+    return (entry.get("spec") or {}).get("role", "")
+
+
+def perplexity_table(metrics: dict) -> str | None:
+    models = {n: m for n, m in metrics.get("models", {}).items() if m.get("perplexity")}
+    if not models:
+        return None
+    base_len = metrics.get("base_context_length") or 0
+    buckets = next(iter(models.values()))["perplexity"]["buckets"]
+    header = ["model"] + [f"{lo}-{hi - 1}{BEYOND if base_len and lo >= base_len else ''}" for lo, hi in buckets]
+    has_beyond = any("nll_beyond_base" in m["perplexity"] for m in models.values())
+    if has_beyond:
+        header.append(f"≥{base_len}{BEYOND}")
+    header.append("all")
+    rows = []
+    for name, m in models.items():
+        p = m["perplexity"]
+        row = [name] + [f"{_f(n)} ({_f(math.exp(n) if n == n else None, 1)})" for n in p["mean_nll"]]
+        if has_beyond:
+            row.append(_f(p.get("nll_beyond_base")))
+        row.append(_f(p.get("overall_nll")))
+        rows.append(row)
+    first = next(iter(models.values()))["perplexity"]
+    note = (f"Mean next-token NLL in nats (perplexity in brackets) by token position; {first.get('documents')} documents "
+            f"of {metrics.get('context_length')} tokens ({first.get('skipped_short', 0)} shorter ones skipped). "
+            f"{BEYOND} positions at or beyond the base model's training length ({base_len}). Lower is better.")
+    return _table(header, rows) + "\n\n" + note
+
+
+def passkey_table(metrics: dict) -> str | None:
+    models = {n: m for n, m in metrics.get("models", {}).items() if m.get("passkey")}
+    if not models:
+        return None
+    base_len = metrics.get("base_context_length") or 0
+    lengths = sorted({int(x) for m in models.values() for x in m["passkey"]["accuracy_by_length"]})
+    header = ["model"] + [f"{n}{BEYOND if base_len and n > base_len else ''}" for n in lengths] + ["all"]
+    rows = []
+    for name, m in models.items():
+        acc = m["passkey"]["accuracy_by_length"]
+        rows.append([name] + [_f(100 * acc[str(n)], 0) + "%" if str(n) in acc else "–" for n in lengths]
+                    + [_f(100 * m["passkey"]["overall"], 0) + "%"])
+    first = next(iter(models.values()))["passkey"]
+    note = (f"Exact-match passkey accuracy by prompt length in tokens, averaged over depths "
+            f"{', '.join(f'{d:g}' for d in first.get('depths', []))} ({first.get('trials')} prompts per model). "
+            f"{BEYOND} longer than the base model's training length.")
+    return _table(header, rows) + "\n\n" + note
+
+
+def verdict(metrics: dict) -> str | None:
+    """One line comparing the trained model (or the best model) with naive extrapolation beyond the base length."""
+    metrics = _eval_part(metrics)
+    models = {n: m for n, m in metrics.get("models", {}).items() if (m.get("perplexity") or {}).get("nll_beyond_base") is not None}
+    if not models:
+        return None
+    base_len = metrics.get("base_context_length")
+    beyond = {n: m["perplexity"]["nll_beyond_base"] for n, m in models.items()}
+    naive = next((n for n, m in models.items() if _role_of(n, m) == "naive"), None)
+    trained = next((n for n, m in models.items() if _role_of(n, m) == "trained"), None)
+    subject = trained or min(beyond, key=beyond.get)
+    parts = [f"beyond {base_len} tokens {subject} NLL {beyond[subject]:.2f}"]
+    if naive and naive != subject:
+        parts.append(f"vs naive {beyond[naive]:.2f}")
+    others = {n: v for n, v in beyond.items() if n not in (subject, naive)}
+    if others:
+        best = min(others, key=others.get)
+        parts.append(f"(best other: {best} {others[best]:.2f})")
+    line = " ".join(parts)
+    pk = (models.get(subject) or {}).get("passkey")
+    if pk:
+        longest = max(pk["accuracy_by_length"], key=int)
+        line += f"; passkey at {longest} tokens {100 * pk['accuracy_by_length'][longest]:.0f}%"
+        if naive and (models[naive].get("passkey") or {}).get("accuracy_by_length", {}).get(longest) is not None:
+            line += f" vs naive {100 * models[naive]['passkey']['accuracy_by_length'][longest]:.0f}%"
+    return line[0].upper() + line[1:] + "."
+
+
+def eval_markdown(metrics: dict, images: dict[str, str] | None = None) -> str:
+    """Markdown for the evaluation part of a report; `images` maps plot kind -> relative PNG path."""
+    metrics = _eval_part(metrics)
+    images = images or {}
+    out = []
+    v = verdict(metrics)
+    if v:
+        out.append(f"**Verdict:** {v}\n")
+    models = metrics.get("models", {})
+    if models:
+        out.append("Models: " + "; ".join(f"**{n}** = {_describe(m.get('spec') or {})}" for n, m in models.items()) + ".\n")
+    t = perplexity_table(metrics)
+    if t:
+        out += ["### Perplexity by position\n", t + "\n"]
+        if "nll" in images:
+            out.append(f"![NLL by position]({images['nll']})\n")
+    t = passkey_table(metrics)
+    if t:
+        out += ["### Passkey retrieval\n", t + "\n"]
+        if "passkey" in images:
+            out.append(f"![passkey accuracy]({images['passkey']})\n")
+    for extra in metrics.get("extra_markdown", []):
+        out.append(extra + "\n")
+    needle_imgs = {k[len("needle:"):]: v for k, v in images.items() if k.startswith("needle:")}
+    if needle_imgs:
+        out.append("### Needle in a haystack\n")
+        for name, path in needle_imgs.items():
+            out.append(f"![needle {name}]({path})\n")
+    timing = metrics.get("timing_s")
+    if timing:
+        out.append(f"Evaluation took {timing.get('total', 0):.1f} s on {timing.get('actors')} Ray Data actor(s).\n")
+    return "\n".join(out)
+
+
+def _describe(spec: dict) -> str:
+    s = f"`{spec.get('uri', '?')}`"
+    if spec.get("rope_theta"):
+        s += f", rope_theta {spec['rope_theta']:g}"
+    sc = spec.get("scaling")
+    if sc:
+        s += f", RoPE {sc['type']} x{sc['factor']:g}"
+    return s
+
+
+def _slug(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "model"
+
+
+def write_report(run_dir: str, metrics: dict, sections: Sequence[tuple[str, str] | str] = (), *,
+                 title: str = "longctx run report", intro: str | None = None) -> str:
+    """Write `run_dir/report.md` and its PNGs (local or s3://); returns the report's URI.
+
+    `sections` are extra (title, markdown) pairs (or plain markdown) placed after the evaluation, e.g. the
+    data manifest and training summaries of a job.
+    """
+    ev = _eval_part(metrics)
+    images: dict[str, str] = {}
+    for kind, fname, fn in (("nll", "nll_by_position.png", plot_nll_by_position),
+                            ("passkey", "passkey_accuracy.png", plot_passkey_accuracy)):
+        png = fn(ev)
+        if png:
+            storage.write_bytes(storage.join(run_dir, fname), png)
+            images[kind] = fname
+    for name, m in ev.get("models", {}).items():
+        grid = (m.get("needle") or {}).get("grid")
+        if grid:
+            fname = f"needle_{_slug(name)}.png"
+            storage.write_bytes(storage.join(run_dir, fname), plot_needle_heatmap(name, grid))
+            images[f"needle:{name}"] = fname
+    parts = [f"# {title}\n"]
+    if intro:
+        parts.append(intro + "\n")
+    if ev.get("models"):
+        parts += ["## Long-context evaluation\n", eval_markdown(ev, images)]
+    for sec in sections:
+        if isinstance(sec, str):
+            parts.append(sec + "\n")
+        else:
+            parts += [f"## {sec[0]}\n", sec[1] + "\n"]
+    uri = storage.join(run_dir, "report.md")
+    storage.write_text(uri, "\n".join(parts))
+    return uri

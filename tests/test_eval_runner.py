@@ -1,0 +1,106 @@
+"""The Ray Data evaluation path on a tiny real model: baselines, perplexity, passkey, metrics.json, report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from longctx import storage
+from longctx.config import load_config
+from longctx.eval.documents import iter_texts
+from longctx.eval.fixtures import save_tiny_llama
+from longctx.eval.perplexity import perplexity_by_position
+from longctx.eval.runner import ModelSpec, default_model_specs, evaluate_models
+from longctx.model.load import load_causal_lm, load_tokenizer
+from longctx.model.rope import rotary_inv_freq
+from longctx.report import write_report
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalrun")
+    base = save_tiny_llama(root / "base", max_position_embeddings=64, seed=0, initializer_range=0.5)
+    trained = save_tiny_llama(root / "trained", max_position_embeddings=128, rope_theta=40000.0, seed=1)
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "x", "y", "(", ")", ":", "=", "+", "if", "else", "for", "in", "range"]
+    docs = root / "docs.jsonl"
+    with open(docs, "w") as f:
+        for i in range(7):
+            f.write(json.dumps({"id": str(i), "text": " ".join(rng.choice(words, 300 if i != 2 else 20))}) + "\n")
+        f.write("{not json\n")  # a bad line is skipped, not fatal
+    cfg = load_config(None, [
+        f"eval.documents={docs}", "eval.context_length=128", "eval.bucket_edges=[0,64,128]",
+        "eval.num_documents=5", "eval.baselines=[naive,pi,dynamic_ntk,yarn]", "eval.batch_size=2",
+        "eval.passkey.lengths=[96,128]", "eval.passkey.depths=[0.2,0.8]", "eval.passkey.trials=1",
+        "eval.num_actors=2", f"data.tokenizer={base}",
+    ])
+    return cfg, base, trained, str(docs)
+
+
+def test_default_model_specs_build_the_baselines(setup):
+    cfg, base, trained, _ = setup
+    specs = default_model_specs(cfg, base, trained)
+    assert list(specs) == ["base (naive)", "base + PI x2", "base + dynamic NTK x2", "base + YaRN x2", "Long-PT"]
+    assert specs["base + PI x2"].scaling.type == "linear" and specs["base + PI x2"].scaling.factor == 2.0
+    assert specs["Long-PT"].role == "trained" and specs["Long-PT"].uri == trained
+    # the overrides really reach the rotary embedding: PI halves every frequency, YaRN only the low ones
+    naive = rotary_inv_freq(specs["base (naive)"].load(cfg.model))
+    pi = rotary_inv_freq(specs["base + PI x2"].load(cfg.model))
+    yarn = rotary_inv_freq(specs["base + YaRN x2"].load(cfg.model))
+    assert np.allclose(pi.numpy(), naive.numpy() / 2)
+    assert yarn[0] == pytest.approx(naive[0].item()) and yarn[-1] == pytest.approx(naive[-1].item() / 2, rel=1e-4)
+    # the job's own training-time RoPE override must not leak into the baselines
+    cfg2 = cfg.model_copy(deep=True)
+    cfg2.model.rope_theta = 1e6
+    assert np.allclose(rotary_inv_freq(specs["base (naive)"].load(cfg2.model)).numpy(), naive.numpy())
+    assert default_model_specs(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"scaling_factor": 8.0})}),
+                               base)["base + PI x8"].scaling.factor == 8.0
+
+
+def test_evaluate_models_through_ray_data(setup, ray_cluster, tmp_path):
+    cfg, base, trained, docs = setup
+    specs = default_model_specs(cfg, base, trained)
+    out = str(tmp_path / "eval")
+    metrics = evaluate_models(cfg, specs, out)
+    assert json.loads(open(f"{out}/metrics.json").read()) == json.loads(json.dumps(metrics))
+    assert metrics["context_length"] == 128 and metrics["base_context_length"] == 64
+    m = metrics["models"]
+    assert set(m) == set(specs)
+    for name, entry in m.items():
+        ppl = entry["perplexity"]
+        assert ppl["documents"] == 5 and ppl["skipped_short"] == 1, name
+        assert ppl["tokens"] == [5 * 63, 5 * 64]
+        pk = entry["passkey"]
+        assert pk["trials"] == 4 and set(pk["accuracy_by_length"]) == {"96", "128"}
+    # the Ray path gives the same numbers as the plain function on one model
+    model = load_causal_lm(base).eval()
+    direct = perplexity_by_position(model, load_tokenizer(base), iter_texts(docs), 128, [0, 64, 128], 2, limit=5)
+    assert m["base (naive)"]["perplexity"]["mean_nll"] == pytest.approx(direct["mean_nll"], rel=1e-5)
+    # a baseline with another RoPE gives other numbers beyond the base length
+    assert abs(m["base + PI x2"]["perplexity"]["mean_nll"][1] - m["base (naive)"]["perplexity"]["mean_nll"][1]) > 1e-4
+    assert metrics["timing_s"]["actors"] == 2
+
+    report = write_report(str(tmp_path / "run"), metrics, [("Training", "42 steps")])
+    text = open(report).read()
+    assert "| base + YaRN x2 |" in text and "64-127†" in text and "## Training" in text and "Verdict:" in text
+    for png in ("nll_by_position.png", "passkey_accuracy.png"):
+        assert open(tmp_path / "run" / png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.s3
+def test_report_to_s3(s3_bucket):
+    metrics = {"context_length": 128, "base_context_length": 64, "models": {
+        "base (naive)": {"spec": {"uri": "m", "role": "naive"}, "perplexity": {
+            "buckets": [[0, 64], [64, 128]], "mean_nll": [2.0, 3.2], "perplexity": [7.39, 24.5], "tokens": [63, 64],
+            "overall_nll": 2.6, "nll_beyond_base": 3.2, "documents": 1, "skipped_short": 0}},
+        "Long-PT": {"spec": {"uri": "t", "role": "trained"}, "perplexity": {
+            "buckets": [[0, 64], [64, 128]], "mean_nll": [1.8, 1.7], "perplexity": [6.05, 5.47], "tokens": [63, 64],
+            "overall_nll": 1.75, "nll_beyond_base": 1.7, "documents": 1, "skipped_short": 0}}}}
+    uri = write_report(f"{s3_bucket}/runs/r1", metrics)
+    text = storage.read_text(uri)
+    assert "Beyond 64 tokens Long-PT NLL 1.70 vs naive 3.20." in text
+    assert storage.read_bytes(f"{s3_bucket}/runs/r1/nll_by_position.png")[:4] == b"\x89PNG"
