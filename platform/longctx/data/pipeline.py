@@ -83,12 +83,11 @@ def ensure_ray(cfg) -> None:
     import ray
 
     if not ray.is_initialized():
-        kwargs = {"include_dashboard": False}
-        if cfg.ray.address:
-            kwargs["address"] = cfg.ray.address
-        elif cfg.ray.num_cpus and not os.environ.get("RAY_ADDRESS"):
-            kwargs["num_cpus"] = cfg.ray.num_cpus
-        ray.init(**kwargs)
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:  # NOTE: a bare ray.init() would attach to a stray `ray start` cluster on this machine
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
 
 
 def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True) -> Iterator[pa.Table]:
@@ -107,9 +106,13 @@ def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True)
         items = [{"file_idx": t.file_idx, "uri": t.uri, "source": t.source} for t in tasks]
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         specs = {t.source: t.spec.model_dump() for t in tasks}
+        # NOTE: read tasks reserve half the CPU of a tokenizer actor (parsing is much cheaper than encoding) and
+        # the differing remote args also keep Ray Data from fusing the read into the actors: fused, each actor
+        # would read and tokenize whole files serially, and a corpus of few large files would not spread.
+        read_remote = dict(remote, num_cpus=cfg.ray.data_cpus_per_task / 2)
         ds = ds.map_batches(src.read_files_batch, batch_size=1, batch_format="numpy",
                             fn_kwargs={"specs": specs, "opts": {"endpoint_url": opts.endpoint_url,
-                                                               "region": opts.region}}, **remote)
+                                                               "region": opts.region}}, **read_remote)
         ds = ds.map_batches(TokenizeBatches, fn_constructor_kwargs={"tokenizer": cfg.data.tokenizer},
                             batch_size=cfg.data.tokenize_batch_size, batch_format="pyarrow",
                             concurrency=cfg.data.num_tokenize_actors, **remote)
@@ -118,6 +121,24 @@ def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True)
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
     finally:
         ctx.execution_options.preserve_order = old_order
+
+
+CACHE_ROW_GROUP_DOCS = 1024
+CACHE_ROW_GROUP_TOKENS = 8 << 20
+
+
+def _row_group_bounds(lengths: np.ndarray) -> list[tuple[int, int]]:
+    """Slices of at most CACHE_ROW_GROUP_DOCS documents and (unless one document is bigger) TOKENS tokens:
+    pass 2 holds one cache row group per source in memory, so this bounds its memory."""
+    bounds, lo, acc = [], 0, 0
+    for i, n in enumerate(lengths.tolist()):
+        if i > lo and (i - lo >= CACHE_ROW_GROUP_DOCS or acc + n > CACHE_ROW_GROUP_TOKENS):
+            bounds.append((lo, i))
+            lo, acc = i, 0
+        acc += n
+    if len(lengths) > lo:
+        bounds.append((lo, len(lengths)))
+    return bounds
 
 
 def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True) -> TokenCache:
@@ -151,13 +172,15 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True) -> To
                 part = batch if len(labels.unique()) == 1 else batch.filter(pc.equal(labels, label))
                 lengths = part.column("n_tokens").to_numpy()
                 cache.lengths.setdefault(label, []).append(lengths)
-                cache.row_groups.setdefault(label, []).append(part.num_rows)
-                if with_tokens:
-                    if label not in writers:
-                        staged[label] = os.path.join(cache_root, f"staged-{len(writers):04d}.parquet")
-                        writers[label] = pq.ParquetWriter(staged[label], CACHE_SCHEMA, compression="none")
-                    writers[label].write_table(part.select(["doc_id", "tokens"]).cast(CACHE_SCHEMA),
-                                               row_group_size=part.num_rows)
+                for lo, hi in _row_group_bounds(lengths):
+                    cache.row_groups.setdefault(label, []).append(hi - lo)
+                    if with_tokens:
+                        if label not in writers:
+                            staged[label] = os.path.join(cache_root, f"staged-{len(writers):04d}.parquet")
+                            writers[label] = pq.ParquetWriter(staged[label], CACHE_SCHEMA, compression="none")
+                        writers[label].write_table(
+                            part.slice(lo, hi - lo).select(["doc_id", "tokens"]).cast(CACHE_SCHEMA),
+                            row_group_size=hi - lo)
     finally:
         for w in writers.values():
             w.close()
@@ -244,9 +267,11 @@ def mixed_segments(cache: TokenCache, plan: MixturePlan, seed: int) -> Iterator[
 
 def packed_row_tables(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int,
                       out_stats: dict[str, LengthAccumulator] | None = None,
-                      packer: BestFitPacker | None = None) -> Iterator[pa.Table]:
-    """Pass 2: packed rows as Arrow tables of up to `rows_per_shard` rows, row_id 0..N-1 in order."""
+                      packer: BestFitPacker | None = None, rows_per_table: int | None = None) -> Iterator[pa.Table]:
+    """Pass 2: packed rows as Arrow tables of up to `rows_per_table` (default rows_per_shard) rows, row_id
+    0..N-1 in order."""
     d = cfg.data
+    rows_per_table = rows_per_table or d.rows_per_shard
     packer = packer or BestFitPacker(d.seq_len, d.pack_buffer_rows)
     builder = RowBuilder(d.seq_len, pad_id, d.attention)
     row_id = 0
@@ -262,7 +287,7 @@ def packed_row_tables(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int,
     for segments in rows():
         builder.add(row_id, segments)
         row_id += 1
-        if len(builder) == d.rows_per_shard:
+        if len(builder) == rows_per_table:
             yield builder.table()
             builder.clear()
     if len(builder):
@@ -271,7 +296,8 @@ def packed_row_tables(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int,
 
 # ------------------------------------------------------------------------------------------- entry points
 def prepare_data(cfg, output: str | None = None, overwrite: bool = False) -> dict:
-    """Prepare packed training data for `cfg` (a JobConfig) and publish it atomically; returns the manifest.
+    """Prepare packed training data for `cfg` (a JobConfig) and publish it atomically; returns the manifest
+    (as written to manifest.json) plus `uri`, `rows`, `tokens`, `pad_fraction` and `timings` for convenience.
 
     Output (local or s3://): `part-NNNNN.parquet` shards, `manifest.json`, `lengths.png`,
     `_quarantine/records.jsonl`, and the `_COMMITTED` marker written last."""
@@ -317,7 +343,10 @@ def prepare_data(cfg, output: str | None = None, overwrite: bool = False) -> dic
         print(f"packed {packer.stats.rows} rows x {d.seq_len} tokens ({packer.stats.tokens:,} tokens, pad "
               f"{100 * manifest['totals']['pad_fraction']:.3f}%), {cache.bad} records quarantined, "
               f"{timings['total_s']:.1f}s -> {storage.normalize(dest)}")
-        return {**manifest, "timings": timings}
+        # Convenience keys for callers (not in manifest.json, which stays deterministic).
+        return {**manifest, "uri": storage.normalize(dest), "rows": packer.stats.rows,
+                "tokens": packer.stats.tokens, "pad_fraction": manifest["totals"]["pad_fraction"],
+                "timings": timings}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -360,9 +389,47 @@ def fixed_length_columns(batch: pa.Table, seq_len: int) -> pa.Table:
     return batch
 
 
+def _pack_in_task(batch: dict, cfg_json: str, cache: TokenCache, plan: MixturePlan, pad_id: int,
+                  rows_per_block: int) -> Iterator[pa.Table]:
+    """Ray Data function for `packed_dataset`: runs pass 2 where the cache is and yields row tables."""
+    from longctx.config import JobConfig
+
+    cfg = JobConfig.model_validate_json(cfg_json)
+    for table in packed_row_tables(cfg, cache, plan, pad_id, rows_per_table=rows_per_block):
+        yield fixed_length_columns(table, cfg.data.seq_len)
+
+
 def packed_dataset(cfg):
-    """Not yet implemented (step 2)."""
-    raise NotImplementedError
+    """Packed rows for `cfg` as a streaming ray.data.Dataset, without writing shards (same rows, same order
+    and row_ids as `prepare_data` writes).
+
+    Pass 1 (tokenize, quarantine checks, plan) runs now; pass 2 (mix + pack) runs lazily in one Ray task pinned
+    to this node, where the token cache lives (a temp folder removed when this process exits). Iterating the
+    dataset again replays the same rows."""
+    import atexit
+
+    import ray
+    import ray.data
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    d = cfg.data
+    storage.configure(cfg.storage)
+    _, _, pad = load_fast_tokenizer(d.tokenizer)
+    work = tempfile.mkdtemp(prefix="longctx-stream-")
+    atexit.register(shutil.rmtree, work, True)
+    cache = tokenize_corpus(cfg, work)
+    check_bad_fraction(cache, d.max_bad_fraction)
+    plan = plan_mixture(cache.source_lengths(), d)
+    rows_per_block = max(1, min(d.rows_per_shard, (64 << 20) // (12 * d.seq_len)))
+    node = ray.get_runtime_context().get_node_id()
+    ds = ray.data.from_items([{"stream": 0}])
+    return ds.map_batches(
+        _pack_in_task, batch_size=1, batch_format="numpy",
+        fn_kwargs={"cfg_json": cfg.model_dump_json(), "cache": cache, "plan": plan, "pad_id": pad,
+                   "rows_per_block": rows_per_block},
+        num_cpus=cfg.ray.data_cpus_per_task,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+    )
 
 
 def length_stats(cfg, plot: str | None = None, quiet: bool = False) -> dict:
