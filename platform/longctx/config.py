@@ -239,6 +239,47 @@ class PasskeyConfig(_Section):
     """Prompts per (length, depth) cell."""
 
 
+class NeedleConfig(_Section):
+    enabled: bool = False
+    """Run the needle-in-a-haystack grid."""
+    haystack: str = "builtin:haystack/default.txt"
+    """Haystack text: a .txt file, or a corpus (jsonl/parquet, local or s3://) whose `text_field` is joined."""
+    text_field: str = "text"
+    """Field holding the text when `haystack` is a corpus."""
+    lengths: list[int] = Field(default_factory=lambda: [256, 512, 1024])
+    """Prompt lengths in tokens (grid columns)."""
+    depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Depth of the (first) needle as a fraction of the haystack, in tokens (grid rows)."""
+    variants: list[Literal["single", "multi_retrieval", "multi_reasoning"]] = Field(default_factory=lambda: ["single"])
+    """NeedleBench variants: single needle, multi-needle retrieval, multi-needle reasoning (a chain of hops)."""
+    num_needles: int = Field(3, ge=2)
+    """Needles (or hops) of the multi-needle variants."""
+    trials: int = Field(1, ge=1)
+    """Prompts per (variant, length, depth) cell."""
+
+
+class LongBenchConfig(_Section):
+    enabled: bool = False
+    """Run LongBench/LEval-format tasks (needs `data`)."""
+    data: str | None = None
+    """JSONL files, one per dataset named `<dataset>.jsonl` (LongBench, LongBench-E `_e`, or LEval format):
+    a file, folder, glob or s3:// prefix."""
+    datasets: list[str] = Field(default_factory=list)
+    """Only these datasets (file names without suffix). Default: every file found."""
+    max_seq_len: int | None = Field(None, ge=16)
+    """Context window for prompts: longer prompts keep their first and last (max_seq_len - max_new_tokens)//2
+    tokens. Default: eval.context_length."""
+    max_samples: int | None = Field(None, ge=1)
+    """At most this many samples per dataset (for quick runs)."""
+    chat_template: bool = False
+    """Wrap prompts in the tokenizer's chat template (chat/SFT models), except few-shot and code datasets."""
+    longbench_e: bool = False
+    """Score by LongBench-E length buckets (0-4k, 4-8k, 8k+) instead of one score per dataset."""
+    code_sim_backend: Literal["difflib", "indel"] = "difflib"
+    """Code similarity: `difflib` is fuzzywuzzy as LongBench's requirements install it; `indel` is the
+    python-Levenshtein / rapidfuzz ratio (differs for some pairs)."""
+
+
 class EvalConfig(_Section):
     enabled: bool = True
     """Evaluate at the end of the job."""
@@ -274,6 +315,12 @@ class EvalConfig(_Section):
     """Long prompts are prefilled into the KV cache this many tokens at a time before greedy decoding."""
     seed: int = 0
     """Seed for passkeys, needles and haystack offsets (evaluation prompts are reproducible)."""
+    perplexity: bool = True
+    """Run perplexity by position on `documents`."""
+    needle: NeedleConfig = Field(default_factory=NeedleConfig)
+    """Needle-in-a-haystack grid settings."""
+    longbench: LongBenchConfig = Field(default_factory=LongBenchConfig)
+    """LongBench/LEval-format task settings."""
 
 
 # ------------------------------------------------------------------------------------------------------ job

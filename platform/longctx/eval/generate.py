@@ -54,23 +54,28 @@ def greedy_generate(
     max_new_tokens: int,
     eos_token_id: int | Sequence[int] | None = None,
     prefill_chunk: int = 4096,
+    min_new_tokens: int = 0,
 ) -> list[list[int]]:
     """Greedy continuation of equal-length prompts (a batch); returns the new token ids of each prompt.
 
-    Generation of a row stops at its first EOS (the EOS itself is not returned); the batch stops when every
-    row has stopped or after `max_new_tokens`.
+    Generation of a row stops at its first stop token (`eos_token_id`, one id or several; not returned);
+    the batch stops when every row has stopped or after `max_new_tokens`. Stop tokens cannot be chosen
+    during the first `min_new_tokens` steps (LongBench's samsum rule: at least one token, then stop at "\n").
     """
     device = model_device(model)
     ids = prompts if isinstance(prompts, torch.Tensor) else torch.tensor([list(p) for p in prompts], dtype=torch.long)
     if ids.ndim == 1:
         ids = ids.unsqueeze(0)
     ids = ids.to(device)
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    eos = {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in (eos_token_id or ())}
     logits, cache = prefill(model, ids, prefill_chunk)
     batch = ids.shape[0]
     outputs: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     for step in range(max_new_tokens):
+        if step < min_new_tokens and eos:
+            logits = logits.clone()
+            logits[:, sorted(eos)] = float("-inf")
         nxt = logits.argmax(dim=-1)
         for b, tok in enumerate(nxt.tolist()):
             if done[b]:

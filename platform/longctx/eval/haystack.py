@@ -106,3 +106,33 @@ def fill_with_needles(
         prev = at
     out.extend(ids[prev:])
     return out, starts
+
+
+_SUBJECTS = ["The old harbour", "A quiet library", "The morning market", "Our village bakery", "The river path",
+             "A small orchard", "The railway museum", "The hill trail", "An evening choir", "The weekly newspaper",
+             "A community garden", "The town clock", "The lighthouse keeper", "A travelling circus", "The school band"]
+_VERBS = ["opens", "closes", "welcomes visitors", "gets busy", "stays calm", "looks different", "smells of rain",
+          "draws a small crowd", "needs repairs", "changes its timetable"]
+_TIMES = ["early in spring", "after the first frost", "on most Sundays", "during the long summer evenings",
+          "when the tide is low", "before the holidays", "in the middle of the week", "at dawn", "late in autumn"]
+_DETAILS = ["Nobody seems to mind the delay.", "Children count the boats from the wall.",
+            "The bread is usually gone by ten.", "Someone always forgets an umbrella.",
+            "The paint on the benches is fresh again.", "A dog waits patiently by the gate.",
+            "The notice board lists the changes in neat handwriting.", "Tea is served in mismatched cups.",
+            "The wind carries the sound of bells across the fields.", "Most people walk rather than drive."]
+
+
+def generate_haystack_text(n_sentences: int = 1500, seed: int = 7) -> str:
+    """Plain, needle-free filler prose from a seeded template grammar (the shipped default haystack)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n_sentences):
+        if i % 3 == 2:
+            out.append(rng.choice(_DETAILS))
+        else:
+            out.append(f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_TIMES)}.")
+        if i % 12 == 11:
+            out.append("\n\n")
+    return " ".join(out).replace(" \n\n ", "\n\n").strip() + "\n"

@@ -27,6 +27,7 @@ import numpy as np
 from longctx import storage
 from longctx.config import JobConfig, RopeScalingConfig
 from longctx.eval.documents import iter_texts
+from longctx.eval.generate import greedy_generate
 from longctx.eval.passkey import PasskeyPrompt, build_passkey_prompts, run_passkey_batch, score_passkey_rows
 from longctx.eval.perplexity import select_documents, summarize_position_nll
 
@@ -179,14 +180,31 @@ class EvalActor:
         results: list[str | None] = [None] * n
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i in range(n):
-            groups[(str(batch["model"][i]), str(batch["task"][i]), len(batch["ids"][i]))].append(i)
-        for (name, task, _), idx in groups.items():
+            task = str(batch["task"][i])
+            # generation settings are part of the group key so one batch decodes with one setting
+            gen_key = str(batch["meta"][i]) if task == "gen" else ""
+            if task == "gen":
+                meta = json.loads(gen_key)
+                gen_key = json.dumps([meta["max_new_tokens"], meta.get("stop_ids", []), meta.get("min_new_tokens", 0)])
+            groups[(str(batch["model"][i]), task, len(batch["ids"][i]), gen_key)].append(i)
+        for (name, task, _, _), idx in groups.items():
             model = self._model(name)
             if task == "ppl":
                 ids = torch.tensor(np.stack([np.asarray(batch["ids"][i]) for i in idx]), dtype=torch.long)
                 nll = token_nll(model, ids).numpy()
                 for row, i in zip(nll, idx):
                     results[i] = json.dumps({"nll": [round(float(x), 6) for x in row]})
+            elif task == "gen":
+                metas = [json.loads(str(batch["meta"][i])) for i in idx]
+                tok = self._tokenizer(name)
+                # rows of a group share length; decode settings come from the first (grouping includes them)
+                m0 = metas[0]
+                stop = [tok.eos_token_id, *m0.get("stop_ids", [])] if tok.eos_token_id is not None else m0.get("stop_ids", [])
+                outs = greedy_generate(model, [[int(t) for t in batch["ids"][i]] for i in idx],
+                                       max_new_tokens=int(m0["max_new_tokens"]), eos_token_id=stop,
+                                       prefill_chunk=self.prefill_chunk, min_new_tokens=int(m0.get("min_new_tokens", 0)))
+                for out, i in zip(outs, idx):
+                    results[i] = json.dumps({"prediction": tok.decode(out, skip_special_tokens=True)}, ensure_ascii=False)
             elif task == "passkey":
                 prompts = []
                 for i in idx:
@@ -212,44 +230,102 @@ def _pool_size(cfg: JobConfig, n_models: int, gpus_per_actor: float) -> int:
     return max(1, min(n_models, int(resources.get("CPU", 1))))
 
 
-def build_work_items(cfg: JobConfig, specs: dict[str, ModelSpec], tokenizers: dict[str, str], base_len: int | None):
-    """Rows of work for every model, plus what the driver needs to aggregate (counts of skipped docs)."""
+def load_haystack_text(uri: str, text_field: str = "text", min_chars: int = 200_000) -> str:
+    """Haystack text from a .txt file or the first texts of a corpus (joined until `min_chars`)."""
+    if uri.endswith(".txt") or uri.endswith(".md"):
+        return storage.read_text(uri)
+    parts, total = [], 0
+    for text in iter_texts(uri, text_field):
+        parts.append(text)
+        total += len(text)
+        if total >= min_chars:
+            break
+    if not parts:
+        raise ValueError(f"{uri}: no haystack text found")
+    return "\n\n".join(parts)
+
+
+def _task_files(cfg: JobConfig) -> list[tuple[str, str]]:
+    """(dataset, uri) of the LongBench/LEval files to run."""
+    from longctx.eval.documents import SUFFIXES
+    from longctx.eval.longbench import dataset_name
+
+    lb = cfg.eval.longbench
+    if not lb.data:
+        raise ValueError("eval.longbench.enabled needs eval.longbench.data (a folder, glob or s3:// prefix of JSONL files)")
+    files = []
+    for uri in storage.expand(lb.data, SUFFIXES):
+        name = dataset_name(uri)
+        if not lb.datasets or name in lb.datasets:
+            files.append((name, uri))
+    missing = set(lb.datasets) - {n for n, _ in files}
+    if missing:
+        raise ValueError(f"{lb.data}: no file for dataset(s) {sorted(missing)}")
+    return files
+
+
+def build_work_items(cfg: JobConfig, specs: dict[str, ModelSpec], tokenizers: dict[str, str]):
+    """Rows of work for every model and task, plus per-tokenizer side information for the driver."""
+    from longctx.eval.longbench import build_prompts, read_task_file
+    from longctx.eval.needle import build_needle_prompts
     from longctx.model.load import load_tokenizer
 
-    context = cfg.eval.context_length or cfg.data.seq_len
+    ev = cfg.eval
+    context = ev.context_length or cfg.data.seq_len
     rows: list[dict] = []
     info: dict[str, dict] = {}
-    by_tok: dict[str, tuple] = {}
+    by_tok: dict[str, dict] = {}
+    task_files = _task_files(cfg) if ev.longbench.enabled else []
     for name, spec in specs.items():
         tok_uri = tokenizers[name]
         if tok_uri not in by_tok:
             tok = load_tokenizer(tok_uri)
-            docs, skipped = select_documents(tok, iter_texts(cfg.eval.documents, cfg.eval.text_field), context, cfg.eval.num_documents)
-            if not docs:
-                raise ValueError(
-                    f"{cfg.eval.documents}: no document has eval.context_length={context} tokens "
-                    f"({skipped} too short); give longer documents or a shorter context length"
-                )
-            pk = cfg.eval.passkey
-            prompts = build_passkey_prompts(tok, pk.lengths, pk.depths, pk.trials, cfg.eval.seed) if pk.enabled else []
-            by_tok[tok_uri] = (docs, skipped, prompts)
-        docs, skipped, prompts = by_tok[tok_uri]
-        info[name] = {"documents": len(docs), "skipped_short": skipped}
-        for i, ids in enumerate(docs):
-            rows.append({"model": name, "task": "ppl", "index": i, "ids": np.asarray(ids, dtype=np.int32), "meta": "{}"})
-        for i, p in enumerate(prompts):
+            w: dict[str, Any] = {"docs": [], "skipped": 0, "passkey": [], "needle": [], "tasks": []}
+            if ev.perplexity:
+                w["docs"], w["skipped"] = select_documents(tok, iter_texts(ev.documents, ev.text_field), context, ev.num_documents)
+                if not w["docs"]:
+                    raise ValueError(
+                        f"{ev.documents}: no document has eval.context_length={context} tokens "
+                        f"({w['skipped']} too short); give longer documents or a shorter context length")
+            if ev.passkey.enabled:
+                w["passkey"] = build_passkey_prompts(tok, ev.passkey.lengths, ev.passkey.depths, ev.passkey.trials, ev.seed)
+            if ev.needle.enabled:
+                nd = ev.needle
+                text = load_haystack_text(nd.haystack, nd.text_field, min_chars=16 * max(nd.lengths))
+                w["needle"] = build_needle_prompts(tok, text, nd.lengths, nd.depths, nd.variants, nd.num_needles, nd.trials, ev.seed)
+            max_seq = ev.longbench.max_seq_len or context
+            for ds, uri in task_files:
+                _, records = read_task_file(uri)
+                w["tasks"] += build_prompts(tok, ds, records, max_seq, chat_template=ev.longbench.chat_template,
+                                            max_samples=ev.longbench.max_samples)
+            by_tok[tok_uri] = w
+        w = by_tok[tok_uri]
+        info[name] = {"documents": len(w["docs"]), "skipped_short": w["skipped"], "needle": w["needle"], "tasks": w["tasks"]}
+        ids32 = lambda ids: np.asarray(ids, dtype=np.int32)  # noqa: E731
+        for i, ids in enumerate(w["docs"]):
+            rows.append({"model": name, "task": "ppl", "index": i, "ids": ids32(ids), "meta": "{}"})
+        for i, p in enumerate(w["passkey"]):
             meta = {k: v for k, v in p.to_row().items() if k != "input_ids"}
-            rows.append({"model": name, "task": "passkey", "index": i, "ids": np.asarray(p.input_ids, dtype=np.int32),
+            rows.append({"model": name, "task": "passkey", "index": i, "ids": ids32(p.input_ids), "meta": json.dumps(meta)})
+        for i, p in enumerate(w["needle"]):
+            meta = {"kind": "needle", "max_new_tokens": p.max_new_tokens}
+            rows.append({"model": name, "task": "gen", "index": i, "ids": ids32(p.input_ids), "meta": json.dumps(meta)})
+        for i, t in enumerate(w["tasks"]):
+            meta = {"kind": "longbench", "max_new_tokens": t.max_new_tokens, "stop_ids": t.stop_ids,
+                    "min_new_tokens": 1 if t.stop_ids else 0}
+            # gen indices: needle prompts first, then the LongBench-format samples
+            rows.append({"model": name, "task": "gen", "index": len(w["needle"]) + i, "ids": ids32(t.input_ids),
                          "meta": json.dumps(meta)})
     return rows, info, context
 
 
 def evaluate_models(cfg: JobConfig, models: dict[str, ModelSpec], out_dir: str) -> dict:
-    """Perplexity by position and passkey accuracy for every model; writes `out_dir/metrics.json`.
+    """Every enabled evaluation for every model through Ray Data actors; writes `out_dir/metrics.json`.
 
     Returns {"context_length", "base_context_length", "bucket_edges", "models": {name: {"spec",
-    "perplexity": {...}, "passkey": {...}}}, "timing_s": {...}}. Ray must be initialised (jobs do it);
-    otherwise Ray Data starts a local cluster.
+    "perplexity", "passkey", "needle", "longbench"}}, "timing_s"}. LongBench predictions go to
+    `out_dir/longbench/<model>/<dataset>.jsonl` (scorable with `score_predictions`). Ray must be initialised
+    (jobs do it); otherwise Ray Data starts a local cluster.
     """
     import ray
 
@@ -260,7 +336,9 @@ def evaluate_models(cfg: JobConfig, models: dict[str, ModelSpec], out_dir: str) 
     base_uri = next((s.uri for s in models.values() if s.role != "trained"), first.uri)
     _, base_len = eval_lengths(cfg, base_uri)
     tokenizers = {name: _tokenizer_uri(spec, cfg) for name, spec in models.items()}
-    rows, info, context = build_work_items(cfg, models, tokenizers, base_len)
+    rows, info, context = build_work_items(cfg, models, tokenizers)
+    if not rows:
+        raise ValueError("evaluate_models: every evaluation is disabled (eval.perplexity, eval.passkey.enabled, ...)")
     t_build = time.time() - t0
 
     gpus = cfg.eval.gpus_per_actor
@@ -283,6 +361,8 @@ def evaluate_models(cfg: JobConfig, models: dict[str, ModelSpec], out_dir: str) 
     t_run = time.time() - t0 - t_build
 
     metrics = aggregate_results(results, models, info, context, cfg.eval.bucket_edges, base_len)
+    if cfg.eval.longbench.enabled:
+        score_longbench(cfg, results, models, info, metrics, out_dir)
     metrics["timing_s"] = {"build_prompts": round(t_build, 3), "ray_data": round(t_run, 3),
                            "total": round(time.time() - t0, 3), "actors": pool, "gpus_per_actor": gpus}
     storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
@@ -293,27 +373,95 @@ def evaluate_models(cfg: JobConfig, models: dict[str, ModelSpec], out_dir: str) 
 def aggregate_results(results: list[dict], models: dict[str, ModelSpec], info: dict, context: int,
                       bucket_edges: list[int], base_len: int) -> dict:
     """Per-model metrics from the actors' result rows."""
+    from longctx.eval.needle import score_needle, summarize_needle
+
     nll_sum = {m: np.zeros(context, dtype=np.float64) for m in models}
     count = {m: np.zeros(context, dtype=np.int64) for m in models}
     passkey_rows: dict[str, list] = defaultdict(list)
+    gen: dict[str, dict[int, str]] = defaultdict(dict)
     for r in results:
         name, task, res = str(r["model"]), str(r["task"]), json.loads(r["result"])
         if task == "ppl":
             nll_sum[name] += np.asarray(res["nll"], dtype=np.float64)
             count[name][1:] += 1
-        else:
+        elif task == "passkey":
             passkey_rows[name].append(res)
+        else:
+            gen[name][int(r["index"])] = res["prediction"]
     out: dict[str, Any] = {"context_length": context, "base_context_length": base_len,
                            "bucket_edges": list(bucket_edges), "models": {}}
     for name, spec in models.items():
         entry: dict[str, Any] = {"spec": spec.to_dict()}
         if count[name].sum():
             ppl = summarize_position_nll(nll_sum[name], count[name], bucket_edges, base_len)
-            ppl.update(info[name], context_length=context)
+            ppl.update({k: info[name][k] for k in ("documents", "skipped_short")}, context_length=context)
             entry["perplexity"] = ppl
         if passkey_rows[name]:
             rows = sorted(passkey_rows[name], key=lambda r: (r["length"], r["depth"], r["trial"]))
             entry["passkey"] = score_passkey_rows(rows)
             entry["passkey"]["examples"] = [{k: r[k] for k in ("length", "depth", "key", "prediction", "correct")} for r in rows[:2]]
+        needle_prompts = info[name]["needle"]
+        if needle_prompts:
+            nrows = []
+            for i, p in enumerate(needle_prompts):
+                pred = gen[name].get(i, "")
+                nrows.append({"variant": p.variant, "length": p.length, "depth": p.depth, "prediction": pred,
+                              "score": score_needle(p.variant, pred, p.reference, p.keywords)})
+            entry["needle"] = summarize_needle(nrows)
         out["models"][name] = entry
+    return out
+
+
+def score_longbench(cfg: JobConfig, results: list[dict], models: dict[str, ModelSpec], info: dict,
+                    metrics: dict, out_dir: str) -> None:
+    """Write each model's LongBench-format predictions and add their scores to `metrics`."""
+    from longctx.eval import metrics as M
+    from longctx.eval.longbench import score_rows
+    from longctx.report.markdown import _slug
+
+    lb = cfg.eval.longbench
+    for name in models:
+        tasks = info[name]["tasks"]
+        offset = len(info[name]["needle"])
+        preds = {int(r["index"]): json.loads(r["result"])["prediction"] for r in results
+                 if str(r["model"]) == name and str(r["task"]) == "gen"}
+        by_ds: dict[str, list[dict]] = defaultdict(list)
+        for i, t in enumerate(tasks):
+            by_ds[t.dataset].append({"pred": preds.get(offset + i, ""), "answers": t.answers,
+                                     "all_classes": t.all_classes, "length": t.length, "dataset": t.dataset,
+                                     "metric": t.metric, "truncated": t.truncated})
+        for ds, rows in by_ds.items():
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            storage.write_text(storage.join(out_dir, "longbench", _slug(name), f"{ds}.jsonl"), text)
+        all_rows = [r for rows in by_ds.values() for r in rows]
+        scores = score_rows(all_rows, longbench_e=lb.longbench_e, code_sim_backend=lb.code_sim_backend)
+        flat = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+        metrics["models"][name]["longbench"] = {
+            "scores": scores, "categories": M.category_averages(flat),
+            "samples": {ds: len(rows) for ds, rows in by_ds.items()},
+            "truncated": {ds: sum(r["truncated"] for r in rows) for ds, rows in by_ds.items()},
+        }
+
+
+def run_eval(cfg: JobConfig) -> dict:
+    """`longctx eval run` / jobs/eval_long.py: evaluate `eval.model` beside baselines of `model.path`.
+
+    Without `eval.model` only the base model and its training-free baselines are evaluated. Writes
+    `<output_dir>/<run>/eval/metrics.json`, `metrics.json`, `report.md` and PNGs; returns the metrics.
+    """
+    from longctx.report import write_report
+    from longctx.workflow import connect_ray, setup_logging, start_run
+
+    setup_logging()
+    run = start_run(cfg, "eval")
+    connect_ray(cfg)
+    trained = cfg.eval.model
+    name = f"evaluated ({os.path.basename(str(trained).rstrip('/'))})" if trained else "evaluated"
+    specs = default_model_specs(cfg, cfg.model.path, trained, trained_name=name)
+    t0 = time.time()
+    metrics = evaluate_models(cfg, specs, run.path("eval"))
+    out = {"run_id": run.run_id, "eval": metrics, "timings_s": {"eval": round(time.time() - t0, 2)}}
+    storage.write_json(run.path("metrics.json"), out)
+    report = write_report(run.root, out, title=f"Long-context evaluation {run.run_id}")
+    print(f"[longctx] report: {report}", flush=True)
     return out

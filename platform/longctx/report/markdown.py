@@ -79,6 +79,44 @@ def passkey_table(metrics: dict) -> str | None:
     return _table(header, rows) + "\n\n" + note
 
 
+def needle_table(metrics: dict) -> str | None:
+    models = {n: m["needle"] for n, m in metrics.get("models", {}).items() if m.get("needle")}
+    if not models:
+        return None
+    base_len = metrics.get("base_context_length") or 0
+    lengths = sorted({int(x) for nd in models.values() for v in nd.values() for x in v["by_length"]})
+    header = ["model", "variant"] + [f"{n}{BEYOND if base_len and n > base_len else ''}" for n in lengths] + ["mean"]
+    rows = []
+    for name, nd in models.items():
+        for variant, v in nd.items():
+            rows.append([name, variant] + [_f(v["by_length"].get(str(n)), 1) for n in lengths] + [_f(v["mean"], 1)])
+    note = ("NeedleBench v1 scores (0-100) by prompt length in tokens, averaged over needle depths: 100 when the "
+            "keyword is in the answer, else 20 x (1 - normalised edit distance to the reference, whitespace removed); "
+            "multi-needle retrieval: share of keywords found.")
+    return _table(header, rows) + "\n\n" + note
+
+
+def longbench_table(metrics: dict) -> str | None:
+    models = {n: m["longbench"] for n, m in metrics.get("models", {}).items() if m.get("longbench")}
+    if not models:
+        return None
+    datasets = sorted({d for lb in models.values() for d in lb["scores"]})
+    header = ["model"] + datasets + ["avg (en)", "avg (zh)"]
+    rows = []
+    for name, lb in models.items():
+        cells = []
+        for d in datasets:
+            v = lb["scores"].get(d)
+            cells.append(" / ".join("–" if x is None else f"{x:.2f}" for x in v.values()) if isinstance(v, dict) else _f(v))
+        cats = lb.get("categories", {})
+        rows.append([name] + cells + [_f(cats.get("en", {}).get("Avg")), _f(cats.get("zh", {}).get("Avg"))])
+    samples = next(iter(models.values())).get("samples", {})
+    note = ("LongBench scoring (x100, 2 decimals; LongBench-E cells are 0-4k / 4-8k / 8k+); samples per dataset: "
+            + ", ".join(f"{d} {n}" for d, n in sorted(samples.items())) + ". Over-long prompts keep their first and "
+            "last halves (middle truncation).")
+    return _table(header, rows) + "\n\n" + note
+
+
 def verdict(metrics: dict) -> str | None:
     """One line comparing the trained model (or the best model) with naive extrapolation beyond the base length."""
     metrics = _eval_part(metrics)
@@ -128,13 +166,17 @@ def eval_markdown(metrics: dict, images: dict[str, str] | None = None) -> str:
         out += ["### Passkey retrieval\n", t + "\n"]
         if "passkey" in images:
             out.append(f"![passkey accuracy]({images['passkey']})\n")
+    t = needle_table(metrics)
+    if t:
+        out += ["### Needle in a haystack\n", t + "\n"]
+        for key, path in images.items():
+            if key.startswith("needle:"):
+                out.append(f"![{key}]({path})\n")
+    t = longbench_table(metrics)
+    if t:
+        out += ["### LongBench-format tasks\n", t + "\n"]
     for extra in metrics.get("extra_markdown", []):
         out.append(extra + "\n")
-    needle_imgs = {k[len("needle:"):]: v for k, v in images.items() if k.startswith("needle:")}
-    if needle_imgs:
-        out.append("### Needle in a haystack\n")
-        for name, path in needle_imgs.items():
-            out.append(f"![needle {name}]({path})\n")
     timing = metrics.get("timing_s")
     if timing:
         out.append(f"Evaluation took {timing.get('total', 0):.1f} s on {timing.get('actors')} Ray Data actor(s).\n")
@@ -173,11 +215,10 @@ def write_report(run_dir: str, metrics: dict, sections: Sequence[tuple[str, str]
             storage.write_bytes(storage.join(run_dir, fname), png)
             images[kind] = fname
     for name, m in ev.get("models", {}).items():
-        grid = (m.get("needle") or {}).get("grid")
-        if grid:
-            fname = f"needle_{_slug(name)}.png"
-            storage.write_bytes(storage.join(run_dir, fname), plot_needle_heatmap(name, grid))
-            images[f"needle:{name}"] = fname
+        for variant, v in (m.get("needle") or {}).items():
+            fname = f"needle_{_slug(name)}_{variant}.png"
+            storage.write_bytes(storage.join(run_dir, fname), plot_needle_heatmap(f"{name} ({variant})", v["grid"]))
+            images[f"needle: {name} ({variant})"] = fname
     parts = [f"# {title}\n"]
     if intro:
         parts.append(intro + "\n")
