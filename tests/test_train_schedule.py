@@ -82,3 +82,29 @@ def test_offload_and_user_override(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):
         load_user_deepspeed_json(str(path))
+
+
+@pytest.mark.parametrize("name,grad_accum,steps", [
+    ("index-1.9b-32k-pt", 2, 2384), ("index-1.9b-32k-sft", 1, None), ("llama2-7b-80k-per-source", 6, 1271),
+])
+def test_paper_presets_have_the_papers_numbers_and_a_valid_layout(name, grad_accum, steps):
+    from pathlib import Path
+
+    from longctx.config import load_config
+
+    cfg = load_config(Path(__file__).parent.parent / "jobs" / "configs" / f"{name}.yaml")
+    layout = derive_layout(global_batch_tokens=cfg.train.global_batch_tokens, seq_len=cfg.data.seq_len,
+                           micro_batch_size=cfg.train.micro_batch_size, num_workers=cfg.train.num_workers)
+    assert layout.grad_accum == grad_accum
+    if steps:
+        assert plan_steps(layout, token_budget=cfg.train.token_budget).total == steps
+    paper = {
+        "index-1.9b-32k-pt": dict(lr=1e-5, rope=3.2e5, seq=32768, batch=4 * 2**20, wd=0.1),
+        "index-1.9b-32k-sft": dict(lr=5e-6, rope=None, seq=32768, batch=2**20, wd=0.1),
+        "llama2-7b-80k-per-source": dict(lr=2e-5, rope=5e6, seq=81920, batch=3932160, wd=0.1),
+    }[name]
+    assert (cfg.train.lr, cfg.model.rope_theta, cfg.data.seq_len, cfg.train.global_batch_tokens, cfg.train.weight_decay) == (
+        paper["lr"], paper["rope"], paper["seq"], paper["batch"], paper["wd"])
+    assert cfg.train.grad_clip == 1.0 and cfg.model.path == "/path/to/your/model"
+    if name == "index-1.9b-32k-sft":
+        assert cfg.train.epochs == 2

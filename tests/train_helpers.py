@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from longctx import storage
 
@@ -97,3 +98,39 @@ def write_packed_shards(uri: str, table: pa.Table, rows_per_shard: int = 16) -> 
             pq.write_table(table.slice(start, rows_per_shard), os.path.join(staging, f"shard-{i:05d}.parquet"))
         storage.write_json(os.path.join(staging, "manifest.json"), {"rows": table.num_rows})
     return uri
+
+
+def reference_training(model_dir: str, cfg, table, steps: int, rows_per_step: int = 4):
+    """The same training in one process with plain PyTorch (no Ray, no DeepSpeed): (final weights, losses).
+
+    Step s uses rows [s*rows_per_step, (s+1)*rows_per_step) (with dp ranks keeping row_id % dp, those are exactly
+    the rows the distributed run uses when rows_per_step is a multiple of dp x micro x grad_accum).
+    """
+    from longctx.model.attention import attention_inputs
+    from longctx.model.load import load_causal_lm
+    from longctx.train.batches import rows_from_table, collate
+    from longctx.train.loop import _param_groups
+    from longctx.train.loss import CausalLMWithChunkedLoss, shift_targets
+    from longctx.train.schedule import lr_lambda
+
+    torch.manual_seed(cfg.train.seed)
+    lm = load_causal_lm(model_dir, cfg.model, attn_implementation="sdpa", max_position_embeddings=cfg.data.seq_len)
+    model = CausalLMWithChunkedLoss(lm, chunk_tokens=cfg.train.loss_chunk_tokens)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                            betas=tuple(cfg.train.adam_betas), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio))
+    rows = list(rows_from_table(table, "test"))
+    losses = []
+    for step in range(steps):
+        batch = collate(rows[rows_per_step * step : rows_per_step * (step + 1)], "document")  # dp=2 x grad_accum=2 x micro=1 rows
+        tgt = shift_targets(batch.labels, batch.doc_ids)
+        loss_sum, n = model(batch.input_ids, tgt, **attention_inputs(batch.position_ids, attn_implementation="sdpa",
+                                                                      doc_ids=batch.doc_ids))
+        loss = loss_sum / n
+        losses.append(float(loss.detach()))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    return {k: v.detach() for k, v in lm.state_dict().items()}, losses

@@ -68,7 +68,7 @@ class Ledger:
         return sum(len(v) for v in self.consumed.values())
 
 
-def _rows_from_table(table: pa.Table, where: str) -> Iterator[PackedRow]:
+def rows_from_table(table: pa.Table, where: str) -> Iterator[PackedRow]:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"{where}: packed rows lack column(s) {missing}; have {table.column_names}")
@@ -112,7 +112,7 @@ class RowStream:
                 mine = np.nonzero(ids % self.dp == self.dp_rank)[0]
                 if mine.size == 0:
                     continue
-                for row in _rows_from_table(table.take(pa.array(mine)), "training data"):
+                for row in rows_from_table(table.take(pa.array(mine)), "training data"):
                     if not self.ledger.contains(epoch, row.row_id):
                         yield epoch, row
 

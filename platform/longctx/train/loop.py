@@ -172,6 +172,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
              float(sum(m.sum_sq_doc_lengths for m in micro))], device)
         if layout.sequence_parallel > 1:  # every SP rank of a group counted the same rows
             tokens_step, nonpad, sumsq = (x / layout.sequence_parallel for x in (tokens_step, nonpad, sumsq))
+        step_rows = [None] * world  # which rows made this step (audit trail for exactly-once data)
+        dist.all_gather_object(step_rows, [r.row_id for _, r in rows] if rank % layout.sequence_parallel == 0 else [])
         dt = time.perf_counter() - t0
         tokens_seen += int(tokens_step)
         if is_rank0 and (step % tcfg.log_every == 0 or step == total_steps):
@@ -185,6 +187,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "tokens": tokens_seen, "step_tokens": int(tokens_step), "loss_tokens": int(n_global),
                 "step_time_s": dt, "tokens_per_s": tokens_step / dt, "tflops_per_s": flops / dt / 1e12 / world,
                 "mfu": (flops / dt / world / peak) if peak else None, **memory_stats(str(device)),
+                "epoch": rows[-1][0], "row_ids": sorted(i for part in step_rows for i in part),
             }
             log.add(record)
         if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps:

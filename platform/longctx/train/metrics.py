@@ -96,10 +96,10 @@ class StepLog:
 
 def to_csv(history: list[dict]) -> str:
     keys: list[str] = []
-    for r in history:
-        keys += [k for k in r if k not in keys]
+    for r in history:  # list-valued fields (row ids) stay in the JSONL only
+        keys += [k for k, v in r.items() if k not in keys and not isinstance(v, (list, dict))]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
     return buf.getvalue()
