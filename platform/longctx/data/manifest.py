@@ -48,7 +48,7 @@ def build_manifest(cfg, tok, eos: int, pad: int, cache, plan: MixturePlan, in_st
         "schema_version": SCHEMA_VERSION,
         "kind": "longctx.packed_sequences",
         "longctx_version": longctx.__version__,
-        "tokenizer": {"uri": d.tokenizer, "vocab_size": len(tok), "eos_id": eos, "pad_id": pad},
+        "tokenizer": {"uri": d.tokenizer, "vocab_size": tok.get_vocab_size(with_added_tokens=True), "eos_id": eos, "pad_id": pad},
         "seq_len": d.seq_len,
         "attention": d.attention,
         "labels": "unshifted token ids (the model shifts); -100 on padding",

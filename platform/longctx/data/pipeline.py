@@ -115,7 +115,7 @@ def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True)
                                                                "region": opts.region}}, **read_remote)
         ds = ds.map_batches(TokenizeBatches, fn_constructor_kwargs={"tokenizer": cfg.data.tokenizer},
                             batch_size=cfg.data.tokenize_batch_size, batch_format="pyarrow",
-                            concurrency=cfg.data.num_tokenize_actors, **remote)
+                            compute=ray.data.ActorPoolStrategy(size=cfg.data.num_tokenize_actors), **remote)
         if not with_tokens:
             ds = ds.drop_columns(["tokens"])
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
@@ -309,7 +309,7 @@ def prepare_data(cfg, output: str | None = None, overwrite: bool = False) -> dic
         raise ValueError("no output location: set data.output (local folder or s3:// prefix) or pass output=")
     storage.configure(cfg.storage)
     t0 = time.time()
-    tok, eos, pad = load_fast_tokenizer(d.tokenizer)
+    tok, eos, pad = load_fast_tokenizer(d.tokenizer)  # fails fast on a bad tokenizer, before any Ray work
     work = tempfile.mkdtemp(prefix="longctx-tokens-")
     try:
         cache = tokenize_corpus(cfg, work)

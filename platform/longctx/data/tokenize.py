@@ -11,11 +11,18 @@ every document, and returns the token ids as a `list<int32>` column plus `n_toke
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
+import os
+import shutil
+import tempfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from longctx import storage
 
 TOKEN_SCHEMA = pa.schema([
     ("file_idx", pa.int32()),
@@ -29,16 +36,59 @@ TOKEN_SCHEMA = pa.schema([
 ])
 
 
-def load_fast_tokenizer(uri: str):
-    """(HF fast tokenizer, eos id, pad id) for a tokenizer folder / builtin: / s3:// prefix."""
-    from longctx.model.load import load_tokenizer
+def local_tokenizer_dir(uri: str) -> str:
+    """A local folder with the tokenizer files (s3:// prefixes downloaded once per process into a cache)."""
+    uri = storage.normalize(uri)
+    if not storage.is_s3(uri):
+        if not os.path.isdir(uri):
+            raise storage.StorageError(f"{uri}: tokenizer folder does not exist")
+        return uri
+    root = os.environ.get("LONGCTX_CACHE", os.path.join(tempfile.gettempdir(), "longctx-cache"))
+    dest = os.path.join(root, "tokenizers", hashlib.sha256(uri.encode()).hexdigest()[:16])
+    if not os.path.exists(os.path.join(dest, ".complete")):
+        tmp = f"{dest}.tmp-{os.getpid()}"
+        storage.download_dir(uri, tmp)
+        open(os.path.join(tmp, ".complete"), "w").close()
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
-    tok = load_tokenizer(uri)
-    eos = tok.eos_token_id
-    if eos is None:
+
+def _token_text(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def load_fast_tokenizer(uri: str):
+    """(Rust `tokenizers.Tokenizer`, eos id, pad id) for a Hugging Face tokenizer folder / builtin: / s3://.
+
+    NOTE: reads tokenizer.json with the `tokenizers` library directly instead of transformers' AutoTokenizer:
+    the ids are the same (AutoTokenizer wraps this very object; tests/test_data_tokenize.py checks), and every
+    Ray actor saves importing transformers (10+ s of CPU on a busy 2-core machine)."""
+    folder = local_tokenizer_dir(uri)
+    tok_json = os.path.join(folder, "tokenizer.json")
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    tcfg = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
+    if os.path.exists(tok_json):
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(tok_json)
+        eos = _token_text(tcfg.get("eos_token"))
+        pad = _token_text(tcfg.get("pad_token"))
+        eos_id = backend.token_to_id(eos) if eos else None
+        pad_id = backend.token_to_id(pad) if pad else None
+    else:  # only a slow-tokenizer layout: let transformers convert it (needs a fast conversion to exist)
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(folder, use_fast=True)
+        if not hf.is_fast:
+            raise ValueError(f"{uri}: no tokenizer.json and no fast tokenizer; longctx needs a Rust tokenizer")
+        backend, eos_id, pad_id = hf.backend_tokenizer, hf.eos_token_id, hf.pad_token_id
+    if eos_id is None:
         raise ValueError(f"{uri}: tokenizer has no eos_token; packing needs one to mark document ends")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    return tok, int(eos), int(pad)
+    return backend, int(eos_id), int(pad_id if pad_id is not None else eos_id)
 
 
 def encode_documents(backend, texts: list[str], eos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,8 +110,7 @@ class TokenizeBatches:
     """Ray Data actor: records (RECORD_SCHEMA) -> token rows (TOKEN_SCHEMA)."""
 
     def __init__(self, tokenizer: str):
-        tok, self.eos, self.pad = load_fast_tokenizer(tokenizer)
-        self.backend = tok.backend_tokenizer
+        self.backend, self.eos, self.pad = load_fast_tokenizer(tokenizer)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         good = pc.is_null(batch.column("reason")).to_numpy(zero_copy_only=False)
