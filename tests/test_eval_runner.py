@@ -32,11 +32,25 @@ def setup(tmp_path_factory):
         for i in range(7):
             f.write(json.dumps({"id": str(i), "text": " ".join(rng.choice(words, 300 if i != 2 else 20))}) + "\n")
         f.write("{not json\n")  # a bad line is skipped, not fatal
+    lb = root / "longbench"
+    lb.mkdir()
+    ctx = " ".join(f"Passage {i}: the river {w} flows east." for i, w in enumerate(words * 3))
+    with open(lb / "hotpotqa.jsonl", "w") as f:
+        for q in ("Which river flows east?", "Where does the river def flow?"):
+            f.write(json.dumps({"input": q, "context": ctx, "answers": ["east"], "length": 900, "all_classes": None,
+                                "dataset": "hotpotqa", "language": "en", "_id": q}) + "\n")
+    with open(lb / "lsht.jsonl", "w") as f:
+        f.write(json.dumps({"input": "新闻：今天股市上涨。", "context": "新闻：球队赢了比赛。\n类别：体育", "answers": ["财经"],
+                            "length": 50, "all_classes": ["体育", "财经"], "dataset": "lsht", "language": "zh"},
+                           ensure_ascii=False) + "\n")
     cfg = load_config(None, [
         f"eval.documents={docs}", "eval.context_length=128", "eval.bucket_edges=[0,64,128]",
         "eval.num_documents=5", "eval.baselines=[naive,pi,dynamic_ntk,yarn]", "eval.batch_size=2",
         "eval.passkey.lengths=[96,128]", "eval.passkey.depths=[0.2,0.8]", "eval.passkey.trials=1",
         "eval.num_actors=2", f"data.tokenizer={base}",
+        "eval.needle.enabled=true", "eval.needle.lengths=[192]", "eval.needle.depths=[0.0,1.0]",
+        "eval.needle.variants=[single,multi_reasoning]", "eval.needle.num_needles=2",
+        "eval.longbench.enabled=true", f"eval.longbench.data={lb}", "eval.longbench.max_seq_len=160",
     ])
     return cfg, base, trained, str(docs)
 
@@ -83,11 +97,23 @@ def test_evaluate_models_through_ray_data(setup, ray_cluster, tmp_path):
     # a baseline with another RoPE gives other numbers beyond the base length
     assert abs(m["base + PI x2"]["perplexity"]["mean_nll"][1] - m["base (naive)"]["perplexity"]["mean_nll"][1]) > 1e-4
     assert metrics["timing_s"]["actors"] == 2
+    for name, entry in m.items():  # needle grid and LongBench-format tasks ran through the same actors
+        assert set(entry["needle"]) == {"single", "multi_reasoning"}
+        grid = entry["needle"]["single"]["grid"]
+        assert grid["lengths"] == [192] and grid["depths"] == [0.0, 1.0]
+        assert all(0 <= v <= 100 for v in grid["scores"]["192"].values())
+        lb = entry["longbench"]
+        assert set(lb["scores"]) == {"hotpotqa", "lsht"} and lb["samples"] == {"hotpotqa": 2, "lsht": 1}
+        assert lb["truncated"]["hotpotqa"] == 2  # 160-token window: the long passages were middle-truncated
+    from longctx.report.markdown import _slug
+    preds = [json.loads(x) for x in open(f"{out}/longbench/{_slug('Long-PT')}/hotpotqa.jsonl")]
+    assert len(preds) == 2 and all(set(p) >= {"pred", "answers", "all_classes", "dataset"} for p in preds)
 
     report = write_report(str(tmp_path / "run"), metrics, [("Training", "42 steps")])
     text = open(report).read()
     assert "| base + YaRN x2 |" in text and "64-127†" in text and "## Training" in text and "Verdict:" in text
-    for png in ("nll_by_position.png", "passkey_accuracy.png"):
+    assert "### Needle in a haystack" in text and "### LongBench-format tasks" in text
+    for png in ("nll_by_position.png", "passkey_accuracy.png", "needle_long-pt_single.png"):
         assert open(tmp_path / "run" / png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 

@@ -81,10 +81,12 @@ def insert_at_depth(
 def fill_with_needles(
     hay: Haystack, n_tokens: int, needles: Sequence[Sequence[int]], depths: Sequence[float], offset: int = 0
 ) -> tuple[list[int], list[int]]:
-    """Haystack of exactly n_tokens in total *including* the needles, each needle at its depth of the whole.
+    """Haystack of exactly n_tokens in total *including* the needles, each needle at its depth.
 
-    Depths are fractions of the final sequence (needle tokens included), so a needle at depth d starts at
-    about d * n_tokens. Returns (ids, start index of each needle, in the order given).
+    A depth is a fraction of the filler (the haystack without needles, as gkamradt's and NeedleBench's
+    builders measure it): a needle at depth d goes in at the last sentence boundary at or before d x filler
+    tokens, so depth 0 is the very start and depth 1 the end. Returns (ids, start index of each needle in
+    the returned ids, in the order given).
     """
     needle_total = sum(len(n) for n in needles)
     filler = n_tokens - needle_total
@@ -94,15 +96,13 @@ def fill_with_needles(
     order = sorted(range(len(needles)), key=lambda k: depths[k])
     out: list[int] = []
     starts = [0] * len(needles)
-    before = 0  # needle tokens placed so far
     prev = 0  # filler index the previous needle went in at
     for k in order:
-        target = max(0, round(depths[k] * n_tokens) - before)  # in filler coordinates
+        target = max(0, round(depths[k] * filler))  # in filler coordinates
         at = max([b for b in bounds if prev <= b <= target] or [prev])
         out.extend(ids[prev:at])
         starts[k] = len(out)
         out.extend(needles[k])
-        before += len(needles[k])
         prev = at
     out.extend(ids[prev:])
     return out, starts
