@@ -16,43 +16,11 @@ import torch
 
 from longctx import storage
 from longctx.config import load_config
-from train_helpers import make_tiny_model, packed_rows, write_packed_shards
+from train_helpers import make_tiny_model, packed_rows, reference_training, write_packed_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
 SEQ, STEPS, THETA = 64, 3, 50000.0
-
-
-def _reference_weights(model_dir: str, cfg, table) -> dict[str, torch.Tensor]:
-    """The same training in one process with plain PyTorch (no Ray, no DeepSpeed)."""
-    from longctx.model.attention import attention_inputs
-    from longctx.model.load import load_causal_lm
-    from longctx.train.batches import _rows_from_table, collate
-    from longctx.train.loop import _param_groups
-    from longctx.train.loss import CausalLMWithChunkedLoss, shift_targets
-    from longctx.train.schedule import lr_lambda
-
-    torch.manual_seed(cfg.train.seed)
-    lm = load_causal_lm(model_dir, cfg.model, attn_implementation="sdpa", max_position_embeddings=SEQ)
-    model = CausalLMWithChunkedLoss(lm, chunk_tokens=cfg.train.loss_chunk_tokens)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                            betas=tuple(cfg.train.adam_betas), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(STEPS, cfg.train.warmup_ratio, cfg.train.min_lr_ratio))
-    rows = list(_rows_from_table(table, "test"))
-    losses = []
-    for step in range(STEPS):
-        batch = collate(rows[4 * step : 4 * step + 4], "document")  # dp=2 x grad_accum=2 x micro=1 rows
-        tgt = shift_targets(batch.labels, batch.doc_ids)
-        loss_sum, n = model(batch.input_ids, tgt, **attention_inputs(batch.position_ids, attn_implementation="sdpa",
-                                                                      doc_ids=batch.doc_ids))
-        loss = loss_sum / n
-        losses.append(float(loss.detach()))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-    return {k: v.detach() for k, v in lm.state_dict().items()}, losses
 
 
 def test_training_on_two_workers_matches_single_process_and_publishes_to_s3(ray_cluster, s3_bucket, tmp_path):
@@ -90,11 +58,12 @@ def test_training_on_two_workers_matches_single_process_and_publishes_to_s3(ray_
     assert AutoTokenizer.from_pretrained(local).eos_token == "<|endoftext|>"
 
     # Weights and losses equal a single-process PyTorch run on the same rows.
-    ref, ref_losses = _reference_weights(model_dir, cfg, table)
+    ref, ref_losses, ref_norms = reference_training(model_dir, cfg, table, STEPS)
     got = reloaded.state_dict()
     worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
     assert worst < 2e-5, f"max weight difference vs single-process reference: {worst}"
     assert [h["loss"] for h in out.history] == pytest.approx(ref_losses, rel=1e-5)
+    assert [h["grad_norm"] for h in out.history] == pytest.approx(ref_norms, rel=1e-4)
     assert out.history[1]["lr"] == pytest.approx(3e-3)  # warmup of 2 steps reached the peak at step 2
 
     # ZeRO-2 partitions the fp32 optimizer state: each of the 2 ranks holds about half.

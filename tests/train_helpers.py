@@ -101,7 +101,8 @@ def write_packed_shards(uri: str, table: pa.Table, rows_per_shard: int = 16) -> 
 
 
 def reference_training(model_dir: str, cfg, table, steps: int, rows_per_step: int = 4):
-    """The same training in one process with plain PyTorch (no Ray, no DeepSpeed): (final weights, losses).
+    """The same training in one process with plain PyTorch (no Ray, no DeepSpeed): (final weights, losses,
+    pre-clip global gradient norms).
 
     Step s uses rows [s*rows_per_step, (s+1)*rows_per_step) (with dp ranks keeping row_id % dp, those are exactly
     the rows the distributed run uses when rows_per_step is a multiple of dp x micro x grad_accum).
@@ -120,7 +121,7 @@ def reference_training(model_dir: str, cfg, table, steps: int, rows_per_step: in
                             betas=tuple(cfg.train.adam_betas), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio))
     rows = list(rows_from_table(table, "test"))
-    losses = []
+    losses, grad_norms = [], []
     for step in range(steps):
         batch = collate(rows[rows_per_step * step : rows_per_step * (step + 1)], "document")  # dp=2 x grad_accum=2 x micro=1 rows
         tgt = shift_targets(batch.labels, batch.doc_ids)
@@ -129,8 +130,8 @@ def reference_training(model_dir: str, cfg, table, steps: int, rows_per_step: in
         loss = loss_sum / n
         losses.append(float(loss.detach()))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)))
         opt.step()
         sched.step()
         opt.zero_grad()
-    return {k: v.detach() for k, v in lm.state_dict().items()}, losses
+    return {k: v.detach() for k, v in lm.state_dict().items()}, losses, grad_norms

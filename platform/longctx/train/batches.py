@@ -1,12 +1,20 @@
 """Packed rows -> micro-batches on each training worker, in a deterministic order, with a ledger of what was used.
 
-Every worker sees the whole dataset (Ray Train `DataConfig(datasets_to_split=[])`, order preserved) and keeps
-the rows whose `row_id % data_parallel == dp_rank`. Ray Data's streaming split makes no ordering promise (its
-OutputSplitter hands blocks to whichever worker asks), so it cannot give an exact resume; this split can:
-each rank's stream is a fixed sequence, the ledger records the row ids consumed per epoch, and after a restart
-the stream skips exactly those. Every row id is then used once per epoch across failures, and the batches after
-a resume are the ones an uninterrupted run would have seen. Cost: every worker reads every row's bytes (the
-Parquet columns, not the compute), which is small next to a training step on long rows.
+Two sources of rows:
+
+- Committed Parquet shards (the usual case): every worker reads the shard files itself with pyarrow, in sorted
+  file / row-group order, and keeps the rows whose `row_id % data_parallel == dp_rank`. Each rank's stream is a
+  fixed sequence, the ledger records the row ids consumed per epoch, and after a restart the stream skips exactly
+  those: every row is used once per epoch across failures, and the batches after a resume are the ones an
+  uninterrupted run would have seen. Cost: every worker reads every row's bytes (Parquet columns, not compute),
+  small next to a training step on long rows.
+- A `ray.data.Dataset` (streamed from the data engine): Ray Train's streaming split gives each worker its own
+  rows; the ledger still makes a resume skip what was consumed (no row lost or doubled), but Ray Data's split
+  makes no ordering promise, so the batches after a resume may differ from an uninterrupted run's.
+
+NOTE: Ray Data with `DataConfig(datasets_to_split=[])` (each worker executing the whole dataset) hangs after a
+worker-group restart in Ray 2.60: the killed executions keep their CPU reservations and the new ones get a budget
+of 0 CPUs. Reading Parquet directly avoids Ray Data in the workers altogether (and its ~40 s start-up on 2 cores).
 
 Sequence-parallel ranks of one group share a dp_rank and therefore read the same rows.
 """
@@ -91,28 +99,53 @@ def rows_from_table(table: pa.Table, where: str) -> Iterator[PackedRow]:
         )
 
 
-class RowStream:
-    """This rank's rows, epoch after epoch, skipping rows the ledger already holds."""
+def parquet_tables(files: list[str], read_batch_rows: int = 64) -> Iterator[pa.Table]:
+    """Record batches of committed Parquet shards (local or s3://) in a fixed order, as small tables."""
+    import pyarrow.parquet as pq
 
-    def __init__(self, data_iterator, *, dp_rank: int, data_parallel: int, epochs: int, ledger: Ledger,
-                 read_batch_rows: int = 64):
-        self.it = data_iterator
+    from longctx import storage
+
+    for uri in files:
+        fs, path = storage.pyarrow_fs(uri)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            columns = [c for c in (*REQUIRED_COLUMNS, "seg_doc_ids") if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=read_batch_rows, columns=columns):
+                yield pa.Table.from_batches([batch])
+
+
+def ray_data_tables(data_iterator, read_batch_rows: int = 64) -> Iterator[pa.Table]:
+    yield from data_iterator.iter_batches(batch_size=read_batch_rows, batch_format="pyarrow", prefetch_batches=1)
+
+
+class RowStream:
+    """This rank's rows, epoch after epoch, skipping rows the ledger already holds.
+
+    `tables()` returns one epoch's tables; `shard_by_row_id` keeps only row_id % data_parallel == dp_rank (off
+    when the source already gives each worker its own rows).
+    """
+
+    def __init__(self, tables, *, dp_rank: int, data_parallel: int, epochs: int, ledger: Ledger,
+                 shard_by_row_id: bool = True):
+        self.tables = tables
         self.dp_rank, self.dp = dp_rank, data_parallel
         self.epochs = epochs
         self.ledger = ledger
-        self.read_batch_rows = read_batch_rows
+        self.shard_by_row_id = shard_by_row_id
         self._gen = self._rows()
 
     def _rows(self) -> Iterator[tuple[int, PackedRow]]:
         for epoch in range(self.epochs):
-            for table in self.it.iter_batches(batch_size=self.read_batch_rows, batch_format="pyarrow", prefetch_batches=1):
-                ids = table.column("row_id").to_numpy() if "row_id" in table.column_names else None
-                if ids is None:
+            for table in self.tables():
+                if "row_id" not in table.column_names:
                     raise ValueError("packed rows lack the row_id column (needed for exact resume)")
-                mine = np.nonzero(ids % self.dp == self.dp_rank)[0]
-                if mine.size == 0:
-                    continue
-                for row in rows_from_table(table.take(pa.array(mine)), "training data"):
+                if self.shard_by_row_id:
+                    ids = table.column("row_id").to_numpy()
+                    mine = np.nonzero(ids % self.dp == self.dp_rank)[0]
+                    if mine.size == 0:
+                        continue
+                    table = table.take(pa.array(mine))
+                for row in rows_from_table(table, "training data"):
                     if not self.ledger.contains(epoch, row.row_id):
                         yield epoch, row
 

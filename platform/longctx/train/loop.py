@@ -31,6 +31,21 @@ def _device(use_gpu: bool) -> torch.device:
     return torch.device("cpu")
 
 
+def _disable_deepspeed_shm_comm() -> None:
+    """Keep DeepSpeed on plain torch.distributed collectives (gloo on CPU).
+
+    NOTE: on CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op (`deepspeed_shm_comm`) the
+    first time it starts: a C++ build of ~1 min per machine, serialised by a file lock under
+    ~/.cache/torch_extensions that stays behind if a worker is killed mid-build and then blocks every later run.
+    Gloo is what we test and is enough for CPU runs; GPU runs use nccl and never build it.
+    """
+    import importlib
+
+    # NOTE: `import deepspeed.comm.torch as m` would bind the torch library (deepspeed.comm imports torch).
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    ds_torch_comm.build_shm_op = lambda: None
+
+
 def _param_groups(model, weight_decay: float):
     """AdamW groups: no weight decay on biases and norm weights (1-D tensors)."""
     decay, no_decay = [], []
@@ -55,11 +70,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from longctx.model.attention import attention_inputs
     from longctx.model.load import load_causal_lm, local_model_dir, pick_attn_implementation
     from longctx.train import checkpoint as ckpt
-    from longctx.train.batches import Ledger, RowStream, collate
+    from longctx.train.batches import Ledger, RowStream, collate, parquet_tables, ray_data_tables
     from longctx.train.deepspeed import build_deepspeed_config
     from longctx.train.loss import CausalLMWithChunkedLoss, shift_targets
     from longctx.train.metrics import StepLog, count_params, device_peak_flops, memory_stats, step_flops
     from longctx.train.schedule import lr_lambda
+    from longctx.train.sequence_parallel import shard_for_rank
 
     cfg = JobConfig.model_validate(loop_config["job"])
     tcfg = cfg.train
@@ -76,6 +92,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         os.environ.setdefault(_DS_ACCEL_ENV, "cpu")
     import deepspeed
 
+    _disable_deepspeed_shm_comm()
     deepspeed.init_distributed(dist_backend="nccl" if tcfg.use_gpu else "gloo")
     torch.manual_seed(tcfg.seed)
 
@@ -95,7 +112,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                   eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tcfg.warmup_ratio, tcfg.min_lr_ratio))
     ds_config = build_deepspeed_config(tcfg, layout, use_gpu=tcfg.use_gpu, user_override=loop_config.get("ds_override"))
-    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    sp, sp_rank = layout.sequence_parallel, rank % layout.sequence_parallel
+    mpu = None
+    if sp > 1:
+        from longctx.train.sequence_parallel import enable_ulysses
+
+        mpu = enable_ulysses(lm, sp, layout.micro_batch_size, core=attn_impl, attention=cfg.data.attention)
+    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+                                           mpu=mpu)
     if is_rank0:
         print(f"[train] world={world} layout={layout.as_dict()} steps={total_steps} attn={attn_impl} "
               f"zero={tcfg.zero_stage} params={n_params['total']:,} rope={lm.config.rope_parameters}", flush=True)
@@ -116,8 +140,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     train_root = loop_config["train_root"]
     log = StepLog(storage.join(train_root, "metrics.jsonl") if is_rank0 else None, history, echo=is_rank0)
-    stream = RowStream(ray.train.get_dataset_shard("train"), dp_rank=dp_rank, data_parallel=layout.data_parallel,
-                       epochs=tcfg.epochs, ledger=ledger)
+    if loop_config.get("parquet_files"):
+        files = loop_config["parquet_files"]
+        stream = RowStream(lambda: parquet_tables(files), dp_rank=dp_rank, data_parallel=layout.data_parallel,
+                           epochs=tcfg.epochs, ledger=ledger)
+    else:  # a ray.data.Dataset, split by Ray Train across the data-parallel ranks
+        shard = ray.train.get_dataset_shard("train")
+        stream = RowStream(lambda: ray_data_tables(shard), dp_rank=dp_rank, data_parallel=layout.data_parallel,
+                           epochs=tcfg.epochs, ledger=ledger, shard_by_row_id=False)
     peak = device_peak_flops(str(device))
     model_dir = local_model_dir(cfg.model.path)
     tokenizer_dirs = [model_dir, local_model_dir(cfg.data.tokenizer)]
@@ -152,15 +182,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
         micro = [collate([r for _, r in rows[i : i + layout.micro_batch_size]], cfg.data.attention)
                  for i in range(0, len(rows), layout.micro_batch_size)]
         targets = [shift_targets(m.labels, m.doc_ids if cfg.data.attention == "document" else None) for m in micro]
-        local_valid = float(sum(int((t != -100).sum()) for t in targets))
+        if sp > 1:
+            local_valid = float(sum(int((shard_for_rank(t, sp_rank, sp) != -100).sum()) for t in targets))
+        else:
+            local_valid = float(sum(int((t != -100).sum()) for t in targets))
         n_global, = _all_sum([local_valid], device)
         scale = layout.data_parallel * layout.grad_accum / max(n_global, 1.0)
         lr_used = float(engine.get_lr()[0])
         loss_sum_local = 0.0
         for m, tgt in zip(micro, targets):
-            kwargs = attention_inputs(m.position_ids.to(device), attn_implementation=attn_impl,
-                                      attention=cfg.data.attention, doc_ids=m.doc_ids)
-            loss_sum, _ = engine(m.input_ids.to(device), tgt.to(device), **kwargs)
+            input_ids, pos = m.input_ids, m.position_ids
+            if sp > 1:  # this rank's shard of every row; the attention layers all-to-all the rest
+                input_ids, pos, tgt = (shard_for_rank(t, sp_rank, sp) for t in (input_ids, pos, tgt))
+                kwargs = {"position_ids": pos.to(device), "use_cache": False}
+            else:
+                kwargs = attention_inputs(pos.to(device), attn_implementation=attn_impl, attention=cfg.data.attention,
+                                          doc_ids=m.doc_ids)
+            loss_sum, _ = engine(input_ids.to(device), tgt.to(device), **kwargs)
             engine.backward(loss_sum * scale)
             engine.step()
             loss_sum_local += float(loss_sum.detach())

@@ -49,13 +49,11 @@ def train_root_for(cfg, run_dir: str | None) -> tuple[str, str]:
     return storage.normalize(cfg.train.storage_path), cfg.run_name or "train"
 
 
-def open_packed_dataset(train_data, cpus_per_task: float = 0.25):
-    """A ray.data.Dataset of packed rows from a committed Parquet prefix (or the Dataset itself)."""
-    import ray.data
+def packed_parquet_files(uri: str) -> tuple[list[str], int]:
+    """(shard URIs, total rows) of a committed packed-Parquet prefix; row counts from Parquet footers only."""
+    import pyarrow.parquet as pq
 
-    if isinstance(train_data, ray.data.Dataset):
-        return train_data
-    uri = storage.normalize(str(train_data))
+    uri = storage.normalize(str(uri))
     if storage.exists(storage.join(uri, storage.COMMIT_MARKER)):
         storage.require_committed(uri)
     elif storage.exists(storage.join(uri, "manifest.json")):
@@ -63,11 +61,17 @@ def open_packed_dataset(train_data, cpus_per_task: float = 0.25):
     files = storage.expand(uri, (".parquet",))
     if not files:
         raise storage.StorageError(f"{uri}: no .parquet shards found")
-    fs, _ = storage.pyarrow_fs(files[0])
-    paths = [f[len("s3://"):] if storage.is_s3(f) else f for f in files]
-    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=None, num_cpus=cpus_per_task,
-                               columns=["input_ids", "position_ids", "labels", "seg_lengths", "seg_doc_ids", "row_id"])
-    return ds
+    rows = 0
+    for f in files:
+        fs, path = storage.pyarrow_fs(f)
+        with fs.open_input_file(path) as fh:
+            pf = pq.ParquetFile(fh)
+            names = set(pf.schema_arrow.names)
+            missing = [c for c in ("input_ids", "position_ids", "labels", "seg_lengths", "row_id") if c not in names]
+            if missing:
+                raise ValueError(f"{f}: not a packed-rows shard, missing column(s) {missing}")
+            rows += pf.metadata.num_rows
+    return files, rows
 
 
 def _layout(cfg) -> BatchLayout:
@@ -82,19 +86,24 @@ def _layout(cfg) -> BatchLayout:
 
 def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict | None = None):
     """(TorchTrainer, train_root, plan): everything `run_training` runs, for callers that want to add callbacks."""
+    import ray.data
     import ray.train
-    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
     from longctx.train.deepspeed import load_user_deepspeed_json
     from longctx.train.loop import train_loop_per_worker
 
     layout = _layout(cfg)
-    ds = open_packed_dataset(train_data, cfg.ray.data_cpus_per_task)
-    ds.context.enable_progress_bars = False  # per-step logs are ours; Ray Data's bars flood worker logs
-    rows = None
-    if cfg.train.token_budget is None or cfg.train.max_steps is None:
-        rows = ds.count()
+    datasets, files, rows = None, None, None
+    if isinstance(train_data, ray.data.Dataset):
+        if layout.sequence_parallel > 1:
+            raise ValueError("train.sequence_parallel > 1 needs packed Parquet shards (a URI), not a streamed Dataset: "
+                             "the ranks of a sequence-parallel group must read the same rows")
+        datasets = {"train": train_data}
+        if cfg.train.token_budget is None and cfg.train.max_steps is None:
+            rows = train_data.count()
+    else:
+        files, rows = packed_parquet_files(train_data)
     plan = plan_steps(layout, token_budget=cfg.train.token_budget, max_steps=cfg.train.max_steps,
                       rows_available=rows, epochs=cfg.train.epochs)
     storage_path, name = train_root_for(cfg, run_dir)
@@ -109,6 +118,7 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
         "train_root": train_root,
         "ds_override": load_user_deepspeed_json(cfg.train.deepspeed_config) if cfg.train.deepspeed_config else None,
         "fail_at": fail_at,
+        "parquet_files": files,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -121,10 +131,7 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": ds},
-        # Every worker reads the whole dataset in a fixed order and keeps row_id % dp == its rank
-        # (see longctx.train.batches): exact, resumable data order.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+        datasets=datasets,
     )
     return trainer, train_root, plan
 
@@ -132,8 +139,8 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
 def run_training(cfg, train_data, run_dir: str | None = None, *, fail_at: dict | None = None) -> TrainOutcome:
     """Run Long-PT/Long-SFT training under Ray Train; returns where the model and metrics are.
 
-    `train_data`: a committed packed-Parquet prefix (local or s3://) or a `ray.data.Dataset` with the packed-row
-    columns. `fail_at` ({"step", "rank", "trigger_file"}) injects one hard worker exit, for fault tests.
+    `train_data`: a committed packed-Parquet prefix (local or s3://; workers read the shards directly, in a fixed
+    order: exact resume) or a `ray.data.Dataset` with the packed-row columns (Ray Train's streaming split). `fail_at` ({"step", "rank", "trigger_file"}) injects one hard worker exit, for fault tests.
     """
     trainer, train_root, plan = build_trainer(cfg, train_data, run_dir, fail_at=fail_at)
     log.info("training %d steps (limited by %s) into %s", plan.total, plan.limited_by, train_root)
