@@ -66,6 +66,15 @@ class SourceSpec(_Section):
     """Field holding the document id (dotted path). Default: `path:line` (or `path:row` for parquet)."""
 
 
+class CipConfig(_Section):
+    fraction: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of Long-PT rows built by chunk-interleaved pretraining (LongSkywork CIP-k): the documents packed
+    into such a row are cut into `k` chunks each and emitted as all first chunks, then all second chunks, ...,
+    with full causal attention over the row (position ids 0..seq_len-1). 0: off."""
+    k: int = Field(2, ge=1)
+    """Chunks per document in a CIP row (k=2 was best in LongSkywork; k=1 leaves documents whole)."""
+
+
 Strategy = Literal["per-source", "cut-4k", "cut-seq", "global", "sources"]
 
 
@@ -120,6 +129,8 @@ class DataConfig(_Section):
     """Size of the tokenizer actor pool (raise on a cluster)."""
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     """Share of long documents held out (by id hash) for evaluation instead of training."""
+    cip: CipConfig = Field(default_factory=CipConfig)
+    """Chunk-interleaved pretraining (CIP-k) rows mixed into the packed Long-PT data."""
 
     @field_validator("sources")
     @classmethod
@@ -323,6 +334,76 @@ class EvalConfig(_Section):
     """LongBench/LEval-format task settings."""
 
 
+# ---------------------------------------------------------------------------------------------------- synth
+SynLQuestion = Literal["lookup", "filter_count", "extremum", "multi_hop"]
+RetrievalTask = Literal["passkey", "kv", "multi_needle"]
+
+
+class _SampleLengths(_Section):
+    @model_validator(mode="after")
+    def _check_lengths(self):
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} > max_tokens={self.max_tokens}")
+        for name in ("formats", "questions", "tasks"):
+            if name in type(self).model_fields and not getattr(self, name):
+                raise ValueError(f"{name} is empty: name at least one")
+        return self
+
+
+class SynLConfig(_SampleLengths):
+    num_samples: int = Field(64, ge=1)
+    """Table question-answer samples to generate."""
+    min_tokens: int = Field(256, ge=64)
+    """Shortest sample (chat-templated prompt + answer), in tokens of data.tokenizer."""
+    max_tokens: int = Field(1024, ge=64)
+    """Longest sample; sample lengths are spread uniformly over [min_tokens, max_tokens]."""
+    formats: list[Literal["markdown", "csv"]] = Field(default_factory=lambda: ["markdown", "csv"])
+    """Table serializations, used in turn."""
+    questions: list[SynLQuestion] = Field(default_factory=lambda: ["lookup", "filter_count", "extremum", "multi_hop"])
+    """Question types, used in turn: `lookup` (a cell by key), `filter_count` (rows matching a category and a
+    threshold), `extremum` (key of the row with the highest/lowest value), `multi_hop` (a key in table 1 ->
+    its foreign key -> a cell of table 2)."""
+
+
+class RetrievalConfig(_SampleLengths):
+    num_samples: int = Field(64, ge=1)
+    """Retrieval samples to generate."""
+    min_tokens: int = Field(256, ge=64)
+    """Shortest sample (chat-templated prompt + answer), in tokens of data.tokenizer."""
+    max_tokens: int = Field(1024, ge=64)
+    """Longest sample; lengths and needle depths are spread uniformly (a 2-D low-discrepancy sequence)."""
+    tasks: list[RetrievalTask] = Field(default_factory=lambda: ["passkey", "kv", "multi_needle"])
+    """Tasks, used in turn: `passkey` (a 5-digit pass key), `kv` (the value of one key among distractor
+    key-value needles), `multi_needle` (all values of `num_needles` needles)."""
+    num_needles: int = Field(3, ge=2)
+    """Needles of a multi_needle sample (the first at the requested depth, the others at random depths)."""
+    kv_distractors: int = Field(3, ge=0)
+    """Extra key-value needles of a kv sample (same form, other keys)."""
+    haystack: dict[str, str | SourceSpec] | None = None
+    """Corpus the haystacks are cut from (any data.sources-style mapping, read by the data engine's readers).
+    Default: data.sources (the shipped sample corpus unless changed)."""
+    haystack_max_chars: int = Field(20_000_000, ge=1000)
+    """At most this many characters of haystack text are read (haystacks are drawn from them at seeded offsets)."""
+
+
+class SynthConfig(_Section):
+    output: str | None = None
+    """Where generated sets go (local or s3://): `tables/`, `retrieval/`, `cip/` below it, each published
+    atomically with a manifest.json. Default: `<run dir>/synth`."""
+    seed: int = 0
+    """Every sample is a function of (seed, generator, sample index): the same seed gives identical output."""
+    num_actors: int = Field(1, ge=1)
+    """Ray Data generator actors (raise on a cluster)."""
+    batch_size: int = Field(16, ge=1)
+    """Samples per generator batch."""
+    samples_per_shard: int = Field(4096, ge=1)
+    """Samples per JSONL shard (SFT sets)."""
+    tables: SynLConfig = Field(default_factory=SynLConfig)
+    """Synthetic lengthy tables (SynL): typed tables with questions answered from them, as chat SFT samples."""
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    """Passkey / key-value / multi-needle retrieval instructions over corpus haystacks, as chat SFT samples."""
+
+
 # ------------------------------------------------------------------------------------------------------ job
 class JobConfig(_Section):
     run_name: str | None = None
@@ -341,6 +422,8 @@ class JobConfig(_Section):
     """Training (Ray Train + DeepSpeed)."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
     """Long-context evaluation."""
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    """Synthetic long-context data (LongSkywork): SynL tables and retrieval instructions for Long-SFT."""
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "JobConfig":
@@ -353,7 +436,7 @@ class JobConfig(_Section):
 
 
 # ------------------------------------------------------------------------------------------------ loading
-_SECTIONS = {"storage", "ray", "data", "model", "train", "eval"}
+_SECTIONS = {"storage", "ray", "data", "model", "train", "eval", "synth"}
 
 
 def _parse_value(text: str) -> Any:
