@@ -1,0 +1,157 @@
+"""A two-node Ray cluster on this machine, a shortened `jobs/long_pt.py` submitted with `ray job submit`, and
+where its work ran.
+
+The cluster is the development stack users start with `infra/local/` (the same script, run as a subprocess): a
+loopback S3 server, a head node carrying the custom resource `data_node` (the CPU data pool) and a second node
+carrying `trainer_node` (the training pool), dashboard on 127.0.0.1 with token authentication. The job pins its
+Ray Data work with `ray.data_resources={data_node: 0.01}` and its training workers with
+`train.resources_per_worker={trainer_node: 0.01}`, exactly as on the cloud clusters in `cluster/`. The Ray state
+API then shows every task that asked for `data_node` on the head and every Ray Train worker on the trainer node.
+
+Teardown stops only this test's processes (never `ray stop`, which kills every Ray process on the machine) and
+the test checks that none is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.ray, pytest.mark.s3]
+
+ROOT = Path(__file__).resolve().parents[1]
+STACK = ROOT / "infra" / "local" / "local_stack.py"
+BUCKET = f"lc-two-node-{uuid.uuid4().hex[:8]}"
+
+
+def _clean_env() -> dict:
+    """This process's environment without any Ray/AWS settings other tests (or the user) may have set."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "AWS_")) and k != "RAY_JOB_CONFIG_JSON_ENV_VAR"}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _stack(state: Path, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(STACK), "--state-dir", str(state), *args], cwd=ROOT,
+                          env=env or _clean_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"local_stack {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _our_processes(temp_dir: str) -> list[str]:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if temp_dir in " ".join(p.info["cmdline"] or []):
+                found.append(f"{p.pid} {' '.join(p.info['cmdline'])[:160]}")
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """S3 server + two-node Ray cluster from infra/local; yields (state dir, client env, cluster info)."""
+    state = tmp_path_factory.mktemp("local-stack")
+    _stack(state, "s3", "start", "--bucket", BUCKET, timeout=120)
+    info = None
+    try:
+        _stack(state, "cluster", "start", "--timeout", "240", timeout=600)
+        info = json.loads((state / "cluster.json").read_text())
+        env = _clean_env()
+        env.update(line.removeprefix("export ").split("=", 1)
+                   for line in _stack(state, "env").stdout.splitlines() if line.startswith("export "))
+        yield state, env, info
+    finally:
+        try:
+            if info is None and (state / "cluster.json").exists():
+                info = json.loads((state / "cluster.json").read_text())
+            _stack(state, "cluster", "stop", timeout=180)
+        finally:
+            _stack(state, "s3", "stop", timeout=60)
+        if info is not None:
+            left = _our_processes(info["temp_dir"])
+            assert not left, f"processes of the test cluster survived teardown: {left}"
+
+
+def test_dashboard_refuses_requests_without_the_token(stack):
+    _, env, info = stack
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{info['dashboard_url']}/api/v0/nodes", timeout=10)
+    assert err.value.code in (401, 403)
+    ok = urllib.request.Request(f"{info['dashboard_url']}/api/v0/nodes",
+                                headers={"Authorization": f"Bearer {Path(info['token_path']).read_text().strip()}"})
+    assert json.loads(urllib.request.urlopen(ok, timeout=10).read())["result"] is True
+    assert info["dashboard_url"].startswith("http://127.0.0.1:")
+
+
+def _s3_client(env: dict):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                        aws_secret_access_key="testing", region_name="us-east-1")
+
+
+def _upload_tiny_model(env: dict, tmp_path: Path) -> str:
+    """A tiny Llama (shipped tokenizer's vocabulary) on the stack's S3: the job loads its base model from s3://."""
+    from train_helpers import make_tiny_model
+
+    folder = make_tiny_model(str(tmp_path / "tiny-llama"), hidden=32, layers=2, max_pos=256)
+    s3 = _s3_client(env)
+    for name in os.listdir(folder):
+        s3.upload_file(os.path.join(folder, name), BUCKET, f"models/tiny-llama/{name}")
+    return f"s3://{BUCKET}/models/tiny-llama"
+
+
+def test_long_pt_submitted_to_two_nodes_places_data_and_training_on_their_pools(stack, tmp_path):
+    state, env, info = stack
+    submission = f"two-node-{uuid.uuid4().hex[:8]}"
+    run_root = f"s3://{BUCKET}/runs"
+    model = _upload_tiny_model(env, tmp_path)
+    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--submission-id", submission,
+           "--working-dir", ".",
+           "--", "python", "jobs/long_pt.py",
+           "--set", f"output_dir={run_root}", "--set", "run_name=two-node",
+           "--set", f"model.path={model}",
+           "--set", 'data.sources={c: "builtin:corpus/c.jsonl.gz"}',  # the smallest shipped source
+           "--set", "ray.data_resources={data_node: 0.01}",
+           "--set", "train.resources_per_worker={trainer_node: 0.01}",
+           "--set", "train.num_workers=2", "--set", "train.cpus_per_worker=0.5",
+           "--set", "train.max_steps=2", "--set", "train.global_batch_tokens=4096",
+           "--set", "eval.enabled=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"ray job submit failed:\n{log[-8000:]}"
+    assert f"Job '{submission}' succeeded" in log, log[-4000:]
+    assert "[longctx] data done" in log and "[longctx] train done" in log, log[-4000:]
+
+    placement = json.loads(_stack(state, "placement", submission, env=env).stdout)
+    assert placement["status"].endswith("SUCCEEDED")
+    data_node = [n for n, r in placement["nodes"].items() if r.get("data_node")]
+    trainer_node = [n for n, r in placement["nodes"].items() if r.get("trainer_node")]
+    assert len(data_node) == 1 and len(trainer_node) == 1 and data_node != trainer_node, placement["nodes"]
+
+    pinned = [t for t in placement["tasks"] if "data_node" in (t["required_resources"] or {})]
+    assert pinned, "no task of the job asked for data_node: ray.data_resources did not reach Ray Data"
+    wrong = [t for t in pinned if t["node_id"] not in (None, data_node[0])]
+    assert not wrong, f"data tasks off the data node: {wrong[:5]}"
+    assert any(t["node_id"] == data_node[0] for t in pinned)
+
+    workers = [a for a in placement["actors"] if a["class_name"] == "RayTrainWorker"]
+    assert len(workers) >= 2, placement["actors"]
+    assert {a["node_id"] for a in workers} == {trainer_node[0]}, workers
+
+    # the run landed on the loopback S3 server the cluster's processes inherited from the stack
+    metrics = json.loads(_s3_client(env).get_object(Bucket=BUCKET, Key="runs/two-node/metrics.json")["Body"].read())
+    assert metrics["train"]["steps"] == 2
