@@ -190,7 +190,7 @@ class EvalActor:
         for (name, task, _, _), idx in groups.items():
             model = self._model(name)
             if task == "ppl":
-                ids = torch.tensor(np.stack([np.asarray(batch["ids"][i]) for i in idx]), dtype=torch.long)
+                ids = torch.tensor(np.stack([np.asarray(batch["ids"][i], dtype=np.int64) for i in idx]))
                 nll = token_nll(model, ids).numpy()
                 for row, i in zip(nll, idx):
                     results[i] = json.dumps({"nll": [round(float(x), 6) for x in row]})
@@ -264,6 +264,14 @@ def _task_files(cfg: JobConfig) -> list[tuple[str, str]]:
     return files
 
 
+def _tokenizer_fingerprint(tok) -> str:
+    import hashlib
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def build_work_items(cfg: JobConfig, specs: dict[str, ModelSpec], tokenizers: dict[str, str]):
     """Rows of work for every model and task, plus per-tokenizer side information for the driver."""
     from longctx.eval.longbench import build_prompts, read_task_file
@@ -276,10 +284,13 @@ def build_work_items(cfg: JobConfig, specs: dict[str, ModelSpec], tokenizers: di
     info: dict[str, dict] = {}
     by_tok: dict[str, dict] = {}
     task_files = _task_files(cfg) if ev.longbench.enabled else []
+    fingerprints: dict[str, str] = {}
+    loaded: dict[str, Any] = {}
     for name, spec in specs.items():
-        tok_uri = tokenizers[name]
+        tok = loaded.get(tokenizers[name]) or loaded.setdefault(tokenizers[name], load_tokenizer(tokenizers[name]))
+        # the trained model usually ships the base's tokenizer: build its prompts once
+        tok_uri = fingerprints.setdefault(tokenizers[name], _tokenizer_fingerprint(tok))
         if tok_uri not in by_tok:
-            tok = load_tokenizer(tok_uri)
             w: dict[str, Any] = {"docs": [], "skipped": 0, "passkey": [], "needle": [], "tasks": []}
             if ev.perplexity:
                 w["docs"], w["skipped"] = select_documents(tok, iter_texts(ev.documents, ev.text_field), context, ev.num_documents)

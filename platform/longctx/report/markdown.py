@@ -20,8 +20,10 @@ def _f(x, digits: int = 2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], text_columns: int = 1) -> str:
+    """Markdown table: the first `text_columns` columns left-aligned, numbers right-aligned."""
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i < text_columns else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -93,7 +95,7 @@ def needle_table(metrics: dict) -> str | None:
     note = ("NeedleBench v1 scores (0-100) by prompt length in tokens, averaged over needle depths: 100 when the "
             "keyword is in the answer, else 20 x (1 - normalised edit distance to the reference, whitespace removed); "
             "multi-needle retrieval: share of keywords found.")
-    return _table(header, rows) + "\n\n" + note
+    return _table(header, rows, text_columns=2) + "\n\n" + note
 
 
 def longbench_table(metrics: dict) -> str | None:
