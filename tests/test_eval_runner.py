@@ -75,6 +75,7 @@ def test_default_model_specs_build_the_baselines(setup):
                                base)["base + PI x8"].scaling.factor == 8.0
 
 
+@pytest.mark.slow
 def test_evaluate_models_through_ray_data(setup, ray_cluster, tmp_path):
     cfg, base, trained, docs = setup
     specs = default_model_specs(cfg, base, trained)
