@@ -78,6 +78,16 @@ class CipConfig(_Section):
 Strategy = Literal["per-source", "cut-4k", "cut-seq", "global", "sources"]
 
 
+class SftConfig(_Section):
+    messages_field: str = "messages"
+    """Long-SFT: field of each JSONL record holding the chat ([{"role", "content"}, ...])."""
+    chat_template: str | None = None
+    """Long-SFT: a Jinja chat template file (local, s3:// or builtin:) used instead of the tokenizer's own."""
+    mix: dict[str, float] = Field(default_factory=dict)
+    """Long-SFT: share of conversations per source (e.g. {long: 0.375, general: 0.625}, normalised). Empty: every
+    conversation of every source once. A source asked for more than it has is repeated (counted)."""
+
+
 class DataConfig(_Section):
     sources: dict[str, str | SourceSpec] = Field(
         default_factory=lambda: {
@@ -131,6 +141,8 @@ class DataConfig(_Section):
     """Share of long documents held out (by id hash) for evaluation instead of training."""
     cip: CipConfig = Field(default_factory=CipConfig)
     """Chunk-interleaved pretraining (CIP-k) rows mixed into the packed Long-PT data."""
+    sft: SftConfig = Field(default_factory=SftConfig)
+    """Long-SFT data: chat JSONL sources (`sources`), their mix and the chat template (jobs/long_sft.py)."""
 
     @field_validator("sources")
     @classmethod
