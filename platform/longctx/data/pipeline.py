@@ -77,6 +77,28 @@ class TokenCache:
     def path(self, source: str) -> str:
         return os.path.join(self.root, f"{sorted(self.lengths).index(source):04d}.parquet")
 
+    @classmethod
+    def from_documents(cls, root: str, docs: dict[str, list[tuple[str, np.ndarray]]]) -> "TokenCache":
+        """A cache written directly from {source: [(doc_id, tokens incl. EOS), ...]} (tests, benchmarks)."""
+        os.makedirs(root, exist_ok=True)
+        cache = cls(root=root, files=len(docs))
+        for label in sorted(docs):
+            rows = docs[label]
+            lengths = np.array([len(t) for _, t in rows], np.int32)
+            cache.lengths[label] = [lengths]
+            cache.good += len(rows)
+        for label in sorted(docs):
+            rows = docs[label]
+            table = pa.table({"doc_id": [i for i, _ in rows],
+                              "tokens": pa.array([np.asarray(t, np.int32) for _, t in rows], pa.list_(pa.int32()))},
+                             schema=CACHE_SCHEMA)
+            bounds = _row_group_bounds(cache.lengths[label][0])
+            cache.row_groups[label] = [hi - lo for lo, hi in bounds]
+            with pq.ParquetWriter(cache.path(label), CACHE_SCHEMA, compression="none") as w:
+                for lo, hi in bounds:
+                    w.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
+        return cache
+
 
 def ensure_ray(cfg) -> None:
     """Connect to Ray if the caller has not (RAY_ADDRESS / cfg.ray.address, else a local cluster)."""
@@ -100,8 +122,11 @@ def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True)
     if cfg.ray.data_resources:
         remote["resources"] = dict(cfg.ray.data_resources)
     ctx = ray.data.DataContext.get_current()
-    old_order = ctx.execution_options.preserve_order
+    old_order, old_block = ctx.execution_options.preserve_order, ctx.target_max_block_size
     ctx.execution_options.preserve_order = True  # determinism: blocks come back in file/record order
+    # NOTE: Ray Data hands whole blocks (bundled up to batch_size rows) to actors; with the default 128 MiB
+    # blocks one large file would be tokenized by one actor while the others idle. Small blocks spread it.
+    ctx.target_max_block_size = PASS1_BLOCK_BYTES
     try:
         items = [{"file_idx": t.file_idx, "uri": t.uri, "source": t.source} for t in tasks]
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
@@ -113,16 +138,19 @@ def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True)
         ds = ds.map_batches(src.read_files_batch, batch_size=1, batch_format="numpy",
                             fn_kwargs={"specs": specs, "opts": {"endpoint_url": opts.endpoint_url,
                                                                "region": opts.region}}, **read_remote)
-        ds = ds.map_batches(TokenizeBatches, fn_constructor_kwargs={"tokenizer": cfg.data.tokenizer},
-                            batch_size=cfg.data.tokenize_batch_size, batch_format="pyarrow",
+        ds = ds.map_batches(TokenizeBatches, fn_constructor_kwargs={"tokenizer": cfg.data.tokenizer,
+                                                                    "batch_docs": cfg.data.tokenize_batch_size},
+                            batch_size=None, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=cfg.data.num_tokenize_actors), **remote)
         if not with_tokens:
             ds = ds.drop_columns(["tokens"])
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
     finally:
         ctx.execution_options.preserve_order = old_order
+        ctx.target_max_block_size = old_block
 
 
+PASS1_BLOCK_BYTES = 2 << 20
 CACHE_ROW_GROUP_DOCS = 1024
 CACHE_ROW_GROUP_TOKENS = 8 << 20
 
@@ -275,6 +303,7 @@ def packed_row_tables(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int,
     packer = packer or BestFitPacker(d.seq_len, d.pack_buffer_rows)
     builder = RowBuilder(d.seq_len, pad_id, d.attention)
     row_id = 0
+    cip = _cip_hook(d.cip)
 
     def rows() -> Iterator[list[Segment]]:
         for seg in mixed_segments(cache, plan, d.seed):
@@ -288,10 +317,23 @@ def packed_row_tables(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int,
         builder.add(row_id, segments)
         row_id += 1
         if len(builder) == rows_per_table:
-            yield builder.table()
+            yield cip(builder.table())
             builder.clear()
     if len(builder):
-        yield builder.table()
+        yield cip(builder.table())
+    if d.cip.fraction > 0:  # the manifest's params record the CIP share (build_manifest copies plan.params)
+        from longctx.data.synthetic.cip import cip_params
+
+        plan.params["cip"] = cip_params(d.cip.k, d.cip.fraction, row_id)
+
+
+def _cip_hook(cip_cfg):
+    """data.cip: rewrite a share of the packed rows as CIP-k rows (longctx.data.synthetic.cip); identity when off."""
+    if cip_cfg.fraction <= 0:
+        return lambda table: table
+    from longctx.data.synthetic.cip import cip_table
+
+    return lambda table: cip_table(table, cip_cfg.k, cip_cfg.fraction)
 
 
 # ------------------------------------------------------------------------------------------- entry points
@@ -301,54 +343,66 @@ def prepare_data(cfg, output: str | None = None, overwrite: bool = False) -> dic
 
     Output (local or s3://): `part-NNNNN.parquet` shards, `manifest.json`, `lengths.png`,
     `_quarantine/records.jsonl`, and the `_COMMITTED` marker written last."""
-    from longctx.data.manifest import build_manifest
-
     d = cfg.data
     dest = output or d.output
     if not dest:
         raise ValueError("no output location: set data.output (local folder or s3:// prefix) or pass output=")
     storage.configure(cfg.storage)
     t0 = time.time()
-    tok, eos, pad = load_fast_tokenizer(d.tokenizer)  # fails fast on a bad tokenizer, before any Ray work
+    load_fast_tokenizer(d.tokenizer)  # fail fast on a bad tokenizer, before any Ray work
     work = tempfile.mkdtemp(prefix="longctx-tokens-")
     try:
         cache = tokenize_corpus(cfg, work)
-        bad_fraction = check_bad_fraction(cache, d.max_bad_fraction)
-        in_lengths = cache.source_lengths()
-        plan = plan_mixture(in_lengths, d)
-        t_pack = time.time()
-        out_stats: dict[str, LengthAccumulator] = {}
-        packer = BestFitPacker(d.seq_len, d.pack_buffer_rows)
-        with storage.publish_dir(dest, overwrite=overwrite) as staging:
-            shards = []
-            for i, table in enumerate(packed_row_tables(cfg, cache, plan, pad, out_stats, packer)):
-                name = f"part-{i:05d}.parquet"
-                path = os.path.join(staging, name)
-                pq.write_table(table, path, compression="zstd", row_group_size=min(256, table.num_rows))
-                shards.append({"path": name, "rows": table.num_rows,
-                               "row_id_start": int(table.column("row_id")[0].as_py()),
-                               "bytes": os.path.getsize(path), "sha256": storage.sha256_file(path)})
-            os.makedirs(os.path.join(staging, "_quarantine"))
-            shutil.copyfile(cache.quarantine_path, os.path.join(staging, QUARANTINE_FILE))
-            in_stats = source_length_stats(in_lengths, d.long_threshold)
-            plot_length_histogram(in_stats, os.path.join(staging, "lengths.png"),
-                                  title=f"input tokens by document length ({d.long_threshold=})")
-            manifest = build_manifest(cfg, tok, eos, pad, cache, plan, in_stats, out_stats, packer.stats, shards,
-                                      bad_fraction)
-            with open(os.path.join(staging, MANIFEST), "w") as f:
-                json.dump(manifest, f, indent=2)
-        timings = {"tokenize_s": round(cache.seconds, 3), "pack_write_s": round(time.time() - t_pack, 3),
-                   "total_s": round(time.time() - t0, 3)}
-        print(format_length_table(in_stats, d.long_threshold))
-        print(f"packed {packer.stats.rows} rows x {d.seq_len} tokens ({packer.stats.tokens:,} tokens, pad "
-              f"{100 * manifest['totals']['pad_fraction']:.3f}%), {cache.bad} records quarantined, "
-              f"{timings['total_s']:.1f}s -> {storage.normalize(dest)}")
-        # Convenience keys for callers (not in manifest.json, which stays deterministic).
-        return {**manifest, "uri": storage.normalize(dest), "rows": packer.stats.rows,
-                "tokens": packer.stats.tokens, "pad_fraction": manifest["totals"]["pad_fraction"],
-                "timings": timings}
+        result = pack_and_publish(cfg, cache, dest, overwrite=overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result["timings"]["total_s"] = round(time.time() - t0, 3)
+    print(f"packed {result['rows']} rows x {d.seq_len} tokens ({result['tokens']:,} tokens, pad "
+          f"{100 * result['pad_fraction']:.3f}%), {cache.bad} records quarantined, "
+          f"{result['timings']['total_s']:.1f}s -> {result['uri']}")
+    return result
+
+
+def pack_and_publish(cfg, cache: TokenCache, dest: str, overwrite: bool = False, quiet: bool = False) -> dict:
+    """Quarantine check, mixture plan, pass 2 and atomic publish for a finished pass 1 (no Ray needed)."""
+    from longctx.data.manifest import build_manifest
+
+    d = cfg.data
+    t_pack = time.time()
+    tok, eos, pad = load_fast_tokenizer(d.tokenizer)
+    bad_fraction = check_bad_fraction(cache, d.max_bad_fraction)
+    in_lengths = cache.source_lengths()
+    in_stats = source_length_stats(in_lengths, d.long_threshold)
+    if not quiet:
+        print(format_length_table(in_stats, d.long_threshold), flush=True)
+    plan = plan_mixture(in_lengths, d)
+    out_stats: dict[str, LengthAccumulator] = {}
+    packer = BestFitPacker(d.seq_len, d.pack_buffer_rows)
+    with storage.publish_dir(dest, overwrite=overwrite) as staging:
+        shards = []
+        for i, table in enumerate(packed_row_tables(cfg, cache, plan, pad, out_stats, packer)):
+            name = f"part-{i:05d}.parquet"
+            path = os.path.join(staging, name)
+            pq.write_table(table, path, compression="zstd", row_group_size=min(256, table.num_rows))
+            shards.append({"path": name, "rows": table.num_rows,
+                           "row_id_start": int(table.column("row_id")[0].as_py()),
+                           "bytes": os.path.getsize(path), "sha256": storage.sha256_file(path)})
+        os.makedirs(os.path.join(staging, "_quarantine"))
+        qpath = os.path.join(staging, QUARANTINE_FILE)
+        if cache.quarantine_path and os.path.exists(cache.quarantine_path):
+            shutil.copyfile(cache.quarantine_path, qpath)
+        else:
+            open(qpath, "w").close()
+        plot_length_histogram(in_stats, os.path.join(staging, "lengths.png"),
+                              title=f"input tokens by document length (long >= {d.long_threshold})")
+        manifest = build_manifest(cfg, tok, eos, pad, cache, plan, in_stats, out_stats, packer.stats, shards,
+                                  bad_fraction)
+        with open(os.path.join(staging, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
+    timings = {"tokenize_s": round(cache.seconds, 3), "pack_write_s": round(time.time() - t_pack, 3)}
+    # Convenience keys for callers (not in manifest.json, which stays deterministic).
+    return {**manifest, "uri": storage.normalize(dest), "rows": packer.stats.rows, "tokens": packer.stats.tokens,
+            "pad_fraction": manifest["totals"]["pad_fraction"], "timings": timings}
 
 
 def load_manifest(uri: str) -> dict:

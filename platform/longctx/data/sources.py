@@ -52,7 +52,10 @@ RECORD_SCHEMA = pa.schema([
 ])
 
 _CHUNK = 8 << 20        # compressed bytes per read
-_BATCH_CHARS = 16 << 20  # text characters per output batch
+# NOTE: small output batches on purpose: Ray Data hands whole blocks to the tokenizer actors, so a file read
+# into one big block would be tokenized by one actor while the others idle. ~1M characters is ~0.5 s of encoding.
+_BATCH_CHARS = 1 << 20   # text characters per output batch
+_BATCH_RECORDS = 4096    # records per output batch (many tiny or bad records)
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ class _Batcher:
         c["detail"].append(detail)
 
     def full(self) -> bool:
-        return self.chars >= _BATCH_CHARS
+        return self.chars >= _BATCH_CHARS or len(self.cols["file_idx"]) >= _BATCH_RECORDS
 
     def flush(self) -> pa.Table | None:
         if not self.cols["file_idx"]:

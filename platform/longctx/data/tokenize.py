@@ -109,13 +109,17 @@ def encode_documents(backend, texts: list[str], eos: int) -> tuple[np.ndarray, n
 class TokenizeBatches:
     """Ray Data actor: records (RECORD_SCHEMA) -> token rows (TOKEN_SCHEMA)."""
 
-    def __init__(self, tokenizer: str):
+    def __init__(self, tokenizer: str, batch_docs: int = 256):
         self.backend, self.eos, self.pad = load_fast_tokenizer(tokenizer)
+        self.batch_docs = batch_docs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         good = pc.is_null(batch.column("reason")).to_numpy(zero_copy_only=False)
         texts = batch.column("text").filter(pa.array(good)).to_pylist()
-        flat, lengths = encode_documents(self.backend, texts, self.eos)
+        parts = [encode_documents(self.backend, texts[i:i + self.batch_docs], self.eos)
+                 for i in range(0, len(texts), self.batch_docs)] or [encode_documents(self.backend, [], self.eos)]
+        flat = np.concatenate([f for f, _ in parts])
+        lengths = np.concatenate([n for _, n in parts])
         n_tokens = np.zeros(batch.num_rows, np.int32)
         n_tokens[good] = lengths
         offsets = np.zeros(batch.num_rows + 1, np.int32)
