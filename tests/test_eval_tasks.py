@@ -95,3 +95,39 @@ def test_needlebench_scores():
     assert needlebench_score("xyz", "abcd", "zzz") == 0.0
     assert needlebench_score(" ", " ", "k") == 20.0  # both empty after whitespace removal: similarity 100
     assert needlebench_multi_score("Saffron and FENNEL", ["saffron", "fennel", "anise"]) == pytest.approx(200 / 3)
+
+
+def test_chat_template_wraps_all_but_fewshot_and_code(tok):
+    rec = {"input": "Q?", "context": "some passage.", "answers": ["a"], "length": 10, "all_classes": ["a", "b"]}
+    (qa,) = build_prompts(tok, "hotpotqa", [rec], max_seq_len=512, chat_template=True)
+    (fs,) = build_prompts(tok, "trec", [rec], max_seq_len=512, chat_template=True)
+    assert tok.decode(qa.input_ids).startswith("<|im_start|>user") and "Question: Q?" in tok.decode(qa.input_ids)
+    assert "<|im_start|>" not in tok.decode(fs.input_ids)  # LongBench leaves few-shot/code prompts raw
+
+
+def test_haystack_and_documents_from_a_corpus(tmp_path):
+    import gzip
+    import json
+
+    from longctx.eval.documents import iter_texts
+    from longctx.eval.runner import load_haystack_text
+
+    path = tmp_path / "docs.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps({"text": "First document. It has two sentences."}) + "\n")
+        f.write(json.dumps({"body": "no text field"}) + "\n")  # skipped and logged
+        f.write(json.dumps({"text": "Second document."}) + "\n")
+    assert list(iter_texts(str(path))) == ["First document. It has two sentences.", "Second document."]
+    assert load_haystack_text(str(path)) == "First document. It has two sentences.\n\nSecond document."
+    assert load_haystack_text("builtin:haystack/default.txt").startswith("A small orchard")
+
+
+@pytest.mark.s3
+def test_documents_from_s3(s3_bucket):
+    import json
+
+    from longctx import storage
+    from longctx.eval.documents import iter_texts
+
+    storage.write_text(f"{s3_bucket}/held/a.jsonl", json.dumps({"meta": {"t": "deep"}}) + "\n{broken\n")
+    assert list(iter_texts(f"{s3_bucket}/held/", text_field="meta.t")) == ["deep"]

@@ -163,7 +163,8 @@ def build_prompts(tokenizer, dataset: str, records: Sequence[dict], max_seq_len:
             text = tokenizer.decode(cut, skip_special_tokens=True)
             cut = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                 tokenize=True)
-            cut = list(cut["input_ids"] if isinstance(cut, dict) else cut)
+            # transformers 5 returns a BatchEncoding (a Mapping), older versions a plain list of ids
+            cut = list(cut["input_ids"] if hasattr(cut, "keys") else cut)
         out.append(TaskSample(dataset, i, cut, new_tokens, s["answers"], s["all_classes"], s["length"], s["metric"],
                               stop, truncated=len(ids) > budget))
     return out
