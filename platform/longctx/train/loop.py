@@ -152,7 +152,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model_dir = local_model_dir(cfg.model.path)
     tokenizer_dirs = [model_dir, local_model_dir(cfg.data.tokenizer)]
 
-    def save_checkpoint(step: int, local_ledger: Ledger) -> None:
+    def save_checkpoint(step: int, local_ledger: Ledger) -> dict | None:
+        """Report a checkpoint to Ray Train (collective); returns the gathered HF state dict (rank 0)."""
         parts = [None] * world
         dist.all_gather_object(parts, local_ledger.to_json())
         merged = Ledger.merge([Ledger.from_json(p) for p in parts])
@@ -164,9 +165,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                                   "layout": layout.as_dict()})
                 ckpt.save_hf_model(lm, hf_sd, os.path.join(folder, "hf_model"), tokenizer_dirs)
                 log.flush()
-            ray.train.report({"step": step, "loss": log.history[-1]["loss"] if log.history else None},
+            last = log.history[-1] if (is_rank0 and log.history) else {}
+            metrics = {k: last.get(k) for k in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu")}
+            ray.train.report({"step": step, **metrics},
                              checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"checkpoint_{step:08d}")
+        return hf_sd
 
     # 4. Steps.
     step = start_step
@@ -233,8 +237,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _maybe_inject_failure(loop_config, step, rank)
 
     # 5. Final checkpoint + the published HF model.
-    save_checkpoint(step, ledger)
-    hf_sd = ckpt.gather_hf_state_dict(engine, tcfg.zero_stage)
+    hf_sd = save_checkpoint(step, ledger)
     if is_rank0:
         final_uri = storage.join(train_root, "final_model")
         with storage.publish_dir(final_uri, overwrite=True) as staging:
