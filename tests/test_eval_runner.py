@@ -50,7 +50,7 @@ def setup(tmp_path_factory):
         "eval.num_actors=2", f"data.tokenizer={base}",
         "eval.needle.enabled=true", "eval.needle.lengths=[192]", "eval.needle.depths=[0.0,1.0]",
         "eval.needle.variants=[single,multi_reasoning]", "eval.needle.num_needles=2",
-        "eval.longbench.enabled=true", f"eval.longbench.data={lb}", "eval.longbench.max_seq_len=160",
+        "eval.extra_context_lengths=[96]", "eval.longbench.enabled=true", f"eval.longbench.data={lb}", "eval.longbench.max_seq_len=160",
     ])
     return cfg, base, trained, str(docs)
 
@@ -89,6 +89,7 @@ def test_evaluate_models_through_ray_data(setup, ray_cluster, tmp_path):
         ppl = entry["perplexity"]
         assert ppl["documents"] == 5 and ppl["skipped_short"] == 1, name
         assert ppl["tokens"] == [5 * 63, 5 * 64]
+        assert entry["perplexity_at"]["96"]["tokens"] == [5 * 63, 5 * 32]  # the same docs' first 96 tokens
         pk = entry["passkey"]
         assert pk["trials"] == 4 and set(pk["accuracy_by_length"]) == {"96", "128"}
     # the Ray path gives the same numbers as the plain function on one model

@@ -340,6 +340,9 @@ class EvalConfig(_Section):
     """Seed for passkeys, needles and haystack offsets (evaluation prompts are reproducible)."""
     perplexity: bool = True
     """Run perplexity by position on `documents`."""
+    extra_context_lengths: list[int] = Field(default_factory=list)
+    """Further context lengths for perplexity (e.g. [4096, 16384] beside a 32K context_length); each gets its
+    own bucket table under `perplexity_at` in metrics.json."""
     needle: NeedleConfig = Field(default_factory=NeedleConfig)
     """Needle-in-a-haystack grid settings."""
     longbench: LongBenchConfig = Field(default_factory=LongBenchConfig)

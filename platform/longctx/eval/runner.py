@@ -291,13 +291,15 @@ def build_work_items(cfg: JobConfig, specs: dict[str, ModelSpec], tokenizers: di
         # the trained model usually ships the base's tokenizer: build its prompts once
         tok_uri = fingerprints.setdefault(tokenizers[name], _tokenizer_fingerprint(tok))
         if tok_uri not in by_tok:
-            w: dict[str, Any] = {"docs": [], "skipped": 0, "passkey": [], "needle": [], "tasks": []}
+            w: dict[str, Any] = {"docs": {}, "skipped": {}, "passkey": [], "needle": [], "tasks": []}
             if ev.perplexity:
-                w["docs"], w["skipped"] = select_documents(tok, iter_texts(ev.documents, ev.text_field), context, ev.num_documents)
-                if not w["docs"]:
-                    raise ValueError(
-                        f"{ev.documents}: no document has eval.context_length={context} tokens "
-                        f"({w['skipped']} too short); give longer documents or a shorter context length")
+                for length in [context, *[n for n in ev.extra_context_lengths if n != context]]:
+                    docs, skipped = select_documents(tok, iter_texts(ev.documents, ev.text_field), length, ev.num_documents)
+                    if not docs:
+                        raise ValueError(
+                            f"{ev.documents}: no document has {length} tokens ({skipped} too short); give longer "
+                            "documents or shorter eval.context_length / eval.extra_context_lengths")
+                    w["docs"][length], w["skipped"][length] = docs, skipped
             if ev.passkey.enabled:
                 w["passkey"] = build_passkey_prompts(tok, ev.passkey.lengths, ev.passkey.depths, ev.passkey.trials, ev.seed)
             if ev.needle.enabled:
@@ -311,10 +313,12 @@ def build_work_items(cfg: JobConfig, specs: dict[str, ModelSpec], tokenizers: di
                                             max_samples=ev.longbench.max_samples)
             by_tok[tok_uri] = w
         w = by_tok[tok_uri]
-        info[name] = {"documents": len(w["docs"]), "skipped_short": w["skipped"], "needle": w["needle"], "tasks": w["tasks"]}
+        info[name] = {"documents": {n: len(d) for n, d in w["docs"].items()}, "skipped_short": w["skipped"],
+                      "needle": w["needle"], "tasks": w["tasks"]}
         ids32 = lambda ids: np.asarray(ids, dtype=np.int32)  # noqa: E731
-        for i, ids in enumerate(w["docs"]):
-            rows.append({"model": name, "task": "ppl", "index": i, "ids": ids32(ids), "meta": "{}"})
+        for docs in w["docs"].values():
+            for i, ids in enumerate(docs):
+                rows.append({"model": name, "task": "ppl", "index": i, "ids": ids32(ids), "meta": "{}"})
         for i, p in enumerate(w["passkey"]):
             meta = {k: v for k, v in p.to_row().items() if k != "input_ids"}
             rows.append({"model": name, "task": "passkey", "index": i, "ids": ids32(p.input_ids), "meta": json.dumps(meta)})
@@ -386,15 +390,19 @@ def aggregate_results(results: list[dict], models: dict[str, ModelSpec], info: d
     """Per-model metrics from the actors' result rows."""
     from longctx.eval.needle import score_needle, summarize_needle
 
-    nll_sum = {m: np.zeros(context, dtype=np.float64) for m in models}
-    count = {m: np.zeros(context, dtype=np.int64) for m in models}
+    nll_sum: dict[tuple[str, int], np.ndarray] = {}
+    count: dict[tuple[str, int], np.ndarray] = {}
     passkey_rows: dict[str, list] = defaultdict(list)
     gen: dict[str, dict[int, str]] = defaultdict(dict)
     for r in results:
         name, task, res = str(r["model"]), str(r["task"]), json.loads(r["result"])
         if task == "ppl":
-            nll_sum[name] += np.asarray(res["nll"], dtype=np.float64)
-            count[name][1:] += 1
+            nll = np.asarray(res["nll"], dtype=np.float64)
+            key = (name, len(nll))
+            if key not in nll_sum:
+                nll_sum[key], count[key] = np.zeros(len(nll)), np.zeros(len(nll), dtype=np.int64)
+            nll_sum[key] += nll
+            count[key][1:] += 1
         elif task == "passkey":
             passkey_rows[name].append(res)
         else:
@@ -403,10 +411,14 @@ def aggregate_results(results: list[dict], models: dict[str, ModelSpec], info: d
                            "bucket_edges": list(bucket_edges), "models": {}}
     for name, spec in models.items():
         entry: dict[str, Any] = {"spec": spec.to_dict()}
-        if count[name].sum():
-            ppl = summarize_position_nll(nll_sum[name], count[name], bucket_edges, base_len)
-            ppl.update({k: info[name][k] for k in ("documents", "skipped_short")}, context_length=context)
-            entry["perplexity"] = ppl
+        for (model, length) in sorted(k for k in nll_sum if k[0] == name):
+            ppl = summarize_position_nll(nll_sum[(model, length)], count[(model, length)], bucket_edges, base_len)
+            ppl.update(documents=info[name]["documents"][length], skipped_short=info[name]["skipped_short"][length],
+                       context_length=length)
+            if length == context:
+                entry["perplexity"] = ppl
+            else:  # further context lengths: same documents' first `length` tokens
+                entry.setdefault("perplexity_at", {})[str(length)] = ppl
         if passkey_rows[name]:
             rows = sorted(passkey_rows[name], key=lambda r: (r["length"], r["depth"], r["trial"]))
             entry["passkey"] = score_passkey_rows(rows)

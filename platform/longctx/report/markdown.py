@@ -62,6 +62,27 @@ def perplexity_table(metrics: dict) -> str | None:
     return _table(header, rows) + "\n\n" + note
 
 
+def other_lengths_table(metrics: dict) -> str | None:
+    """Overall NLL (and NLL beyond the base length) of each model at every evaluated context length."""
+    models = {n: m for n, m in metrics.get("models", {}).items() if m.get("perplexity_at")}
+    if not models:
+        return None
+    base_len = metrics.get("base_context_length") or 0
+    lengths = sorted({int(x) for m in models.values() for x in m["perplexity_at"]} | {int(metrics.get("context_length", 0))})
+    header = ["model"] + [f"{n}" for n in lengths]
+    rows = []
+    for name, m in models.items():
+        at = {**m["perplexity_at"], str(metrics.get("context_length")): m.get("perplexity") or {}}
+        cells = []
+        for n in lengths:
+            p = at.get(str(n)) or {}
+            beyond = p.get("nll_beyond_base")
+            cells.append(_f(p.get("overall_nll")) + (f" ({_f(beyond)}{BEYOND})" if beyond is not None else ""))
+        rows.append([name] + cells)
+    return _table(header, rows) + (f"\n\nMean NLL over all positions at each context length; in brackets positions "
+                                   f"≥ {base_len}{BEYOND}.")
+
+
 def passkey_table(metrics: dict) -> str | None:
     models = {n: m for n, m in metrics.get("models", {}).items() if m.get("passkey")}
     if not models:
@@ -163,6 +184,9 @@ def eval_markdown(metrics: dict, images: dict[str, str] | None = None) -> str:
         out += ["### Perplexity by position\n", t + "\n"]
         if "nll" in images:
             out.append(f"![NLL by position]({images['nll']})\n")
+    t = other_lengths_table(metrics)
+    if t:
+        out += ["#### Other context lengths\n", t + "\n"]
     t = passkey_table(metrics)
     if t:
         out += ["### Passkey retrieval\n", t + "\n"]
