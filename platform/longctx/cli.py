@@ -2,6 +2,7 @@
 
     longctx data prepare --config jobs/configs/tiny.yaml --set data.output=s3://bucket/packed/
     longctx data stats   --config FILE
+    longctx data synth   cip|tables|retrieval --config FILE [--output URI] [--packed URI]
     longctx train        --config FILE            (same as jobs/long_pt.py)
     longctx eval run     --config FILE --set eval.model=URI
     longctx eval score   --predictions preds.jsonl --output scores.json
@@ -50,6 +51,30 @@ def _cmd_data_stats(args) -> int:
     cfg = _load(args)
     connect_ray(cfg)
     length_stats(cfg)
+    return 0
+
+
+def _cmd_data_synth(args) -> int:
+    from longctx import storage
+    from longctx.workflow import connect_ray, start_run
+
+    cfg = _load(args)
+    run = None
+    if not (args.output or cfg.synth.output):
+        run = start_run(cfg, f"synth-{args.kind}")
+    dest = args.output or storage.join(cfg.synth.output or run.path("synth"), args.kind)
+    connect_ray(cfg)
+    if args.kind == "cip":
+        from longctx.data.synthetic.cip import synth_cip
+
+        result = synth_cip(cfg, dest, packed=args.packed)
+        print(json.dumps({"uri": result["uri"], "rows": result["rows"], "cip": result["params"]["cip"]["rows"]}))
+    else:
+        from longctx.data.synthetic import retrieval, tables
+
+        fn = tables.synth_tables if args.kind == "tables" else retrieval.synth_retrieval
+        result = fn(cfg, dest)
+        print(json.dumps({"uri": result["uri"], **result["totals"], **result["timings"]}))
     return 0
 
 
@@ -118,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = data_sub.add_parser(name, help=help_)
         _add_config_args(p)
         p.set_defaults(func=fn)
+
+    p = data_sub.add_parser("synth", help="synthetic long data: CIP-k packed rows, SynL tables or retrieval "
+                            "instructions (chat JSONL for Long-SFT)")
+    p.add_argument("kind", choices=["cip", "tables", "retrieval"])
+    _add_config_args(p)
+    p.add_argument("--output", default=None, help="where to publish (default: synth.output/<kind>, else the run folder)")
+    p.add_argument("--packed", default=None, help="cip: rewrite this committed packed folder instead of preparing "
+                   "the configured corpus")
+    p.set_defaults(func=_cmd_data_synth)
 
     train = verbs.add_parser("train", help="Long-PT: prepare data, train, evaluate (as jobs/long_pt.py)")
     _add_config_args(train)
