@@ -63,6 +63,8 @@ def _all_sum(values: list[float], device) -> list[float]:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    t_start = time.perf_counter()
+    startup: dict[str, float] = {}  # seconds since the loop started, per phase (engine_info.json)
     import ray.train
 
     from longctx import storage
@@ -95,6 +97,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     _disable_deepspeed_shm_comm()
     deepspeed.init_distributed(dist_backend="nccl" if tcfg.use_gpu else "gloo")
     torch.manual_seed(tcfg.seed)
+    startup["imports_and_dist"] = time.perf_counter() - t_start
 
     # 1. Model: RoPE changes from config, trained at the new length.
     attn_impl = pick_attn_implementation(cfg.model.attn_implementation, device)
@@ -105,6 +108,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = False
     n_params = count_params(lm)
+    startup["model_loaded"] = time.perf_counter() - t_start
     wrapped = CausalLMWithChunkedLoss(lm, chunk_tokens=tcfg.loss_chunk_tokens)
 
     # 2. DeepSpeed engine with our AdamW + cosine schedule.
@@ -124,7 +128,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         print(f"[train] world={world} layout={layout.as_dict()} steps={total_steps} attn={attn_impl} "
               f"zero={tcfg.zero_stage} params={n_params['total']:,} rope={lm.config.rope_parameters}", flush=True)
 
-    _write_engine_info(engine, loop_config["train_root"], rank, world, n_params, attn_impl, ds_config)
+    startup["engine_ready"] = time.perf_counter() - t_start
+    _write_engine_info(engine, loop_config["train_root"], rank, world, n_params, attn_impl, ds_config, startup)
 
     # 3. Resume: DeepSpeed state + the data ledger + the metrics history so far.
     start_step, ledger, history = 0, Ledger(), []
@@ -258,7 +263,8 @@ def _optimizer_state_numel(engine) -> int:
     return int(sum(p.numel() for group in opt.param_groups for p in group["params"]))
 
 
-def _write_engine_info(engine, train_root: str, rank: int, world: int, n_params: dict, attn_impl: str, ds_config: dict):
+def _write_engine_info(engine, train_root: str, rank: int, world: int, n_params: dict, attn_impl: str, ds_config: dict,
+                       startup: dict):
     """Rank 0 writes train/engine_info.json: per-rank optimizer-state sizes, attention backend, DeepSpeed config."""
     from longctx import storage
 
@@ -268,6 +274,7 @@ def _write_engine_info(engine, train_root: str, rank: int, world: int, n_params:
         storage.write_json(storage.join(train_root, "engine_info.json"), {
             "world_size": world, "params": n_params, "attn_implementation": attn_impl,
             "zero_stage": ds_config["zero_optimization"]["stage"], "ranks": parts, "deepspeed_config": ds_config,
+            "startup_s": {k: round(v, 2) for k, v in startup.items()},
         })
 
 
