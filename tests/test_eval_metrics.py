@@ -126,3 +126,11 @@ def test_score_predictions_on_s3(s3_bucket):
                        json.dumps({"pred": "北京大学", "answers": ["北京大学"], "all_classes": None, "dataset": "multifieldqa_zh"}) + "\n")
     assert score_predictions(f"{s3_bucket}/p/preds.jsonl", f"{s3_bucket}/p/scores.json", print_table=False) == {"multifieldqa_zh": 100.0}
     assert json.loads(storage.read_text(f"{s3_bucket}/p/scores.json")) == {"multifieldqa_zh": 100.0}
+
+
+def test_all_classes_shared_or_per_sample():
+    shared = ["Location", "Entity"]
+    per_row = [["Location", "Entity"], None]
+    preds, golds = ["Location", "Entity"], [["Location"], ["Entity"]]
+    assert M.score_dataset("trec", preds, golds, shared) == 100.0
+    assert M.score_dataset("trec", preds, golds, per_row) == 50.0  # no classes for row 2: nothing can match

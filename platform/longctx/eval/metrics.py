@@ -267,16 +267,23 @@ def sample_score(dataset: str, prediction: str, answers: Sequence[str], all_clas
     return score
 
 
+def _classes_of(all_classes, i: int):
+    """The class list for sample i: one shared list of strings (LongBench's eval.py), or one entry per sample."""
+    if not all_classes:
+        return None
+    if all(isinstance(c, str) for c in all_classes):
+        return list(all_classes)
+    return all_classes[i]
+
+
 def score_dataset(dataset: str, predictions: Sequence[str], answers: Sequence[Sequence[str]],
                   all_classes=None, **kwargs) -> float:
     """LongBench's `scorer`: round(100 x mean sample score, 2)."""
     if not predictions:
         raise ValueError(f"{dataset}: no predictions to score")
-    classes = all_classes if isinstance(all_classes, list) and all_classes and not isinstance(all_classes[0], list) else None
     total = 0.0
     for i, (pred, golds) in enumerate(zip(predictions, answers)):
-        cls = classes if classes is not None else (all_classes[i] if all_classes else None)
-        total += sample_score(dataset, pred, golds, cls, **kwargs)
+        total += sample_score(dataset, pred, golds, _classes_of(all_classes, i), **kwargs)
     return round(100 * total / len(predictions), 2)
 
 
@@ -291,8 +298,7 @@ def score_dataset_e(dataset: str, predictions, answers, lengths, all_classes=Non
     """LongBench-E's `scorer_e`: the score per length bucket (None where a bucket is empty)."""
     buckets: dict[str, list[float]] = {b: [] for b in LENGTH_BUCKETS}
     for i, (pred, golds, length) in enumerate(zip(predictions, answers, lengths)):
-        cls = all_classes[i] if all_classes and isinstance(all_classes[0], list) else all_classes
-        buckets[length_bucket(int(length))].append(sample_score(dataset, pred, golds, cls, **kwargs))
+        buckets[length_bucket(int(length))].append(sample_score(dataset, pred, golds, _classes_of(all_classes, i), **kwargs))
     return {b: (round(100 * sum(v) / len(v), 2) if v else None) for b, v in buckets.items()}
 
 
