@@ -121,3 +121,17 @@ def test_greedy_generate_with_chunked_prefill_matches_full_forward(tiny):
                 seq.append(int(model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
         ref.append(seq[50:])
     assert a == b == ref
+
+
+def test_dynamic_ntk_prefills_in_one_call(tmp_path):
+    # dynamic NTK picks its RoPE base from the longest position of each call: chunked prefill would rotate early
+    # keys with another base, so generation must match a full no-cache forward.
+    from longctx.config import RopeScalingConfig
+    from longctx.eval.runner import ModelSpec
+
+    path = save_tiny_llama(tmp_path / "m", max_position_embeddings=32, initializer_range=0.5)
+    model = ModelSpec(path, scaling=RopeScalingConfig(type="dynamic", factor=4)).load()
+    prompt = torch.randint(0, 2000, (1, 100), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = int(model(input_ids=prompt, use_cache=False).logits[0, -1].argmax())
+    assert greedy_generate(model, prompt, max_new_tokens=1, prefill_chunk=16) == [[expected]]
