@@ -96,7 +96,8 @@ def write_packed_shards(uri: str, table: pa.Table, rows_per_shard: int = 16) -> 
     with storage.publish_dir(uri, overwrite=True) as staging:
         for i, start in enumerate(range(0, table.num_rows, rows_per_shard)):
             pq.write_table(table.slice(start, rows_per_shard), os.path.join(staging, f"shard-{i:05d}.parquet"))
-        storage.write_json(os.path.join(staging, "manifest.json"), {"rows": table.num_rows})
+        shards = [{"path": f"shard-{i:05d}.parquet"} for i in range((table.num_rows + rows_per_shard - 1) // rows_per_shard)]
+        storage.write_json(os.path.join(staging, "manifest.json"), {"rows": table.num_rows, "shards": shards})
     return uri
 
 

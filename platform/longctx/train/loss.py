@@ -2,8 +2,7 @@
 
 The hidden states of the last layer are cut into chunks of `chunk_tokens` positions; each chunk's logits are
 computed, reduced to a summed loss and dropped, and recomputed in backward (activation checkpointing per chunk),
-so peak logits memory is chunk_tokens x vocab instead of seq_len x vocab. Only positions with a target are
-projected at all (padding and SFT prompts cost nothing).
+so peak logits memory is chunk_tokens x vocab instead of seq_len x vocab.
 
 Labels arrive unshifted (label[t] is the token at t, -100 where no loss). `shift_targets` builds next-token
 targets and, for document attention, drops the target at the last token of every document: that token cannot see
@@ -35,25 +34,23 @@ def shift_targets(labels: torch.Tensor, doc_ids: torch.Tensor | None = None) -> 
 
 def _chunk_loss_sum(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = lm_head(hidden).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def chunked_lm_loss(
     lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy, number of target tokens) over positions whose target is not IGNORE_INDEX."""
+    """(summed cross-entropy, number of target tokens) over positions whose target is not IGNORE_INDEX.
+
+    NOTE: the chunks cover every position, valid or not, so every rank calls the LM head the same number of times:
+    under ZeRO-3 each call all-gathers the head's weight, and ranks with different chunk counts would deadlock.
+    """
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_t = targets.reshape(-1)
-    keep = (flat_t != IGNORE_INDEX).nonzero(as_tuple=True)[0]
-    n_tokens = torch.tensor(keep.numel(), device=hidden.device, dtype=torch.long)
-    if keep.numel() == 0:
-        # Keep the graph connected so every rank runs the same backward (ZeRO hooks expect it).
-        return hidden.sum() * 0.0 + lm_head.weight.sum() * 0.0, n_tokens
-    h = flat_h.index_select(0, keep)
-    t = flat_t.index_select(0, keep)
+    n_tokens = (flat_t != IGNORE_INDEX).sum()
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.shape[0], chunk_tokens):
-        hc, tc = h[start : start + chunk_tokens], t[start : start + chunk_tokens]
+    for start in range(0, flat_h.shape[0], chunk_tokens):
+        hc, tc = flat_h[start : start + chunk_tokens], flat_t[start : start + chunk_tokens]
         if torch.is_grad_enabled():
             total = total + checkpoint(_chunk_loss_sum, lm_head, hc, tc, use_reentrant=False)
         else:

@@ -246,7 +246,7 @@ def prepare_sft_data(cfg, output: str, overwrite: bool = False) -> dict:
             name = f"sft-{i:05d}.parquet"
             part = table.slice(start, d.rows_per_shard)
             pq.write_table(part, os.path.join(staging, name))
-            manifest["shards"].append({"file": name, "rows": part.num_rows})
+            manifest["shards"].append({"path": name, "rows": part.num_rows})
         with open(os.path.join(staging, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
     log.info("SFT data: %s", manifest["totals"])

@@ -58,7 +58,12 @@ def packed_parquet_files(uri: str) -> tuple[list[str], int]:
         storage.require_committed(uri)
     elif storage.exists(storage.join(uri, "manifest.json")):
         raise storage.StorageError(f"{uri}: packed data has a manifest but no {storage.COMMIT_MARKER} marker (incomplete)")
-    files = storage.expand(uri, (".parquet",))
+    manifest_uri = storage.join(uri, "manifest.json")
+    shards = json.loads(storage.read_text(manifest_uri)).get("shards") if storage.exists(manifest_uri) else None
+    if shards:  # the manifest's order is the data engine's row_id order
+        files = [storage.join(uri, sh["path"]) for sh in shards]
+    else:
+        files = storage.expand(uri, (".parquet",))
     if not files:
         raise storage.StorageError(f"{uri}: no .parquet shards found")
     rows = 0
