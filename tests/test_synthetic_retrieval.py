@@ -6,7 +6,9 @@ seed gives the same bytes."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 
@@ -17,6 +19,7 @@ from longctx.data.synthetic.retrieval import (CLOSE, OPEN, RetrievalSampleBuilde
                                               retrieval_settings, synth_retrieval)
 
 TOKENIZER = "builtin:tiny-tokenizer"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def needle_depths(user: str, needles: list[str], tok) -> tuple[list[float], int]:
@@ -49,6 +52,7 @@ def test_retrieval_needles_at_requested_token_depth(ray_cluster, s3_bucket):
     assert result["uri"] == f"{s3_bucket}/synth/retrieval"
     records = load_chat_jsonl(result["uri"])
     manifest = json.loads(storage.read_text(storage.join(result["uri"], "manifest.json")))
+    jsonschema.validate(manifest, json.loads((ROOT / "schemas" / "synthetic_sft_manifest.schema.json").read_text()))
     assert len(records) == n and manifest["by_task"] == {"kv": 6, "multi_needle": 6, "passkey": 6}
     chat = ChatTokens(TOKENIZER)
     first_depths, lengths = [], []

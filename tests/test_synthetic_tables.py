@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 
@@ -18,6 +20,7 @@ from longctx.data.synthetic.common import ChatTokens, load_chat_jsonl
 from longctx.data.synthetic.tables import TableSampleBuilder, table_settings
 
 TOKENIZER = "builtin:tiny-tokenizer"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_tables(user: str) -> tuple[list[list[dict]], str, str]:
@@ -78,6 +81,7 @@ def test_synl_answers_depths_lengths_determinism(ray_cluster, tmp_path):
     records = load_chat_jsonl(dest)
     manifest = json.loads(storage.read_text(storage.join(dest, "manifest.json")))
     assert len(records) == n == manifest["totals"]["samples"]
+    jsonschema.validate(manifest, json.loads((ROOT / "schemas" / "synthetic_sft_manifest.schema.json").read_text()))
     assert [s["samples"] for s in manifest["shards"]] == [10, 10, 4]
     assert manifest["by_task"] == {"extremum": 6, "filter_count": 6, "lookup": 6, "multi_hop": 6}
     chat = ChatTokens(TOKENIZER)

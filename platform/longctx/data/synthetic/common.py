@@ -95,7 +95,7 @@ class ChatTokens:
         return self._compiled.render(messages=messages, add_generation_prompt=False, **self.special)
 
     def count(self, text: str) -> int:
-        return len(self.backend.encode(text, add_special_tokens=False).ids)
+        return self.count_many([text])[0]
 
     def count_many(self, texts: list[str]) -> list[int]:
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)

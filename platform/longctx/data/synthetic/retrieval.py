@@ -79,17 +79,19 @@ class RetrievalSampleBuilder:
         needles, depths, question, answer = self._needles(task, rng, depth)
         blocks = ["\n" + n + "\n" for n in needles]
         overhead = self.chat.sample_tokens(self._messages("", question, answer)) + sum(self.chat.count_many(blocks))
-        filler, docs = self._filler(rng, max(target - overhead, 16))
-        enc = self.chat.encode(filler)
-        n = len(enc.ids)
-        cuts = [self._cut(filler, enc.offsets, int(round(d * n))) for d in depths]
+        filler, offsets, docs = self._filler(rng, max(target - overhead, 16))
+        n = len(offsets)
+        at = [min(n, int(round(d * n))) for d in depths]
+        cuts = [self._cut(filler, offsets, t) for t in at]
         order = sorted(range(len(needles)), key=lambda j: (cuts[j], j))
         pieces, last = [], 0
         for j in order:
             pieces += [filler[last:cuts[j]], blocks[j]]
             last = cuts[j]
         haystack = "".join(pieces) + filler[last:]
-        measured = [self.chat.count(filler[:c]) / n for c in cuts]
+        # The target needle's depth is re-measured by tokenizing the text before it; the others (distractors and
+        # extra needles, up to a dozen encodes of the whole haystack) keep the token index they were cut at.
+        measured = [self.chat.count(filler[:cuts[0]]) / n] + [t / n for t in at[1:]]
         messages = self._messages(haystack, question, answer)
         tokens = self.chat.sample_tokens(messages)
         meta = {"task": task, "target_tokens": target, "tokens": tokens, "haystack_tokens": n,
@@ -128,9 +130,10 @@ class RetrievalSampleBuilder:
                     "order, separated by commas.", ", ".join(numbers))
         raise ValueError(f"unknown retrieval task {task!r}")
 
-    def _filler(self, rng, n_tokens: int) -> tuple[str, list[str]]:
-        """About n_tokens tokens of consecutive corpus text from a seeded document and offset (wrapping
-        around the corpus when it is short), cut at a token boundary."""
+    def _filler(self, rng, n_tokens: int) -> tuple[str, list, list[str]]:
+        """(text, token offsets, doc ids): n_tokens tokens of consecutive corpus text from a seeded document and
+        offset (wrapping around the corpus when it is short), cut at a token boundary. The offsets are those of
+        the longer text it was cut from (the cut text tokenizes to the same first n_tokens ids)."""
         d = rng.randrange(len(self.texts))
         first = self.texts[d]
         start = rng.randrange(max(1, len(first) // 2))
@@ -147,7 +150,7 @@ class RetrievalSampleBuilder:
             text = "\n\n".join(parts)
             enc = self.chat.encode(text)
             if len(enc.ids) > n_tokens:
-                return text[:self._cut(text, enc.offsets, n_tokens)], docs
+                return text[:self._cut(text, enc.offsets, n_tokens)], enc.offsets[:n_tokens], docs
             want = int(want * 1.5 * n_tokens / max(1, len(enc.ids))) + 64
 
     @staticmethod
