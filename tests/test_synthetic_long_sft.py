@@ -78,7 +78,7 @@ def test_long_sft_consumes_synthetic_data(ray_cluster, tmp_path):
     manifest = json.loads(storage.read_text(storage.join(data["uri"], "manifest.json")))
     checked = 0
     for shard in manifest["shards"]:
-        for row in pq.read_table(storage.join(data["uri"], shard["file"])).to_pylist():
+        for row in pq.read_table(storage.join(data["uri"], shard["path"])).to_pylist():
             start = 0
             for n, doc in zip(row["seg_lengths"], row["seg_doc_ids"]):
                 labels = [t for t in row["labels"][start:start + n] if t != -100]
