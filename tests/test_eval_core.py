@@ -98,6 +98,19 @@ def test_passkey_prompts_have_exact_length_and_key(tiny):
     assert build_passkey_prompts(tok, [128], [0.5], 2, seed=3)[0].key == build_passkey_prompts(tok, [128], [0.5], 2, seed=3)[0].key
 
 
+def test_passkey_key_nll_is_the_teacher_forced_loss_of_the_key(tiny):
+    from longctx.eval.passkey import key_nll, run_passkey_batch
+
+    model, tok, _ = tiny
+    prompts = build_passkey_prompts(tok, [128], [0.5], trials=2, seed=1)
+    p = prompts[0]
+    target = tok(" " + p.key, add_special_tokens=False)["input_ids"]
+    nll = token_nll(model, torch.tensor([p.input_ids + target]))[0, len(p.input_ids):].mean().item()
+    assert key_nll(model, tok, prompts)[0] == pytest.approx(nll, rel=1e-5)
+    rows = run_passkey_batch(model, tok, prompts)
+    assert [r["key"] for r in rows] == [q.key for q in prompts] and rows[0]["key_nll"] == pytest.approx(nll, rel=1e-5)
+
+
 def test_passkey_scoring():
     assert is_correct(" 12345. Remember", "12345") and not is_correct(" 1234", "12345") and not is_correct("none", "1")
     rows = [{"length": 256, "depth": 0.1, "correct": True}, {"length": 256, "depth": 0.1, "correct": False},

@@ -92,6 +92,7 @@ def test_evaluate_models_through_ray_data(setup, ray_cluster, tmp_path):
         assert entry["perplexity_at"]["96"]["tokens"] == [5 * 63, 5 * 32]  # the same docs' first 96 tokens
         pk = entry["passkey"]
         assert pk["trials"] == 4 and set(pk["accuracy_by_length"]) == {"96", "128"}
+        assert all(0 < v < 20 for v in pk["key_nll_by_length"].values())
     # the Ray path gives the same numbers as the plain function on one model
     model = load_causal_lm(base).eval()
     direct = perplexity_by_position(model, load_tokenizer(base), iter_texts(docs), 128, [0, 64, 128], 2, limit=5)

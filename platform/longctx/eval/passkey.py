@@ -6,7 +6,8 @@ of the evaluated model's tokenizer, so its length is exact (see `longctx.eval.ha
 
 Scoring: a trial is correct when the first integer in the greedy continuation equals the pass key
 (LongLoRA compares the generated answer tokens with the key's tokens; this is the same test, robust to
-how the tokenizer splits digits). Accuracy is reported per (length, depth) cell and per length.
+how the tokenizer splits digits). Accuracy is reported per (length, depth) cell and per length, beside
+the key's mean teacher-forced NLL per length (a graded signal where small models never get it exactly).
 
     prompts = build_passkey_prompts(tokenizer, lengths=[256, 1024], depths=[0.1, 0.5, 0.9], trials=4)
     result = run_passkey(model, tokenizer, prompts)
@@ -96,7 +97,13 @@ def score_passkey_rows(rows: Sequence[dict]) -> dict:
         by_length[int(r["length"])].append(bool(r["correct"]))
     lengths = sorted(by_length)
     depths = sorted({d for _, d in cells})
+    nll_by_length: dict = defaultdict(list)
+    for r in rows:
+        if r.get("key_nll") is not None:
+            nll_by_length[int(r["length"])].append(float(r["key_nll"]))
+    extra = {"key_nll_by_length": {str(n): sum(v) / len(v) for n, v in sorted(nll_by_length.items())}} if nll_by_length else {}
     return {
+        **extra,
         "lengths": lengths,
         "depths": depths,
         "accuracy": {str(n): {str(d): sum(cells[(n, d)]) / len(cells[(n, d)]) for d in depths if cells[(n, d)]} for n in lengths},
@@ -106,8 +113,32 @@ def score_passkey_rows(rows: Sequence[dict]) -> dict:
     }
 
 
+def key_nll(model, tokenizer, prompts: Sequence[PasskeyPrompt]) -> list[float]:
+    """Mean NLL of the key's tokens (" 12345") after each prompt, teacher-forced.
+
+    A graded signal beside exact match: small models that never retrieve the key still show whether the
+    context helps (lower NLL) or a RoPE change breaks it (higher NLL).
+    """
+    import torch
+
+    from longctx.eval.perplexity import token_nll
+
+    targets = [tokenizer(" " + p.key, add_special_tokens=False)["input_ids"] for p in prompts]
+    out = [0.0] * len(prompts)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        groups[len(p.input_ids) + len(t)].append(i)
+    for idx in groups.values():
+        ids = torch.tensor([prompts[i].input_ids + targets[i] for i in idx])
+        nll = token_nll(model, ids)
+        for row, i in zip(nll, idx):
+            start = len(prompts[i].input_ids)
+            out[i] = float(row[start:].mean())
+    return out
+
+
 def run_passkey_batch(model, tokenizer, prompts: Sequence[PasskeyPrompt], prefill_chunk: int = 4096) -> list[dict]:
-    """Greedy answers for prompts (equal lengths batch together); one result row per prompt."""
+    """Greedy answers for prompts (equal lengths batch together) and the key's NLL; one row per prompt."""
     by_len: dict[int, list[PasskeyPrompt]] = defaultdict(list)
     for p in prompts:
         by_len[len(p.input_ids)].append(p)
@@ -118,10 +149,11 @@ def run_passkey_batch(model, tokenizer, prompts: Sequence[PasskeyPrompt], prefil
             model, [p.input_ids for p in group], max_new_tokens=budget,
             eos_token_id=tokenizer.eos_token_id, prefill_chunk=prefill_chunk,
         )
-        for p, out in zip(group, outs):
+        nlls = key_nll(model, tokenizer, group)
+        for p, out, nll in zip(group, outs, nlls):
             pred = tokenizer.decode(out, skip_special_tokens=True)
             rows.append({"length": p.length, "depth": p.depth, "trial": p.trial, "key": p.key,
-                         "prediction": pred, "correct": is_correct(pred, p.key)})
+                         "prediction": pred, "correct": is_correct(pred, p.key), "key_nll": nll})
     return rows
 
 

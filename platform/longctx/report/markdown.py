@@ -93,10 +93,13 @@ def passkey_table(metrics: dict) -> str | None:
     rows = []
     for name, m in models.items():
         acc = m["passkey"]["accuracy_by_length"]
-        rows.append([name] + [_f(100 * acc[str(n)], 0) + "%" if str(n) in acc else "–" for n in lengths]
-                    + [_f(100 * m["passkey"]["overall"], 0) + "%"])
+        nll = m["passkey"].get("key_nll_by_length", {})
+        cell = lambda n: (_f(100 * acc[str(n)], 0) + "%" + (f" ({_f(nll[str(n)])})" if str(n) in nll else "")  # noqa: E731
+                          if str(n) in acc else "–")
+        rows.append([name] + [cell(n) for n in lengths] + [_f(100 * m["passkey"]["overall"], 0) + "%"])
     first = next(iter(models.values()))["passkey"]
-    note = (f"Exact-match passkey accuracy by prompt length in tokens, averaged over depths "
+    note = (f"Exact-match passkey accuracy by prompt length in tokens (in brackets: mean NLL of the key's tokens, "
+            f"teacher-forced; lower is better), averaged over depths "
             f"{', '.join(f'{d:g}' for d in first.get('depths', []))} ({first.get('trials')} prompts per model). "
             f"{BEYOND} longer than the base model's training length.")
     return _table(header, rows) + "\n\n" + note
