@@ -153,3 +153,22 @@ def test_cip_in_packing_pass_and_as_ray_data_stage(ray_cluster, tmp_path):
     assert _rows(staged["uri"]) == mixed_rows
     assert staged["params"]["cip"]["rows"] == n // 2
     assert sum(staged["params"]["cip"]["chunk_tokens"]["counts"]) == staged["params"]["cip"]["chunks"]
+
+
+def test_trainer_collate_keeps_cip_rows_one_causal_block():
+    """The trainer's batches take attention spans from position ids: a CIP row (one run of positions over
+    several document chunks) stays one block; an ordinary packed row splits at every document; padding is
+    excluded from the attention FLOPs either way."""
+    from longctx.train.batches import PackedRow, collate
+
+    seq = 10
+    ids = np.arange(seq, dtype=np.int32)
+    cip = PackedRow(row_id=0, input_ids=ids, position_ids=np.arange(seq, dtype=np.int32), labels=ids,
+                    seg_lengths=[3, 3, 2, 2], seg_is_pad=[False, False, False, True])
+    plain = PackedRow(row_id=1, input_ids=ids, position_ids=np.array([0, 1, 2, 0, 1, 2, 0, 1, 0, 1], np.int32),
+                      labels=ids, seg_lengths=[3, 3, 2, 2], seg_is_pad=[False, False, False, True])
+    mb = collate([cip, plain], attention="document")
+    assert mb.doc_ids[0, :8].unique().numel() == 1  # CIP: chunks of different documents attend to each other
+    assert mb.doc_ids[1].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    assert mb.non_pad_tokens == 16
+    assert mb.sum_sq_doc_lengths == 8 * 8 + (3 * 3 + 3 * 3 + 2 * 2)

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from longctx.model.attention import document_ids_from_seg_lengths
+from longctx.model.attention import document_ids_from_position_ids
 
 REQUIRED_COLUMNS = ("input_ids", "position_ids", "labels", "seg_lengths", "row_id")
 
@@ -179,16 +179,25 @@ def collate(rows: list[PackedRow], attention: str) -> MicroBatch:
     for r in rows:
         if len(r.input_ids) != seq_len or len(r.labels) != seq_len or len(r.position_ids) != seq_len:
             raise ValueError(f"row {r.row_id}: input_ids/labels/position_ids lengths differ from seq_len={seq_len}")
-    doc_ids = document_ids_from_seg_lengths([r.seg_lengths for r in rows], seq_len)
+    position_ids = torch.from_numpy(np.stack([r.position_ids for r in rows]))
+    # NOTE: attention spans follow the position ids, not seg_lengths: a CIP row (chunk-interleaved
+    # pretraining) holds several document segments under one run of positions and must stay one causal
+    # block, or the cross-chunk signal CIP exists for is masked away. For ordinary packed rows the two agree
+    # (positions restart at every segment, padding included).
+    doc_ids = document_ids_from_position_ids(position_ids)
     sum_sq = 0
     non_pad = 0
-    for r in rows:
-        real = [n for n, pad in zip(r.seg_lengths, r.seg_is_pad) if not pad]
-        non_pad += sum(real)
-        sum_sq += sum(n * n for n in real) if attention == "document" else sum(real) ** 2
+    for i, r in enumerate(rows):
+        pad = sum(n for n, is_pad in zip(r.seg_lengths, r.seg_is_pad) if is_pad)
+        real = seq_len - pad  # padding is the last segment
+        non_pad += real
+        if attention == "document":
+            sum_sq += int((np.bincount(doc_ids[i, :real].numpy()) ** 2).sum()) if real else 0
+        else:
+            sum_sq += real * real
     return MicroBatch(
         input_ids=torch.from_numpy(np.stack([r.input_ids for r in rows])),
-        position_ids=torch.from_numpy(np.stack([r.position_ids for r in rows])),
+        position_ids=position_ids,
         labels=torch.from_numpy(np.stack([r.labels for r in rows])),
         doc_ids=doc_ids,
         row_ids=[r.row_id for r in rows],
