@@ -125,15 +125,14 @@ def key_nll(model, tokenizer, prompts: Sequence[PasskeyPrompt]) -> list[float]:
 
     targets = [tokenizer(" " + p.key, add_special_tokens=False)["input_ids"] for p in prompts]
     out = [0.0] * len(prompts)
-    groups: dict[int, list[int]] = defaultdict(list)
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, (p, t) in enumerate(zip(prompts, targets)):
-        groups[len(p.input_ids) + len(t)].append(i)
-    for idx in groups.values():
+        groups[(len(p.input_ids), len(t))].append(i)
+    for (plen, tlen), idx in groups.items():
         ids = torch.tensor([prompts[i].input_ids + targets[i] for i in idx])
-        nll = token_nll(model, ids)
+        nll = token_nll(model, ids, from_position=plen)  # the LM head only runs on the key's positions
         for row, i in zip(nll, idx):
-            start = len(prompts[i].input_ids)
-            out[i] = float(row[start:].mean())
+            out[i] = float(row[plen:].mean())
     return out
 
 

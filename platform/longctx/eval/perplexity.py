@@ -35,8 +35,12 @@ def bucket_ranges(bucket_edges: Sequence[int], context_length: int) -> list[tupl
 
 
 @torch.inference_mode()
-def token_nll(model, input_ids: torch.Tensor, logits_chunk: int = 1024) -> torch.Tensor:
-    """Per-position next-token NLL [B, L] (float32; column 0 is 0 because nothing predicts position 0)."""
+def token_nll(model, input_ids: torch.Tensor, logits_chunk: int = 1024, from_position: int = 1) -> torch.Tensor:
+    """Per-position next-token NLL [B, L] (float32; column 0 is 0 because nothing predicts position 0).
+
+    Only positions >= `from_position` are scored (the others stay 0), so scoring an answer after a long
+    prompt runs the LM head on the answer alone.
+    """
     device = model_device(model)
     input_ids = input_ids.to(device)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
@@ -45,7 +49,7 @@ def token_nll(model, input_ids: torch.Tensor, logits_chunk: int = 1024) -> torch
     nll = torch.zeros(batch, length, dtype=torch.float32)
     if decoder is not None and head is not None and decoder is not model:
         hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-        for start in range(0, length - 1, logits_chunk):
+        for start in range(max(0, from_position - 1), length - 1, logits_chunk):
             stop = min(length - 1, start + logits_chunk)
             logits = head(hidden[:, start:stop]).float()
             target = input_ids[:, start + 1 : stop + 1]
@@ -55,6 +59,7 @@ def token_nll(model, input_ids: torch.Tensor, logits_chunk: int = 1024) -> torch
         logits = model(input_ids=input_ids, use_cache=False).logits.float()
         loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
         nll[:, 1:] = loss.cpu()
+        nll[:, : max(1, from_position)] = 0
     return nll
 
 
