@@ -1,6 +1,6 @@
 """Prepare packed long-context training data: sources -> tokenize -> length mixture -> packed Parquet shards.
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/prepare_data.py --config jobs/configs/prepare-slimpajama.yaml --set data.output=s3://bucket/packed/slimpajama-32k/
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/prepare_data.py --config jobs/configs/prepare-slimpajama.yaml --set data.output=s3://your-bucket/packed/sp-32k-1b/
     python jobs/prepare_data.py --set data.output=runs/demo-data --set data.long_threshold=512   # laptop: shipped sample corpus
 
 A config file with only a `data:` section is enough. Sources come from the config or from

@@ -111,6 +111,9 @@ def keep_prob_draw(plan: SourcePlan, idx: np.ndarray, threshold: int, r: float, 
 def plan_mixture(lengths_by_source: dict[str, np.ndarray], data_cfg) -> MixturePlan:
     """The per-document plan for `data_cfg.strategy` (see the module docstring)."""
     d = data_cfg
+    if getattr(d, "eval_fraction", 0.0):
+        raise ValueError(f"data.eval_fraction={d.eval_fraction}: the data engine holds nothing out; evaluate on a "
+                         "separate held-out corpus (eval.documents) and leave data.eval_fraction at 0")
     strategy, mode, thr = d.strategy, d.upsample_mode, d.long_threshold
     names = sorted(lengths_by_source)
     plans = {s: SourcePlan(lengths=np.asarray(lengths_by_source[s], np.int32),

@@ -127,6 +127,12 @@ def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True)
     # NOTE: Ray Data hands whole blocks (bundled up to batch_size rows) to actors; with the default 128 MiB
     # blocks one large file would be tokenized by one actor while the others idle. Small blocks spread it.
     ctx.target_max_block_size = PASS1_BLOCK_BYTES
+    actors = cfg.data.num_tokenize_actors
+    readers = max(2, actors)
+    # Blocks in flight are bounded too (16 per stage worker): the stream stays flat however large the corpus.
+    old_limits = ctx.execution_options.resource_limits
+    ctx.execution_options.resource_limits = old_limits.copy(
+        object_store_memory=16 * PASS1_BLOCK_BYTES * (actors + readers))
     try:
         items = [{"file_idx": t.file_idx, "uri": t.uri, "source": t.source} for t in tasks]
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
@@ -135,19 +141,24 @@ def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True)
         # the differing remote args also keep Ray Data from fusing the read into the actors: fused, each actor
         # would read and tokenize whole files serially, and a corpus of few large files would not spread.
         read_remote = dict(remote, num_cpus=cfg.ray.data_cpus_per_task / 2)
+        # NOTE: bounded read concurrency: with fractional CPUs Ray Data would otherwise start one read task per
+        # file at once (32 on a 4-CPU laptop cluster), each a ~150 MB worker process, and race ahead of the
+        # tokenizers; memory would then grow with the number of files instead of staying flat.
         ds = ds.map_batches(src.read_files_batch, batch_size=1, batch_format="numpy",
                             fn_kwargs={"specs": specs, "opts": {"endpoint_url": opts.endpoint_url,
-                                                               "region": opts.region}}, **read_remote)
+                                                               "region": opts.region}},
+                            compute=ray.data.TaskPoolStrategy(size=readers), **read_remote)
         ds = ds.map_batches(TokenizeBatches, fn_constructor_kwargs={"tokenizer": cfg.data.tokenizer,
                                                                     "batch_docs": cfg.data.tokenize_batch_size},
                             batch_size=None, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=cfg.data.num_tokenize_actors), **remote)
+                            compute=ray.data.ActorPoolStrategy(size=actors), **remote)
         if not with_tokens:
             ds = ds.drop_columns(["tokens"])
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
     finally:
         ctx.execution_options.preserve_order = old_order
         ctx.target_max_block_size = old_block
+        ctx.execution_options.resource_limits = old_limits
 
 
 PASS1_BLOCK_BYTES = 2 << 20
@@ -223,6 +234,8 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True) -> To
 def check_bad_fraction(cache: TokenCache, limit: float) -> float:
     total = cache.good + cache.bad
     frac = cache.bad / total if total else 0.0
+    if total == 0:
+        raise DataQualityError(f"the sources hold no records ({cache.files} files read): nothing to pack")
     if frac > limit or cache.good == 0:
         examples = ""
         if cache.quarantine_path and os.path.exists(cache.quarantine_path):
