@@ -128,3 +128,23 @@ def test_download_dir_from_s3(s3_bucket, tmp_path):
     assert open(os.path.join(out, "sub", "w.bin"), "rb").read() == b"abc"
     with pytest.raises(storage.StorageError, match="empty or missing"):
         storage.download_dir(f"{s3_bucket}/nothing", str(tmp_path / "dl2"))
+
+
+@pytest.mark.s3
+def test_local_dir_downloads_s3_once_and_publishes_complete_copies(s3_bucket, tmp_path, monkeypatch):
+    """Models and tokenizers on S3 are copied into one cache folder, whole, and reused afterwards."""
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"a": 1}')
+    storage.upload_dir(str(src), f"{s3_bucket}/m")
+    first = storage.local_dir(f"{s3_bucket}/m", "models")
+    assert open(os.path.join(first, "config.json")).read() == '{"a": 1}'
+    assert os.path.exists(os.path.join(first, ".complete"))
+    storage.write_text(f"{s3_bucket}/m/config.json", '{"a": 2}')  # the cache is keyed by URI and reused
+    assert storage.local_dir(f"{s3_bucket}/m", "models") == first
+    assert open(os.path.join(first, "config.json")).read() == '{"a": 1}'
+    assert [p for p in os.listdir(os.path.dirname(first)) if ".tmp-" in p] == []
+    assert storage.local_dir(str(src)) == str(src)  # local folders are used in place
+    with pytest.raises(storage.StorageError, match="does not exist"):
+        storage.local_dir(str(tmp_path / "nope"))

@@ -248,6 +248,32 @@ def download_dir(uri: str, local_dir: str) -> str:
     return local_dir
 
 
+def local_dir(uri: str, kind: str = "dirs") -> str:
+    """A local folder with the contents of `uri`: local paths as they are, s3:// prefixes downloaded once per
+    machine into a cache (LONGCTX_CACHE, default <tmp>/longctx-cache/<kind>/<hash>) and reused.
+
+    The download lands in a private temp folder that is renamed into place complete, so concurrent processes
+    (Ray workers on one node) never read a half-downloaded model or tokenizer.
+    """
+    uri = normalize(uri)
+    if not is_s3(uri):
+        if not os.path.isdir(uri):
+            raise StorageError(f"{uri}: folder does not exist")
+        return uri
+    root = os.environ.get("LONGCTX_CACHE", os.path.join(tempfile.gettempdir(), "longctx-cache"))
+    dest = os.path.join(root, kind, hashlib.sha256(uri.encode()).hexdigest()[:16])
+    if not os.path.exists(os.path.join(dest, ".complete")):
+        tmp = f"{dest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        download_dir(uri, tmp)
+        open(os.path.join(tmp, ".complete"), "w").close()
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process won the race; its copy is complete
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def _manifest_of(local_dir: str) -> dict:
     files = {}
     for root, _, names in os.walk(local_dir):

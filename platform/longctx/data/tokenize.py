@@ -11,12 +11,9 @@ every document, and returns the token ids as a `list<int32>` column plus `n_toke
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -37,24 +34,8 @@ TOKEN_SCHEMA = pa.schema([
 
 
 def local_tokenizer_dir(uri: str) -> str:
-    """A local folder with the tokenizer files (s3:// prefixes downloaded once per process into a cache)."""
-    uri = storage.normalize(uri)
-    if not storage.is_s3(uri):
-        if not os.path.isdir(uri):
-            raise storage.StorageError(f"{uri}: tokenizer folder does not exist")
-        return uri
-    root = os.environ.get("LONGCTX_CACHE", os.path.join(tempfile.gettempdir(), "longctx-cache"))
-    dest = os.path.join(root, "tokenizers", hashlib.sha256(uri.encode()).hexdigest()[:16])
-    if not os.path.exists(os.path.join(dest, ".complete")):
-        tmp = f"{dest}.tmp-{os.getpid()}"
-        storage.download_dir(uri, tmp)
-        open(os.path.join(tmp, ".complete"), "w").close()
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        try:
-            os.replace(tmp, dest)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    """A local folder with the tokenizer files (s3:// prefixes downloaded once per machine into a cache)."""
+    return storage.local_dir(uri, "tokenizers")
 
 
 def _token_text(value) -> str | None:

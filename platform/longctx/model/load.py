@@ -8,10 +8,8 @@ model is built (see `longctx.model.rope`).
 from __future__ import annotations
 
 import glob
-import hashlib
 import logging
 import os
-import tempfile
 
 import torch
 
@@ -23,26 +21,7 @@ log = logging.getLogger(__name__)
 
 def local_model_dir(uri: str) -> str:
     """A local folder holding the model/tokenizer at `uri` (S3 prefixes are downloaded to a cache once)."""
-    uri = storage.normalize(uri)
-    if not storage.is_s3(uri):
-        if not os.path.isdir(uri):
-            raise storage.StorageError(f"{uri}: model/tokenizer folder does not exist")
-        return uri
-    cache_root = os.environ.get("LONGCTX_CACHE", os.path.join(tempfile.gettempdir(), "longctx-cache"))
-    dest = os.path.join(cache_root, "models", hashlib.sha256(uri.encode()).hexdigest()[:16])
-    done = os.path.join(dest, ".complete")
-    if not os.path.exists(done):
-        tmp = dest + f".tmp-{os.getpid()}"
-        storage.download_dir(uri, tmp)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        if os.path.exists(dest):  # another process won the race
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-        open(done, "w").close()
-    return dest
+    return storage.local_dir(uri, "models")
 
 
 def check_weight_format(model_dir: str, allow_pickle: bool) -> None:
