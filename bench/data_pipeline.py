@@ -145,7 +145,8 @@ def _tree_sample(pid: int, cpu: dict[int, float]) -> int:
 def measure(variant: str, args: list[str]) -> dict:
     """Run one variant in a subprocess; return its JSON result plus peak PSS of its process tree."""
     cmd = [sys.executable, __file__, "--child", variant, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    err = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     peak = 0
     cpu: dict[int, float] = {}
     done = threading.Event()
@@ -163,7 +164,8 @@ def measure(variant: str, args: list[str]) -> dict:
     t.join()
     lines = [l for l in out.splitlines() if l.startswith("{")]
     if proc.returncode or not lines:
-        raise RuntimeError(f"{variant} failed (exit {proc.returncode}): {out[-2000:]}")
+        err.seek(0)
+        raise RuntimeError(f"{variant} failed (exit {proc.returncode}): {out[-1000:]}{err.read()[-3000:]}")
     return {**json.loads(lines[-1]), "peak_mib": peak / 2**20, "cpu_s": sum(cpu.values())}
 
 

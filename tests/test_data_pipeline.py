@@ -17,7 +17,7 @@ import zstandard
 
 from longctx import storage
 from longctx.config import load_config
-from longctx.data import packed_dataset, prepare_data, read_packed
+from longctx.data import length_stats, packed_dataset, prepare_data, read_packed
 from longctx.data.pipeline import DataQualityError
 from longctx.model.load import load_tokenizer
 
@@ -113,7 +113,7 @@ def tokenizer_on_s3(s3_endpoint):
 
 def _cfg(sources, tokenizer, **over):
     sets = [f"data.tokenizer={tokenizer}", f"data.seq_len={SEQ}", f"data.long_threshold={THR}",
-            f"data.long_share={Q}", "data.max_bad_fraction=0.05", "data.rows_per_shard=200",
+            f"data.long_share={Q}", "data.max_bad_fraction=0.05", "data.rows_per_shard=1000",
             "data.num_tokenize_actors=2", "ray.data_cpus_per_task=0.25", "data.seed=11"]
     sets += [f"{k}={v}" for k, v in over.items()]
     cfg = load_config(None, sets)
@@ -240,3 +240,16 @@ def test_too_many_bad_records_fail_with_counts_and_publish_nothing(ray_cluster, 
     assert not storage.exists(f"{s3_bucket}/out/_COMMITTED")
     with pytest.raises(storage.StorageError, match="_COMMITTED"):
         read_packed(f"{s3_bucket}/out")
+
+
+@pytest.mark.slow
+def test_length_stats_alone_match_the_manifest_and_draw_a_histogram(prepared, tmp_path, capsys):
+    png = tmp_path / "lengths.png"
+    stats = length_stats(prepared["cfg"], plot=str(png))
+    manifest = prepared["manifest"]
+    for s, v in manifest["sources"].items():
+        assert stats["sources"][s] == v["in"]
+    assert stats["quarantine"]["by_reason"] == manifest["quarantine"]["by_reason"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    table = capsys.readouterr().out
+    assert "RedPajamaBook" in table and f"long>={THR}" in table

@@ -1,0 +1,232 @@
+"""Pass 1 of the data engine: read + validate + tokenize every source through Ray Data, into a token cache.
+
+The driver consumes the Ray Data stream in input order (`preserve_order`) and appends each document's tokens
+to one Parquet file per source label on local disk; only document lengths (4 bytes each) stay in memory.
+Quarantine rows are counted by reason and written to a JSONL file as they arrive. `pipeline.py` plans the
+mixture from the lengths and streams the cache in pass 2.
+
+    cache = tokenize_corpus(cfg, "/tmp/work")      # TokenCache: lengths by source, row groups, quarantine counts
+    check_bad_fraction(cache, cfg.data.max_bad_fraction)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from longctx import storage
+from longctx.data import sources as src
+from longctx.data.tokenize import TokenizeBatches
+
+CACHE_SCHEMA = pa.schema([("doc_id", pa.string()), ("tokens", pa.list_(pa.int32()))])
+
+
+class DataQualityError(RuntimeError):
+    """Too much of the input was quarantined (data.max_bad_fraction); the message has the counts."""
+
+
+# ------------------------------------------------------------------------------------------------- pass 1
+@dataclass
+class TokenCache:
+    """Result of pass 1: per-source token caches on local disk, lengths in memory, quarantine counts."""
+
+    root: str
+    files: int = 0
+    good: int = 0
+    bad_by_reason: dict[str, int] = field(default_factory=dict)
+    lengths: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    row_groups: dict[str, list[int]] = field(default_factory=dict)  # docs per cache row group
+    quarantine_path: str = ""
+    seconds: float = 0.0
+
+    @property
+    def bad(self) -> int:
+        return sum(self.bad_by_reason.values())
+
+    def source_lengths(self) -> dict[str, np.ndarray]:
+        return {s: np.concatenate(v) if v else np.zeros(0, np.int32) for s, v in self.lengths.items()}
+
+    def path(self, source: str) -> str:
+        return os.path.join(self.root, f"{sorted(self.lengths).index(source):04d}.parquet")
+
+    @classmethod
+    def from_documents(cls, root: str, docs: dict[str, list[tuple[str, np.ndarray]]]) -> "TokenCache":
+        """A cache written directly from {source: [(doc_id, tokens incl. EOS), ...]} (tests, benchmarks)."""
+        os.makedirs(root, exist_ok=True)
+        cache = cls(root=root, files=len(docs))
+        for label in sorted(docs):
+            rows = docs[label]
+            lengths = np.array([len(t) for _, t in rows], np.int32)
+            cache.lengths[label] = [lengths]
+            cache.good += len(rows)
+        for label in sorted(docs):
+            rows = docs[label]
+            table = pa.table({"doc_id": [i for i, _ in rows],
+                              "tokens": pa.array([np.asarray(t, np.int32) for _, t in rows], pa.list_(pa.int32()))},
+                             schema=CACHE_SCHEMA)
+            bounds = _row_group_bounds(cache.lengths[label][0])
+            cache.row_groups[label] = [hi - lo for lo, hi in bounds]
+            with pq.ParquetWriter(cache.path(label), CACHE_SCHEMA, compression="none") as w:
+                for lo, hi in bounds:
+                    w.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
+        return cache
+
+
+def ensure_ray(cfg) -> None:
+    """Connect to Ray if the caller has not (RAY_ADDRESS / cfg.ray.address, else a local cluster)."""
+    import ray
+
+    if not ray.is_initialized():
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:  # NOTE: a bare ray.init() would attach to a stray `ray start` cluster on this machine
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+
+
+def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True) -> Iterator[pa.Table]:
+    """Pass 1 on Ray Data, in input order: read + validate files, then tokenize in an actor pool."""
+    import ray.data
+
+    ensure_ray(cfg)
+    opts = storage.options()
+    remote = {"num_cpus": cfg.ray.data_cpus_per_task}
+    if cfg.ray.data_resources:
+        remote["resources"] = dict(cfg.ray.data_resources)
+    ctx = ray.data.DataContext.get_current()
+    old_order, old_block = ctx.execution_options.preserve_order, ctx.target_max_block_size
+    ctx.execution_options.preserve_order = True  # determinism: blocks come back in file/record order
+    # NOTE: Ray Data hands whole blocks (bundled up to batch_size rows) to actors; with the default 128 MiB
+    # blocks one large file would be tokenized by one actor while the others idle. Small blocks spread it.
+    ctx.target_max_block_size = PASS1_BLOCK_BYTES
+    actors = cfg.data.num_tokenize_actors
+    readers = max(2, actors)
+    # Blocks in flight are bounded too (16 per stage worker): the stream stays flat however large the corpus.
+    old_limits = ctx.execution_options.resource_limits
+    ctx.execution_options.resource_limits = old_limits.copy(
+        object_store_memory=16 * PASS1_BLOCK_BYTES * (actors + readers))
+    try:
+        items = [{"file_idx": t.file_idx, "uri": t.uri, "source": t.source} for t in tasks]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        specs = {t.source: t.spec.model_dump() for t in tasks}
+        # NOTE: read tasks reserve half the CPU of a tokenizer actor (parsing is much cheaper than encoding) and
+        # the differing remote args also keep Ray Data from fusing the read into the actors: fused, each actor
+        # would read and tokenize whole files serially, and a corpus of few large files would not spread.
+        read_remote = dict(remote, num_cpus=cfg.ray.data_cpus_per_task / 2)
+        # NOTE: bounded read concurrency: with fractional CPUs Ray Data would otherwise start one read task per
+        # file at once (32 on a 4-CPU laptop cluster), each a ~150 MB worker process, and race ahead of the
+        # tokenizers; memory would then grow with the number of files instead of staying flat.
+        ds = ds.map_batches(src.read_files_batch, batch_size=1, batch_format="numpy",
+                            fn_kwargs={"specs": specs, "opts": {"endpoint_url": opts.endpoint_url,
+                                                               "region": opts.region}},
+                            compute=ray.data.TaskPoolStrategy(size=readers), **read_remote)
+        ds = ds.map_batches(TokenizeBatches, fn_constructor_kwargs={"tokenizer": cfg.data.tokenizer,
+                                                                    "batch_docs": cfg.data.tokenize_batch_size},
+                            batch_size=None, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=actors), **remote)
+        if not with_tokens:
+            ds = ds.drop_columns(["tokens"])
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    finally:
+        ctx.execution_options.preserve_order = old_order
+        ctx.target_max_block_size = old_block
+        ctx.execution_options.resource_limits = old_limits
+
+
+PASS1_BLOCK_BYTES = 2 << 20
+CACHE_ROW_GROUP_DOCS = 1024
+CACHE_ROW_GROUP_TOKENS = 8 << 20
+
+
+def _row_group_bounds(lengths: np.ndarray) -> list[tuple[int, int]]:
+    """Slices of at most CACHE_ROW_GROUP_DOCS documents and (unless one document is bigger) TOKENS tokens:
+    pass 2 holds one cache row group per source in memory, so this bounds its memory."""
+    bounds, lo, acc = [], 0, 0
+    for i, n in enumerate(lengths.tolist()):
+        if i > lo and (i - lo >= CACHE_ROW_GROUP_DOCS or acc + n > CACHE_ROW_GROUP_TOKENS):
+            bounds.append((lo, i))
+            lo, acc = i, 0
+        acc += n
+    if len(lengths) > lo:
+        bounds.append((lo, len(lengths)))
+    return bounds
+
+
+def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True) -> TokenCache:
+    """Pass 1: tokenize every source into `cache_root` (tokens) and return lengths + quarantine counts.
+
+    With `with_tokens=False` (length statistics only) nothing is cached."""
+    t0 = time.time()
+    tasks = src.list_files(cfg.data.source_specs())
+    cache = TokenCache(root=cache_root or "", files=len(tasks))
+    writers: dict[str, pq.ParquetWriter] = {}
+    staged: dict[str, str] = {}
+    qfile = open(os.path.join(cache_root, "quarantine.jsonl"), "w") if cache_root else None
+    cache.quarantine_path = qfile.name if qfile else ""
+    try:
+        for batch in _tokenized_batches(cfg, tasks, with_tokens):
+            reason = batch.column("reason")
+            bad_mask = pc.is_valid(reason)
+            if pc.any(bad_mask).as_py():
+                bad = batch.filter(bad_mask).select(["doc_id", "reason", "detail"]).to_pylist()
+                for r in bad:
+                    cache.bad_by_reason[r["reason"]] = cache.bad_by_reason.get(r["reason"], 0) + 1
+                    if qfile:
+                        qfile.write(json.dumps({"location": r["doc_id"], "reason": r["reason"],
+                                                "detail": r["detail"]}) + "\n")
+                batch = batch.filter(pc.invert(bad_mask))
+            if batch.num_rows == 0:
+                continue
+            cache.good += batch.num_rows
+            labels = batch.column("source")
+            for label in pc.unique(labels).to_pylist():
+                part = batch if len(labels.unique()) == 1 else batch.filter(pc.equal(labels, label))
+                lengths = part.column("n_tokens").to_numpy()
+                cache.lengths.setdefault(label, []).append(lengths)
+                for lo, hi in _row_group_bounds(lengths):
+                    cache.row_groups.setdefault(label, []).append(hi - lo)
+                    if with_tokens:
+                        if label not in writers:
+                            staged[label] = os.path.join(cache_root, f"staged-{len(writers):04d}.parquet")
+                            writers[label] = pq.ParquetWriter(staged[label], CACHE_SCHEMA, compression="none")
+                        writers[label].write_table(
+                            part.slice(lo, hi - lo).select(["doc_id", "tokens"]).cast(CACHE_SCHEMA),
+                            row_group_size=hi - lo)
+    finally:
+        for w in writers.values():
+            w.close()
+        if qfile:
+            qfile.close()
+    for label, path in staged.items():  # final names follow sorted labels, whatever order they appeared in
+        os.replace(path, cache.path(label))
+    cache.seconds = time.time() - t0
+    return cache
+
+
+def check_bad_fraction(cache: TokenCache, limit: float) -> float:
+    total = cache.good + cache.bad
+    frac = cache.bad / total if total else 0.0
+    if total == 0:
+        raise DataQualityError(f"the sources hold no records ({cache.files} files read): nothing to pack")
+    if frac > limit or cache.good == 0:
+        examples = ""
+        if cache.quarantine_path and os.path.exists(cache.quarantine_path):
+            with open(cache.quarantine_path) as f:
+                examples = "".join(f"\n    {json.loads(l)['location']}: {json.loads(l)['reason']}"
+                                   for _, l in zip(range(5), f))
+        raise DataQualityError(
+            f"{cache.bad} of {total} input records ({100 * frac:.2f}%) were quarantined, above "
+            f"data.max_bad_fraction={limit} ({100 * limit:.2f}%); by reason: {dict(sorted(cache.bad_by_reason.items()))}."
+            f"{' First ones:' + examples if examples else ''}\n  Fix the input, or raise data.max_bad_fraction "
+            f"if these records may be dropped.")
+    return frac
+
+
