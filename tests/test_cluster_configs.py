@@ -190,7 +190,8 @@ def test_raycluster_pools_autoscale_with_gpu_scheduling():
 
 
 RAYJOBS = {"rayjob-long-pt.yaml": ("jobs/long_pt.py", "jobs/configs/index-1.9b-32k-pt.yaml"),
-           "rayjob-long-sft.yaml": ("jobs/long_sft.py", "jobs/configs/index-1.9b-32k-sft.yaml")}
+           "rayjob-long-sft.yaml": ("jobs/long_sft.py", "jobs/configs/index-1.9b-32k-sft.yaml"),
+           "rayjob-sweep.yaml": ("jobs/sweep.py", "jobs/configs/sweep-index-rope-base.yaml")}
 
 
 def _entrypoint(name: str) -> list[str]:
@@ -213,6 +214,25 @@ def test_rayjob_runs_the_repos_job_with_its_config(name):
     cfg = load_config(ROOT / config, overrides)
     assert cfg.output_dir.startswith("s3://") and cfg.ray.data_resources == {"data_node": 0.01}
     assert cfg.train.resources_per_worker.get("trainer_node") == 0.01
+
+
+def test_rayjob_sweep_drivers_land_on_the_head_and_its_trials_fit_the_pools():
+    argv = _entrypoint("rayjob-sweep.yaml")
+    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    cfg = load_config(ROOT / "jobs/configs/sweep-index-rope-base.yaml", overrides)
+    head = _kuberay_custom_resources(_raycluster()["spec"]["headGroupSpec"]["rayStartParams"])
+    driver = cfg.tune.trial_resources
+    assert driver and all(head.get(k, 0) >= v for k, v in driver.items()), (driver, head)
+    # every trial's config (grid point) still fits one pool, concurrent trials included
+    from longctx.tune.sweep import base_tree, trial_config, validate_space
+
+    pools = _kuberay_node_types()
+    for point in validate_space(cfg):
+        trial = trial_config(base_tree(cfg), point)
+        assert job_fits(trial, pools)[0], point
+    worker_gpus = cfg.train.num_workers * cfg.tune.max_concurrent_trials
+    h100 = next(res for res, n in pools.values() if res.get("gpu_h100"))
+    assert worker_gpus <= h100["GPU"] * max(n for res, n in pools.values() if res.get("gpu_h100"))
 
 
 # ------------------------------------------------------------------------------------------------ resource fit

@@ -6,6 +6,7 @@
     longctx train        --config FILE            (same as jobs/long_pt.py)
     longctx eval run     --config FILE --set eval.model=URI
     longctx eval score   --predictions preds.jsonl --output scores.json
+    longctx tune         --config jobs/configs/sweep-rope-budget.yaml   (same as jobs/sweep.py; resumes by name)
     longctx rope suggest --head-dim 128 --train-len 4096 --target-len 32768
     longctx config show|validate|schema --config FILE [--output schemas/job_config.schema.json]
 """
@@ -101,6 +102,16 @@ def _cmd_eval_score(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    from longctx.tune.sweep import run_sweep
+
+    summary = run_sweep(_load(args), fresh=args.fresh)
+    if not summary["complete"]:
+        return 3
+    print(summary["results"])
+    return 0
+
+
 def _cmd_rope_suggest(args) -> int:
     from longctx.model.rope import suggest_rope_base
 
@@ -166,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True, help="JSONL with pred, answers, all_classes, dataset[, length]")
     p.add_argument("--output", required=True, help="where to write {dataset: score} JSON")
     p.set_defaults(func=_cmd_eval_score)
+
+    tn = verbs.add_parser("tune", help="Ray Tune sweep of the Long-PT chain (as jobs/sweep.py)")
+    _add_config_args(tn)
+    tn.add_argument("--fresh", action="store_true", help="fail if a sweep of this name exists instead of resuming it")
+    tn.set_defaults(func=_cmd_tune)
 
     rope = verbs.add_parser("rope", help="RoPE tools")
     rope_sub = rope.add_subparsers(dest="action", required=True)

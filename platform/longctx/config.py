@@ -245,6 +245,13 @@ class TrainConfig(_Section):
     """Tokens per chunk of the chunked logits+loss (the full [seq, vocab] logits never exist)."""
     log_every: int = Field(1, ge=1)
     """Log metrics every N optimizer steps."""
+    val_every: int = Field(0, ge=0)
+    """Validation loss every N optimizer steps and after the last one (0: off). Logged as `val_loss` and
+    reported to Ray Train, so a Ray Tune sweep sees it (ASHA early stopping reads it)."""
+    val_documents: str | None = None
+    """Held-out documents for the validation loss (any corpus format, local or s3://). Default: eval.documents."""
+    val_num_documents: int = Field(8, ge=1)
+    """Validation documents: the first N with at least data.seq_len tokens, each cut to data.seq_len, one per row."""
 
 
 # ----------------------------------------------------------------------------------------------------- eval
@@ -419,6 +426,116 @@ class SynthConfig(_Section):
     """Passkey / key-value / multi-needle retrieval instructions over corpus haystacks, as chat SFT samples."""
 
 
+# ----------------------------------------------------------------------------------------------------- tune
+SWEEP_ALIASES = {"rope_theta": "model.rope_theta", "token_budget": "train.token_budget"}
+"""Short names a sweep's `params` may use for the two axes the papers sweep."""
+Objective = Literal["nll_beyond_base", "overall_nll", "val_loss", "passkey_accuracy", "needle_score"]
+OBJECTIVE_MODE = {"nll_beyond_base": "min", "overall_nll": "min", "val_loss": "min", "passkey_accuracy": "max",
+                  "needle_score": "max"}
+
+
+class SweepParam(_Section):
+    """One axis of the search space: exactly one of grid, choice, loguniform, uniform."""
+
+    grid: list[Any] | None = None
+    """Every value, in every combination with the other grid axes (tune.grid_search)."""
+    choice: list[Any] | None = None
+    """One value drawn per sample (tune.choice)."""
+    loguniform: tuple[float, float] | None = None
+    """[low, high], drawn log-uniformly per sample (tune.loguniform); e.g. rope_theta [1e4, 1e7]."""
+    uniform: tuple[float, float] | None = None
+    """[low, high], drawn uniformly per sample (tune.uniform)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("grid", "choice", "loguniform", "uniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, loguniform, uniform (got {given or 'none'})")
+        for k in ("grid", "choice"):
+            if getattr(self, k) is not None and not getattr(self, k):
+                raise ValueError(f"{k} must list at least one value")
+        for k in ("loguniform", "uniform"):
+            lo_hi = getattr(self, k)
+            if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
+                raise ValueError(f"{k}: low must be below high, got {list(lo_hi)}")
+            if k == "loguniform" and lo_hi is not None and lo_hi[0] <= 0:
+                raise ValueError(f"loguniform needs a positive low, got {lo_hi[0]}")
+        return self
+
+
+class AshaConfig(_Section):
+    grace_period: int = Field(1, ge=1)
+    """Validation reports a trial gets before it can be stopped."""
+    reduction_factor: float = Field(2.0, gt=1)
+    """Keep the top 1/reduction_factor at each rung."""
+    max_t: int = Field(100, ge=1)
+    """Validation reports after which a trial is never stopped early."""
+
+
+class TuneConfig(_Section):
+    name: str | None = None
+    """Sweep name: its folder under output_dir, and the key for resuming (same command, same name: finished
+    trials are kept and only the missing ones run). Default: run_name, else `sweep`."""
+    params: dict[str, SweepParam | list[Any]] = Field(default_factory=dict)
+    """Search space by dotted config path (`rope_theta` and `token_budget` are short for model.rope_theta and
+    train.token_budget; any other key works: data.long_share, train.lr, ...). A plain list is a grid."""
+    num_samples: int = Field(1, ge=1)
+    """Draws of the random axes (choice / loguniform / uniform), each crossed with the whole grid."""
+    objective: Objective = "nll_beyond_base"
+    """What "best" means: mean held-out NLL beyond the base model's training length (default), overall NLL,
+    the final validation loss, passkey accuracy or needle score (the last two: higher is better)."""
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    """`asha` stops trials early on `val_loss` (needs train.val_every > 0); `fifo` runs every trial to the end."""
+    asha: AshaConfig = Field(default_factory=AshaConfig)
+    """ASHA settings (used with scheduler: asha)."""
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    """Trials in flight at once (1: one after another, as on a laptop). Default: as many as the cluster's
+    resources allow, which on an autoscaling cluster grows the GPU pool."""
+    trial_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 0.1})
+    """What each trial's driver process reserves (the training workers reserve their own, from train.*).
+    Put it on a safe node: e.g. {"CPU": 1, "head_node": 0.01}."""
+    max_failures: int = Field(0, ge=0)
+    """Times a failed trial is retried (resuming from its last training checkpoint)."""
+    seed: int = 0
+    """Seed of the random axes' draws."""
+    baselines: bool = True
+    """Evaluate the base model's training-free baselines (eval.baselines) once, for the report's curves."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        names = [SWEEP_ALIASES.get(k, k) for k in self.params]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"params: {dup} given twice (alias and full path)")
+        for k in names:
+            if k.split(".")[0] not in _SECTIONS or k.split(".")[0] == "tune" or "." not in k:
+                raise ValueError(f"params: {k!r} is not a config key path like model.rope_theta or train.lr "
+                                 f"(sections: {sorted(_SECTIONS - {'tune'})})")
+        return self
+
+    def space(self) -> dict[str, SweepParam]:
+        """The search space with aliases expanded, plain lists turned into grids and numeric strings (YAML 1.1
+        reads `1e4` as a string) turned into numbers."""
+        out = {}
+        for k, v in self.params.items():
+            v = v if isinstance(v, SweepParam) else SweepParam(grid=list(v))
+            for kind in ("grid", "choice"):
+                if getattr(v, kind) is not None:
+                    v = v.model_copy(update={kind: [_number(x) for x in getattr(v, kind)]})
+            out[SWEEP_ALIASES.get(k, k)] = v
+        return out
+
+
+def _number(x: Any) -> Any:
+    if isinstance(x, str):
+        try:
+            f = float(x)
+        except ValueError:
+            return x
+        return int(f) if f.is_integer() and "." not in x and "e" not in x.lower() else f
+    return x
+
+
 # ------------------------------------------------------------------------------------------------------ job
 class JobConfig(_Section):
     run_name: str | None = None
@@ -439,6 +556,8 @@ class JobConfig(_Section):
     """Long-context evaluation."""
     synth: SynthConfig = Field(default_factory=SynthConfig)
     """Synthetic long-context data (LongSkywork): SynL tables and retrieval instructions for Long-SFT."""
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    """Ray Tune sweep over any of the keys above (`jobs/sweep.py`, `longctx tune`); ignored by the other jobs."""
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "JobConfig":
@@ -447,11 +566,14 @@ class JobConfig(_Section):
                 f"train.num_workers={self.train.num_workers} is not a multiple of "
                 f"train.sequence_parallel={self.train.sequence_parallel}: the data-parallel size would be fractional"
             )
+        if self.train.val_every == 0 and (self.tune.scheduler == "asha" or self.tune.objective == "val_loss"):
+            raise ValueError("tune.scheduler=asha and tune.objective=val_loss read the validation loss: "
+                             "set train.val_every > 0")
         return self
 
 
 # ------------------------------------------------------------------------------------------------ loading
-_SECTIONS = {"storage", "ray", "data", "model", "train", "eval", "synth"}
+_SECTIONS = {"storage", "ray", "data", "model", "train", "eval", "synth", "tune"}
 
 
 def _parse_value(text: str) -> Any:
@@ -470,6 +592,8 @@ def apply_override(tree: dict, assignment: str) -> None:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"override {assignment!r} has an empty key")
+    if parts[:2] == ["tune", "params"] and len(parts) > 3:  # tune.params.train.lr=[...]: the key is a dotted path
+        parts = [*parts[:2], ".".join(parts[2:])]
     node = tree
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)

@@ -157,6 +157,32 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model_dir = local_model_dir(cfg.model.path)
     tokenizer_dirs = [model_dir, local_model_dir(cfg.data.tokenizer)]
 
+    val_rows = _validation_rows(cfg, tokenizer_dirs[-1], dp_rank, layout.data_parallel) if tcfg.val_every else None
+
+    def validate() -> float:
+        """Mean next-token NLL over the validation documents (every rank runs the same number of forwards)."""
+        engine.eval()
+        sums = [0.0, 0.0]
+        with torch.no_grad():
+            for ids, weight in val_rows:
+                x = torch.tensor([ids], dtype=torch.long)
+                pos = torch.arange(x.shape[1]).unsqueeze(0)
+                tgt = shift_targets(x)
+                kwargs = attention_inputs(pos.to(device), attn_implementation=attn_impl, attention="full")
+                loss_sum, n_tok = engine(x.to(device), tgt.to(device), **kwargs)
+                sums[0] += weight * float(loss_sum)
+                sums[1] += weight * float(n_tok)
+        engine.train()
+        total, count = _all_sum(sums, device)
+        return total / max(count, 1.0)
+
+    def report_validation(step: int, val_loss: float) -> None:
+        if is_rank0:
+            print(f"[train] step {step} val_loss {val_loss:.4f}", flush=True)
+            if log.history and log.history[-1].get("step") == step:
+                log.history[-1]["val_loss"] = val_loss
+        ray.train.report({"step": step, "val_loss": val_loss, "loss": log.history[-1].get("loss") if is_rank0 and log.history else None})
+
     def save_checkpoint(step: int, local_ledger: Ledger) -> dict | None:
         """Report a checkpoint to Ray Train (collective); returns the gathered HF state dict (rank 0)."""
         parts = [None] * world
@@ -171,7 +197,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ckpt.save_hf_model(lm, hf_sd, os.path.join(folder, "hf_model"), tokenizer_dirs)
                 log.flush()
             last = log.history[-1] if (is_rank0 and log.history) else {}
-            metrics = {k: last.get(k) for k in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu")}
+            metrics = {k: last.get(k) for k in ("loss", "val_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu")}
             ray.train.report({"step": step, **metrics},
                              checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"checkpoint_{step:08d}")
@@ -237,11 +263,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "epoch": rows[-1][0], "row_ids": sorted(i for part in step_rows for i in part),
             }
             log.add(record)
-        if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps:
+        checkpoint_now = bool(tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps)
+        if val_rows is not None and step % tcfg.val_every == 0 and step < total_steps:
+            val_loss = validate()
+            if checkpoint_now:  # the checkpoint's report carries val_loss
+                if is_rank0 and log.history and log.history[-1].get("step") == step:
+                    log.history[-1]["val_loss"] = val_loss
+                if is_rank0:
+                    print(f"[train] step {step} val_loss {val_loss:.4f}", flush=True)
+            else:
+                report_validation(step, val_loss)
+        if checkpoint_now:
             save_checkpoint(step, ledger)
         _maybe_inject_failure(loop_config, step, rank)
 
     # 5. Final checkpoint + the published HF model.
+    if val_rows is not None:
+        val_loss = validate()
+        if is_rank0:
+            print(f"[train] step {step} val_loss {val_loss:.4f}", flush=True)
+            if log.history and log.history[-1].get("step") == step:
+                log.history[-1]["val_loss"] = val_loss
     hf_sd = save_checkpoint(step, ledger)
     if is_rank0:
         final_uri = storage.join(train_root, "final_model")
@@ -250,6 +292,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.flush()
         print(f"[train] final model: {final_uri}", flush=True)
     dist.barrier()
+
+
+def _validation_rows(cfg, tokenizer_dir: str, dp_rank: int, data_parallel: int) -> list[tuple[list[int], float]]:
+    """This data-parallel rank's validation rows as (token ids, weight); padded with weight-0 repeats so every
+    rank runs the same number of forwards (ZeRO-3 gathers parameters collectively)."""
+    from transformers import AutoTokenizer
+
+    from longctx.eval.documents import iter_texts
+    from longctx.eval.perplexity import select_documents
+
+    tcfg = cfg.train
+    if tcfg.sequence_parallel > 1:
+        raise ValueError("train.val_every needs train.sequence_parallel == 1 (validation rows are not sharded)")
+    uri = tcfg.val_documents or cfg.eval.documents
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    docs, skipped = select_documents(tok, iter_texts(uri, cfg.eval.text_field), cfg.data.seq_len, tcfg.val_num_documents)
+    if not docs:
+        raise ValueError(f"train.val_every: {uri} has no document with data.seq_len={cfg.data.seq_len} tokens "
+                         f"({skipped} too short)")
+    per_rank = -(-len(docs) // data_parallel)
+    mine = [(d, 1.0) for d in docs[dp_rank::data_parallel]]
+    return mine + [(docs[0], 0.0)] * (per_rank - len(mine))
 
 
 def _optimizer_state_numel(engine) -> int:

@@ -89,8 +89,10 @@ def _layout(cfg) -> BatchLayout:
     )
 
 
-def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict | None = None):
-    """(TorchTrainer, train_root, plan): everything `run_training` runs, for callers that want to add callbacks."""
+def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict | None = None,
+                  callbacks: list | None = None):
+    """(TorchTrainer, train_root, plan): everything `run_training` runs. `callbacks`: Ray Train user callbacks
+    (a sweep passes `TuneReportCallback` so the workers' reports reach Ray Tune)."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -135,19 +137,21 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks or []),
         ),
         datasets=datasets,
     )
     return trainer, train_root, plan
 
 
-def run_training(cfg, train_data, run_dir: str | None = None, *, fail_at: dict | None = None) -> TrainOutcome:
+def run_training(cfg, train_data, run_dir: str | None = None, *, fail_at: dict | None = None,
+                 callbacks: list | None = None) -> TrainOutcome:
     """Run Long-PT/Long-SFT training under Ray Train; returns where the model and metrics are.
 
     `train_data`: a committed packed-Parquet prefix (local or s3://; workers read the shards directly, in a fixed
     order: exact resume) or a `ray.data.Dataset` with the packed-row columns (Ray Train's streaming split). `fail_at` ({"step", "rank", "trigger_file"}) injects one hard worker exit, for fault tests.
     """
-    trainer, train_root, plan = build_trainer(cfg, train_data, run_dir, fail_at=fail_at)
+    trainer, train_root, plan = build_trainer(cfg, train_data, run_dir, fail_at=fail_at, callbacks=callbacks)
     log.info("training %d steps (limited by %s) into %s", plan.total, plan.limited_by, train_root)
     result = trainer.fit()
     if result.error is not None:
