@@ -142,3 +142,24 @@ def test_long_sft_job_end_to_end_on_s3(s3_bucket, tmp_path):
     assert metrics["train"]["steps"] == (rows // 2) * 2 // 1
     local = storage.download_dir(final, str(tmp_path / "final"))
     AutoModelForCausalLM.from_pretrained(local)
+
+
+def test_sft_reader_skips_a_published_folders_manifest_and_quarantine(tmp_path):
+    """A synthetic set's folder (part-*.jsonl + manifest.json + _COMMITTED) reads as its records only."""
+    from longctx.train.sft_data import SftStats, read_conversations
+
+    chat = {"id": "a", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    (tmp_path / "part-00000.jsonl").write_text(json.dumps(chat) + "\n")
+    (tmp_path / "manifest.json").write_text(json.dumps({"samples": 1, "shards": ["part-00000.jsonl"]}, indent=2))
+    (tmp_path / "_COMMITTED").write_text("{}")
+    (tmp_path / "_quarantine").mkdir()
+    (tmp_path / "_quarantine" / "records.jsonl").write_text('{"where": "x", "reason": "y"}\n')
+    stats = SftStats()
+    convs = read_conversations("synth", str(tmp_path), "messages", stats)
+    assert [c.record_id for c in convs] == ["a"]
+    assert stats.quarantined == []
+    # a plain .json file of records still counts (and a broken one is quarantined, not dropped)
+    (tmp_path / "extra.json").write_text("not json\n")
+    stats = SftStats()
+    assert len(read_conversations("synth", str(tmp_path), "messages", stats)) == 1
+    assert [q["where"] for q in stats.quarantined] == [f"{tmp_path}/extra.json:1"]

@@ -86,9 +86,22 @@ def validate_messages(messages) -> str | None:
     return None
 
 
-def read_conversations(source: str, uri: str, messages_field: str, stats: SftStats) -> list[Conversation]:
+def sft_files(uri: str) -> list[str]:
+    """Chat files under `uri`, without a published folder's bookkeeping: `manifest.json` (the synthetic sets'
+    summary, not a record) and anything under an `_underscore/` folder (e.g. `_quarantine/`)."""
+    root = storage.normalize(uri).rstrip("/")
     out = []
     for path in storage.expand(uri, (".jsonl", ".jsonl.gz", ".json")):
+        rel = path[len(root):] if path.startswith(root) else path.rsplit("/", 1)[-1]
+        if path.rsplit("/", 1)[-1] == "manifest.json" or any(part.startswith("_") for part in rel.split("/")[:-1]):
+            continue
+        out.append(path)
+    return out
+
+
+def read_conversations(source: str, uri: str, messages_field: str, stats: SftStats) -> list[Conversation]:
+    out = []
+    for path in sft_files(uri):
         try:
             lines = _open_lines(path)
         except (OSError, UnicodeDecodeError, EOFError) as e:
