@@ -73,6 +73,7 @@ def test_trial_and_data_keys():
     b = {"model.rope_theta": 1e5, "train.token_budget": 1024}
     assert trial_key(a) == trial_key(dict(reversed(list(a.items()))))
     assert trial_key(a) != trial_key(b) and trial_key(a).startswith("rope_theta-10000_token_budget-1024-")
+    assert trial_key({"model.rope_theta": 1e6}).startswith("rope_theta-1e6-")  # not 1e-06
     base = json.loads(load_config(None).model_dump_json())
     base.pop("tune")
     # trials that differ only in model/train settings share one packed dataset; data settings do not

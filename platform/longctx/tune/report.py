@@ -101,10 +101,13 @@ def _png(fig) -> bytes:
 
 
 def _fmt(v) -> str:
+    """1e4 for floats (RoPE bases, learning rates), 245,760 for integers (token budgets)."""
+    if isinstance(v, bool) or v is None:
+        return str(v)
     if isinstance(v, float):
-        return f"{v:.3g}"
-    if isinstance(v, int) and abs(v) >= 10_000:
-        return f"{v:.3g}"
+        return f"{v:.3g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+    if isinstance(v, int):
+        return f"{v:,}"
     return str(v)
 
 

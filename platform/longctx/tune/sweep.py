@@ -83,8 +83,15 @@ def trial_key(params: dict[str, Any]) -> str:
     parts = []
     for k, v in sorted(params.items()):
         short = k.split(".")[-1]
-        parts.append(f"{short}={v:g}" if isinstance(v, float) else f"{short}={v}")
+        parts.append(f"{short}={_compact(v)}")
     return slug("_".join(parts))[:80] + f"-{h}"
+
+
+def _compact(v: Any) -> str:
+    """1e+06 -> 1e6, 0.001 -> 0.001 (a '+' would become '-' in a slug and read as a negative exponent)."""
+    if isinstance(v, float):
+        return f"{v:g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+    return str(v)
 
 
 def grid_points(space: dict[str, SweepParam]) -> list[dict[str, Any]]:
