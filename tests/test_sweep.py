@@ -117,17 +117,22 @@ def test_write_results_table_plots_and_best_recipe(tmp_path):
     rows = _fake_rows(lambda t, b: abs(math.log10(t) - 5) + 1.0 / b * 100)
     rows.append({"params": {"model.rope_theta": 1e7, "train.token_budget": 1024}, "status": "error",
                  "error": "RuntimeError: boom", "tune_dir": "/x", "metrics": {}})
+    rows.append({"params": {"model.rope_theta": 1e3, "train.token_budget": 2048}, "status": "stopped", "error": None,
+                 "tune_dir": "/x", "metrics": {"step": 2, "val_loss": 4.5, "loss": 3.9, "tokens": 1024}})
     out = write_results(cfg, str(tmp_path / "sweep"), rows, None)
     res = Path(out["uri"])
     assert (res / "_COMMITTED").exists()
     with open(res / "trials.csv") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 7
-    assert {r["status"] for r in table} == {"done", "error"}
+    assert len(table) == 8
+    assert {r["status"] for r in table} == {"done", "error", "stopped"}
+    stopped = next(r for r in table if r["status"] == "stopped")  # ASHA's: its last training report
+    assert stopped["trial_key"].startswith("rope_theta-1000_token_budget-2048-")
+    assert (stopped["train_steps"], stopped["val_loss"], stopped["objective"]) == ("2", "4.5", "")
     assert next(r for r in table if r["status"] == "error")["error"] == "RuntimeError: boom"
     import pyarrow.parquet as pq
 
-    assert pq.read_table(res / "trials.parquet").num_rows == 7
+    assert pq.read_table(res / "trials.parquet").num_rows == 8
     # best: rope 1e5 (distance 0) with the larger budget (smaller penalty)
     assert out["best"]["model.rope_theta"] == 1e5 and out["best"]["train.token_budget"] == 2048
     best = load_config(str(res / "best_config.yaml"))
@@ -173,6 +178,7 @@ tune:
     rope_theta: [1.0e+4, 1.0e+5, 1.0e+6]
     token_budget: [512, 1024]
   max_concurrent_trials: 1
+  baselines: false
 """
 
 

@@ -37,6 +37,9 @@ def _clean_env() -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "AWS_")) and k != "RAY_JOB_CONFIG_JSON_ENV_VAR"}
     env["PYTHONUNBUFFERED"] = "1"
+    # The cluster and the job's `python` must be this interpreter's environment even when it is not activated
+    # (CI activates its venv; a developer may run `.venv/bin/python -m pytest`).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 

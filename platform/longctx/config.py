@@ -465,11 +465,12 @@ class SweepParam(_Section):
 
 class AshaConfig(_Section):
     grace_period: int = Field(1, ge=1)
-    """Validation reports a trial gets before it can be stopped."""
+    """Optimizer steps a trial trains before it can be stopped (the first rung)."""
     reduction_factor: float = Field(2.0, gt=1)
-    """Keep the top 1/reduction_factor at each rung."""
+    """Keep the top 1/reduction_factor of trials at each rung (rungs at grace_period x reduction_factor^k steps)."""
     max_t: int = Field(100, ge=1)
-    """Validation reports after which a trial is never stopped early."""
+    """Steps the rungs are laid out up to (no rung at or beyond it); a trial that gets there trains and is
+    evaluated to the end, it is never stopped for reaching it."""
 
 
 class TuneConfig(_Section):

@@ -84,7 +84,10 @@ def connect_ray(cfg: JobConfig):
     else:
         # NOTE: address="local" always starts a fresh cluster; a bare ray.init() would silently attach to the
         # latest `ray start` cluster on this machine (/tmp/ray/ray_current_cluster).
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+        # The dashboard (on 127.0.0.1) serves the State API, which Ray Train's placement-group cleaner polls: without
+        # it, the worker group's placement group of a killed Train controller (a sweep trial stopped early or
+        # interrupted) is never released and later trials wait for CPUs forever.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": env_vars})
     return ray
 

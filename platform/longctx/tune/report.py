@@ -26,6 +26,7 @@ import yaml
 
 from longctx import storage
 from longctx.config import OBJECTIVE_MODE, JobConfig, load_config
+from longctx.tune.sweep import trial_key
 
 ROPE = "model.rope_theta"
 BUDGET = "train.token_budget"
@@ -46,10 +47,14 @@ def trial_table(rows: list[dict], axes: list[str]) -> list[dict[str, Any]]:
     out = []
     for row in rows:
         m, p = row["metrics"], row["params"]
-        rec: dict[str, Any] = {"trial_key": m.get("trial_key"), "status": row["status"]}
+        rec: dict[str, Any] = {"trial_key": m.get("trial_key") or trial_key(p), "status": row["status"]}
         rec.update({a: p.get(a) for a in axes})
         for c in METRIC_COLUMNS:
             rec[c] = m.get(c)
+        if m.get("objective") is None:  # stopped early / failed: what its last training report said
+            rec["final_train_loss"] = m.get("loss")
+            rec["train_steps"] = m.get("step")
+            rec["train_tokens"] = m.get("tokens")
         rec.update(final_model=m.get("final_model") or m.get("checkpoint_path"), trial_dir=m.get("trial_dir"),
                    bucket_edges=m.get("bucket_edges"), bucket_nll=m.get("bucket_nll"),
                    bucket_tokens=m.get("bucket_tokens"), error=row.get("error"), tune_dir=row.get("tune_dir"))

@@ -309,9 +309,11 @@ def run_sweep(cfg: JobConfig, *, fresh: bool = False) -> dict:
         if tcfg.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
 
-            scheduler = ASHAScheduler(metric="val_loss", mode="min", time_attr="training_iteration",
+            # Rungs in optimizer steps: the validation reports carry `step`, the final (evaluation) report does
+            # not, so ASHA never acts on it; stop_last_trials=False lets a trial past max_t finish its evaluation.
+            scheduler = ASHAScheduler(metric="val_loss", mode="min", time_attr="step",
                                       grace_period=tcfg.asha.grace_period, reduction_factor=tcfg.asha.reduction_factor,
-                                      max_t=tcfg.asha.max_t)
+                                      max_t=tcfg.asha.max_t, stop_last_trials=False)
         search_alg = None
         if any(v.grid is None for v in tcfg.space().values()):
             from ray.tune.search.basic_variant import BasicVariantGenerator
