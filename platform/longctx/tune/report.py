@@ -320,7 +320,7 @@ def report_markdown(cfg: JobConfig, table: list[dict], axes: list[str], best: di
              f"{len(table)} trials ({counts['done']} finished, {counts['stopped']} stopped early by ASHA, "
              f"{counts['error']} failed) over {', '.join(f'`{a}`' for a in axes)}; objective `{t.objective}` "
              f"({OBJECTIVE_MODE[t.objective]} is best), scheduler `{t.scheduler}`. Each trial: packed data (shared "
-             f"per data config) -> Long-PT ({cfg.train.num_workers} Ray Train workers, DeepSpeed ZeRO-"
+             f"per data config) -> Long-PT ({cfg.train.num_workers} Ray Train worker{'s' if cfg.train.num_workers != 1 else ''}, DeepSpeed ZeRO-"
              f"{cfg.train.zero_stage}) -> evaluation at {cfg.eval.context_length or cfg.data.seq_len} tokens.\n"]
     if best:
         vals = ", ".join(f"`{a}` = {_fmt(best[a])}" for a in axes)
