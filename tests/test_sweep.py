@@ -262,3 +262,20 @@ def test_sweep_interrupted_and_resumed_runs_every_trial_once(tmp_path):
     # the data was prepared once and shared by every trial
     assert len(list((root / "data").iterdir())) == 1
     assert all(r["trial_key"] in (res / "report.md").read_text() for r in table)
+
+
+def test_resuming_refuses_a_sweep_whose_trials_would_compute_something_else():
+    from longctx.tune.sweep import resume_differences
+
+    base = ["tune.name=s", "tune.params.rope_theta=[1.0e+4, 1.0e+5]"]
+    old = load_config(None, base)
+    # where and how fast it runs may change
+    resume_differences(old, load_config(None, base + ["tune.max_concurrent_trials=4", "ray.num_cpus=16",
+                                                      "train.resources_per_worker={trainer_node: 0.01}"]), "r/s/config.yaml")
+    # what the trials compute may not: Tuner.restore would keep the old grid, and new settings would reach only
+    # the unfinished trials
+    with pytest.raises(ValueError, match=r"tune.params.rope_theta.grid.*choose a new tune.name|Choose a new tune.name"):
+        resume_differences(old, load_config(None, ["tune.name=s", "tune.params.rope_theta=[1.0e+4, 1.0e+6]"]),
+                           "r/s/config.yaml")
+    with pytest.raises(ValueError, match=r"train.lr: 1e-05 -> 0.001"):
+        resume_differences(old, load_config(None, base + ["train.lr=1.0e-3"]), "r/s/config.yaml")

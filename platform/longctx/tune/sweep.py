@@ -35,7 +35,7 @@ import time
 from typing import Any
 
 from longctx import storage
-from longctx.config import OBJECTIVE_MODE, JobConfig, SweepParam, config_from_dict, dump_config, slug
+from longctx.config import OBJECTIVE_MODE, JobConfig, SweepParam, config_from_dict, dump_config, load_config, slug
 
 log = logging.getLogger("longctx")
 
@@ -275,7 +275,10 @@ def run_sweep(cfg: JobConfig, *, fresh: bool = False) -> dict:
     points = validate_space(cfg)
     root = sweep_root(cfg)
     exp_dir = storage.join(root, "tune")
-    storage.write_text(storage.join(root, "config.yaml"), dump_config(cfg))
+    cfg_uri = storage.join(root, "config.yaml")
+    if storage.exists(cfg_uri) and not fresh:
+        resume_differences(load_config(cfg_uri), cfg, cfg_uri)
+    storage.write_text(cfg_uri, dump_config(cfg))
     connect_ray(cfg)
     n_trials = max(1, len(points)) * tcfg.num_samples
     print(f"[sweep] {root}: {n_trials} trials over {sorted(tcfg.space())}, objective {tcfg.objective}", flush=True)
@@ -358,6 +361,39 @@ def run_sweep(cfg: JobConfig, *, fresh: bool = False) -> dict:
         print(f"[sweep] best trial {results['best']['trial_key']}: {tcfg.objective}={results['best']['objective']:.4f} "
               f"-> {results['best_config']}", flush=True)
     return summary
+
+
+# Settings a resumed sweep may change: where and how fast it runs, not what its trials compute.
+RESUMABLE_CHANGES = ("ray", "storage", "tune.max_concurrent_trials", "tune.trial_resources", "tune.max_failures",
+                     "train.resources_per_worker", "train.cpus_per_worker", "eval.num_actors", "eval.gpus_per_actor")
+
+
+def resume_differences(old: JobConfig, new: JobConfig, where: str) -> None:
+    """Refuse to resume a sweep whose trials would compute something else than the finished ones did (Tuner.restore
+    keeps the stored search space, so a changed grid would be silently ignored, and changed settings would apply
+    to the unfinished trials only)."""
+    a, b = json.loads(old.model_dump_json()), json.loads(new.model_dump_json())
+    for dotted in RESUMABLE_CHANGES:
+        for tree in (a, b):
+            node = tree
+            parts = dotted.split(".")
+            for part in parts[:-1]:
+                node = node.get(part, {})
+            node.pop(parts[-1], None)
+    diffs: list[str] = []
+
+    def walk(x, y, path):
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{path}.{k}" if path else k)
+        elif x != y:
+            diffs.append(f"{path}: {x!r} -> {y!r}")
+
+    walk(a, b, "")
+    if diffs:
+        raise ValueError(f"sweep {where.rsplit('/', 2)[-2]!r} exists with other settings, so it cannot be resumed "
+                         f"as is ({'; '.join(diffs[:8])}{' ...' if len(diffs) > 8 else ''}). Choose a new tune.name "
+                         f"for a new sweep, or restore the settings of {where} to resume it.")
 
 
 def _tune_entry(config: dict, sweep: dict) -> None:
