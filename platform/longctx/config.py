@@ -595,6 +595,12 @@ def apply_override(tree: dict, assignment: str) -> None:
         raise ConfigError(f"override {assignment!r} has an empty key")
     if parts[:2] == ["tune", "params"] and len(parts) > 3:  # tune.params.train.lr=[...]: the key is a dotted path
         parts = [*parts[:2], ".".join(parts[2:])]
+    set_dotted(tree, parts, _parse_value(raw), f"override {assignment!r}")
+
+
+def set_dotted(tree: dict, parts: list[str], value: Any, what: str) -> None:
+    """Set `tree[parts[0]][parts[1]]... = value`, creating missing sections (`--set` overrides, sweep trials).
+    `what` names the assignment in the error raised when a path goes through a value."""
     node = tree
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
@@ -603,9 +609,9 @@ def apply_override(tree: dict, assignment: str) -> None:
         elif isinstance(child, str) and parts[:2] == ["data", "sources"] and i == 2:
             child = node[part] = {"uri": child}  # data.sources.NAME.field=... on a plain-URI source
         if not isinstance(child, dict):
-            raise ConfigError(f"override {assignment!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            raise ConfigError(f"{what}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node = child
-    node[parts[-1]] = _parse_value(raw)
+    node[parts[-1]] = value
 
 
 def _format_error(err: ValidationError, origin: str) -> str:

@@ -17,9 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 _STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False}
 
 
-def _png(fig) -> bytes:
+def _png(fig, dpi: float | str = "figure") -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
+    fig.savefig(buf, format="png", bbox_inches="tight", dpi=dpi)
     plt.close(fig)
     return buf.getvalue()
 

@@ -157,7 +157,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model_dir = local_model_dir(cfg.model.path)
     tokenizer_dirs = [model_dir, local_model_dir(cfg.data.tokenizer)]
 
-    val_rows = _validation_rows(cfg, tokenizer_dirs[-1], dp_rank, layout.data_parallel) if tcfg.val_every else None
+    val_rows = _validation_rows(cfg, dp_rank, layout.data_parallel) if tcfg.val_every else None
 
     def validate() -> float:
         """Mean next-token NLL over the validation documents (every rank runs the same number of forwards)."""
@@ -176,12 +176,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         total, count = _all_sum(sums, device)
         return total / max(count, 1.0)
 
-    def report_validation(step: int, val_loss: float) -> None:
+    def record_validation(step: int, val_loss: float) -> None:
+        """Print it and add it to this step's log record (rank 0); the next report to Ray Train carries it."""
         if is_rank0:
             print(f"[train] step {step} val_loss {val_loss:.4f}", flush=True)
             if log.history and log.history[-1].get("step") == step:
                 log.history[-1]["val_loss"] = val_loss
-        ray.train.report({"step": step, "val_loss": val_loss, "loss": log.history[-1].get("loss") if is_rank0 and log.history else None})
 
     def save_checkpoint(step: int, local_ledger: Ledger) -> dict | None:
         """Report a checkpoint to Ray Train (collective); returns the gathered HF state dict (rank 0)."""
@@ -266,24 +266,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         checkpoint_now = bool(tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps)
         if val_rows is not None and step % tcfg.val_every == 0 and step < total_steps:
             val_loss = validate()
-            if checkpoint_now:  # the checkpoint's report carries val_loss
-                if is_rank0 and log.history and log.history[-1].get("step") == step:
-                    log.history[-1]["val_loss"] = val_loss
-                if is_rank0:
-                    print(f"[train] step {step} val_loss {val_loss:.4f}", flush=True)
-            else:
-                report_validation(step, val_loss)
+            record_validation(step, val_loss)
+            if not checkpoint_now:  # otherwise the checkpoint's report carries val_loss
+                last_loss = log.history[-1].get("loss") if is_rank0 and log.history else None
+                ray.train.report({"step": step, "val_loss": val_loss, "loss": last_loss})
         if checkpoint_now:
             save_checkpoint(step, ledger)
         _maybe_inject_failure(loop_config, step, rank)
 
     # 5. Final checkpoint + the published HF model.
     if val_rows is not None:
-        val_loss = validate()
-        if is_rank0:
-            print(f"[train] step {step} val_loss {val_loss:.4f}", flush=True)
-            if log.history and log.history[-1].get("step") == step:
-                log.history[-1]["val_loss"] = val_loss
+        record_validation(step, validate())
     hf_sd = save_checkpoint(step, ledger)
     if is_rank0:
         final_uri = storage.join(train_root, "final_model")
@@ -294,19 +287,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     dist.barrier()
 
 
-def _validation_rows(cfg, tokenizer_dir: str, dp_rank: int, data_parallel: int) -> list[tuple[list[int], float]]:
+def _validation_rows(cfg, dp_rank: int, data_parallel: int) -> list[tuple[list[int], float]]:
     """This data-parallel rank's validation rows as (token ids, weight); padded with weight-0 repeats so every
     rank runs the same number of forwards (ZeRO-3 gathers parameters collectively)."""
-    from transformers import AutoTokenizer
-
     from longctx.eval.documents import iter_texts
     from longctx.eval.perplexity import select_documents
+    from longctx.model.load import load_tokenizer
 
     tcfg = cfg.train
     if tcfg.sequence_parallel > 1:
         raise ValueError("train.val_every needs train.sequence_parallel == 1 (validation rows are not sharded)")
     uri = tcfg.val_documents or cfg.eval.documents
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = load_tokenizer(cfg.data.tokenizer)
     docs, skipped = select_documents(tok, iter_texts(uri, cfg.eval.text_field), cfg.data.seq_len, tcfg.val_num_documents)
     if not docs:
         raise ValueError(f"train.val_every: {uri} has no document with data.seq_len={cfg.data.seq_len} tokens "

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -25,8 +24,9 @@ from typing import Any
 import yaml
 
 from longctx import storage
-from longctx.config import OBJECTIVE_MODE, JobConfig, load_config
-from longctx.tune.sweep import trial_key
+from longctx.config import OBJECTIVE_MODE, JobConfig, load_config, set_dotted
+from longctx.report.plots import _mark_base, _png, plt
+from longctx.tune.sweep import compact_number, trial_key
 
 ROPE = "model.rope_theta"
 BUDGET = "train.token_budget"
@@ -88,32 +88,11 @@ def rope_bound(cfg: JobConfig) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    plt = _plt()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def _fmt(v) -> str:
     """1e4 for floats (RoPE bases, learning rates), 245,760 for integers (token budgets)."""
-    if isinstance(v, bool) or v is None:
-        return str(v)
-    if isinstance(v, float):
-        return f"{v:.3g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
-    if isinstance(v, int):
+    if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
-    return str(v)
+    return compact_number(v, ".3g")
 
 
 def _bound_x(values: list[float], bound: float) -> float | None:
@@ -135,7 +114,6 @@ def _bound_x(values: list[float], bound: float) -> float | None:
 def plot_heatmap(table: list[dict], x_axis: str, y_axis: str | None, objective: str, bound: dict | None) -> bytes:
     import numpy as np
 
-    plt = _plt()
     xs = sorted({r[x_axis] for r in table if r[x_axis] is not None})
     ys = sorted({r[y_axis] for r in table if r[y_axis] is not None}) if y_axis else [None]
     grid = np.full((len(ys), len(xs)), np.nan)
@@ -168,14 +146,13 @@ def plot_heatmap(table: list[dict], x_axis: str, y_axis: str | None, objective: 
     fig.colorbar(im, ax=ax, label=objective)
     ax.set_title(f"{objective} ({OBJECTIVE_MODE[objective]} is best)", pad=26)
     ax.grid(False)
-    return _png(fig)
+    return _png(fig, dpi=110)
 
 
 def plot_ppl_vs_length(table: list[dict], baselines: dict | None, base_len: int | None) -> bytes | None:
     """Cumulative perplexity at each evaluated length, per RoPE base (the largest token budget of each)."""
     from longctx.tune.sweep import cumulative_perplexity
 
-    plt = _plt()
     done = [r for r in table if r["status"] == "done" and r.get("bucket_nll")]
     if not done:
         return None
@@ -200,20 +177,16 @@ def plot_ppl_vs_length(table: list[dict], baselines: dict | None, base_len: int 
             edges = [hi for _, hi in ppl["buckets"]]
             ax.plot(edges, cumulative_perplexity(edges, ppl["mean_nll"], ppl["tokens"]), linestyle="--",
                     color="0.5" if "naive" in name else "0.2", label=name)
-    if base_len:
-        ax.axvline(base_len, color="0.35", linestyle=":", linewidth=1)
-        ax.annotate(f"base trained at {base_len}", xy=(base_len, 1.0), xycoords=("data", "axes fraction"),
-                    xytext=(4, -12), textcoords="offset points", fontsize=8, color="0.3")
+    _mark_base(ax, base_len)
     ax.set_xlabel("evaluated context length (tokens)")
     ax.set_ylabel("perplexity over the first N tokens")
     ax.set_title("Perplexity vs context length per RoPE base")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return _png(fig, dpi=110)
 
 
 def plot_objective_vs_rope(table: list[dict], objective: str, bound: dict | None) -> bytes | None:
-    plt = _plt()
     done = [r for r in table if r["status"] == "done" and r.get(ROPE) is not None]
     if not done:
         return None
@@ -232,18 +205,18 @@ def plot_objective_vs_rope(table: list[dict], objective: str, bound: dict | None
     ax.set_title(f"{objective} vs RoPE base")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return _png(fig, dpi=110)
 
 
 # ---------------------------------------------------------------------------------------------------- writing
 def best_config_yaml(cfg: JobConfig, best: dict, axes: list[str]) -> str:
     """The best trial's full job config as YAML (validated by loading it back)."""
-    from longctx.tune.sweep import base_tree, set_path
+    from longctx.tune.sweep import base_tree
 
     tree = base_tree(cfg)
     tree["run_name"] = None
     for a in axes:
-        set_path(tree, a, best[a])
+        set_dotted(tree, a.split("."), best[a], f"best trial's {a}")
     values = ", ".join(f"{a}={_fmt(best[a])}" for a in axes)
     head = (f"# Best trial of sweep {cfg.tune.name or cfg.run_name or 'sweep'}: {values}\n"
             f"# {cfg.tune.objective} = {_num(best['objective']):.4f}; trial folder {best.get('trial_dir')}\n"
@@ -309,7 +282,7 @@ def write_results(cfg: JobConfig, root: str, rows: list[dict], baselines: dict |
             best_cfg = storage.join(uri, "best_config.yaml")
         with open(os.path.join(staging, "report.md"), "w") as f:
             f.write(report_markdown(cfg, table, axes, best, bound, images, baselines))
-    return {"uri": uri, "best": best, "best_config": best_cfg, "table": table}
+    return {"uri": uri, "best": best, "best_config": best_cfg}
 
 
 def report_markdown(cfg: JobConfig, table: list[dict], axes: list[str], best: dict | None, bound: dict | None,

@@ -28,33 +28,17 @@ import copy
 import hashlib
 import itertools
 import json
-import logging
 import math
-import os
 import time
 from typing import Any
 
 from longctx import storage
-from longctx.config import OBJECTIVE_MODE, JobConfig, SweepParam, config_from_dict, dump_config, load_config, slug
-
-log = logging.getLogger("longctx")
+from longctx.config import JobConfig, SweepParam, config_from_dict, dump_config, load_config, set_dotted, slug
 
 TRIAL_METRICS = "metrics.json"
 
 
 # ------------------------------------------------------------------------------------------------ configs
-def set_path(tree: dict, dotted: str, value: Any) -> None:
-    """Set `a.b.c` in a nested dict, creating sections on the way."""
-    parts = dotted.split(".")
-    node = tree
-    for p in parts[:-1]:
-        child = node.get(p)
-        if not isinstance(child, dict):
-            child = node[p] = {}
-        node = child
-    node[parts[-1]] = value
-
-
 def base_tree(cfg: JobConfig) -> dict:
     """The sweep's config as a plain dict without the `tune` section: what every trial starts from."""
     tree = json.loads(cfg.model_dump_json())
@@ -66,7 +50,7 @@ def trial_config(base: dict, params: dict[str, Any], origin: str = "trial") -> J
     """The job config of one trial: the sweep's config with the trial's parameter values set by dotted path."""
     tree = copy.deepcopy(base)
     for k, v in params.items():
-        set_path(tree, k, v)
+        set_dotted(tree, k.split("."), v, f"sweep parameter {k!r}")
     return config_from_dict(tree, origin)
 
 
@@ -83,14 +67,14 @@ def trial_key(params: dict[str, Any]) -> str:
     parts = []
     for k, v in sorted(params.items()):
         short = k.split(".")[-1]
-        parts.append(f"{short}={_compact(v)}")
+        parts.append(f"{short}={compact_number(v)}")
     return slug("_".join(parts))[:80] + f"-{h}"
 
 
-def _compact(v: Any) -> str:
-    """1e+06 -> 1e6, 0.001 -> 0.001 (a '+' would become '-' in a slug and read as a negative exponent)."""
+def compact_number(v: Any, spec: str = "g") -> str:
+    """Floats as 1e6, not 1e+06 (a '+' would become '-' in a slug and read as a negative exponent); the rest as str."""
     if isinstance(v, float):
-        return f"{v:g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+        return format(v, spec).replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
     return str(v)
 
 
@@ -205,7 +189,7 @@ def run_trial(params: dict, sweep: dict) -> dict:
     from longctx.workflow import setup_logging
 
     setup_logging()
-    params = {k: v for k, v in params.items()}
+    params = dict(params)
     key = trial_key(params)
     root = sweep["root"]
     trial_dir = storage.join(root, "trials", key)
@@ -289,9 +273,9 @@ def run_sweep(cfg: JobConfig, *, fresh: bool = False) -> dict:
     keys_done: set[str] = set()
     for p in points or [{}]:
         c = trial_config(base, p)
-        if data_key(c) not in keys_done:
+        if (key := data_key(c)) not in keys_done:
             ensure_data(c, root)
-            keys_done.add(data_key(c))
+            keys_done.add(key)
     t_data = time.time() - t0
     baselines = _baselines(cfg, root)
 
@@ -300,7 +284,6 @@ def run_sweep(cfg: JobConfig, *, fresh: bool = False) -> dict:
         dict(tcfg.trial_resources))
     fs, exp_path = storage.pyarrow_fs(exp_dir)
     storage_path, name = exp_path.rstrip("/").rsplit("/", 1)
-    mode = OBJECTIVE_MODE[tcfg.objective]
     if not fresh and tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         print(f"[sweep] resuming {exp_dir} (finished trials are kept)", flush=True)
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True,
