@@ -138,11 +138,15 @@ def test_local_dir_downloads_s3_once_and_publishes_complete_copies(s3_bucket, tm
     src.mkdir()
     (src / "config.json").write_text('{"a": 1}')
     storage.upload_dir(str(src), f"{s3_bucket}/m")
-    first = storage.local_dir(f"{s3_bucket}/m", "models")
+    first = storage.local_dir(f"{s3_bucket}/m")
     assert open(os.path.join(first, "config.json")).read() == '{"a": 1}'
     assert os.path.exists(os.path.join(first, ".complete"))
     storage.write_text(f"{s3_bucket}/m/config.json", '{"a": 2}')  # the cache is keyed by URI and reused
-    assert storage.local_dir(f"{s3_bucket}/m", "models") == first
+    assert storage.local_dir(f"{s3_bucket}/m") == first
+    from longctx.data.tokenize import local_tokenizer_dir
+    from longctx.model.load import local_model_dir
+
+    assert local_model_dir(f"{s3_bucket}/m") == local_tokenizer_dir(f"{s3_bucket}/m") == first  # one download
     assert open(os.path.join(first, "config.json")).read() == '{"a": 1}'
     assert [p for p in os.listdir(os.path.dirname(first)) if ".tmp-" in p] == []
     assert storage.local_dir(str(src)) == str(src)  # local folders are used in place

@@ -248,9 +248,10 @@ def download_dir(uri: str, local_dir: str) -> str:
     return local_dir
 
 
-def local_dir(uri: str, kind: str = "dirs") -> str:
+def local_dir(uri: str) -> str:
     """A local folder with the contents of `uri`: local paths as they are, s3:// prefixes downloaded once per
-    machine into a cache (LONGCTX_CACHE, default <tmp>/longctx-cache/<kind>/<hash>) and reused.
+    machine into a cache (LONGCTX_CACHE, default <tmp>/longctx-cache/dirs/<hash>) and reused. One cache for every
+    caller: a model folder that is also the data tokenizer is downloaded once.
 
     The download lands in a private temp folder that is renamed into place complete, so concurrent processes
     (Ray workers on one node) never read a half-downloaded model or tokenizer.
@@ -261,7 +262,7 @@ def local_dir(uri: str, kind: str = "dirs") -> str:
             raise StorageError(f"{uri}: folder does not exist")
         return uri
     root = os.environ.get("LONGCTX_CACHE", os.path.join(tempfile.gettempdir(), "longctx-cache"))
-    dest = os.path.join(root, kind, hashlib.sha256(uri.encode()).hexdigest()[:16])
+    dest = os.path.join(root, "dirs", hashlib.sha256(uri.encode()).hexdigest()[:16])
     if not os.path.exists(os.path.join(dest, ".complete")):
         tmp = f"{dest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         download_dir(uri, tmp)

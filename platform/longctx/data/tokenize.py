@@ -35,7 +35,7 @@ TOKEN_SCHEMA = pa.schema([
 
 def local_tokenizer_dir(uri: str) -> str:
     """A local folder with the tokenizer files (s3:// prefixes downloaded once per machine into a cache)."""
-    return storage.local_dir(uri, "tokenizers")
+    return storage.local_dir(uri)
 
 
 def _token_text(value) -> str | None:

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def local_model_dir(uri: str) -> str:
     """A local folder holding the model/tokenizer at `uri` (S3 prefixes are downloaded to a cache once)."""
-    return storage.local_dir(uri, "models")
+    return storage.local_dir(uri)
 
 
 def check_weight_format(model_dir: str, allow_pickle: bool) -> None:
