@@ -1,7 +1,7 @@
 """Test fixtures built from code for the training tests: a tiny HF causal LM folder and packed Parquet shards.
 
 The model uses the shipped byte-level tokenizer's vocabulary (so tokenizer files are real) and a tiny config
-(hidden 32-64, 2 layers). Packed rows follow the data engine's contract (DESIGN.md section 3).
+(hidden 32-64, 2 layers). Packed rows follow the data engine's contract (docs/architecture.md, section 2).
 """
 
 from __future__ import annotations
