@@ -37,6 +37,14 @@ class StorageConfig(_Section):
     variables or an instance profile / IAM role."""
     region: str | None = None
     """S3 region; default from AWS_DEFAULT_REGION / AWS_REGION."""
+    read_retries: int = Field(6, ge=0)
+    """Retries of a failed corpus read (connection cut, timeout, I/O error) before the job fails with an I/O
+    error naming the object. A read that outlasts them is never counted as bad data."""
+    retry_backoff_s: float = Field(0.5, gt=0)
+    """Wait before the first retry; doubled after each failure up to `retry_max_backoff_s` (defaults: about 30 s
+    of outage are ridden out)."""
+    retry_max_backoff_s: float = Field(8.0, gt=0)
+    """Longest wait between two retries."""
 
 
 class RayConfig(_Section):
@@ -129,6 +137,9 @@ class DataConfig(_Section):
     """Where packed Parquet shards and manifest.json go (local or s3://). Default: `<run dir>/data`."""
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
     """Fail the job when more than this fraction of input records is quarantined."""
+    max_record_bytes: int = Field(8 << 20, ge=1024)
+    """Longest input record (JSONL line or Parquet text value) in bytes; longer ones are quarantined as
+    `record_too_large` before tokenization (the tokenizer needs ~160 bytes of memory per input byte)."""
     pack_buffer_rows: int = Field(16, ge=1)
     """Rows of the bounded best-fit packing buffer (more rows: less padding, more memory)."""
     rows_per_shard: int = Field(4096, ge=1)

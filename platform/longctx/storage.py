@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import shutil
+import stat
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from importlib import resources
@@ -28,10 +32,20 @@ from typing import Iterator
 import pyarrow.fs as pafs
 
 COMMIT_MARKER = "_COMMITTED"
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
     """A URI cannot be resolved, read or published; the message names the URI."""
+
+
+class StorageIOError(StorageError):
+    """Reading an object kept failing after every retry (an outage, not bad data); the message names it."""
+
+
+class NotARegularFile(OSError):
+    """A local corpus path is a FIFO, device, socket or folder: never opened for reading (it could block or
+    never end, like a link to /dev/zero)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,9 @@ class StorageOptions:
 
     endpoint_url: str | None = None
     region: str | None = None
+    read_retries: int = 6
+    retry_backoff_s: float = 0.5
+    retry_max_backoff_s: float = 8.0
 
     @classmethod
     def resolve(cls, cfg=None) -> "StorageOptions":
@@ -47,7 +64,9 @@ class StorageOptions:
             "AWS_ENDPOINT_URL"
         )
         region = getattr(cfg, "region", None) or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-        return cls(endpoint_url=endpoint or None, region=region or None)
+        retry = {k: getattr(cfg, k) for k in ("read_retries", "retry_backoff_s", "retry_max_backoff_s")
+                 if getattr(cfg, k, None) is not None}
+        return cls(endpoint_url=endpoint or None, region=region or None, **retry)
 
 
 _DEFAULT_OPTIONS: StorageOptions | None = None
@@ -164,6 +183,134 @@ def expand(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
     return [_to_uri(norm, p) for p in files]
 
 
+# --------------------------------------------------------------------------------- reads with retries
+# Errors that say the data is what it is: retrying cannot help, the caller decides (quarantine or fail).
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, NotARegularFile,
+              StorageError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures of the medium (connection refused/reset/cut, timeouts, EIO, throttling) that a retry
+    may cure; False for a missing object, a permission error or a bad file type."""
+    if isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
+        return True
+    module = type(exc).__module__ or ""
+    # botocore/aiobotocore/aiohttp/urllib3 raise their own classes for connection and streaming failures
+    return module.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3", "s3fs"))
+
+
+def retry_io(fn, what: str, opts: StorageOptions | None = None):
+    """fn() retried on transient errors with doubling backoff (StorageOptions.read_retries/retry_*), each retry
+    logged; when they run out, StorageIOError naming `what` (the object) and the last error."""
+    opts = opts or options()
+    wait, t0 = opts.retry_backoff_s, time.monotonic()
+    for attempt in range(opts.read_retries + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified just below
+            if not is_transient(e):
+                raise
+            if attempt == opts.read_retries:
+                raise StorageIOError(
+                    f"{what}: read failed {attempt + 1} times over {time.monotonic() - t0:.1f}s "
+                    f"(storage.read_retries={opts.read_retries}); last error: {type(e).__name__}: {e}") from e
+            log.warning("%s: %s: %s; retry %d/%d in %.1fs", what, type(e).__name__, e, attempt + 1,
+                        opts.read_retries, wait)
+            time.sleep(wait)
+            wait = min(wait * 2, opts.retry_max_backoff_s)
+    raise AssertionError("unreachable")
+
+
+def _open_local_regular(path: str):
+    # NOTE: O_NONBLOCK so that opening a FIFO returns at once instead of waiting for a writer; fstat on the open
+    # descriptor (not stat on the name) so the check holds for what is actually read.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
+                    else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                    else "folder" if stat.S_ISDIR(st.st_mode) else "special file")
+            raise NotARegularFile(f"{path}: a {kind}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class RetryingReader(io.RawIOBase):
+    """A seekable read-only file over a local path or an S3 object that survives outages: a failed read is
+    retried (`retry_io`) by reopening the object and seeking back to where it stood, so a stream read resumes
+    byte-exact. Local paths must be regular files (`NotARegularFile` otherwise). `size` is the object size."""
+
+    def __init__(self, uri: str, opts: StorageOptions | None = None):
+        super().__init__()
+        self.uri, self._opts = normalize(uri), opts or options()
+        self._pos, self._f = 0, None
+        self.size = retry_io(self._open, self.uri, self._opts)
+
+    def _open(self) -> int:
+        self._drop()
+        if is_s3(self.uri):
+            fs, path = fsspec_fs(self.uri, self._opts)
+            f = fs.open(path, "rb")
+            size = f.size
+        else:
+            f, size = _open_local_regular(self.uri)
+        if self._pos:
+            f.seek(self._pos)
+        self._f = f
+        return size
+
+    def _drop(self) -> None:
+        if self._f is not None:
+            with contextlib.suppress(Exception):
+                self._f.close()
+            self._f = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        if self._f is not None:
+            try:
+                self._f.seek(self._pos)
+            except Exception:  # noqa: BLE001 - the next read reopens at _pos
+                self._drop()
+        return self._pos
+
+    def readinto(self, b) -> int:
+        def attempt() -> bytes:
+            if self._f is None:
+                self._open()
+            try:
+                return self._f.read(len(b))
+            except Exception:
+                self._drop()  # reopen at _pos on the next attempt
+                raise
+
+        data = retry_io(attempt, self.uri, self._opts)
+        n = len(data)
+        b[:n] = data
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = fsspec_fs(uri)
     try:
@@ -228,51 +375,134 @@ def upload_dir(local_dir: str, uri: str) -> None:
             fs.put_file(src, f"{path.rstrip('/')}/{rel}")
 
 
+def safe_relpath(key: str, root: str = "") -> str:
+    """A relative object key as a local relative path, or StorageError when it would leave its root: an absolute
+    key, an empty segment (`a//b`), `.`/`..`, a backslash or NUL. Keys come from storage that anyone with write
+    access to a prefix controls; joined unchecked, `tok/../../x` or `tok//etc/x` would write outside the cache."""
+    parts = key.split("/")
+    if (not key or key.startswith("/") or "\\" in key or "\x00" in key
+            or any(p in ("", ".", "..") for p in parts)):
+        raise StorageError(f"{root + '/' if root else ''}{key!r}: object key would leave its folder "
+                           "(absolute, empty, '.' or '..' segment); refusing to map it to a local path")
+    return os.path.join(*parts)
+
+
+def _listing(uri: str) -> tuple[object, str, dict[str, dict]]:
+    """(fs, prefix path, {relative key: {"size", "etag"}}) of every object under an s3:// prefix, keys checked."""
+    fs, path = fsspec_fs(uri)
+    prefix = path.rstrip("/")
+    found = fs.find(prefix, detail=True)
+    entries: dict[str, dict] = {}
+    for p, info in sorted(found.items()):
+        if info.get("type") == "directory":
+            continue
+        if not p.startswith(prefix + "/"):
+            raise StorageError(f"{uri}: listing returned {p!r}, outside the prefix")
+        rel = p[len(prefix) + 1:]
+        safe_relpath(rel, uri)
+        entries[rel] = {"size": int(info.get("size") or 0), "etag": str(info.get("ETag") or "").strip('"')}
+    return fs, prefix, entries
+
+
 def download_dir(uri: str, local_dir: str) -> str:
-    """Copy a folder from a URI to a local folder (S3) or return the local path as is."""
+    """Copy a folder from a URI to a local folder (S3) or return the local path as is. Every key is checked
+    (`safe_relpath`) before anything is written: one hostile key fails the whole download."""
     uri = normalize(uri)
     if not is_s3(uri):
         if not os.path.isdir(uri):
             raise StorageError(f"{uri}: not a folder")
         return uri
-    fs, path = fsspec_fs(uri)
-    files = [p for p in fs.find(path) if not fs.isdir(p)]
-    if not files:
-        raise StorageError(f"{uri}: empty or missing prefix")
-    os.makedirs(local_dir, exist_ok=True)
-    for p in files:
-        rel = p[len(path.rstrip("/")) + 1 :]
-        dest = os.path.join(local_dir, rel)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        fs.get_file(p, dest)
+    fs, prefix, entries = _listing(uri)
+    _download_entries(uri, fs, prefix, entries, local_dir)
     return local_dir
 
 
-def local_dir(uri: str) -> str:
-    """A local folder with the contents of `uri`: local paths as they are, s3:// prefixes downloaded once per
-    machine into a cache (LONGCTX_CACHE, default <tmp>/longctx-cache/dirs/<hash>) and reused. One cache for every
-    caller: a model folder that is also the data tokenizer is downloaded once.
+def _download_entries(uri: str, fs, prefix: str, entries: dict[str, dict], local_dir: str) -> None:
+    if not entries:
+        raise StorageError(f"{uri}: empty or missing prefix")
+    root = os.path.realpath(local_dir)
+    os.makedirs(root, exist_ok=True)
+    for rel in entries:
+        dest = os.path.join(root, safe_relpath(rel, uri))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        if os.path.commonpath([root, os.path.realpath(os.path.dirname(dest))]) != root:
+            raise StorageError(f"{uri}/{rel}: local path {dest} is outside {root}")
+        fs.get_file(f"{prefix}/{rel}", dest)
 
-    The download lands in a private temp folder that is renamed into place complete, so concurrent processes
-    (Ray workers on one node) never read a half-downloaded model or tokenizer.
+
+CACHE_MANIFEST = ".longctx-manifest.json"
+
+
+def cache_root() -> str:
+    """This user's download cache: LONGCTX_CACHE, default <tmp>/longctx-cache-<uid>; created 0700 and refused
+    when another user owns it (a folder in a shared /tmp could be planted by anyone)."""
+    root = os.environ.get("LONGCTX_CACHE") or os.path.join(tempfile.gettempdir(), f"longctx-cache-{os.getuid()}")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise StorageError(f"{root}: the download cache must be a folder owned by this user (uid {os.getuid()}), "
+                           "not a link or another user's folder; set LONGCTX_CACHE to a private folder")
+    if st.st_mode & 0o077:
+        os.chmod(root, 0o700)  # ours but open to others: make it private
+    return root
+
+
+def local_dir(uri: str) -> str:
+    """A local folder with the contents of `uri`: local paths as they are, s3:// prefixes downloaded into this
+    user's private cache (`cache_root()`) and reused while the prefix is unchanged. One cache for every caller: a
+    model folder that is also the data tokenizer is downloaded once.
+
+    An entry is keyed by URI + listing (every key with its ETag and size) and trusted only when the manifest
+    recorded in it equals the current listing and its files have the recorded sizes: a replaced object (new
+    ETag) is downloaded again, a planted or damaged entry is not used. Costs one LIST request per call. The
+    download lands in a temp folder renamed into place complete, so concurrent processes (Ray workers on one
+    node) never read half a model.
     """
     uri = normalize(uri)
     if not is_s3(uri):
         if not os.path.isdir(uri):
             raise StorageError(f"{uri}: folder does not exist")
         return uri
-    root = os.environ.get("LONGCTX_CACHE", os.path.join(tempfile.gettempdir(), "longctx-cache"))
-    dest = os.path.join(root, "dirs", hashlib.sha256(uri.encode()).hexdigest()[:16])
-    if not os.path.exists(os.path.join(dest, ".complete")):
-        tmp = f"{dest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        download_dir(uri, tmp)
-        open(os.path.join(tmp, ".complete"), "w").close()
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
+    fs, prefix, entries = _listing(uri)
+    if not entries:
+        raise StorageError(f"{uri}: empty or missing prefix")
+    manifest = {"uri": uri, "files": entries}
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    parent = os.path.join(cache_root(), "dirs", hashlib.sha256(uri.encode()).hexdigest()[:16])
+    dest = os.path.join(parent, digest)
+    if _cache_entry_matches(dest, manifest):
+        return dest
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    tmp = f"{dest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        _download_entries(uri, fs, prefix, entries, tmp)
+        with open(os.path.join(tmp, CACHE_MANIFEST), "w") as f:
+            json.dump(manifest, f, sort_keys=True)
+        if os.path.exists(dest) and not _cache_entry_matches(dest, manifest):
+            shutil.rmtree(dest, ignore_errors=True)  # a damaged or planted entry under the right name
         try:
             os.replace(tmp, dest)
-        except OSError:  # another process won the race; its copy is complete
-            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:  # another process won the race; its copy is checked below
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not _cache_entry_matches(dest, manifest):
+        raise StorageError(f"{uri}: the cached copy at {dest} does not match the listing it was downloaded from")
+    for old in os.listdir(parent):  # earlier versions of this prefix (objects since replaced)
+        if old != digest and ".tmp-" not in old:
+            shutil.rmtree(os.path.join(parent, old), ignore_errors=True)
     return dest
+
+
+def _cache_entry_matches(dest: str, manifest: dict) -> bool:
+    try:
+        with open(os.path.join(dest, CACHE_MANIFEST)) as f:
+            if json.load(f) != manifest:
+                return False
+        return all(os.path.getsize(os.path.join(dest, safe_relpath(rel))) == e["size"]
+                   for rel, e in manifest["files"].items())
+    except (OSError, ValueError, StorageError):
+        return False
 
 
 def _manifest_of(local_dir: str) -> dict:
