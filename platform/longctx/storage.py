@@ -138,8 +138,9 @@ def pyarrow_fs(uri: str, opts: StorageOptions | None = None) -> tuple[pafs.FileS
     return pafs.LocalFileSystem(), uri
 
 
-def fsspec_fs(uri: str, opts: StorageOptions | None = None):
-    """(fsspec filesystem, path) for a URI; for code that wants file-like objects (gzip, zstd, json)."""
+def fsspec_fs(uri: str, opts: StorageOptions | None = None, client_retries: bool = True):
+    """(fsspec filesystem, path) for a URI; for code that wants file-like objects (gzip, zstd, json).
+    `client_retries=False`: s3fs and botocore try once, for callers that retry themselves (`retry_io`)."""
     uri = normalize(uri)
     if is_s3(uri):
         import s3fs
@@ -150,7 +151,11 @@ def fsspec_fs(uri: str, opts: StorageOptions | None = None):
             client_kwargs["endpoint_url"] = opts.endpoint_url
         if opts.region:
             client_kwargs["region_name"] = opts.region
-        return s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True), uri[len("s3://") :]
+        extra = {} if client_retries else {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+        fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True, **extra)
+        if not client_retries:
+            fs.retries = 1
+        return fs, uri[len("s3://") :]
     import fsspec
 
     return fsspec.filesystem("file"), uri
@@ -165,8 +170,9 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
-def expand(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
-    """Files under a URI: a file, a folder (recursive) or a glob; sorted, hidden/underscore files skipped."""
+def expand(uri: str, suffixes: tuple[str, ...] | None = None, hidden: bool = False) -> list[str]:
+    """Files under a URI: a file, a folder (recursive) or a glob; sorted, hidden/underscore files skipped
+    unless `hidden`."""
     norm = normalize(uri)
     fs, path = fsspec_fs(norm)
     if any(ch in path for ch in "*?["):
@@ -177,7 +183,7 @@ def expand(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
         found = [path]
     else:
         raise StorageError(f"{uri}: no such file, folder or prefix")
-    files = sorted(p for p in found if not os.path.basename(p).startswith(("_", ".")))
+    files = sorted(p for p in found if hidden or not os.path.basename(p).startswith(("_", ".")))
     if suffixes:
         files = [p for p in files if p.endswith(suffixes)]
     return [_to_uri(norm, p) for p in files]
@@ -255,7 +261,8 @@ class RetryingReader(io.RawIOBase):
     def _open(self) -> int:
         self._drop()
         if is_s3(self.uri):
-            fs, path = fsspec_fs(self.uri, self._opts)
+            # one retry policy, ours: configurable and logged (s3fs + botocore would add up to ~20 s of their own)
+            fs, path = fsspec_fs(self.uri, self._opts, client_retries=False)
             f = fs.open(path, "rb")
             size = f.size
         else:
