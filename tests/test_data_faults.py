@@ -212,7 +212,8 @@ def test_an_outage_longer_than_the_retries_is_an_io_error_naming_the_object(s3_b
 
 # -------------------------------------------------------------------------------- end to end on Ray
 def _tree_rss() -> int:
-    """Resident memory of this process and all its descendants (the local Ray cluster's processes), from /proc."""
+    """Memory of this process and all its descendants (the local Ray cluster's processes), from /proc: the sum of
+    proportional set sizes (PSS), so pages shared between processes (Ray's object store, libraries) count once."""
     children: dict[int, list[int]] = {}
     for pid in os.listdir("/proc"):
         if pid.isdigit():
@@ -227,9 +228,9 @@ def _tree_rss() -> int:
         pid = todo.pop()
         todo.extend(children.get(pid, []))
         try:
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(l.split()[1]) for l in f if l.startswith("Pss:")) * 1024
+        except (OSError, StopIteration, ValueError):
             pass
     return total
 
@@ -286,6 +287,7 @@ def _write_hostile_folder(folder) -> set[str]:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_hostile_folder_publishes_every_good_record_once_in_bounded_memory(ray_cluster, tmp_path):
     from longctx.data import prepare_data
 
@@ -307,6 +309,53 @@ def test_hostile_folder_publishes_every_good_record_once_in_bounded_memory(ray_c
     assert {r["location"].rsplit("/", 1)[-1] for r in q if r["reason"] == "not_a_regular_file"} == {
         "pipe.jsonl", "zero.jsonl"}
     assert any(r["location"].endswith("deep.jsonl:1") and r["reason"] == "bad_json" for r in q)
-    print(f"\nhostile folder: {seconds:.1f}s, peak RSS of the process tree {rss.peak / 2**30:.2f} GiB "
+    print(f"\nhostile folder: {seconds:.1f}s, peak PSS of the process tree {rss.peak / 2**30:.2f} GiB "
           f"(at start {rss.start / 2**30:.2f} GiB), quarantine {by_reason}")
     assert rss.peak < 2 << 30
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.slow
+def test_a_12s_outage_while_preparing_is_ridden_out_or_fails_with_nothing_published(ray_cluster, s3_bucket,
+                                                                                      s3_endpoint, proxy, tmp_path):
+    """The whole data job against S3 through the fault proxy: a 12 s outage in the middle of reading either ends
+    in the same bytes as a run without it (default retries) or, with too few retries, in an I/O error naming the
+    object and nothing published. Never in a smaller dataset."""
+    from longctx.data import prepare_data
+
+    for k in range(6):
+        storage.write_bytes(f"{s3_bucket}/corpus/part-{k}.jsonl.gz",
+                            gzip.compress(b"\n".join(_lines(3000, start=3000 * k)) + b"\n"))
+
+    def cfg_for(endpoint, *sets):
+        cfg = load_config(None, ["data.seq_len=256", "data.strategy=cut-seq", "data.num_tokenize_actors=1",
+                                 "ray.data_cpus_per_task=0.25", f"storage.endpoint_url={endpoint}", *sets])
+        cfg.data.sources = {"web": {"uri": f"{s3_bucket}/corpus/", "id_field": "id"}}
+        return cfg
+
+    base = prepare_data(cfg_for(s3_endpoint), str(tmp_path / "base"))
+    assert base["input"]["good_records"] == 18000
+
+    # too few retries: the outage fails the job, naming the object; nothing is published
+    proxy.outage(12.0, after_bytes=150_000)
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match=r"corpus/part-\d\.jsonl\.gz: read failed 2 times") as err:
+        prepare_data(cfg_for(proxy.endpoint, "storage.read_retries=1"), str(tmp_path / "failed"))
+    failed_after = time.monotonic() - t0
+    assert proxy.outage_started is not None and not os.path.exists(tmp_path / "failed")
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".staging-")]
+    assert "quarantined" not in str(err.value)
+    while proxy.down:
+        time.sleep(0.2)
+
+    # default retries (about 30 s of backoff): the same outage is ridden out, byte-identical output
+    proxy.outage(12.0, after_bytes=150_000)
+    t0 = time.monotonic()
+    out = prepare_data(cfg_for(proxy.endpoint), str(tmp_path / "retried"))
+    retried_s = time.monotonic() - t0
+    assert proxy.outage_started is not None and proxy.refused + proxy.cut > 0
+    assert out["quarantine"]["records"] == 0 and out["input"]["good_records"] == 18000
+    assert [s["sha256"] for s in out["shards"]] == [s["sha256"] for s in base["shards"]]
+    print(f"\n12 s outage: too few retries failed after {failed_after:.1f}s; default retries finished in "
+          f"{retried_s:.1f}s (base run {base['timings']['total_s']:.1f}s), byte-identical")

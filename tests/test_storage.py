@@ -217,3 +217,82 @@ def test_hostile_keys_under_an_s3_prefix_write_nothing_outside(s3_bucket, s3_end
         storage.download_dir(f"{s3_bucket}/tok", str(tmp_path / "dl"))
     written = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path) for f in fs]
     assert not [p for p in written if open(p, "rb").read() == b"pwned"]
+
+
+def _dead_owner_tag() -> str:
+    """`pid.start` of a process that has exited (a killed run)."""
+    import subprocess
+
+    from longctx import cleanup
+
+    proc = subprocess.Popen(["sleep", "30"])
+    start = cleanup._start_time(proc.pid)
+    proc.kill()
+    proc.wait()
+    return f"{proc.pid}.{start}"
+
+
+def test_work_folders_of_dead_runs_are_removed_by_the_next_run(tmp_path):
+    from longctx import cleanup
+
+    dead = tmp_path / f"longctx-tokens-{_dead_owner_tag()}-0badc0de"
+    dead.mkdir()
+    (dead / "0000.parquet").write_bytes(b"x" * 1000)
+    alive = tmp_path / f"longctx-tokens-{cleanup.owner_tag()}-0011aabb"  # this process: running
+    alive.mkdir()
+    reused = tmp_path / f"longctx-tokens-{os.getpid()}.1-00ff00ff"  # our pid, another start time: pid reused
+    reused.mkdir()
+    other = tmp_path / "longctx-tokens-not-owned"
+    other.mkdir()
+    new = cleanup.work_dir("tokens", parent=str(tmp_path))
+    assert os.path.isdir(new) and os.stat(new).st_mode & 0o777 == 0o700
+    assert not dead.exists() and not reused.exists() and alive.exists() and other.exists()
+    assert cleanup.remove_dead([str(tmp_path)]) == []
+
+
+def test_staging_of_a_killed_publish_is_removed_by_the_next_publish_and_by_data_clean(tmp_path, capsys):
+    from longctx import cleanup
+    from longctx.cli import main
+
+    dead = tmp_path / f".staging-{_dead_owner_tag()}-deadbeef"
+    dead.mkdir()
+    with storage.publish_dir(str(tmp_path / "out")) as staging:
+        open(os.path.join(staging, "a.txt"), "w").close()
+    assert not dead.exists() and sorted(os.listdir(tmp_path)) == ["out"]
+    dead.mkdir()
+    tokens = tmp_path / f"longctx-tokens-{_dead_owner_tag()}-deadbeef"
+    tokens.mkdir()
+    assert main(["data", "clean", "--path", str(tmp_path), "--tmp", str(tmp_path)]) == 0
+    assert not dead.exists() and not tokens.exists() and "removed 2" in capsys.readouterr().out
+    assert cleanup.remove_dead([str(tmp_path)]) == []
+
+
+def test_overwrite_is_never_without_a_visible_output(tmp_path, monkeypatch):
+    """After every rename an overwrite makes, the output folder is there (old or new): the swap is one atomic
+    exchange. Negative control: the two-rename fallback leaves a moment with nothing at the path."""
+    dest = tmp_path / "out"
+    with storage.publish_dir(str(dest)) as staging:
+        open(os.path.join(staging, "v"), "w").write("1")
+    visible, real = [], os.replace
+
+    def replace(a, b):
+        real(a, b)
+        visible.append(os.path.exists(dest / "v"))
+
+    monkeypatch.setattr(os, "replace", replace)
+    with storage.publish_dir(str(dest), overwrite=True) as staging:
+        open(os.path.join(staging, "v"), "w").write("2")
+    assert open(dest / "v").read() == "2" and all(visible) and sorted(os.listdir(tmp_path)) == ["out"]
+    monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
+    with storage.publish_dir(str(dest), overwrite=True) as staging:
+        open(os.path.join(staging, "v"), "w").write("3")
+    assert open(dest / "v").read() == "3" and visible[-2:] == [False, True]
+
+
+def test_an_overwrite_interrupted_between_its_renames_is_recovered_on_next_open(tmp_path):
+    dest = tmp_path / "out"
+    with storage.publish_dir(str(dest)) as staging:
+        open(os.path.join(staging, "v"), "w").write("old")
+    os.rename(dest, tmp_path / "out.old-1234abcd")  # the state a crash after the first rename leaves
+    assert storage.require_committed(str(dest))  # the reader restores the old copy
+    assert open(dest / "v").read() == "old" and sorted(os.listdir(tmp_path)) == ["out"]

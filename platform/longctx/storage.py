@@ -522,22 +522,70 @@ def _manifest_of(local_dir: str) -> dict:
     return {"files": files}
 
 
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    return False  # e.g. EINVAL on a filesystem without exchange: the caller falls back
+
+
+def recover_overwrite(dest: str) -> bool:
+    """Undo a crash between the two renames of a non-atomic overwrite: when `dest` is missing and a committed
+    `dest.old-*` copy is there, put it back. Returns True when it restored one."""
+    dest = dest.rstrip("/")
+    if is_s3(dest) or os.path.exists(dest):
+        return False
+    parent, base = os.path.split(dest)
+    try:
+        olds = sorted(n for n in os.listdir(parent or ".") if n.startswith(base + ".old-"))
+    except OSError:
+        return False
+    for name in olds:
+        old = os.path.join(parent, name)
+        if os.path.exists(os.path.join(old, COMMIT_MARKER)):
+            try:
+                os.rename(old, dest)
+                log.warning("%s: restored the previous output from %s (an overwrite was interrupted)", dest, old)
+                return True
+            except OSError:
+                return os.path.exists(dest)
+    return False
+
+
 @contextlib.contextmanager
 def publish_dir(dest: str, overwrite: bool = False) -> Iterator[str]:
     """Stage a directory, then publish it atomically at `dest` with a `_COMMITTED` marker.
 
     Yields a local staging folder. On normal exit the folder is published; on an exception nothing is
     published and the staging folder is removed. Readers that call `require_committed(dest)` never see a
-    half-written result.
+    half-written result. Staging folders carry their owner process in their name (longctx.cleanup), so those of
+    killed runs are removed by the next publish next to them or by `longctx data clean`.
+
+    A local overwrite swaps the new folder in with one atomic exchange (Linux), so either the old or the new
+    output is visible at every instant; elsewhere old -> `dest.old-*`, new -> dest, and a crash between the two
+    is undone by `recover_overwrite` on the next publish or read.
     """
+    from longctx import cleanup
+
     dest = normalize(dest)
+    recover_overwrite(dest)
     if exists(join(dest, COMMIT_MARKER)) and not overwrite:
         raise StorageError(f"{dest}: already published (pass overwrite=True or choose a fresh location)")
     if is_s3(dest):
-        staging = tempfile.mkdtemp(prefix="longctx-publish-")
+        staging = cleanup.work_dir("publish")
     else:
-        os.makedirs(os.path.dirname(dest.rstrip("/")) or ".", exist_ok=True)
-        staging = os.path.join(os.path.dirname(dest.rstrip("/")), f".staging-{uuid.uuid4().hex[:12]}")
+        parent = os.path.dirname(dest.rstrip("/")) or "."
+        os.makedirs(parent, exist_ok=True)
+        cleanup.remove_dead([parent], (cleanup.STAGING_PREFIX,))
+        staging = os.path.join(parent, cleanup.owned_name(cleanup.STAGING_PREFIX))
         os.makedirs(staging)
     try:
         yield staging
@@ -554,10 +602,11 @@ def publish_dir(dest: str, overwrite: bool = False) -> Iterator[str]:
             if os.path.exists(dest):
                 if not overwrite:
                     raise StorageError(f"{dest}: exists but is not a committed output; remove it or choose another path")
-                trash = dest.rstrip("/") + f".old-{uuid.uuid4().hex[:8]}"
-                os.replace(dest, trash)
-                os.replace(staging, dest)
-                shutil.rmtree(trash, ignore_errors=True)
+                if not _exchange(staging, dest):  # staging now holds the old copy and is removed below
+                    trash = dest.rstrip("/") + f".old-{uuid.uuid4().hex[:8]}"
+                    os.replace(dest, trash)
+                    os.replace(staging, dest)
+                    shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.replace(staging, dest)
     finally:
@@ -572,6 +621,7 @@ def is_committed(uri: str) -> bool:
 def require_committed(uri: str) -> dict:
     """The commit marker of a published directory; a clear error when it is missing (half-written)."""
     marker = join(uri, COMMIT_MARKER)
+    recover_overwrite(normalize(uri))
     if not exists(marker):
         raise StorageError(
             f"{uri}: no {COMMIT_MARKER} marker: the output is incomplete (a writer failed or is still running)"
