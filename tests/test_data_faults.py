@@ -181,6 +181,7 @@ def proxy(s3_endpoint):
     p = FaultProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     yield p
     p.close()
+    storage.configure(None)  # a job run through the proxy set the process-wide endpoint to it
 
 
 def _opts(proxy, **kw):
@@ -324,9 +325,11 @@ def test_a_12s_outage_while_preparing_is_ridden_out_or_fails_with_nothing_publis
     object and nothing published. Never in a smaller dataset."""
     from longctx.data import prepare_data
 
+    total = 0
     for k in range(6):
-        storage.write_bytes(f"{s3_bucket}/corpus/part-{k}.jsonl.gz",
-                            gzip.compress(b"\n".join(_lines(3000, start=3000 * k)) + b"\n"))
+        data = gzip.compress(b"\n".join(_lines(3000, start=3000 * k)) + b"\n")
+        storage.write_bytes(f"{s3_bucket}/corpus/part-{k}.jsonl.gz", data)
+        total += len(data)
 
     def cfg_for(endpoint, *sets):
         cfg = load_config(None, ["data.seq_len=256", "data.strategy=cut-seq", "data.num_tokenize_actors=1",
@@ -338,7 +341,7 @@ def test_a_12s_outage_while_preparing_is_ridden_out_or_fails_with_nothing_publis
     assert base["input"]["good_records"] == 18000
 
     # too few retries: the outage fails the job, naming the object; nothing is published
-    proxy.outage(12.0, after_bytes=150_000)
+    proxy.outage(12.0, after_bytes=total // 3)
     t0 = time.monotonic()
     with pytest.raises(Exception, match=r"corpus/part-\d\.jsonl\.gz: read failed 2 times") as err:
         prepare_data(cfg_for(proxy.endpoint, "storage.read_retries=1"), str(tmp_path / "failed"))
@@ -350,7 +353,7 @@ def test_a_12s_outage_while_preparing_is_ridden_out_or_fails_with_nothing_publis
         time.sleep(0.2)
 
     # default retries (about 30 s of backoff): the same outage is ridden out, byte-identical output
-    proxy.outage(12.0, after_bytes=150_000)
+    proxy.outage(12.0, after_bytes=total // 3)
     t0 = time.monotonic()
     out = prepare_data(cfg_for(proxy.endpoint), str(tmp_path / "retried"))
     retried_s = time.monotonic() - t0
