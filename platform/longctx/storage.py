@@ -614,6 +614,42 @@ def publish_dir(dest: str, overwrite: bool = False) -> Iterator[str]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def require_private(uri: str, why: str) -> None:
+    """Refuse a local folder that someone else could have written into: any file or folder under it that is
+    group/world-writable or owned by another user (root excepted), or an ancestor that is world-writable without
+    the sticky bit (anyone could replace the folder). Used before reading what is unpickled (Ray Tune's
+    tuner.pkl). s3:// cannot be checked from here (bucket policies are not visible): the docs say who may write."""
+    uri = normalize(uri)
+    if is_s3(uri) or not os.path.exists(uri):
+        return
+    me = os.getuid()
+
+    def bad(path: str, st: os.stat_result) -> str | None:
+        if st.st_uid not in (me, 0):
+            return f"{path} is owned by uid {st.st_uid}"
+        if st.st_mode & 0o022 and not stat.S_ISLNK(st.st_mode):
+            return f"{path} is writable by {'others' if st.st_mode & 0o002 else 'its group'} ({oct(st.st_mode & 0o777)})"
+        return None
+
+    problems = []
+    for root, dirs, files in os.walk(uri):
+        for name in [""] + dirs + files:
+            p = os.path.join(root, name) if name else root
+            if (msg := bad(p, os.lstat(p))) is not None:
+                problems.append(msg)
+    parent = os.path.dirname(os.path.realpath(uri))
+    while True:
+        st = os.stat(parent)
+        if st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX:
+            problems.append(f"{parent} (an ancestor) is world-writable without the sticky bit")
+        if parent == os.path.dirname(parent):
+            break
+        parent = os.path.dirname(parent)
+    if problems:
+        raise StorageError(f"{uri}: refusing to {why}: others could have written into it: {'; '.join(problems[:5])}."
+                           f" Make it writable only by you (chmod -R go-w) or start a fresh sweep elsewhere.")
+
+
 def is_committed(uri: str) -> bool:
     return exists(join(uri, COMMIT_MARKER))
 
