@@ -362,3 +362,11 @@ def test_a_12s_outage_while_preparing_is_ridden_out_or_fails_with_nothing_publis
     assert [s["sha256"] for s in out["shards"]] == [s["sha256"] for s in base["shards"]]
     print(f"\n12 s outage: too few retries failed after {failed_after:.1f}s; default retries finished in "
           f"{retried_s:.1f}s (base run {base['timings']['total_s']:.1f}s), byte-identical")
+
+
+def test_manifest_schema_knows_every_quarantine_reason():
+    from pathlib import Path
+
+    schema = json.loads((Path(__file__).resolve().parents[1] / "schemas" / "manifest.schema.json").read_text())
+    enum = schema["properties"]["quarantine"]["properties"]["by_reason"]["propertyNames"]["enum"]
+    assert sorted(enum) == sorted(src.REASONS)

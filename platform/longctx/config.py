@@ -63,8 +63,9 @@ class RayConfig(_Section):
 # ----------------------------------------------------------------------------------------------------- data
 class SourceSpec(_Section):
     uri: str | list[str]
-    """File, folder, glob or s3:// prefix (or a list of them). Formats by suffix: .jsonl, .jsonl.gz,
-    .jsonl.zst, .json, .parquet. `builtin:corpus/NAME.jsonl.gz` names a shipped sample file."""
+    """File, folder, glob or s3:// prefix (or a list of them). Formats by suffix (any case): .jsonl, .json,
+    .ndjson, each also .gz/.zst, and .parquet; other files of a folder are listed as skipped.
+    `builtin:corpus/NAME.jsonl.gz` names a shipped sample file."""
     text_field: str = "text"
     """Field holding the document text (dotted path for nested fields)."""
     source_field: str | None = None

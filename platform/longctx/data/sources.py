@@ -1,11 +1,15 @@
 """Step 1 of the data path: list corpus files per source and read them into validated records.
 
 Every file is read by our own code (never Ray Data's JSON reader, whose `max_errored_blocks` drops a whole file
-silently, DESIGN.md 3b): we decompress in chunks, split lines, parse and validate each record, and turn every
-problem into a *quarantine row* with its location and reason instead of an exception. Good records in the same
-file are kept, including those before the point where a truncated .gz/.zst file ends.
+silently): we decompress in chunks, split lines, parse and validate each record, and turn every problem of the
+data into a *quarantine row* with its location and reason instead of an exception. Good records in the same
+file are kept, including those before the point where a truncated or corrupt .gz/.zst file ends; the lost tail is
+counted as the records it (probably) held (`records` column) so `data.max_bad_fraction` sees the real loss.
+Problems of the medium are not data: reads are retried (`storage.RetryingReader`) and an outage that outlasts the
+retries raises `storage.StorageIOError`, failing the job. docs/faults.md lists every hostile input and its outcome.
 
-Formats by suffix: `.jsonl`, `.json` (one object per line), `.jsonl.gz`, `.jsonl.zst`, `.parquet`.
+Formats by suffix (any case): `.jsonl`, `.json`, `.ndjson` (one object per line), each also `.gz` / `.zst`, and
+`.parquet`. Other files of a listed folder are `skipped_file` rows (listed, not records).
 Output batches (pyarrow) have the columns of `RECORD_SCHEMA`; `reason` is null for a good record.
 
     for table in read_file(FileTask(0, "s3://b/web/part-0.jsonl.gz", "web", SourceSpec(uri="...")), opts):
