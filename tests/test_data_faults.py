@@ -370,3 +370,26 @@ def test_manifest_schema_knows_every_quarantine_reason():
     schema = json.loads((Path(__file__).resolve().parents[1] / "schemas" / "manifest.schema.json").read_text())
     enum = schema["properties"]["quarantine"]["properties"]["by_reason"]["propertyNames"]["enum"]
     assert sorted(enum) == sorted(src.REASONS)
+
+
+def test_a_zstd_bomb_is_decoded_in_bounded_pieces(tmp_path):
+    """1 GB of one repeated byte compresses to a few KB of zstd: decoding it never yields more than ~32 MB at once
+    (then the over-long line is skipped without being held)."""
+    import zstandard
+
+    cctx = zstandard.ZstdCompressor(level=3)
+    w = cctx.compressobj()
+    packed = w.compress(_lines(1)[0] + b"\n")
+    block = b"x" * (64 << 20)
+    for _ in range(16):  # 1 GiB of 'x': one endless line
+        packed += w.compress(block)
+    packed += w.compress(b"\n" + _lines(1, 1)[0] + b"\n") + w.flush()
+    path = tmp_path / "bomb.jsonl.zst"
+    path.write_bytes(packed)
+    sizes = []
+    with open(path, "rb") as f:
+        for out in src._Decompressed(f, str(path)):
+            sizes.append(len(out))
+    assert sum(sizes) > 1 << 30 and max(sizes) <= 48 << 20, (len(packed), max(sizes))
+    good, bad = _read(path, id_field="id")
+    assert [r["doc_id"] for r in good] == ["d0", "d1"] and [r["reason"] for r in bad] == ["record_too_large"]

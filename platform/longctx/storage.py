@@ -434,7 +434,7 @@ def _download_entries(uri: str, fs, prefix: str, entries: dict[str, dict], local
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         if os.path.commonpath([root, os.path.realpath(os.path.dirname(dest))]) != root:
             raise StorageError(f"{uri}/{rel}: local path {dest} is outside {root}")
-        fs.get_file(f"{prefix}/{rel}", dest)
+        retry_io(lambda: fs.get_file(f"{prefix}/{rel}", dest), f"{uri}/{rel}")
 
 
 CACHE_MANIFEST = ".longctx-manifest.json"

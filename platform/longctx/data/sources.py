@@ -67,6 +67,9 @@ RECORD_SCHEMA = pa.schema([
 
 _CHUNK = 8 << 20        # compressed bytes per read
 _STEP = 64 << 10        # compressed bytes per decoder call: where a corrupt stream fails is known to 64 KiB
+# NOTE: zstd's streaming decoder has no output limit per call and one 5-byte RLE block expands to 128 KiB, so it
+# gets small steps: 1 KiB in -> ~32 MB out at worst (gzip is capped by max_length; ~1000x at most anyway).
+_ZSTD_STEP = 1 << 10
 # NOTE: small output batches on purpose: Ray Data hands whole blocks to the tokenizer actors, so a file read
 # into one big block would be tokenized by one actor while the others idle. ~1M characters is ~0.5 s of encoding.
 _BATCH_CHARS = 1 << 20   # text characters per output batch
@@ -289,7 +292,7 @@ class _Decompressed:
                 buf, off = self.f.read(_CHUNK), 0
                 if not buf:
                     break
-            piece = memoryview(buf)[off:off + _STEP]
+            piece = memoryview(buf)[off:off + (_STEP if gz else _ZSTD_STEP)]
             off += len(piece)
             self.consumed += len(piece)
             fed = True
