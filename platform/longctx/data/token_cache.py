@@ -22,7 +22,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from longctx import storage
 from longctx.data import sources as src
 from longctx.data.tokenize import TokenizeBatches
 
