@@ -614,9 +614,23 @@ def publish_dir(dest: str, overwrite: bool = False) -> Iterator[str]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def _private_group(gid: int) -> bool:
+    """A user-private group (named like this user, no other members; umask 002 systems): group-writable is fine."""
+    try:
+        import grp
+        import pwd
+
+        g = grp.getgrgid(gid)
+        me = pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return False
+    return g.gr_name == me and set(g.gr_mem) <= {me}
+
+
 def require_private(uri: str, why: str) -> None:
     """Refuse a local folder that someone else could have written into: any file or folder under it that is
-    group/world-writable or owned by another user (root excepted), or an ancestor that is world-writable without
+    world-writable, writable by a group other than the user's private one, or owned by another user (root
+    excepted), or an ancestor that is world-writable without
     the sticky bit (anyone could replace the folder). Used before reading what is unpickled (Ray Tune's
     tuner.pkl). s3:// cannot be checked from here (bucket policies are not visible): the docs say who may write."""
     uri = normalize(uri)
@@ -625,10 +639,14 @@ def require_private(uri: str, why: str) -> None:
     me = os.getuid()
 
     def bad(path: str, st: os.stat_result) -> str | None:
+        if stat.S_ISLNK(st.st_mode):
+            return None
         if st.st_uid not in (me, 0):
             return f"{path} is owned by uid {st.st_uid}"
-        if st.st_mode & 0o022 and not stat.S_ISLNK(st.st_mode):
-            return f"{path} is writable by {'others' if st.st_mode & 0o002 else 'its group'} ({oct(st.st_mode & 0o777)})"
+        if st.st_mode & 0o002:
+            return f"{path} is writable by others ({oct(st.st_mode & 0o777)})"
+        if st.st_mode & 0o020 and not _private_group(st.st_gid):
+            return f"{path} is writable by its group {st.st_gid} ({oct(st.st_mode & 0o777)})"
         return None
 
     problems = []
