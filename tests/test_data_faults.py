@@ -148,11 +148,17 @@ def test_fifo_device_link_and_folder_are_quarantined_never_read(tmp_path):
     os.mkfifo(fifo)
     zero = tmp_path / "zero.jsonl"
     os.symlink("/dev/zero", zero)
+    import socket
+
+    sock_path = tmp_path / "sock.jsonl"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(sock_path))
     t0 = time.monotonic()
-    for path, kind in ((fifo, "FIFO"), (zero, "device")):
+    for path, kind in ((fifo, "FIFO"), (zero, "device"), (sock_path, "socket"), (tmp_path, "folder")):
         good, bad = _read(path)
         assert good == [] and [r["reason"] for r in bad] == ["not_a_regular_file"] and kind in bad[0]["detail"]
-    assert time.monotonic() - t0 < 5  # neither blocks on a writer nor reads the endless device
+    sock.close()
+    assert time.monotonic() - t0 < 5  # neither blocks on a writer nor reads the endless device nor retries
 
 
 def test_listing_reads_ndjson_and_upper_case_and_lists_the_rest_as_skipped(tmp_path):
@@ -393,3 +399,13 @@ def test_a_zstd_bomb_is_decoded_in_bounded_pieces(tmp_path):
     assert sum(sizes) > 1 << 30 and max(sizes) <= 48 << 20, (len(packed), max(sizes))
     good, bad = _read(path, id_field="id")
     assert [r["doc_id"] for r in good] == ["d0", "d1"] and [r["reason"] for r in bad] == ["record_too_large"]
+
+
+def test_what_counts_as_an_outage():
+    import errno
+
+    for e in (ConnectionResetError(), TimeoutError(), OSError(errno.EIO, "I/O error")):
+        assert storage.is_transient(e), e
+    for e in (FileNotFoundError(), PermissionError(), OSError(errno.ENXIO, "no device"), ValueError("bad"),
+              storage.NotARegularFile("x"), storage.StorageIOError("x")):
+        assert not storage.is_transient(e), e

@@ -14,6 +14,7 @@ prefix and a `_COMMITTED` marker listing every file with its sha256 is written l
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -195,10 +196,14 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
               StorageError)
 
 
+_PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENXIO, errno.ENODEV, errno.ELOOP,
+                     errno.ENAMETOOLONG, errno.EINVAL, errno.ENOTDIR, errno.EISDIR}
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for failures of the medium (connection refused/reset/cut, timeouts, EIO, throttling) that a retry
     may cure; False for a missing object, a permission error or a bad file type."""
-    if isinstance(exc, _PERMANENT):
+    if isinstance(exc, _PERMANENT) or getattr(exc, "errno", None) in _PERMANENT_ERRNOS:
         return False
     if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
         return True
@@ -229,17 +234,23 @@ def retry_io(fn, what: str, opts: StorageOptions | None = None):
     raise AssertionError("unreachable")
 
 
+def _require_regular(path: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
+                else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "folder" if stat.S_ISDIR(st.st_mode) else "special file")
+        raise NotARegularFile(f"{path}: a {kind}, not a regular file")
+
+
 def _open_local_regular(path: str):
-    # NOTE: O_NONBLOCK so that opening a FIFO returns at once instead of waiting for a writer; fstat on the open
-    # descriptor (not stat on the name) so the check holds for what is actually read.
+    # NOTE: stat first (a socket cannot even be opened), then open with O_NONBLOCK so that a FIFO swapped in
+    # meanwhile returns at once instead of waiting for a writer, and fstat the descriptor so the check holds for
+    # what is actually read.
+    _require_regular(path, os.stat(path))
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = ("FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
-                    else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-                    else "folder" if stat.S_ISDIR(st.st_mode) else "special file")
-            raise NotARegularFile(f"{path}: a {kind}, not a regular file")
+        _require_regular(path, st)
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb", buffering=0), st.st_size
     except BaseException:
