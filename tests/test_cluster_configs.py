@@ -382,3 +382,48 @@ def test_dockerfile_builds_flash_attn_from_source_for_a100_and_h100():
 def test_dockerignore_keeps_secrets_and_runs_out_of_the_context():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", "runs"} <= set(ignored)
+
+
+# ------------------------------------------------------------------------------------------ KubeRay exposure
+def _env(container: dict) -> dict:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _ray_containers() -> list[dict]:
+    spec = _raycluster()["spec"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def test_kuberay_dashboard_on_the_pod_ip_behind_token_auth():
+    head = _raycluster()["spec"]["headGroupSpec"]
+    host = head["rayStartParams"]["dashboard-host"]
+    assert host == "$POD_IP" and "0.0.0.0" not in host
+    head_env = _env(head["template"]["spec"]["containers"][0])
+    assert head_env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    submitters = [c for n in KUBERAY_FILES if n.startswith("rayjob")
+                  for c in _kuberay_docs(n)[0]["spec"]["submitterPodTemplate"]["spec"]["containers"]]
+    for c in _ray_containers() + submitters:  # every Ray process and every client demands/sends the token
+        env = _env(c)
+        assert env["RAY_AUTH_MODE"]["value"] == "token", c["name"]
+        assert "value" not in env["RAY_AUTH_TOKEN"], "the token comes from the Secret, never from the manifest"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "longctx-ray-auth", "key": "auth_token"}
+    for name in KUBERAY_FILES:
+        assert not re.search(r"kind:\s*Secret", (CLUSTER / "kuberay" / name).read_text()), "no token ships"
+
+
+def test_kuberay_network_policy_admits_only_the_cluster_and_the_submitters():
+    policies = {d["metadata"]["name"]: d["spec"] for d in _kuberay_docs("raycluster.yaml")
+                if d["kind"] == "NetworkPolicy"}
+    internal, submit = policies["longctx-ray-internal"], policies["longctx-ray-submitters"]
+    cluster = {"ray.io/cluster": "longctx"}
+    assert internal["podSelector"]["matchLabels"] == cluster and internal["policyTypes"] == ["Ingress"]
+    assert [f["podSelector"]["matchLabels"] for r in internal["ingress"] for f in r["from"]] == [cluster]
+    assert submit["podSelector"]["matchLabels"] == {**cluster, "ray.io/node-type": "head"}
+    (rule,) = submit["ingress"]
+    assert [f["podSelector"]["matchLabels"] for f in rule["from"]] == [{"longctx.dev/submitter": "true"}]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8265}]
+    for name in KUBERAY_FILES:  # every RayJob's submitter carries the admitted label
+        if name.startswith("rayjob"):
+            labels = _kuberay_docs(name)[0]["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+            assert labels == {"longctx.dev/submitter": "true"}, name

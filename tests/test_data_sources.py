@@ -83,7 +83,7 @@ def test_unreadable_and_corrupt_files_are_quarantined_not_raised(tmp_path):
     not_gz = tmp_path / "fake.jsonl.gz"
     not_gz.write_bytes(b"this is not gzip at all\n" * 10)
     good, bad = _read(not_gz)
-    assert good == [] and [r["reason"] for r in bad] == ["unreadable_file"]
+    assert good == [] and [r["reason"] for r in bad] == ["corrupt_file"] and bad[0]["records"] >= 1
     good, bad = _read(tmp_path / "missing.jsonl")
     assert good == [] and [r["reason"] for r in bad] == ["unreadable_file"]
     assert "missing.jsonl" in bad[0]["detail"] or "No such file" in bad[0]["detail"]
@@ -120,6 +120,8 @@ def test_list_files_fixed_order_and_suffix_filter(tmp_path):
     specs = {"zeta": SourceSpec(uri=str(tmp_path / "b")), "alpha": SourceSpec(uri=str(tmp_path / "*.parquet"))}
     tasks = src.list_files(specs)
     assert [(t.file_idx, t.source, t.uri.rsplit("/", 1)[-1]) for t in tasks] == [
-        (0, "alpha", "a.parquet"), (1, "zeta", "10.jsonl.gz"), (2, "zeta", "2.jsonl")]
+        (0, "alpha", "a.parquet"), (1, "zeta", "10.jsonl.gz"), (2, "zeta", "2.jsonl"), (3, "zeta", "_SUCCESS"),
+        (4, "zeta", "notes.txt")]
+    assert [t.uri.startswith(src.SKIPPED_PREFIX) for t in tasks] == [False, False, False, True, True]
     with pytest.raises(Exception, match="no corpus files"):
         src.list_files({"empty": SourceSpec(uri=str(tmp_path / "*.zip"))})

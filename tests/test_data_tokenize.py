@@ -29,6 +29,7 @@ def test_batches_append_eos_and_pass_quarantine_rows_through():
         "file_idx": [0] * n, "rec_idx": list(range(1, n + 1)), "source": ["s"] * n,
         "doc_id": [f"d{i}" for i in range(n)], "text": TEXTS[:2] + [""] + TEXTS[2:],
         "reason": [None, None, "bad_json", None, None, None], "detail": [None, None, "x", None, None, None],
+        "records": [1] * n,
     }, schema=RECORD_SCHEMA)
     out = actor(batch)
     hf = load_tokenizer("builtin:tiny-tokenizer")

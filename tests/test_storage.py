@@ -131,8 +131,9 @@ def test_download_dir_from_s3(s3_bucket, tmp_path):
 
 
 @pytest.mark.s3
-def test_local_dir_downloads_s3_once_and_publishes_complete_copies(s3_bucket, tmp_path, monkeypatch):
-    """Models and tokenizers on S3 are copied into one cache folder, whole, and reused afterwards."""
+def test_local_dir_downloads_s3_once_and_again_when_an_object_is_replaced(s3_bucket, tmp_path, monkeypatch):
+    """Models and tokenizers on S3 are copied into one private cache folder, whole, reused while the prefix is
+    unchanged and downloaded again when an object is replaced (the entry is keyed by ETag + size)."""
     monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "src"
     src.mkdir()
@@ -140,15 +141,187 @@ def test_local_dir_downloads_s3_once_and_publishes_complete_copies(s3_bucket, tm
     storage.upload_dir(str(src), f"{s3_bucket}/m")
     first = storage.local_dir(f"{s3_bucket}/m")
     assert open(os.path.join(first, "config.json")).read() == '{"a": 1}'
-    assert os.path.exists(os.path.join(first, ".complete"))
-    storage.write_text(f"{s3_bucket}/m/config.json", '{"a": 2}')  # the cache is keyed by URI and reused
-    assert storage.local_dir(f"{s3_bucket}/m") == first
+    assert os.stat(tmp_path / "cache").st_mode & 0o777 == 0o700  # private to this user
+    assert storage.local_dir(f"{s3_bucket}/m") == first  # unchanged prefix: reused
     from longctx.data.tokenize import local_tokenizer_dir
     from longctx.model.load import local_model_dir
 
     assert local_model_dir(f"{s3_bucket}/m") == local_tokenizer_dir(f"{s3_bucket}/m") == first  # one download
-    assert open(os.path.join(first, "config.json")).read() == '{"a": 1}'
-    assert [p for p in os.listdir(os.path.dirname(first)) if ".tmp-" in p] == []
+    storage.write_text(f"{s3_bucket}/m/config.json", '{"a": 2}')  # replaced object, same size: new ETag
+    second = storage.local_dir(f"{s3_bucket}/m")
+    assert second != first and open(os.path.join(second, "config.json")).read() == '{"a": 2}'
+    assert not os.path.exists(first)  # the stale version is gone
+    assert [p for p in os.listdir(os.path.dirname(second)) if ".tmp-" in p] == []
     assert storage.local_dir(str(src)) == str(src)  # local folders are used in place
     with pytest.raises(storage.StorageError, match="does not exist"):
         storage.local_dir(str(tmp_path / "nope"))
+
+
+@pytest.mark.s3
+def test_cache_entry_is_trusted_only_when_its_manifest_matches(s3_bucket, tmp_path, monkeypatch):
+    """A planted or tampered entry (wrong manifest, wrong file size) is replaced by a fresh download."""
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cache"))
+    storage.write_text(f"{s3_bucket}/tok/tokenizer.json", '{"real": true}')
+    entry = storage.local_dir(f"{s3_bucket}/tok")
+    with open(os.path.join(entry, "tokenizer.json"), "w") as f:  # tampered in place: size differs
+        f.write('{"planted": "by someone else"}')
+    assert storage.local_dir(f"{s3_bucket}/tok") == entry
+    assert open(os.path.join(entry, "tokenizer.json")).read() == '{"real": true}'
+    # a folder with a marker but no matching manifest is not an entry (the old `.complete` trust)
+    with open(os.path.join(entry, storage.CACHE_MANIFEST), "w") as f:
+        f.write("{}")
+    open(os.path.join(entry, ".complete"), "w").close()
+    assert open(os.path.join(storage.local_dir(f"{s3_bucket}/tok"), "tokenizer.json")).read() == '{"real": true}'
+
+
+def test_cache_root_is_refused_when_not_owned_or_a_link(tmp_path, monkeypatch):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    os.symlink(target, tmp_path / "link")
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "link"))
+    with pytest.raises(storage.StorageError, match="owned by this user"):
+        storage.cache_root()
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o777)
+    os.chmod(loose, 0o777)
+    monkeypatch.setenv("LONGCTX_CACHE", str(loose))
+    assert storage.cache_root() == str(loose) and os.stat(loose).st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("key", ["../x", "a/../../x", "/etc/x", "a//b", "a/./b", "", "a/", "a\\..\\b", "a\x00b"])
+def test_safe_relpath_refuses_keys_that_leave_their_folder(key):
+    with pytest.raises(storage.StorageError, match="leave its folder"):
+        storage.safe_relpath(key)
+
+
+def test_safe_relpath_keeps_ordinary_keys():
+    assert storage.safe_relpath("sub/w.bin") == os.path.join("sub", "w.bin")
+    assert storage.safe_relpath("a..b/.hidden") == os.path.join("a..b", ".hidden")  # dots inside names are fine
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("key", ["tok/../../../../escaped.txt", "tok//abs/escaped.txt", "tok/./escaped.txt"])
+def test_hostile_keys_under_an_s3_prefix_write_nothing_outside(s3_bucket, s3_endpoint, tmp_path, monkeypatch, key):
+    import boto3
+
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "a" / "b" / "c" / "cache"))
+    bucket = s3_bucket[len("s3://"):]
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.put_object(Bucket=bucket, Key="tok/tokenizer.json", Body=b"{}")
+    client.put_object(Bucket=bucket, Key=key, Body=b"pwned")
+    listed = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert key in listed  # the store really holds the hostile key (a negative control for the refusal below)
+    with pytest.raises(storage.StorageError, match="leave its folder"):
+        storage.local_dir(f"{s3_bucket}/tok")
+    with pytest.raises(storage.StorageError, match="leave its folder"):
+        storage.download_dir(f"{s3_bucket}/tok", str(tmp_path / "dl"))
+    written = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path) for f in fs]
+    assert not [p for p in written if open(p, "rb").read() == b"pwned"]
+
+
+def _dead_owner_tag() -> str:
+    """`pid.start` of a process that has exited (a killed run)."""
+    import subprocess
+
+    from longctx import cleanup
+
+    proc = subprocess.Popen(["sleep", "30"])
+    start = cleanup._start_time(proc.pid)
+    proc.kill()
+    proc.wait()
+    return f"{proc.pid}.{start}"
+
+
+def test_work_folders_of_dead_runs_are_removed_by_the_next_run(tmp_path):
+    from longctx import cleanup
+
+    dead = tmp_path / f"longctx-tokens-{_dead_owner_tag()}-0badc0de"
+    dead.mkdir()
+    (dead / "0000.parquet").write_bytes(b"x" * 1000)
+    alive = tmp_path / f"longctx-tokens-{cleanup.owner_tag()}-0011aabb"  # this process: running
+    alive.mkdir()
+    reused = tmp_path / f"longctx-tokens-{os.getpid()}.1-00ff00ff"  # our pid, another start time: pid reused
+    reused.mkdir()
+    other = tmp_path / "longctx-tokens-not-owned"
+    other.mkdir()
+    new = cleanup.work_dir("tokens", parent=str(tmp_path))
+    assert os.path.isdir(new) and os.stat(new).st_mode & 0o777 == 0o700
+    assert not dead.exists() and not reused.exists() and alive.exists() and other.exists()
+    assert cleanup.remove_dead([str(tmp_path)]) == []
+
+
+def test_staging_of_a_killed_publish_is_removed_by_the_next_publish_and_by_data_clean(tmp_path, capsys):
+    from longctx import cleanup
+    from longctx.cli import main
+
+    dead = tmp_path / f".staging-{_dead_owner_tag()}-deadbeef"
+    dead.mkdir()
+    with storage.publish_dir(str(tmp_path / "out")) as staging:
+        open(os.path.join(staging, "a.txt"), "w").close()
+    assert not dead.exists() and sorted(os.listdir(tmp_path)) == ["out"]
+    dead.mkdir()
+    tokens = tmp_path / f"longctx-tokens-{_dead_owner_tag()}-deadbeef"
+    tokens.mkdir()
+    assert main(["data", "clean", "--path", str(tmp_path), "--tmp", str(tmp_path)]) == 0
+    assert not dead.exists() and not tokens.exists() and "removed 2" in capsys.readouterr().out
+    assert cleanup.remove_dead([str(tmp_path)]) == []
+
+
+def test_overwrite_is_never_without_a_visible_output(tmp_path, monkeypatch):
+    """After every rename an overwrite makes, the output folder is there (old or new): the swap is one atomic
+    exchange. Negative control: the two-rename fallback leaves a moment with nothing at the path."""
+    dest = tmp_path / "out"
+    with storage.publish_dir(str(dest)) as staging:
+        open(os.path.join(staging, "v"), "w").write("1")
+    visible, real = [], os.replace
+
+    def replace(a, b):
+        real(a, b)
+        visible.append(os.path.exists(dest / "v"))
+
+    monkeypatch.setattr(os, "replace", replace)
+    with storage.publish_dir(str(dest), overwrite=True) as staging:
+        open(os.path.join(staging, "v"), "w").write("2")
+    assert open(dest / "v").read() == "2" and all(visible) and sorted(os.listdir(tmp_path)) == ["out"]
+    monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
+    with storage.publish_dir(str(dest), overwrite=True) as staging:
+        open(os.path.join(staging, "v"), "w").write("3")
+    assert open(dest / "v").read() == "3" and visible[-2:] == [False, True]
+
+
+def test_an_overwrite_interrupted_between_its_renames_is_recovered_on_next_open(tmp_path):
+    dest = tmp_path / "out"
+    with storage.publish_dir(str(dest)) as staging:
+        open(os.path.join(staging, "v"), "w").write("old")
+    os.rename(dest, tmp_path / "out.old-1234abcd")  # the state a crash after the first rename leaves
+    assert storage.require_committed(str(dest))  # the reader restores the old copy
+    assert open(dest / "v").read() == "old" and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_require_private_refuses_folders_others_could_write(tmp_path):
+    """Before a sweep resume unpickles tuner.pkl: the folder must be writable only by its owner."""
+    exp = tmp_path / "sweep" / "tune"
+    exp.mkdir(parents=True)
+    pkl = exp / "tuner.pkl"
+    pkl.write_bytes(b"\x80\x04N.")
+    for p in (tmp_path, tmp_path / "sweep", exp, pkl):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    storage.require_private(str(exp), "resume")  # private: accepted
+    os.chmod(pkl, 0o666)
+    with pytest.raises(storage.StorageError, match=r"tuner\.pkl is writable by others"):
+        storage.require_private(str(exp), "resume")
+    os.chmod(pkl, 0o644)
+    os.chmod(exp, 0o775)
+    if storage._private_group(os.stat(exp).st_gid):  # umask-002 systems: the user's own group may write
+        storage.require_private(str(exp), "resume")
+    if os.getuid() == 0:  # a shared group (root may give the folder to one)
+        os.chown(exp, 0, 1)
+        with pytest.raises(storage.StorageError, match="writable by its group 1"):
+            storage.require_private(str(exp), "resume")
+    os.chmod(exp, 0o755)
+    os.chmod(tmp_path / "sweep", 0o777)  # anyone could swap the folder
+    with pytest.raises(storage.StorageError, match="ancestor"):
+        storage.require_private(str(exp), "resume")
+    os.chmod(tmp_path / "sweep", 0o1777)  # sticky, like /tmp: others cannot replace what is ours
+    storage.require_private(str(exp), "resume")
+    storage.require_private("s3://bucket/sweeps/x/tune", "resume")  # not checkable here: documented instead

@@ -3,6 +3,7 @@
     longctx data prepare --config jobs/configs/tiny.yaml --set data.output=s3://bucket/packed/
     longctx data stats   --config FILE
     longctx data synth   cip|tables|retrieval --config FILE [--output URI] [--packed URI]
+    longctx data clean   [--path FOLDER]       (staging / token-cache folders of killed runs)
     longctx train        --config FILE            (same as jobs/long_pt.py)
     longctx eval run     --config FILE --set eval.model=URI
     longctx eval score   --predictions preds.jsonl --output scores.json
@@ -52,6 +53,18 @@ def _cmd_data_stats(args) -> int:
     cfg = _load(args)
     connect_ray(cfg)
     length_stats(cfg)
+    return 0
+
+
+def _cmd_data_clean(args) -> int:
+    import tempfile
+
+    from longctx import cleanup
+
+    removed = cleanup.remove_dead([args.tmp or tempfile.gettempdir(), *args.path])
+    for path in removed:
+        print(f"removed {path}")
+    print(f"removed {len(removed)} folders of dead runs (folders of running ones are kept)")
     return 0
 
 
@@ -163,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packed", default=None, help="cip: rewrite this committed packed folder instead of preparing "
                    "the configured corpus")
     p.set_defaults(func=_cmd_data_synth)
+
+    p = data_sub.add_parser("clean", help="remove staging and token-cache folders left by killed runs")
+    p.add_argument("--path", action="append", default=[], metavar="FOLDER",
+                   help="also sweep .staging-* folders here (the parent of a local output; repeatable)")
+    p.add_argument("--tmp", default=None, help="temp folder holding longctx-* work folders (default: the system's)")
+    p.set_defaults(func=_cmd_data_clean)
 
     train = verbs.add_parser("train", help="Long-PT: prepare data, train, evaluate (as jobs/long_pt.py)")
     _add_config_args(train)

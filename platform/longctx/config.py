@@ -37,6 +37,14 @@ class StorageConfig(_Section):
     variables or an instance profile / IAM role."""
     region: str | None = None
     """S3 region; default from AWS_DEFAULT_REGION / AWS_REGION."""
+    read_retries: int = Field(6, ge=0)
+    """Retries of a failed corpus read (connection cut, timeout, I/O error) before the job fails with an I/O
+    error naming the object. A read that outlasts them is never counted as bad data."""
+    retry_backoff_s: float = Field(0.5, gt=0)
+    """Wait before the first retry; doubled after each failure up to `retry_max_backoff_s` (defaults: about 30 s
+    of outage are ridden out)."""
+    retry_max_backoff_s: float = Field(8.0, gt=0)
+    """Longest wait between two retries."""
 
 
 class RayConfig(_Section):
@@ -55,8 +63,9 @@ class RayConfig(_Section):
 # ----------------------------------------------------------------------------------------------------- data
 class SourceSpec(_Section):
     uri: str | list[str]
-    """File, folder, glob or s3:// prefix (or a list of them). Formats by suffix: .jsonl, .jsonl.gz,
-    .jsonl.zst, .json, .parquet. `builtin:corpus/NAME.jsonl.gz` names a shipped sample file."""
+    """File, folder, glob or s3:// prefix (or a list of them). Formats by suffix (any case): .jsonl, .json,
+    .ndjson, each also .gz/.zst, and .parquet; other files of a folder are listed as skipped.
+    `builtin:corpus/NAME.jsonl.gz` names a shipped sample file."""
     text_field: str = "text"
     """Field holding the document text (dotted path for nested fields)."""
     source_field: str | None = None
@@ -129,6 +138,9 @@ class DataConfig(_Section):
     """Where packed Parquet shards and manifest.json go (local or s3://). Default: `<run dir>/data`."""
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
     """Fail the job when more than this fraction of input records is quarantined."""
+    max_record_bytes: int = Field(8 << 20, ge=1024)
+    """Longest input record (JSONL line or Parquet text value) in bytes; longer ones are quarantined as
+    `record_too_large` before tokenization (the tokenizer needs ~160 bytes of memory per input byte)."""
     pack_buffer_rows: int = Field(16, ge=1)
     """Rows of the bounded best-fit packing buffer (more rows: less padding, more memory)."""
     rows_per_shard: int = Field(4096, ge=1)

@@ -14,11 +14,16 @@ prefix and a `_COMMITTED` marker listing every file with its sha256 is written l
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
+import logging
 import os
 import shutil
+import stat
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from importlib import resources
@@ -28,10 +33,20 @@ from typing import Iterator
 import pyarrow.fs as pafs
 
 COMMIT_MARKER = "_COMMITTED"
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
     """A URI cannot be resolved, read or published; the message names the URI."""
+
+
+class StorageIOError(StorageError):
+    """Reading an object kept failing after every retry (an outage, not bad data); the message names it."""
+
+
+class NotARegularFile(OSError):
+    """A local corpus path is a FIFO, device, socket or folder: never opened for reading (it could block or
+    never end, like a link to /dev/zero)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +55,9 @@ class StorageOptions:
 
     endpoint_url: str | None = None
     region: str | None = None
+    read_retries: int = 6
+    retry_backoff_s: float = 0.5
+    retry_max_backoff_s: float = 8.0
 
     @classmethod
     def resolve(cls, cfg=None) -> "StorageOptions":
@@ -47,7 +65,9 @@ class StorageOptions:
             "AWS_ENDPOINT_URL"
         )
         region = getattr(cfg, "region", None) or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-        return cls(endpoint_url=endpoint or None, region=region or None)
+        retry = {k: getattr(cfg, k) for k in ("read_retries", "retry_backoff_s", "retry_max_backoff_s")
+                 if getattr(cfg, k, None) is not None}
+        return cls(endpoint_url=endpoint or None, region=region or None, **retry)
 
 
 _DEFAULT_OPTIONS: StorageOptions | None = None
@@ -119,8 +139,9 @@ def pyarrow_fs(uri: str, opts: StorageOptions | None = None) -> tuple[pafs.FileS
     return pafs.LocalFileSystem(), uri
 
 
-def fsspec_fs(uri: str, opts: StorageOptions | None = None):
-    """(fsspec filesystem, path) for a URI; for code that wants file-like objects (gzip, zstd, json)."""
+def fsspec_fs(uri: str, opts: StorageOptions | None = None, client_retries: bool = True):
+    """(fsspec filesystem, path) for a URI; for code that wants file-like objects (gzip, zstd, json).
+    `client_retries=False`: s3fs and botocore try once, for callers that retry themselves (`retry_io`)."""
     uri = normalize(uri)
     if is_s3(uri):
         import s3fs
@@ -131,7 +152,11 @@ def fsspec_fs(uri: str, opts: StorageOptions | None = None):
             client_kwargs["endpoint_url"] = opts.endpoint_url
         if opts.region:
             client_kwargs["region_name"] = opts.region
-        return s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True), uri[len("s3://") :]
+        extra = {} if client_retries else {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+        fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True, **extra)
+        if not client_retries:
+            fs.retries = 1
+        return fs, uri[len("s3://") :]
     import fsspec
 
     return fsspec.filesystem("file"), uri
@@ -146,8 +171,9 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
-def expand(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
-    """Files under a URI: a file, a folder (recursive) or a glob; sorted, hidden/underscore files skipped."""
+def expand(uri: str, suffixes: tuple[str, ...] | None = None, hidden: bool = False) -> list[str]:
+    """Files under a URI: a file, a folder (recursive) or a glob; sorted, hidden/underscore files skipped
+    unless `hidden`."""
     norm = normalize(uri)
     fs, path = fsspec_fs(norm)
     if any(ch in path for ch in "*?["):
@@ -158,10 +184,149 @@ def expand(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
         found = [path]
     else:
         raise StorageError(f"{uri}: no such file, folder or prefix")
-    files = sorted(p for p in found if not os.path.basename(p).startswith(("_", ".")))
+    files = sorted(p for p in found if hidden or not os.path.basename(p).startswith(("_", ".")))
     if suffixes:
         files = [p for p in files if p.endswith(suffixes)]
     return [_to_uri(norm, p) for p in files]
+
+
+# --------------------------------------------------------------------------------- reads with retries
+# Errors that say the data is what it is: retrying cannot help, the caller decides (quarantine or fail).
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, NotARegularFile,
+              StorageError)
+
+
+_PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENXIO, errno.ENODEV, errno.ELOOP,
+                     errno.ENAMETOOLONG, errno.EINVAL, errno.ENOTDIR, errno.EISDIR}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures of the medium (connection refused/reset/cut, timeouts, EIO, throttling) that a retry
+    may cure; False for a missing object, a permission error or a bad file type."""
+    if isinstance(exc, _PERMANENT) or getattr(exc, "errno", None) in _PERMANENT_ERRNOS:
+        return False
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
+        return True
+    module = type(exc).__module__ or ""
+    # botocore/aiobotocore/aiohttp/urllib3 raise their own classes for connection and streaming failures
+    return module.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3", "s3fs"))
+
+
+def retry_io(fn, what: str, opts: StorageOptions | None = None):
+    """fn() retried on transient errors with doubling backoff (StorageOptions.read_retries/retry_*), each retry
+    logged; when they run out, StorageIOError naming `what` (the object) and the last error."""
+    opts = opts or options()
+    wait, t0 = opts.retry_backoff_s, time.monotonic()
+    for attempt in range(opts.read_retries + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified just below
+            if not is_transient(e):
+                raise
+            if attempt == opts.read_retries:
+                raise StorageIOError(
+                    f"{what}: read failed {attempt + 1} times over {time.monotonic() - t0:.1f}s "
+                    f"(storage.read_retries={opts.read_retries}); last error: {type(e).__name__}: {e}") from e
+            log.warning("%s: %s: %s; retry %d/%d in %.1fs", what, type(e).__name__, e, attempt + 1,
+                        opts.read_retries, wait)
+            time.sleep(wait)
+            wait = min(wait * 2, opts.retry_max_backoff_s)
+    raise AssertionError("unreachable")
+
+
+def _require_regular(path: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
+                else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "folder" if stat.S_ISDIR(st.st_mode) else "special file")
+        raise NotARegularFile(f"{path}: a {kind}, not a regular file")
+
+
+def _open_local_regular(path: str):
+    # NOTE: stat first (a socket cannot even be opened), then open with O_NONBLOCK so that a FIFO swapped in
+    # meanwhile returns at once instead of waiting for a writer, and fstat the descriptor so the check holds for
+    # what is actually read.
+    _require_regular(path, os.stat(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        _require_regular(path, st)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class RetryingReader(io.RawIOBase):
+    """A seekable read-only file over a local path or an S3 object that survives outages: a failed read is
+    retried (`retry_io`) by reopening the object and seeking back to where it stood, so a stream read resumes
+    byte-exact. Local paths must be regular files (`NotARegularFile` otherwise). `size` is the object size."""
+
+    def __init__(self, uri: str, opts: StorageOptions | None = None):
+        super().__init__()
+        self.uri, self._opts = normalize(uri), opts or options()
+        self._pos, self._f = 0, None
+        self.size = retry_io(self._open, self.uri, self._opts)
+
+    def _open(self) -> int:
+        self._drop()
+        if is_s3(self.uri):
+            # one retry policy, ours: configurable and logged (s3fs + botocore would add up to ~20 s of their own)
+            fs, path = fsspec_fs(self.uri, self._opts, client_retries=False)
+            f = fs.open(path, "rb")
+            size = f.size
+        else:
+            f, size = _open_local_regular(self.uri)
+        if self._pos:
+            f.seek(self._pos)
+        self._f = f
+        return size
+
+    def _drop(self) -> None:
+        if self._f is not None:
+            with contextlib.suppress(Exception):
+                self._f.close()
+            self._f = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        if self._f is not None:
+            try:
+                self._f.seek(self._pos)
+            except Exception:  # noqa: BLE001 - the next read reopens at _pos
+                self._drop()
+        return self._pos
+
+    def readinto(self, b) -> int:
+        def attempt() -> bytes:
+            if self._f is None:
+                self._open()
+            try:
+                return self._f.read(len(b))
+            except Exception:
+                self._drop()  # reopen at _pos on the next attempt
+                raise
+
+        data = retry_io(attempt, self.uri, self._opts)
+        n = len(data)
+        b[:n] = data
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
 
 
 def read_bytes(uri: str) -> bytes:
@@ -228,51 +393,134 @@ def upload_dir(local_dir: str, uri: str) -> None:
             fs.put_file(src, f"{path.rstrip('/')}/{rel}")
 
 
+def safe_relpath(key: str, root: str = "") -> str:
+    """A relative object key as a local relative path, or StorageError when it would leave its root: an absolute
+    key, an empty segment (`a//b`), `.`/`..`, a backslash or NUL. Keys come from storage that anyone with write
+    access to a prefix controls; joined unchecked, `tok/../../x` or `tok//etc/x` would write outside the cache."""
+    parts = key.split("/")
+    if (not key or key.startswith("/") or "\\" in key or "\x00" in key
+            or any(p in ("", ".", "..") for p in parts)):
+        raise StorageError(f"{root + '/' if root else ''}{key!r}: object key would leave its folder "
+                           "(absolute, empty, '.' or '..' segment); refusing to map it to a local path")
+    return os.path.join(*parts)
+
+
+def _listing(uri: str) -> tuple[object, str, dict[str, dict]]:
+    """(fs, prefix path, {relative key: {"size", "etag"}}) of every object under an s3:// prefix, keys checked."""
+    fs, path = fsspec_fs(uri)
+    prefix = path.rstrip("/")
+    found = fs.find(prefix, detail=True)
+    entries: dict[str, dict] = {}
+    for p, info in sorted(found.items()):
+        if info.get("type") == "directory":
+            continue
+        if not p.startswith(prefix + "/"):
+            raise StorageError(f"{uri}: listing returned {p!r}, outside the prefix")
+        rel = p[len(prefix) + 1:]
+        safe_relpath(rel, uri)
+        entries[rel] = {"size": int(info.get("size") or 0), "etag": str(info.get("ETag") or "").strip('"')}
+    return fs, prefix, entries
+
+
 def download_dir(uri: str, local_dir: str) -> str:
-    """Copy a folder from a URI to a local folder (S3) or return the local path as is."""
+    """Copy a folder from a URI to a local folder (S3) or return the local path as is. Every key is checked
+    (`safe_relpath`) before anything is written: one hostile key fails the whole download."""
     uri = normalize(uri)
     if not is_s3(uri):
         if not os.path.isdir(uri):
             raise StorageError(f"{uri}: not a folder")
         return uri
-    fs, path = fsspec_fs(uri)
-    files = [p for p in fs.find(path) if not fs.isdir(p)]
-    if not files:
-        raise StorageError(f"{uri}: empty or missing prefix")
-    os.makedirs(local_dir, exist_ok=True)
-    for p in files:
-        rel = p[len(path.rstrip("/")) + 1 :]
-        dest = os.path.join(local_dir, rel)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        fs.get_file(p, dest)
+    fs, prefix, entries = _listing(uri)
+    _download_entries(uri, fs, prefix, entries, local_dir)
     return local_dir
 
 
-def local_dir(uri: str) -> str:
-    """A local folder with the contents of `uri`: local paths as they are, s3:// prefixes downloaded once per
-    machine into a cache (LONGCTX_CACHE, default <tmp>/longctx-cache/dirs/<hash>) and reused. One cache for every
-    caller: a model folder that is also the data tokenizer is downloaded once.
+def _download_entries(uri: str, fs, prefix: str, entries: dict[str, dict], local_dir: str) -> None:
+    if not entries:
+        raise StorageError(f"{uri}: empty or missing prefix")
+    root = os.path.realpath(local_dir)
+    os.makedirs(root, exist_ok=True)
+    for rel in entries:
+        dest = os.path.join(root, safe_relpath(rel, uri))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        if os.path.commonpath([root, os.path.realpath(os.path.dirname(dest))]) != root:
+            raise StorageError(f"{uri}/{rel}: local path {dest} is outside {root}")
+        retry_io(lambda: fs.get_file(f"{prefix}/{rel}", dest), f"{uri}/{rel}")
 
-    The download lands in a private temp folder that is renamed into place complete, so concurrent processes
-    (Ray workers on one node) never read a half-downloaded model or tokenizer.
+
+CACHE_MANIFEST = ".longctx-manifest.json"
+
+
+def cache_root() -> str:
+    """This user's download cache: LONGCTX_CACHE, default <tmp>/longctx-cache-<uid>; created 0700 and refused
+    when another user owns it (a folder in a shared /tmp could be planted by anyone)."""
+    root = os.environ.get("LONGCTX_CACHE") or os.path.join(tempfile.gettempdir(), f"longctx-cache-{os.getuid()}")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise StorageError(f"{root}: the download cache must be a folder owned by this user (uid {os.getuid()}), "
+                           "not a link or another user's folder; set LONGCTX_CACHE to a private folder")
+    if st.st_mode & 0o077:
+        os.chmod(root, 0o700)  # ours but open to others: make it private
+    return root
+
+
+def local_dir(uri: str) -> str:
+    """A local folder with the contents of `uri`: local paths as they are, s3:// prefixes downloaded into this
+    user's private cache (`cache_root()`) and reused while the prefix is unchanged. One cache for every caller: a
+    model folder that is also the data tokenizer is downloaded once.
+
+    An entry is keyed by URI + listing (every key with its ETag and size) and trusted only when the manifest
+    recorded in it equals the current listing and its files have the recorded sizes: a replaced object (new
+    ETag) is downloaded again, a planted or damaged entry is not used. Costs one LIST request per call. The
+    download lands in a temp folder renamed into place complete, so concurrent processes (Ray workers on one
+    node) never read half a model.
     """
     uri = normalize(uri)
     if not is_s3(uri):
         if not os.path.isdir(uri):
             raise StorageError(f"{uri}: folder does not exist")
         return uri
-    root = os.environ.get("LONGCTX_CACHE", os.path.join(tempfile.gettempdir(), "longctx-cache"))
-    dest = os.path.join(root, "dirs", hashlib.sha256(uri.encode()).hexdigest()[:16])
-    if not os.path.exists(os.path.join(dest, ".complete")):
-        tmp = f"{dest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        download_dir(uri, tmp)
-        open(os.path.join(tmp, ".complete"), "w").close()
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
+    fs, prefix, entries = _listing(uri)
+    if not entries:
+        raise StorageError(f"{uri}: empty or missing prefix")
+    manifest = {"uri": uri, "files": entries}
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    parent = os.path.join(cache_root(), "dirs", hashlib.sha256(uri.encode()).hexdigest()[:16])
+    dest = os.path.join(parent, digest)
+    if _cache_entry_matches(dest, manifest):
+        return dest
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    tmp = f"{dest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        _download_entries(uri, fs, prefix, entries, tmp)
+        with open(os.path.join(tmp, CACHE_MANIFEST), "w") as f:
+            json.dump(manifest, f, sort_keys=True)
+        if os.path.exists(dest) and not _cache_entry_matches(dest, manifest):
+            shutil.rmtree(dest, ignore_errors=True)  # a damaged or planted entry under the right name
         try:
             os.replace(tmp, dest)
-        except OSError:  # another process won the race; its copy is complete
-            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:  # another process won the race; its copy is checked below
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not _cache_entry_matches(dest, manifest):
+        raise StorageError(f"{uri}: the cached copy at {dest} does not match the listing it was downloaded from")
+    for old in os.listdir(parent):  # earlier versions of this prefix (objects since replaced)
+        if old != digest and ".tmp-" not in old:
+            shutil.rmtree(os.path.join(parent, old), ignore_errors=True)
     return dest
+
+
+def _cache_entry_matches(dest: str, manifest: dict) -> bool:
+    try:
+        with open(os.path.join(dest, CACHE_MANIFEST)) as f:
+            if json.load(f) != manifest:
+                return False
+        return all(os.path.getsize(os.path.join(dest, safe_relpath(rel))) == e["size"]
+                   for rel, e in manifest["files"].items())
+    except (OSError, ValueError, StorageError):
+        return False
 
 
 def _manifest_of(local_dir: str) -> dict:
@@ -285,22 +533,70 @@ def _manifest_of(local_dir: str) -> dict:
     return {"files": files}
 
 
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    return False  # e.g. EINVAL on a filesystem without exchange: the caller falls back
+
+
+def recover_overwrite(dest: str) -> bool:
+    """Undo a crash between the two renames of a non-atomic overwrite: when `dest` is missing and a committed
+    `dest.old-*` copy is there, put it back. Returns True when it restored one."""
+    dest = dest.rstrip("/")
+    if is_s3(dest) or os.path.exists(dest):
+        return False
+    parent, base = os.path.split(dest)
+    try:
+        olds = sorted(n for n in os.listdir(parent or ".") if n.startswith(base + ".old-"))
+    except OSError:
+        return False
+    for name in olds:
+        old = os.path.join(parent, name)
+        if os.path.exists(os.path.join(old, COMMIT_MARKER)):
+            try:
+                os.rename(old, dest)
+                log.warning("%s: restored the previous output from %s (an overwrite was interrupted)", dest, old)
+                return True
+            except OSError:
+                return os.path.exists(dest)
+    return False
+
+
 @contextlib.contextmanager
 def publish_dir(dest: str, overwrite: bool = False) -> Iterator[str]:
     """Stage a directory, then publish it atomically at `dest` with a `_COMMITTED` marker.
 
     Yields a local staging folder. On normal exit the folder is published; on an exception nothing is
     published and the staging folder is removed. Readers that call `require_committed(dest)` never see a
-    half-written result.
+    half-written result. Staging folders carry their owner process in their name (longctx.cleanup), so those of
+    killed runs are removed by the next publish next to them or by `longctx data clean`.
+
+    A local overwrite swaps the new folder in with one atomic exchange (Linux), so either the old or the new
+    output is visible at every instant; elsewhere old -> `dest.old-*`, new -> dest, and a crash between the two
+    is undone by `recover_overwrite` on the next publish or read.
     """
+    from longctx import cleanup
+
     dest = normalize(dest)
+    recover_overwrite(dest)
     if exists(join(dest, COMMIT_MARKER)) and not overwrite:
         raise StorageError(f"{dest}: already published (pass overwrite=True or choose a fresh location)")
     if is_s3(dest):
-        staging = tempfile.mkdtemp(prefix="longctx-publish-")
+        staging = cleanup.work_dir("publish")
     else:
-        os.makedirs(os.path.dirname(dest.rstrip("/")) or ".", exist_ok=True)
-        staging = os.path.join(os.path.dirname(dest.rstrip("/")), f".staging-{uuid.uuid4().hex[:12]}")
+        parent = os.path.dirname(dest.rstrip("/")) or "."
+        os.makedirs(parent, exist_ok=True)
+        cleanup.remove_dead([parent], (cleanup.STAGING_PREFIX,))
+        staging = os.path.join(parent, cleanup.owned_name(cleanup.STAGING_PREFIX))
         os.makedirs(staging)
     try:
         yield staging
@@ -317,15 +613,70 @@ def publish_dir(dest: str, overwrite: bool = False) -> Iterator[str]:
             if os.path.exists(dest):
                 if not overwrite:
                     raise StorageError(f"{dest}: exists but is not a committed output; remove it or choose another path")
-                trash = dest.rstrip("/") + f".old-{uuid.uuid4().hex[:8]}"
-                os.replace(dest, trash)
-                os.replace(staging, dest)
-                shutil.rmtree(trash, ignore_errors=True)
+                if not _exchange(staging, dest):  # staging now holds the old copy and is removed below
+                    trash = dest.rstrip("/") + f".old-{uuid.uuid4().hex[:8]}"
+                    os.replace(dest, trash)
+                    os.replace(staging, dest)
+                    shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.replace(staging, dest)
     finally:
         if os.path.exists(staging):
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _private_group(gid: int) -> bool:
+    """A user-private group (named like this user, no other members; umask 002 systems): group-writable is fine."""
+    try:
+        import grp
+        import pwd
+
+        g = grp.getgrgid(gid)
+        me = pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return False
+    return g.gr_name == me and set(g.gr_mem) <= {me}
+
+
+def require_private(uri: str, why: str) -> None:
+    """Refuse a local folder that someone else could have written into: any file or folder under it that is
+    world-writable, writable by a group other than the user's private one, or owned by another user (root
+    excepted), or an ancestor that is world-writable without
+    the sticky bit (anyone could replace the folder). Used before reading what is unpickled (Ray Tune's
+    tuner.pkl). s3:// cannot be checked from here (bucket policies are not visible): the docs say who may write."""
+    uri = normalize(uri)
+    if is_s3(uri) or not os.path.exists(uri):
+        return
+    me = os.getuid()
+
+    def bad(path: str, st: os.stat_result) -> str | None:
+        if stat.S_ISLNK(st.st_mode):
+            return None
+        if st.st_uid not in (me, 0):
+            return f"{path} is owned by uid {st.st_uid}"
+        if st.st_mode & 0o002:
+            return f"{path} is writable by others ({oct(st.st_mode & 0o777)})"
+        if st.st_mode & 0o020 and not _private_group(st.st_gid):
+            return f"{path} is writable by its group {st.st_gid} ({oct(st.st_mode & 0o777)})"
+        return None
+
+    problems = []
+    for root, dirs, files in os.walk(uri):
+        for name in [""] + dirs + files:
+            p = os.path.join(root, name) if name else root
+            if (msg := bad(p, os.lstat(p))) is not None:
+                problems.append(msg)
+    parent = os.path.dirname(os.path.realpath(uri))
+    while True:
+        st = os.stat(parent)
+        if st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX:
+            problems.append(f"{parent} (an ancestor) is world-writable without the sticky bit")
+        if parent == os.path.dirname(parent):
+            break
+        parent = os.path.dirname(parent)
+    if problems:
+        raise StorageError(f"{uri}: refusing to {why}: others could have written into it: {'; '.join(problems[:5])}."
+                           f" Make it writable only by you (chmod -R go-w) or start a fresh sweep elsewhere.")
 
 
 def is_committed(uri: str) -> bool:
@@ -335,6 +686,7 @@ def is_committed(uri: str) -> bool:
 def require_committed(uri: str) -> dict:
     """The commit marker of a published directory; a clear error when it is missing (half-written)."""
     marker = join(uri, COMMIT_MARKER)
+    recover_overwrite(normalize(uri))
     if not exists(marker):
         raise StorageError(
             f"{uri}: no {COMMIT_MARKER} marker: the output is incomplete (a writer failed or is still running)"

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from typing import Iterator
 
@@ -33,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from longctx import storage
+from longctx import cleanup, storage
 from longctx.data.mixture import MixturePlan, SourcePlan, plan_mixture
 from longctx.data.pack import BestFitPacker, RowBuilder, Segment
 from longctx.data.stats import LengthAccumulator, format_length_table, plot_length_histogram, source_length_stats
@@ -165,7 +164,7 @@ def prepare_data(cfg, output: str | None = None, overwrite: bool = False) -> dic
     storage.configure(cfg.storage)
     t0 = time.time()
     load_fast_tokenizer(d.tokenizer)  # fail fast on a bad tokenizer, before any Ray work
-    work = tempfile.mkdtemp(prefix="longctx-tokens-")
+    work = cleanup.work_dir("tokens")  # removes those of dead runs
     try:
         cache = tokenize_corpus(cfg, work)
         result = pack_and_publish(cfg, cache, dest, overwrite=overwrite)
@@ -284,7 +283,7 @@ def packed_dataset(cfg):
     d = cfg.data
     storage.configure(cfg.storage)
     _, _, pad = load_fast_tokenizer(d.tokenizer)
-    work = tempfile.mkdtemp(prefix="longctx-stream-")
+    work = cleanup.work_dir("stream")  # removes those of dead runs
     atexit.register(shutil.rmtree, work, True)
     cache = tokenize_corpus(cfg, work)
     check_bad_fraction(cache, d.max_bad_fraction)
@@ -307,7 +306,7 @@ def length_stats(cfg, plot: str | None = None, quiet: bool = False) -> dict:
     Returns {"sources": {name: {...}, "__all__": {...}}, "quarantine": {...}, "long_threshold": N}; prints the
     table; writes a PNG histogram to `plot` (local path) when given."""
     storage.configure(cfg.storage)
-    work = tempfile.mkdtemp(prefix="longctx-stats-")
+    work = cleanup.work_dir("stats")  # removes those of dead runs
     try:
         cache = tokenize_corpus(cfg, work, with_tokens=False)
         stats = source_length_stats(cache.source_lengths(), cfg.data.long_threshold)

@@ -22,7 +22,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from longctx import storage
 from longctx.data import sources as src
 from longctx.data.tokenize import TokenizeBatches
 
@@ -97,7 +96,6 @@ def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True)
     import ray.data
 
     ensure_ray(cfg)
-    opts = storage.options()
     remote = {"num_cpus": cfg.ray.data_cpus_per_task}
     if cfg.ray.data_resources:
         remote["resources"] = dict(cfg.ray.data_resources)
@@ -125,8 +123,7 @@ def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True)
         # file at once (32 on a 4-CPU laptop cluster), each a ~150 MB worker process, and race ahead of the
         # tokenizers; memory would then grow with the number of files instead of staying flat.
         ds = ds.map_batches(src.read_files_batch, batch_size=1, batch_format="numpy",
-                            fn_kwargs={"specs": specs, "opts": {"endpoint_url": opts.endpoint_url,
-                                                               "region": opts.region}},
+                            fn_kwargs={"specs": specs, "opts": src.read_options(cfg)},
                             compute=ray.data.TaskPoolStrategy(size=readers), **read_remote)
         ds = ds.map_batches(TokenizeBatches, fn_constructor_kwargs={"tokenizer": cfg.data.tokenizer,
                                                                     "batch_docs": cfg.data.tokenize_batch_size},
@@ -176,12 +173,13 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True) -> To
             reason = batch.column("reason")
             bad_mask = pc.is_valid(reason)
             if pc.any(bad_mask).as_py():
-                bad = batch.filter(bad_mask).select(["doc_id", "reason", "detail"]).to_pylist()
-                for r in bad:
-                    cache.bad_by_reason[r["reason"]] = cache.bad_by_reason.get(r["reason"], 0) + 1
+                bad = batch.filter(bad_mask).select(["doc_id", "reason", "detail", "records"]).to_pylist()
+                for r in bad:  # `records`: a damaged file's lost tail counts as the records it held
+                    n = r["records"] if r["reason"] not in src.NOT_RECORDS else 1
+                    cache.bad_by_reason[r["reason"]] = cache.bad_by_reason.get(r["reason"], 0) + n
                     if qfile:
                         qfile.write(json.dumps({"location": r["doc_id"], "reason": r["reason"],
-                                                "detail": r["detail"]}) + "\n")
+                                                "detail": r["detail"], "records": n}) + "\n")
                 batch = batch.filter(pc.invert(bad_mask))
             if batch.num_rows == 0:
                 continue
@@ -212,8 +210,11 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True) -> To
 
 
 def check_bad_fraction(cache: TokenCache, limit: float) -> float:
-    total = cache.good + cache.bad
-    frac = cache.bad / total if total else 0.0
+    """Fraction of input records quarantined; DataQualityError above `limit`. A damaged file counts the records
+    it lost (estimated, see data/sources.py); skipped files (not corpus formats) are listed but not records."""
+    bad = sum(n for r, n in cache.bad_by_reason.items() if r not in src.NOT_RECORDS)
+    total = cache.good + bad
+    frac = bad / total if total else 0.0
     if total == 0:
         raise DataQualityError(f"the sources hold no records ({cache.files} files read): nothing to pack")
     if frac > limit or cache.good == 0:
@@ -223,7 +224,7 @@ def check_bad_fraction(cache: TokenCache, limit: float) -> float:
                 examples = "".join(f"\n    {json.loads(l)['location']}: {json.loads(l)['reason']}"
                                    for _, l in zip(range(5), f))
         raise DataQualityError(
-            f"{cache.bad} of {total} input records ({100 * frac:.2f}%) were quarantined, above "
+            f"{bad} of {total} input records ({100 * frac:.2f}%) were quarantined, above "
             f"data.max_bad_fraction={limit} ({100 * limit:.2f}%); by reason: {dict(sorted(cache.bad_by_reason.items()))}."
             f"{' First ones:' + examples if examples else ''}\n  Fix the input, or raise data.max_bad_fraction "
             f"if these records may be dropped.")

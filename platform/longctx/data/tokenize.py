@@ -28,6 +28,7 @@ TOKEN_SCHEMA = pa.schema([
     ("doc_id", pa.string()),
     ("reason", pa.string()),
     ("detail", pa.string()),
+    ("records", pa.int64()),  # input records a row stands for (a file's lost tail: many)
     ("tokens", pa.list_(pa.int32())),
     ("n_tokens", pa.int32()),
 ])

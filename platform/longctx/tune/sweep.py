@@ -285,6 +285,7 @@ def run_sweep(cfg: JobConfig, *, fresh: bool = False) -> dict:
     fs, exp_path = storage.pyarrow_fs(exp_dir)
     storage_path, name = exp_path.rstrip("/").rsplit("/", 1)
     if not fresh and tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        storage.require_private(exp_dir, "resume a sweep from it (Tune unpickles its tuner.pkl)")
         print(f"[sweep] resuming {exp_dir} (finished trials are kept)", flush=True)
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True,
                                    storage_filesystem=fs)
