@@ -157,7 +157,11 @@ def _cmd_config(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from longctx import __version__
+
     parser = argparse.ArgumentParser(prog="longctx", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"longctx {__version__}",
+                        help="print the installed longctx version and exit")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     data = verbs.add_parser("data", help="prepare packed training data / corpus statistics")
@@ -170,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = data_sub.add_parser("synth", help="synthetic long data: CIP-k packed rows, SynL tables or retrieval "
                             "instructions (chat JSONL for Long-SFT)")
-    p.add_argument("kind", choices=["cip", "tables", "retrieval"])
+    p.add_argument("kind", choices=["cip", "tables", "retrieval"],
+                   help="cip: CIP-k packed rows; tables: SynL table QA; retrieval: retrieval instructions")
     _add_config_args(p)
     p.add_argument("--output", default=None, help="where to publish (default: synth.output/<kind>, else the run folder)")
     p.add_argument("--packed", default=None, help="cip: rewrite this committed packed folder instead of preparing "
@@ -205,13 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     rope = verbs.add_parser("rope", help="RoPE tools")
     rope_sub = rope.add_subparsers(dest="action", required=True)
     p = rope_sub.add_parser("suggest", help="lower bound on the RoPE base for a target length (arXiv 2310.05209)")
-    p.add_argument("--head-dim", type=int, required=True)
-    p.add_argument("--train-len", type=int, required=True)
-    p.add_argument("--target-len", type=int, required=True)
+    p.add_argument("--head-dim", type=int, required=True, help="attention head dimension (hidden_size / num_heads)")
+    p.add_argument("--train-len", type=int, required=True, help="context length the model was pretrained at (tokens)")
+    p.add_argument("--target-len", type=int, required=True, help="context length to extend to (tokens)")
     p.set_defaults(func=_cmd_rope_suggest)
 
     conf = verbs.add_parser("config", help="show, validate or export the job config schema")
-    conf.add_argument("action", choices=["show", "validate", "schema"])
+    conf.add_argument("action", choices=["show", "validate", "schema"],
+                      help="show: the resolved config; validate: check it; schema: the JSON schema of job configs")
     _add_config_args(conf)
     conf.add_argument("--output", default=None, help="schema: write here instead of stdout")
     conf.set_defaults(func=_cmd_config)
