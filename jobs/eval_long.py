@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from longctx import preflight
 from longctx.config import EMBEDDED_DEFAULT, ConfigError, load_config
 from longctx.eval.runner import run_eval
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        preflight.require(cfg, "eval")  # every checkable mistake, before Ray starts
     except ConfigError as e:
         print(f"eval_long: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from longctx import preflight
 from longctx.config import EMBEDDED_DEFAULT, ConfigError, load_config
 from longctx.workflow import run_long_pt
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        preflight.require(cfg, "pt")  # every checkable mistake, before Ray starts
     except ConfigError as e:
         print(f"long_pt: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ import argparse
 import sys
 import time
 
-from longctx import storage
+from longctx import preflight, storage
 from longctx.config import ConfigError, load_config
 from longctx.workflow import connect_ray, setup_logging, start_run
 
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        preflight.require(cfg, "sft")  # every checkable mistake, before Ray starts
     except ConfigError as e:
         print(f"long_sft: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from longctx import preflight
 from longctx.config import ConfigError, load_config
 from longctx.data.pipeline import DataQualityError, length_stats, prepare_data
 from longctx.workflow import connect_ray
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        preflight.require(cfg, "prepare")  # every checkable mistake, before Ray starts
     except ConfigError as e:
         print(f"prepare_data: {e}", file=sys.stderr)
         return 2

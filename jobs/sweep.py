@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from longctx import preflight
 from longctx.config import ConfigError, load_config
 from longctx.tune.sweep import run_sweep
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        preflight.require(cfg, "sweep")  # every checkable mistake, before Ray starts
         summary = run_sweep(cfg, fresh=args.fresh)
     except (ConfigError, ValueError) as e:
         print(f"sweep: {e}", file=sys.stderr)

@@ -9,7 +9,7 @@
     longctx eval score   --predictions preds.jsonl --output scores.json
     longctx tune         --config jobs/configs/sweep-rope-budget.yaml   (same as jobs/sweep.py; resumes by name)
     longctx rope suggest --head-dim 128 --train-len 4096 --target-len 32768
-    longctx config show|validate|schema --config FILE [--output schemas/job_config.schema.json]
+    longctx config show|validate|schema --config FILE [--kind pt|sft|eval|prepare|sweep] [--output FILE]
 """
 
 from __future__ import annotations
@@ -28,17 +28,23 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key by dotted path, e.g. --set train.lr=2e-5 (repeatable)")
 
 
-def _load(args):
+def _load(args, kind: str | None = None):
+    """The config of `args`; with `kind`, also the checks that job runs before Ray starts (longctx.preflight)."""
     from longctx.config import load_config
 
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    if kind is not None:
+        from longctx import preflight
+
+        preflight.require(cfg, kind)
+    return cfg
 
 
 def _cmd_data_prepare(args) -> int:
     from longctx.workflow import connect_ray, start_run
     from longctx.data.pipeline import prepare_data
 
-    cfg = _load(args)
+    cfg = _load(args, "prepare")
     run = start_run(cfg, "prepare")
     connect_ray(cfg)
     manifest = prepare_data(cfg, cfg.data.output or run.path("data"))
@@ -95,7 +101,7 @@ def _cmd_data_synth(args) -> int:
 def _cmd_train(args) -> int:
     from longctx.workflow import run_long_pt
 
-    cfg = _load(args)
+    cfg = _load(args, "pt")
     run_long_pt(cfg)
     return 0
 
@@ -103,7 +109,7 @@ def _cmd_train(args) -> int:
 def _cmd_eval_run(args) -> int:
     from longctx.eval.runner import run_eval
 
-    cfg = _load(args)
+    cfg = _load(args, "eval")
     run_eval(cfg)
     return 0
 
@@ -118,7 +124,7 @@ def _cmd_eval_score(args) -> int:
 def _cmd_tune(args) -> int:
     from longctx.tune.sweep import run_sweep
 
-    summary = run_sweep(_load(args), fresh=args.fresh)
+    summary = run_sweep(_load(args, "sweep"), fresh=args.fresh)
     if not summary["complete"]:
         return 3
     print(summary["results"])
@@ -151,8 +157,19 @@ def _cmd_config(args) -> int:
     cfg = _load(args)
     if args.action == "show":
         sys.stdout.write(dump_config(cfg))
+        return 0
+    if not args.schema_only:
+        import time
+
+        from longctx import preflight
+
+        t0 = time.perf_counter()
+        kind = args.kind or preflight.default_kind(cfg)
+        preflight.require(cfg, kind, echo=False)  # PreflightError: every problem, exit 2
+        print(f"{args.config}: valid for a {kind} job (schema, files, S3 access, layout, positions, attention "
+              f"backend checked in {time.perf_counter() - t0:.1f}s)")
     else:
-        print(f"{args.config}: valid")
+        print(f"{args.config}: valid (schema only)")
     return 0
 
 
@@ -220,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="show: the resolved config; validate: check it; schema: the JSON schema of job configs")
     _add_config_args(conf)
     conf.add_argument("--output", default=None, help="schema: write here instead of stdout")
+    conf.add_argument("--kind", choices=["pt", "sft", "eval", "prepare", "sweep"], default=None,
+                      help="validate: the job to check for (default: sweep when tune.params is set, else pt); "
+                      "checks files, S3 access, batch layout, positions and attention backend, as the job does "
+                      "before Ray starts")
+    conf.add_argument("--schema-only", action="store_true", help="validate: check keys and values only")
     conf.set_defaults(func=_cmd_config)
     return parser
 

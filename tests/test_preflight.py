@@ -1,0 +1,227 @@
+"""Checks before Ray starts (longctx.preflight): every mistake of a config reported at once, one line each, exit 2,
+within seconds and without a Ray process, on real files and a loopback S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from longctx import preflight, storage
+from longctx.config import EMBEDDED_DEFAULT, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = storage.normalize("builtin:tiny-llama")
+
+
+def _problems(cfg, kind="pt") -> dict[str, str]:
+    t0 = time.perf_counter()
+    found = preflight.check_job(cfg, kind)
+    print(f"check_job({kind}): {len(found)} problems in {time.perf_counter() - t0:.2f}s")
+    assert time.perf_counter() - t0 < 10
+    return {p.where: p.line() for p in found}
+
+
+def _model_copy(tmp_path: Path, name: str, **config_changes) -> Path:
+    dest = tmp_path / name
+    shutil.copytree(TINY, dest)
+    if config_changes:
+        cfg = json.loads((dest / "config.json").read_text())
+        cfg.update(config_changes)
+        (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+def test_embedded_default_passes_quickly():
+    t0 = time.perf_counter()
+    cfg = load_config(EMBEDDED_DEFAULT)
+    assert preflight.check_job(cfg, "pt") == []
+    for kind in ("eval", "prepare"):
+        assert preflight.check_job(cfg, kind) == [], kind
+    assert time.perf_counter() - t0 < 10
+
+
+def test_every_local_problem_reported_at_once(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a corpus")
+    cfg = load_config(EMBEDDED_DEFAULT, [
+        "model.path=meta-llama/Llama-2-7b-hf",
+        f"data.sources.gone={tmp_path / 'missing'}",
+        f"data.sources.empty={empty}",
+        "train.global_batch_tokens=5000",
+        "model.attn_implementation=flash_attention_2",
+        "model.max_position_embeddings=512",
+        f"eval.documents={tmp_path / 'heldout.jsonl'}",
+    ])
+    found = _problems(cfg)
+    assert "download it first" in found["model.path"] and "huggingface-cli download meta-llama/Llama-2-7b-hf" \
+        in found["model.path"]
+    assert "no such file" in found["data.sources.gone"]
+    assert "holds no readable files" in found["data.sources.empty"] and "notes.txt" in found["data.sources.empty"]
+    assert "not a multiple" in found["train.global_batch_tokens"] and "4096 or 6144" in found["train.global_batch_tokens"]
+    assert "train.use_gpu=false" in found["model.attn_implementation"]
+    assert "below data.seq_len=1024" in found["model.max_position_embeddings"]
+    assert "no such file" in found["eval.documents"]
+    assert len(found) == 7
+    assert all("; fix: " in line and "\n" not in line for line in found.values())
+
+
+def test_model_folder_tokenizer_and_positions(tmp_path):
+    no_weights = _model_copy(tmp_path, "no-weights")
+    (no_weights / "model.safetensors").unlink()
+    found = _problems(load_config(EMBEDDED_DEFAULT, [f"model.path={no_weights}"]))
+    assert "no model weights" in found["model.path"]
+
+    pickled = _model_copy(tmp_path, "pickled")
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    assert "pickle" in _problems(load_config(EMBEDDED_DEFAULT, [f"model.path={pickled}"]))["model.path"]
+
+    no_config = _model_copy(tmp_path, "no-config")
+    (no_config / "config.json").unlink()
+    assert "no config.json" in _problems(load_config(EMBEDDED_DEFAULT, [f"model.path={no_config}"]))["model.path"]
+
+    small_vocab = _model_copy(tmp_path, "small-vocab", vocab_size=1000)
+    line = _problems(load_config(EMBEDDED_DEFAULT, [f"model.path={small_vocab}"]))["data.tokenizer"]
+    assert "2048 tokens" in line and "vocab_size=1000" in line
+
+    # Same size, different ids: a tokenizer that is not the one the model was trained with.
+    other_tok = tmp_path / "other-tok"
+    shutil.copytree(storage.normalize("builtin:tiny-tokenizer"), other_tok)
+    tj = json.loads((other_tok / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    (a, ia), (b, ib) = [(k, v) for k, v in vocab.items() if v in (300, 301)]
+    vocab[a], vocab[b] = ib, ia
+    (other_tok / "tokenizer.json").write_text(json.dumps(tj))
+    line = _problems(load_config(EMBEDDED_DEFAULT, [f"data.tokenizer={other_tok}"]))["data.tokenizer"]
+    assert "differs from the tokenizer shipped with" in line
+
+    broken_tok = tmp_path / "broken-tok"
+    broken_tok.mkdir()
+    (broken_tok / "tokenizer.json").write_text("{not json")
+    assert "does not load" in _problems(load_config(EMBEDDED_DEFAULT, [f"data.tokenizer={broken_tok}"]))["data.tokenizer"]
+
+    # RoPE scaling that does not reach seq_len; learned absolute positions cannot be stretched at all.
+    found = _problems(load_config(EMBEDDED_DEFAULT, ["model.rope_scaling.type=linear", "model.rope_scaling.factor=2",
+                                                      "data.seq_len=1024", "model.max_position_embeddings=null"]))
+    assert "covers 512 < data.seq_len=1024" in found["model.rope_scaling.factor"] and ">= 4" in found["model.rope_scaling.factor"]
+    absolute = _model_copy(tmp_path, "absolute", n_positions=256, position_embedding_type="absolute")
+    cfg_abs = json.loads((absolute / "config.json").read_text())
+    for k in ("rope_theta", "rope_parameters", "rope_scaling"):
+        cfg_abs.pop(k, None)
+    (absolute / "config.json").write_text(json.dumps(cfg_abs))
+    assert "learned absolute positions" in _problems(load_config(EMBEDDED_DEFAULT, [f"model.path={absolute}"]))["data.seq_len"]
+
+
+def test_backend_microbatch_sequence_parallel_combinations():
+    base = ["train.use_gpu=true", "model.attn_implementation=flash_attention_2", "train.num_workers=4",
+            "train.global_batch_tokens=8192"]
+    found = _problems(load_config(EMBEDDED_DEFAULT, [*base, "train.sequence_parallel=2", "train.micro_batch_size=2"]))
+    assert "attend to each other" in found["train.micro_batch_size"]
+    # micro_batch_size > 1 without sequence parallelism is fine: the micro-batch is flattened into one varlen row.
+    assert "train.micro_batch_size" not in _problems(load_config(EMBEDDED_DEFAULT, [*base, "train.micro_batch_size=2"]))
+    # Full attention over a packed row needs no document boundaries.
+    assert "train.micro_batch_size" not in _problems(load_config(EMBEDDED_DEFAULT, [
+        *base, "train.sequence_parallel=2", "train.micro_batch_size=2", "data.attention=full"]))
+    # The tiny model has 4 heads (2 KV heads): sp=8 cannot split them; sp needs a divisible seq_len; no validation.
+    found = _problems(load_config(EMBEDDED_DEFAULT, ["train.num_workers=8", "train.sequence_parallel=8",
+                                                     "data.seq_len=1020", "train.global_batch_tokens=1020",
+                                                     "train.val_every=5"]))
+    assert "num_attention_heads=4" in found["train.sequence_parallel"]
+    assert "not divisible by train.sequence_parallel=8" in found["data.seq_len"]
+    assert "train.val_every" in found
+
+
+def _upload(s3_bucket: str, local: Path, prefix: str) -> str:
+    for f in sorted(local.iterdir()):
+        storage.write_bytes(f"{s3_bucket}/{prefix}/{f.name}", f.read_bytes())
+    return f"{s3_bucket}/{prefix}"
+
+
+def test_s3_inputs(s3_bucket, tmp_path):
+    model = _upload(s3_bucket, Path(TINY), "models/tiny")
+    storage.write_bytes(f"{s3_bucket}/corpus/a.jsonl", b'{"text": "hello"}\n')
+    storage.write_bytes(f"{s3_bucket}/other/readme.txt", b"x")
+    cfg = load_config(EMBEDDED_DEFAULT, [f"model.path={model}", f"data.tokenizer={model}",
+                                         f"data.sources.web={s3_bucket}/corpus/", f"data.sources.glob={s3_bucket}/corpus/*.jsonl",
+                                         f"data.sources.file={s3_bucket}/corpus/a.jsonl"])
+    assert _problems(cfg) == {}
+
+    storage.write_bytes(f"{s3_bucket}/half/config.json", (Path(TINY) / "config.json").read_bytes())
+    found = _problems(load_config(EMBEDDED_DEFAULT, [
+        f"model.path={s3_bucket}/half", f"data.sources.none={s3_bucket}/nothing-here/",
+        f"data.sources.txt={s3_bucket}/other/", "data.sources.nobucket=s3://no-such-bucket-longctx/x/"]))
+    assert "no model weights" in found["model.path"]
+    assert "holds no readable files (empty)" in found["data.sources.none"]
+    assert "readme.txt" in found["data.sources.txt"]
+    assert "does not exist" in found["data.sources.nobucket"]
+
+
+def _run_job(script: str, args: list[str], tmp_path: Path, env_drop=(), **env_set) -> tuple[subprocess.CompletedProcess, float]:
+    env = {k: v for k, v in os.environ.items() if k not in env_drop}
+    env.update(PYTHONPATH=str(ROOT / "platform"), RAY_TMPDIR=str(tmp_path / "ray-tmp"), **env_set)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    return proc, time.perf_counter() - t0
+
+
+def test_job_without_s3_credentials_exits_2_with_one_line_and_no_ray(s3_bucket, tmp_path):
+    storage.write_bytes(f"{s3_bucket}/corpus/a.jsonl", b'{"text": "hello"}\n')
+    proc, wall = _run_job("long_pt.py", ["--set", f"data.sources.web={s3_bucket}/corpus/",
+                                         "--set", "train.global_batch_tokens=3000"], tmp_path,
+                          env_drop=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"), AWS_EC2_METADATA_DISABLED="true",
+                          AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    print(f"long_pt.py without credentials: exit {proc.returncode} in {wall:.1f}s\n{proc.stderr}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in proc.stderr and "NoCredentialsError" not in proc.stderr
+    cred = [ln for ln in lines if "S3 (data.sources.web)" in ln]
+    assert len(cred) == 1 and "AWS_ACCESS_KEY_ID" in cred[0] and "instance metadata is disabled" in cred[0]
+    assert any("train.global_batch_tokens" in ln for ln in lines)  # the other problem, in the same report
+    assert not (tmp_path / "ray-tmp").exists() and "Ray" not in proc.stdout  # no Ray session was started
+    assert not (tmp_path / "runs").exists()  # nor a run folder
+    assert wall < 20  # the check itself is timed (< 10 s) in-process above; this adds interpreter start-up
+
+    # Only the secret missing: the line names that variable.
+    proc, _ = _run_job("prepare_data.py", ["--set", f"data.sources.web={s3_bucket}/corpus/"], tmp_path,
+                       env_drop=("AWS_SECRET_ACCESS_KEY",), AWS_EC2_METADATA_DISABLED="true",
+                       AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    assert proc.returncode == 2 and "AWS_SECRET_ACCESS_KEY is not set (AWS_ACCESS_KEY_ID is)" in proc.stderr
+
+
+@pytest.mark.parametrize("script,args", [
+    ("long_sft.py", ["--set", "data.sources.chat=/no/such/chats.jsonl"]),
+    ("eval_long.py", ["--set", "eval.model=/no/such/model"]),
+])
+def test_other_jobs_check_first(script, args, tmp_path):
+    proc, wall = _run_job(script, args, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "problem" in proc.stderr and "/no/such/" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "ray-tmp").exists()
+
+
+def test_config_validate_cli(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "platform"), RAY_TMPDIR=str(tmp_path / "ray-tmp"))
+    cmd = [sys.executable, "-m", "longctx.cli", "config", "validate"]
+    ok = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "valid for a pt job" in ok.stdout
+    bad = subprocess.run([*cmd, "--set", "model.path=/nope", "--set", f"data.sources.x={tmp_path}/none",
+                          "--set", "train.num_workers=3", "--set", "train.global_batch_tokens=4096"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "3 problems" in bad.stderr and "model.path" in bad.stderr and "data.sources.x" in bad.stderr
+    assert "3072" in bad.stderr  # nearest valid global batch for 3 workers
+    schema_only = subprocess.run([*cmd, "--schema-only", "--set", "model.path=/nope"], env=env, capture_output=True,
+                                 text=True, timeout=120)
+    assert schema_only.returncode == 0
+    prep = subprocess.run([*cmd, "--kind", "prepare", "--set", "model.path=/nope"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert prep.returncode == 0, prep.stderr  # data preparation does not need the model
+    assert not (tmp_path / "ray-tmp").exists()
