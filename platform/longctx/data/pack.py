@@ -1,4 +1,4 @@
-"""Step 4 of the data path: pack documents into rows of exactly `seq_len` tokens (DESIGN.md section 3).
+"""Step 4 of the data path: pack documents into rows of exactly `seq_len` tokens (docs/architecture.md section 4).
 
 Best-fit decreasing over a bounded streaming buffer: documents longer than seq_len are first cut into seq_len
 pieces (a full piece is a row by itself; the document counts as split). Other pieces wait in a buffer of about
@@ -47,6 +47,8 @@ class Segment:
     source: str
     doc_id: str
     doc_tokens: int
+    split: bool = False  # first piece of a document that was cut into seq_len pieces before packing (counted)
+    piece: int = 0       # index of the piece within such a document (0: the whole document or its first piece)
 
 
 @dataclass
@@ -80,7 +82,7 @@ class BestFitPacker:
 
     def add(self, seg: Segment) -> Iterator[list[Segment]]:
         n, L = len(seg.tokens), self.seq_len
-        if n > L:
+        if n > L or seg.split:
             self.stats.split_docs += 1
         for start in range(0, n, L):
             piece = Segment(seg.tokens[start:start + L], seg.source, seg.doc_id, seg.doc_tokens)

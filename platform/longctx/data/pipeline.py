@@ -12,9 +12,10 @@ Two passes (why: per-source upsampling needs each source's length distribution b
           actor pool. The driver consumes the stream in a fixed order (preserve_order) and appends tokens to a
           per-source Parquet cache on local disk, keeping only the lengths in memory (4 bytes per document).
   plan    `mixture.plan_mixture` turns the lengths into per-document repeat counts (no tokens touched).
-  pass 2  stream the cache source by source in seeded row-group order, interleave sources by their remaining
-          planned tokens, pack best-fit decreasing over a bounded buffer, and write shards of
-          `rows_per_shard` rows. Memory stays bounded by one cache row group per source plus the pack buffer.
+  pass 2  stream the cache source by source in seeded row-group order, interleave the (source, long) streams by
+          deficit against their planned shares, pack best-fit decreasing over a bounded buffer, emit rows through
+          a pool that keeps every stretch of rows on the target mix, and write shards of `rows_per_shard` rows.
+          Memory stays bounded by two cache row groups per source plus the pack buffer and the row pool.
 Same input + config + seed -> byte-identical shards (order is fixed everywhere; the sha256 of every shard is in
 the manifest). See data/README.md for the numbered walk-through.
 """
@@ -52,59 +53,167 @@ QUARANTINE_FILE = "_quarantine/records.jsonl"
 
 
 # ------------------------------------------------------------------------------------------------- pass 2
-def _source_segments(cache: TokenCache, source: str, plan: SourcePlan, seed: int,
-                     chunk_len: int | None) -> Iterator[Segment]:
+def _bucket_key(plan: MixturePlan):
+    """Mix buckets: (source, long) pairs; under cut-4k (chunks are never long documents) sources alone."""
+    thr = int(plan.params.get("long_threshold", 0) or 0)
+    if plan.chunk_len or not thr:
+        return lambda source, doc_tokens: (source, False)
+    return lambda source, doc_tokens: (source, bool(doc_tokens >= thr))
+
+
+def mix_buckets(plan: MixturePlan) -> dict[tuple[str, bool], int]:
+    """Planned tokens of every (source, long) bucket that has tokens, in a fixed order: the targets the row
+    order keeps in every stretch of the output (under cut-4k, sources alone: (source, False))."""
+    thr = int(plan.params.get("long_threshold", 0) or 0)
+    out: dict[tuple[str, bool], int] = {}
+    for s in sorted(plan.sources):
+        p = plan.sources[s]
+        tokens = (np.maximum(p.counts - 1, 0).astype(np.int64) * p.lengths
+                  + np.where(p.counts > 0, p.last_take, 0).astype(np.int64))
+        if plan.chunk_len or not thr:
+            parts = [(False, np.ones(len(tokens), bool))]
+        else:
+            long = p.lengths >= thr
+            parts = [(False, ~long), (True, long)]
+        for flag, sel in parts:
+            n = int(tokens[sel].sum())
+            if n:
+                out[(s, flag)] = n
+    return out
+
+
+def _source_segments(cache: TokenCache, source: str, plan: SourcePlan, seed: int, chunk_len: int | None,
+                     piece_len: int | None, docs: np.ndarray | None) -> Iterator[Segment]:
     """Documents of one source as the plan says: pass p emits every document with counts > p, row groups in a
-    seeded order, documents shuffled inside each row group."""
-    if not plan.counts.any():
+    seeded order, documents shuffled inside each row group. `docs` (bool per document) keeps only those
+    documents (the long or the short ones); `piece_len` cuts longer documents into pieces of that many tokens
+    (the first piece marked `split`), so that one long document cannot fill a stretch of rows by itself."""
+    counts = plan.counts if docs is None else np.where(docs, plan.counts, 0)
+    if not counts.any():
         return
     pf = pq.ParquetFile(cache.path(source))
     sizes = cache.row_groups[source]
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     sidx = sorted(cache.lengths).index(source)
-    for p in range(int(plan.counts.max())):
+    for p in range(int(counts.max())):
         rng = np.random.default_rng([seed, sidx, p])
         for rg in rng.permutation(len(sizes)):
             lo, hi = int(offsets[rg]), int(offsets[rg + 1])
             sel = np.flatnonzero(plan.counts[lo:hi] > p)
-            if not len(sel):
+            # NOTE: the permutation is drawn over every eligible document, then filtered: the long and the short
+            # stream of a source see the same seeded order as one stream would.
+            order = rng.permutation(sel)
+            if docs is not None:
+                order = order[docs[lo + order]]
+            if not len(order):
                 continue
             table = pf.read_row_group(int(rg))
             tokens = table.column("tokens").combine_chunks()
             values = tokens.values.to_numpy()
             offs = tokens.offsets.to_numpy()
             ids = table.column("doc_id").to_pylist()
-            for i in rng.permutation(sel):
+            for i in order:
                 d = lo + int(i)
                 toks = values[offs[i]:offs[i + 1]]
                 if plan.counts[d] == p + 1:
                     toks = toks[: plan.last_take[d]]
                 if chunk_len:
-                    for c in range(0, len(toks), chunk_len):
-                        piece = toks[c:c + chunk_len]
-                        yield Segment(piece, source, ids[i], len(piece))
+                    parts = [(toks[c:c + chunk_len], None) for c in range(0, len(toks), chunk_len)]
                 else:
-                    yield Segment(toks, source, ids[i], int(plan.lengths[d]))
+                    parts = [(toks, int(plan.lengths[d]))]
+                for part, doc_tokens in parts:
+                    n = len(part) if doc_tokens is None else doc_tokens
+                    if piece_len and len(part) > piece_len:
+                        for j, c in enumerate(range(0, len(part), piece_len)):
+                            yield Segment(part[c:c + piece_len], source, ids[i], n, split=j == 0, piece=j)
+                    else:
+                        yield Segment(part, source, ids[i], n)
 
 
-def mixed_segments(cache: TokenCache, plan: MixturePlan, seed: int) -> Iterator[Segment]:
-    """Interleave the sources' segment streams, picking the next source with probability proportional to the
-    tokens it still has to emit (so every stretch of the output has about the target mix)."""
-    names = sorted(plan.sources)
-    streams = {s: _source_segments(cache, s, plan.sources[s], seed, plan.chunk_len) for s in names}
-    remaining = np.array([plan.sources[s].planned_tokens for s in names], np.float64)
-    alive = remaining > 0
-    rng = np.random.default_rng([seed, 1_000_003])
+def mixed_segments(cache: TokenCache, plan: MixturePlan, seed: int,
+                   piece_len: int | None = None) -> Iterator[Segment]:
+    """Interleave the sources' segment streams so that every stretch of the output has the target mix.
+
+    Deficit interleaving, deterministic: the streams are the (source, long) buckets of `mix_buckets`; the next
+    segment comes from the bucket furthest behind its planned share, measured as (emitted + half the next
+    segment) / planned tokens (ties: a seeded bucket order). Source shares and the long share therefore stay on
+    target at every prefix, up to one segment; `piece_len` (seq_len) bounds a segment."""
+    targets = mix_buckets(plan)
+    keys = list(targets)
+    thr = int(plan.params.get("long_threshold", 0) or 0)
+    streams = []
+    for s, long in keys:
+        sp = plan.sources[s]
+        docs = None if (plan.chunk_len or not thr) else (sp.lengths >= thr) == long
+        streams.append(_source_segments(cache, s, sp, seed, plan.chunk_len, piece_len, docs))
+    want = np.array([targets[k] for k in keys], np.float64)
+    emitted = np.zeros(len(keys), np.float64)
+    rank = np.random.default_rng([seed, 1_000_003]).permutation(len(keys)).astype(np.float64)
+    heads = [next(st, None) for st in streams]
+    alive = np.array([h is not None for h in heads])
     while alive.any():
-        w = np.where(alive, np.maximum(remaining, 1.0), 0.0)
-        k = int(np.searchsorted(np.cumsum(w), rng.random() * w.sum(), side="right"))
-        k = min(k, len(names) - 1)
-        seg = next(streams[names[k]], None)
-        if seg is None:
-            alive[k] = False
-            continue
-        remaining[k] -= len(seg.tokens)
+        nxt = np.array([len(h.tokens) if h is not None else 0 for h in heads], np.float64)
+        score = np.where(alive, (emitted + nxt / 2) / want, np.inf)
+        best = np.flatnonzero(score == score.min())
+        k = int(best[np.argmin(rank[best])])
+        seg = heads[k]
+        emitted[k] += len(seg.tokens)
+        heads[k] = next(streams[k], None)
+        alive[k] = heads[k] is not None
         yield seg
+
+
+class MixedRowOrder:
+    """Emits packed rows in an order that keeps every stretch of rows on the target mix.
+
+    The best-fit packer reorders what it is fed (full pieces leave at once, short documents wait in its buffer),
+    so rows go through a pool of `pool_rows` rows; whenever it is full, the row whose tokens bring the emitted
+    (source, long) bucket totals closest to their target shares leaves (squared deviation, ties: oldest).
+    Deterministic; memory: `pool_rows` rows."""
+
+    def __init__(self, targets: dict[tuple[str, bool], int], key, pool_rows: int):
+        self.keys = {k: i for i, k in enumerate(targets)}
+        total = float(sum(targets.values())) or 1.0
+        self.share = np.array([targets[k] / total for k in targets], np.float64)
+        self.key, self.pool_rows = key, pool_rows
+        self.pool: list[list[Segment]] = []
+        self.comp = np.zeros((0, len(self.keys)), np.float64)
+        self.emitted = np.zeros(len(self.keys), np.float64)
+
+    def add(self, row: list[Segment]) -> Iterator[list[Segment]]:
+        c = np.zeros(len(self.keys), np.float64)
+        for seg in row:
+            c[self.keys[self.key(seg.source, seg.doc_tokens)]] += len(seg.tokens)
+        self.pool.append(row)
+        self.comp = np.vstack([self.comp, c[None]])
+        if len(self.pool) > self.pool_rows:
+            yield self._pop()
+
+    def finish(self) -> Iterator[list[Segment]]:
+        while self.pool:
+            yield self._pop()
+
+    def _pop(self) -> list[Segment]:
+        total = self.emitted.sum()
+        after = self.emitted[None] + self.comp  # bucket totals if row r left now
+        dev = after - (total + self.comp.sum(1, keepdims=True)) * self.share[None]
+        r = int(np.argmin((dev * dev).sum(1)))
+        self.emitted += self.comp[r]
+        self.comp = np.delete(self.comp, r, axis=0)
+        return self.pool.pop(r)
+
+
+def mix_pool_rows(pack_buffer_rows: int) -> int:
+    """Rows the mix-order pool holds. The best-fit packer keeps up to 2 x pack_buffer_rows rows' worth of
+    documents back; a pool of 4x that (128 rows at the default 16) keeps every 1% stretch of rows within about
+    1.5 points of the target mix in tests/test_data_mix_order.py (64 rows: 2.7 points on three sources).
+    Memory: this many rows of seq_len tokens."""
+    return 8 * pack_buffer_rows
+
+
+def make_packer(data_cfg):
+    """The packer `data.packing` names."""
+    return BestFitPacker(data_cfg.seq_len, data_cfg.pack_buffer_rows)
 
 
 def packed_row_tables(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int,
@@ -114,18 +223,27 @@ def packed_row_tables(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int,
     0..N-1 in order."""
     d = cfg.data
     rows_per_table = rows_per_table or d.rows_per_shard
-    packer = packer or BestFitPacker(d.seq_len, d.pack_buffer_rows)
+    packer = packer or make_packer(d)
     builder = RowBuilder(d.seq_len, pad_id, d.attention)
     row_id = 0
     cip = _cip_hook(d.cip)
 
-    def rows() -> Iterator[list[Segment]]:
-        for seg in mixed_segments(cache, plan, d.seed):
+    def packed() -> Iterator[list[Segment]]:
+        for seg in mixed_segments(cache, plan, d.seed, piece_len=d.seq_len):
             if out_stats is not None:
-                out_stats.setdefault(seg.source, LengthAccumulator(d.long_threshold)).add(seg.doc_tokens,
-                                                                                         len(seg.tokens))
+                out_stats.setdefault(seg.source, LengthAccumulator(d.long_threshold)).add(
+                    seg.doc_tokens, len(seg.tokens), docs=int(seg.piece == 0))
             yield from packer.add(seg)
         yield from packer.finish()
+
+    def rows() -> Iterator[list[Segment]]:
+        if not isinstance(packer, BestFitPacker):  # concat rows are already in stream order
+            yield from packed()
+            return
+        order = MixedRowOrder(mix_buckets(plan), _bucket_key(plan), mix_pool_rows(d.pack_buffer_rows))
+        for row in packed():
+            yield from order.add(row)
+        yield from order.finish()
 
     for segments in rows():
         builder.add(row_id, segments)
@@ -191,7 +309,7 @@ def pack_and_publish(cfg, cache: TokenCache, dest: str, overwrite: bool = False,
         print(format_length_table(in_stats, d.long_threshold), flush=True)
     plan = plan_mixture(in_lengths, d)
     out_stats: dict[str, LengthAccumulator] = {}
-    packer = BestFitPacker(d.seq_len, d.pack_buffer_rows)
+    packer = make_packer(d)
     with storage.publish_dir(dest, overwrite=overwrite) as staging:
         shards = []
         for i, table in enumerate(packed_row_tables(cfg, cache, plan, pad, out_stats, packer)):

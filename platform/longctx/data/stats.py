@@ -104,12 +104,13 @@ class LengthAccumulator:
         self.long_docs = 0
         self.long_tokens = 0
 
-    def add(self, doc_tokens: int, tokens: int) -> None:
+    def add(self, doc_tokens: int, tokens: int, docs: int = 1) -> None:
+        """`tokens` of a document of `doc_tokens` tokens; `docs=0` for a later piece of a document already counted."""
         b = int(np.searchsorted(BUCKET_EDGES, doc_tokens, side="right")) - 1
-        self.docs[b] += 1
+        self.docs[b] += docs
         self.tokens[b] += tokens
         if doc_tokens >= self.long_threshold:
-            self.long_docs += 1
+            self.long_docs += docs
             self.long_tokens += tokens
 
     def result(self) -> dict:
