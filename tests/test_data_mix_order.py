@@ -188,3 +188,24 @@ def test_split_documents_are_counted_once_in_stats(tmp_path):
     assert acc["long"].result()["docs"] == len(lengths)
     assert packer.stats.tokens == int(lengths.sum())
     _ = Segment
+
+
+def test_concat_rows_have_no_padding_and_follow_the_mixed_stream_token_for_token(tmp_path):
+    from longctx.data.pipeline import mixed_segments
+    medians = {"long": 1200.0, "short": 120.0}
+    names = sorted(medians)
+    cache = _cache(tmp_path, medians, {s: int(400_000 / m) for s, m in medians.items()})
+    cfg = _cfg(strategy="per-source", long_share=0.5, packing="concat", attention="full")
+    plan = plan_mixture(cache.source_lengths(), cfg.data)
+    tables = list(packed_row_tables(cfg, cache, plan, pad_id=0))
+    ids = np.concatenate([np.concatenate(t.column("input_ids").to_numpy(zero_copy_only=False)) for t in tables])
+    stream = np.concatenate([s.tokens for s in mixed_segments(cache, plan, cfg.data.seed, piece_len=SEQ)])
+    assert len(ids) % SEQ == 0 and 0 <= len(stream) - len(ids) < SEQ
+    assert np.array_equal(ids, stream[: len(ids)])
+    for t in tables:
+        assert all("" not in srcs for srcs in t.column("seg_sources").to_pylist())  # no padding segment
+        assert t.column("labels").to_pylist() == t.column("input_ids").to_pylist()
+        assert all(p == list(range(SEQ)) for p in t.column("position_ids").to_pylist())
+    by_src, long = _composition(tables, names)  # concat keeps the stream order, and with it the mix
+    win_src, win_long, pre_src, pre_long = _worst(by_src, long, max(64, len(by_src) // 100))
+    assert (win_src <= 2.0).all() and win_long <= 3.0, (win_src, win_long)

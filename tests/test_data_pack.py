@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from longctx.data.pack import IGNORE_INDEX, BestFitPacker, GreedyPacker, RowBuilder, Segment
+from longctx.data.pack import IGNORE_INDEX, BestFitPacker, ConcatPacker, GreedyPacker, RowBuilder, Segment
 
 
 def _docs(n, seed=0, median=600, sigma=1.0):
@@ -89,3 +89,39 @@ def test_row_columns_positions_labels_and_padding_segment(attention):
     else:
         assert r0["position_ids"] == list(range(L))
     assert all(len(r[c]) == L for r in rows for c in ("input_ids", "position_ids", "labels"))
+
+
+def test_concat_packer_cuts_every_seq_len_with_no_padding_and_every_token_in_order():
+    seq_len = 1024
+    docs = _docs(2000, seed=2, median=700, sigma=1.2)
+    packer = ConcatPacker(seq_len)
+    rows = []
+    for d in docs:
+        rows.extend(packer.add(d))
+    rows.extend(packer.finish())
+    stream = np.concatenate([d.tokens for d in docs])
+    assert all(sum(len(s.tokens) for s in r) == seq_len for r in rows)  # no padding anywhere
+    out = np.concatenate([s.tokens for r in rows for s in r])
+    assert len(out) == len(rows) * seq_len == len(stream) - packer.stats.tail_dropped
+    assert 0 <= packer.stats.tail_dropped < seq_len
+    assert np.array_equal(out, stream[: len(out)])  # every token, in stream order
+    assert packer.stats.pad_tokens == 0 and packer.stats.tokens == len(out)
+    # a document is split when a row end falls inside it (GreedyPacker counts the same rule)
+    greedy = GreedyPacker(seq_len)
+    for d in docs:
+        greedy.add_length(len(d.tokens))
+    assert packer.stats.split_docs == greedy.stats.split_docs
+    b = RowBuilder(seq_len, 0, "full")
+    for i, r in enumerate(rows[:5]):
+        b.add(i, r)
+    t = b.table()
+    assert all(s != "" for srcs in t.column("seg_sources").to_pylist() for s in srcs)
+    assert t.column("labels").to_pylist() == t.column("input_ids").to_pylist()
+
+
+def test_concat_packing_with_document_attention_is_refused_by_config_validation():
+    from longctx.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.packing=concat .* set data.attention=full"):
+        load_config(None, ["data.packing=concat"])
+    assert load_config(None, ["data.packing=concat", "data.attention=full"]).data.packing == "concat"

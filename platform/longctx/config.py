@@ -114,6 +114,11 @@ class DataConfig(_Section):
     attention: Literal["document", "full"] = "document"
     """`document`: position ids restart at every document and no token attends across documents (Index).
     `full`: documents are concatenated and attend to each other (Fu et al.)."""
+    packing: Literal["best-fit", "concat"] = "best-fit"
+    """`best-fit`: documents placed whole (unless longer than seq_len) best-fit decreasing over a bounded
+    buffer, short rows padded. `concat`: Fu et al.'s packing, documents concatenated in stream order and cut
+    every seq_len tokens regardless of document boundaries: no padding, the tail after the last full row
+    dropped; needs `attention: full`."""
     strategy: Strategy = "per-source"
     """Length mixture: `per-source` upsampling (Fu et al., default), `cut-4k` (chunk every document at 4K),
     `cut-seq` (natural lengths), `global` (upsample long documents over the whole corpus), `sources`
@@ -162,6 +167,15 @@ class DataConfig(_Section):
         if not v:
             raise ValueError("data.sources is empty: name at least one source, e.g. --set data.sources.web=s3://bucket/web/")
         return v
+
+    @model_validator(mode="after")
+    def _packing_needs_full_attention(self) -> "DataConfig":
+        if self.packing == "concat" and self.attention != "full":
+            raise ValueError(
+                f"data.packing=concat cuts documents at row ends regardless of document boundaries (Fu et al.), "
+                f"so a document-masked row would hold pieces without their context: set data.attention=full with "
+                f"it, or keep data.packing=best-fit for data.attention={self.attention}")
+        return self
 
     def source_specs(self) -> dict[str, SourceSpec]:
         """Every source as a full SourceSpec."""

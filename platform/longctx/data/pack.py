@@ -63,8 +63,9 @@ class PackStats:
     rows: int = 0
     tokens: int = 0         # non-padding tokens
     pad_tokens: int = 0
-    split_docs: int = 0     # documents longer than seq_len, cut into pieces
+    split_docs: int = 0     # documents longer than seq_len, cut into pieces (concat: any document cut by a row end)
     pieces: int = 0
+    tail_dropped: int = 0   # concat: tokens after the last full row, dropped
 
 
 class BestFitPacker:
@@ -136,6 +137,48 @@ class BestFitPacker:
         self.stats.tokens += used
         self.stats.pad_tokens += self.seq_len - used
         return segments
+
+
+class ConcatPacker:
+    """Fu et al.'s packing ("regardless of the document boundary"): concatenate the documents in stream order
+    and cut every `seq_len` tokens. No padding and no document boundaries kept for attention: rows are meant for
+    `attention: full` (config validation refuses it with `document`). The tail after the last full row is
+    dropped (counted in `stats.tail_dropped`). Segments still record which document each stretch came from."""
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+        self.row: list[Segment] = []
+        self.fill = 0
+        self.stats = PackStats()
+
+    def add(self, seg: Segment) -> Iterator[list[Segment]]:
+        L, toks = self.seq_len, seg.tokens
+        self.stats.pieces += 1
+        cut = seg.split or len(toks) > L  # cut before packing: counted once, at its first piece
+        o = 0
+        while o < len(toks):
+            take = min(L - self.fill, len(toks) - o)
+            self.row.append(Segment(toks[o:o + take], seg.source, seg.doc_id, seg.doc_tokens))
+            self.fill += take
+            o += take
+            if self.fill == L:
+                if o < len(toks) and seg.piece == 0 and not cut:
+                    cut = True  # a whole document crossing a row end
+                    self.stats.split_docs += 1
+                yield self._finish_row()
+        if seg.split or (len(toks) > L and seg.piece == 0):
+            self.stats.split_docs += 1
+
+    def finish(self) -> Iterator[list[Segment]]:
+        self.stats.tail_dropped += self.fill
+        self.row, self.fill = [], 0
+        return iter(())
+
+    def _finish_row(self) -> list[Segment]:
+        row, self.row, self.fill = self.row, [], 0
+        self.stats.rows += 1
+        self.stats.tokens += self.seq_len
+        return row
 
 
 class GreedyPacker:

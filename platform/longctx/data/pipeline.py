@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from longctx import cleanup, storage
 from longctx.data.mixture import MixturePlan, SourcePlan, plan_mixture
-from longctx.data.pack import BestFitPacker, RowBuilder, Segment
+from longctx.data.pack import BestFitPacker, ConcatPacker, RowBuilder, Segment
 from longctx.data.stats import LengthAccumulator, format_length_table, plot_length_histogram, source_length_stats
 from longctx.data.token_cache import (  # noqa: F401 - re-exported: callers import these from the pipeline
     DataQualityError,
@@ -212,7 +212,9 @@ def mix_pool_rows(pack_buffer_rows: int) -> int:
 
 
 def make_packer(data_cfg):
-    """The packer `data.packing` names."""
+    """The packer `data.packing` names: BestFitPacker (`best-fit`) or ConcatPacker (`concat`)."""
+    if data_cfg.packing == "concat":
+        return ConcatPacker(data_cfg.seq_len)
     return BestFitPacker(data_cfg.seq_len, data_cfg.pack_buffer_rows)
 
 
