@@ -133,6 +133,9 @@ class DataConfig(_Section):
     natural share."""
     keep_prob: float = Field(0.1, ge=0.0, le=1.0)
     """Probability of keeping a short document (keep_prob mode)."""
+    cut_len: int = Field(4096, ge=16)
+    """Chunk length of strategy `cut-4k` (Fu et al. cut at 4096 tokens, their base model's length; a toy base
+    trained at 256 tokens is cut at 256)."""
     upsample_sources: list[str] = Field(default_factory=list)
     """Sources to upsample with strategy `sources` (e.g. [book, arxiv, github])."""
     token_budget: int | None = Field(None, ge=1)
@@ -336,6 +339,47 @@ class LongBenchConfig(_Section):
     python-Levenshtein / rapidfuzz ratio (differs for some pairs)."""
 
 
+class DuringTrainingConfig(_Section):
+    enabled: bool = False
+    """Evaluate every committed checkpoint while training runs (`longctx.eval.during_training`): the training
+    loop publishes each checkpoint's HF model to `<train root>/eval_snapshots/step_<N>/`; a Ray actor with its own
+    CPUs (`num_cpus`) evaluates them in step order while the workers keep training, and appends one record per
+    checkpoint to `<train root>/checkpoint_eval.jsonl` (tokens trained, NLL beyond the base length, passkey,
+    needle). A checkpoint already in that file is never evaluated again, also after a resume. Needs
+    `train.checkpoint_every` > 0 for more than the final checkpoint."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs the evaluation actor reserves (beside the training workers' `train.cpus_per_worker` each). When the
+    cluster has none to spare the evaluations queue until training ends: training never waits for them."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs the evaluation actor reserves."""
+    context_length: int | None = Field(None, ge=16)
+    """Context length for NLL by position (default: eval.context_length, else data.seq_len)."""
+    num_documents: int = Field(8, ge=1)
+    """Held-out documents (eval.documents) scored per checkpoint."""
+    passkey_lengths: list[int] = Field(default_factory=list)
+    """Passkey prompt lengths (default: [context_length]); empty with `passkey` false skips passkey."""
+    passkey: bool = True
+    """Run passkey retrieval on every checkpoint (eval.passkey.depths; `passkey_trials` per cell)."""
+    passkey_trials: int = Field(2, ge=1)
+    """Passkey prompts per (length, depth) cell."""
+    needle: bool = False
+    """Also run the needle grid (eval.needle settings) on every checkpoint."""
+    poll_s: float = Field(2.0, gt=0)
+    """How often the driver looks for newly committed checkpoints."""
+    keep_snapshots: bool = False
+    """Keep the published HF snapshots after they are evaluated (default: removed once their record is in
+    checkpoint_eval.jsonl; Ray Train's own checkpoints are kept or pruned as usual)."""
+    objective: Literal["passkey", "needle", "neg_nll_beyond_base"] = "passkey"
+    """Retrieval metric offered to Ray Tune (reported as `ckpt_<objective>` with every checkpoint) and watched
+    by the early stop; higher is better (`neg_nll_beyond_base` is minus the NLL beyond the base length)."""
+    early_stop_patience: int = Field(0, ge=0)
+    """Stop training when `objective` has not improved by more than `early_stop_min_delta` over this many
+    evaluated checkpoints in a row (0: never). Decided at checkpoint steps from the evaluations finished by
+    then (they lag training by the evaluation time)."""
+    early_stop_min_delta: float = Field(0.0, ge=0)
+    """Improvement needed to reset the early-stop patience."""
+
+
 class EvalConfig(_Section):
     enabled: bool = True
     """Evaluate at the end of the job."""
@@ -380,6 +424,8 @@ class EvalConfig(_Section):
     """Needle-in-a-haystack grid settings."""
     longbench: LongBenchConfig = Field(default_factory=LongBenchConfig)
     """LongBench/LEval-format task settings."""
+    during_training: DuringTrainingConfig = Field(default_factory=DuringTrainingConfig)
+    """Evaluation of every committed checkpoint while training runs (off by default)."""
 
 
 # ---------------------------------------------------------------------------------------------------- synth
@@ -455,9 +501,10 @@ class SynthConfig(_Section):
 # ----------------------------------------------------------------------------------------------------- tune
 SWEEP_ALIASES = {"rope_theta": "model.rope_theta", "token_budget": "train.token_budget"}
 """Short names a sweep's `params` may use for the two axes the papers sweep."""
-Objective = Literal["nll_beyond_base", "overall_nll", "val_loss", "passkey_accuracy", "needle_score"]
+Objective = Literal["nll_beyond_base", "overall_nll", "val_loss", "passkey_accuracy", "needle_score",
+                    "ckpt_best_passkey", "ckpt_best_nll_beyond_base"]
 OBJECTIVE_MODE = {"nll_beyond_base": "min", "overall_nll": "min", "val_loss": "min", "passkey_accuracy": "max",
-                  "needle_score": "max"}
+                  "needle_score": "max", "ckpt_best_passkey": "max", "ckpt_best_nll_beyond_base": "min"}
 
 
 class SweepParam(_Section):
@@ -510,7 +557,9 @@ class TuneConfig(_Section):
     """Draws of the random axes (choice / loguniform / uniform), each crossed with the whole grid."""
     objective: Objective = "nll_beyond_base"
     """What "best" means: mean held-out NLL beyond the base model's training length (default), overall NLL,
-    the final validation loss, passkey accuracy or needle score (the last two: higher is better)."""
+    the final validation loss, passkey accuracy or needle score (the last two: higher is better), or, with
+    eval.during_training.enabled, the best passkey accuracy / lowest NLL beyond base over the trial's evaluated
+    checkpoints (`ckpt_best_passkey`, `ckpt_best_nll_beyond_base`)."""
     scheduler: Literal["fifo", "asha"] = "fifo"
     """`asha` stops trials early on `val_loss` (needs train.val_every > 0); `fifo` runs every trial to the end."""
     asha: AshaConfig = Field(default_factory=AshaConfig)
@@ -596,6 +645,9 @@ class JobConfig(_Section):
         if self.train.val_every == 0 and (self.tune.scheduler == "asha" or self.tune.objective == "val_loss"):
             raise ValueError("tune.scheduler=asha and tune.objective=val_loss read the validation loss: "
                              "set train.val_every > 0")
+        if self.tune.objective.startswith("ckpt_") and not self.eval.during_training.enabled:
+            raise ValueError(f"tune.objective={self.tune.objective} reads the evaluations of every checkpoint: "
+                             "set eval.during_training.enabled=true (and train.checkpoint_every > 0)")
         return self
 
 

@@ -133,7 +133,7 @@ def plan_mixture(lengths_by_source: dict[str, np.ndarray], data_cfg) -> MixtureP
     if strategy == "sources":
         params["upsample_sources"] = sorted(upsampled)
     if strategy == "cut-4k":
-        params["chunk_len"] = CUT_4K
+        params["chunk_len"] = getattr(d, "cut_len", CUT_4K)
     keep_prob_mode = mode == "keep_prob" and bool(upsampled)
     budget = d.token_budget if d.token_budget is not None else (None if keep_prob_mode else total)
     seed_base = np.random.SeedSequence([d.seed, 7])
@@ -181,4 +181,4 @@ def plan_mixture(lengths_by_source: dict[str, np.ndarray], data_cfg) -> MixtureP
             plans[s].target_tokens = plans[s].planned_tokens
     realised_budget = sum(p.planned_tokens for p in plans.values())
     return MixturePlan(strategy=strategy, params=params, budget=budget if budget is not None else realised_budget,
-                       chunk_len=CUT_4K if strategy == "cut-4k" else None, sources=plans)
+                       chunk_len=getattr(d, "cut_len", CUT_4K) if strategy == "cut-4k" else None, sources=plans)

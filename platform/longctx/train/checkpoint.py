@@ -123,3 +123,72 @@ def _deepspeed_safe_globals() -> list:
 
 def latest_local_files(folder: str) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, "**"), recursive=True))
+
+
+# ------------------------------------------------------------------------------------- evaluation snapshots
+EVAL_SNAPSHOTS = "eval_snapshots"
+SNAPSHOT_INFO = "snapshot.json"
+
+
+def eval_snapshot_uri(train_root: str, step: int) -> str:
+    return storage.join(train_root, EVAL_SNAPSHOTS, f"step_{int(step):08d}")
+
+
+def publish_eval_snapshot(lm, state_dict: dict, train_root: str, step: int, tokens: int,
+                          tokenizer_dirs: list[str]) -> str:
+    """Publish the HF model of a checkpoint Ray Train has just persisted, for `eval.during_training`.
+
+    A snapshot is *committed* once its `_COMMITTED` marker exists (`storage.publish_dir`): the evaluator only ever
+    reads committed snapshots, and the loop publishes one only after `ray.train.report` returned (the checkpoint
+    it mirrors is persisted). Unlike Ray Train's checkpoints (`num_to_keep` prunes them) a snapshot stays until
+    it has been evaluated, however far the evaluator lags.
+    """
+    import time
+
+    dest = eval_snapshot_uri(train_root, step)
+    with storage.publish_dir(dest, overwrite=True) as staging:
+        save_hf_model(lm, state_dict, staging, tokenizer_dirs)
+        with open(os.path.join(staging, SNAPSHOT_INFO), "w") as f:
+            json.dump({"step": int(step), "tokens": int(tokens), "committed_at": time.time()}, f)
+    return dest
+
+
+def ensure_eval_snapshot(checkpoint_dir: str, train_root: str, step: int, tokens: int) -> str | None:
+    """On resume from `checkpoint_dir`: publish its `hf_model/` as the step's snapshot when neither a committed
+    snapshot nor a checkpoint_eval.jsonl record exists for it (the worker died between persisting the checkpoint
+    and publishing its snapshot). Returns the snapshot published, else None."""
+    import time
+
+    from longctx.eval.during_training import ledger_uri, read_ledger
+
+    dest = eval_snapshot_uri(train_root, step)
+    src = os.path.join(checkpoint_dir, "hf_model")
+    if storage.is_committed(dest) or not os.path.isdir(src):
+        return None
+    if any(int(r["step"]) == int(step) for r in read_ledger(ledger_uri(train_root))):
+        return None
+    with storage.publish_dir(dest, overwrite=True) as staging:
+        for name in os.listdir(src):
+            shutil.copy2(os.path.join(src, name), os.path.join(staging, name))
+        with open(os.path.join(staging, SNAPSHOT_INFO), "w") as f:
+            json.dump({"step": int(step), "tokens": int(tokens), "committed_at": time.time()}, f)
+    return dest
+
+
+def committed_eval_snapshots(train_root: str) -> list[tuple[int, str]]:
+    """(step, uri) of every committed evaluation snapshot under `train_root`, by step; half-written ones are
+    skipped (their writer is still running or died: a restarted worker publishes that step again)."""
+    root = storage.join(train_root, EVAL_SNAPSHOTS)
+    if storage.is_s3(root):
+        fs, path = storage.fsspec_fs(root)
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)] if fs.exists(path) else []
+    else:
+        names = os.listdir(root) if os.path.isdir(root) else []
+    out = []
+    for name in names:
+        if not name.startswith("step_") or not name[5:].isdigit():
+            continue
+        uri = storage.join(root, name)
+        if storage.is_committed(uri):
+            out.append((int(name[5:]), uri))
+    return sorted(out)

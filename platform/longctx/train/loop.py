@@ -78,6 +78,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from longctx.train.metrics import StepLog, count_params, device_peak_flops, memory_stats, step_flops
     from longctx.train.schedule import lr_lambda
     from longctx.train.sequence_parallel import shard_for_rank
+    from longctx.eval.during_training import ledger_uri, read_ledger, should_stop, tune_metrics
 
     cfg = JobConfig.model_validate(loop_config["job"])
     tcfg = cfg.train
@@ -139,11 +140,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state = ckpt.read_trainer_state(folder)
             with ckpt.safe_deepspeed_load():
                 engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag="state")
+            if is_rank0 and cfg.eval.during_training.enabled:
+                ckpt.ensure_eval_snapshot(folder, loop_config["train_root"], int(state["step"]),
+                                          int(state["history"][-1]["tokens"]) if state["history"] else 0)
         start_step, ledger, history = int(state["step"]), Ledger.from_json(state["ledger"]), state["history"]
         if is_rank0:
             print(f"[train] resumed at step {start_step} ({ledger.total()} rows already consumed)", flush=True)
 
     train_root = loop_config["train_root"]
+    during = cfg.eval.during_training
     log = StepLog(storage.join(train_root, "metrics.jsonl") if is_rank0 else None, history, echo=is_rank0)
     if loop_config.get("parquet_files"):
         files = loop_config["parquet_files"]
@@ -198,10 +203,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 log.flush()
             last = log.history[-1] if (is_rank0 and log.history) else {}
             metrics = {k: last.get(k) for k in ("loss", "val_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu")}
+            if is_rank0 and during.enabled:  # the latest evaluated checkpoint's values, for Ray Tune
+                metrics.update(tune_metrics(read_ledger(ledger_uri(train_root))))
             ray.train.report({"step": step, **metrics},
                              checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"checkpoint_{step:08d}")
+        if is_rank0 and during.enabled:  # persisted: now the evaluator may see it (eval/during_training.py)
+            ckpt.publish_eval_snapshot(lm, hf_sd, train_root, step, tokens_seen, tokenizer_dirs)
         return hf_sd
+
+    def early_stop() -> bool:
+        """eval.during_training.early_stop_patience: retrieval stopped improving (rank 0 decides for all)."""
+        if not during.early_stop_patience:
+            return False
+        stop = is_rank0 and should_stop(read_ledger(ledger_uri(train_root)), during.objective,
+                                        during.early_stop_patience, during.early_stop_min_delta)
+        if stop:
+            print(f"[train] early stop at step {step}: {during.objective} did not improve over the last "
+                  f"{during.early_stop_patience} evaluated checkpoints", flush=True)
+        return _all_sum([1.0 if stop else 0.0], device)[0] > 0
 
     # 4. Steps.
     step = start_step
@@ -270,6 +290,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if not checkpoint_now:  # otherwise the checkpoint's report carries val_loss
                 last_loss = log.history[-1].get("loss") if is_rank0 and log.history else None
                 ray.train.report({"step": step, "val_loss": val_loss, "loss": last_loss})
+        if checkpoint_now and early_stop():
+            break  # the final checkpoint below is saved at this step
         if checkpoint_now:
             save_checkpoint(step, ledger)
         _maybe_inject_failure(loop_config, step, rank)

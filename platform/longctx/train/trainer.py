@@ -40,6 +40,8 @@ class TrainOutcome:
     layout: dict[str, Any] = field(default_factory=dict)
     tokens_per_s: float | None = None
     """Mean training throughput over the steps after the first (which includes warm-up)."""
+    checkpoint_evals: list[dict] = field(default_factory=list)
+    """eval.during_training: one record per evaluated checkpoint (`<train root>/checkpoint_eval.jsonl`)."""
 
 
 def train_root_for(cfg, run_dir: str | None) -> tuple[str, str]:
@@ -151,9 +153,18 @@ def run_training(cfg, train_data, run_dir: str | None = None, *, fail_at: dict |
     `train_data`: a committed packed-Parquet prefix (local or s3://; workers read the shards directly, in a fixed
     order: exact resume) or a `ray.data.Dataset` with the packed-row columns (Ray Train's streaming split). `fail_at` ({"step", "rank", "trigger_file"}) injects one hard worker exit, for fault tests.
     """
+    from longctx.eval.during_training import start_watcher
+
     trainer, train_root, plan = build_trainer(cfg, train_data, run_dir, fail_at=fail_at, callbacks=callbacks)
     log.info("training %d steps (limited by %s) into %s", plan.total, plan.limited_by, train_root)
-    result = trainer.fit()
+    watcher = start_watcher(cfg, train_root)  # eval.during_training: evaluates checkpoints beside the workers
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if watcher is not None:  # a failed run keeps its pending snapshots for the resumed run
+            watcher.finish(drain=False)
+        raise
+    checkpoint_evals = watcher.finish(drain=result.error is None) if watcher is not None else []
     if result.error is not None:
         raise result.error
     metrics_uri = storage.join(train_root, "metrics.jsonl")
@@ -172,4 +183,5 @@ def run_training(cfg, train_data, run_dir: str | None = None, *, fail_at: dict |
         checkpoint_uri=result.checkpoint.path if result.checkpoint is not None else None,
         layout=_layout(cfg).as_dict(),
         tokens_per_s=tps,
+        checkpoint_evals=checkpoint_evals,
     )

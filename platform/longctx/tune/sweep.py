@@ -120,8 +120,10 @@ def validate_space(cfg: JobConfig) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def trial_metrics(eval_metrics: dict, history: list[dict], objective: str) -> dict[str, Any]:
-    """Flat metrics of one trial from its evaluation and training log (what Tune and the table get)."""
+def trial_metrics(eval_metrics: dict, history: list[dict], objective: str,
+                  checkpoint_evals: list[dict] | None = None) -> dict[str, Any]:
+    """Flat metrics of one trial from its evaluation and training log (what Tune and the table get);
+    `checkpoint_evals`: eval.during_training's per-checkpoint records (best values over the run)."""
     entry = next(iter(eval_metrics.get("models", {}).values()), {})
     ppl = entry.get("perplexity") or {}
     out: dict[str, Any] = {
@@ -139,6 +141,11 @@ def trial_metrics(eval_metrics: dict, history: list[dict], objective: str) -> di
         "train_steps": history[-1].get("step") if history else 0,
         "train_tokens": history[-1].get("tokens") if history else 0,
     }
+    passkeys = [r["passkey"] for r in checkpoint_evals or [] if r.get("passkey") is not None]
+    nlls = [r["nll_beyond_base"] for r in checkpoint_evals or [] if r.get("nll_beyond_base") is not None]
+    out["ckpt_best_passkey"] = max(passkeys) if passkeys else None
+    out["ckpt_best_nll_beyond_base"] = min(nlls) if nlls else None
+    out["checkpoints_evaluated"] = len(checkpoint_evals or [])
     out["objective"] = out.get(objective)
     return out
 
@@ -212,7 +219,7 @@ def run_trial(params: dict, sweep: dict) -> dict:
     t_train = time.time() - t0 - t_data
     ev = evaluate_models(cfg, {"Long-PT": ModelSpec(outcome.final_model_uri, role="trained")},
                          storage.join(trial_dir, "eval"))
-    metrics = trial_metrics(ev, outcome.history, sweep["objective"])
+    metrics = trial_metrics(ev, outcome.history, sweep["objective"], outcome.checkpoint_evals)
     metrics.update(trial_key=key, params=json.dumps(params, sort_keys=True), final_model=outcome.final_model_uri,
                    data=data_uri, trial_dir=trial_dir, tokens_per_s=outcome.tokens_per_s,
                    time_data_s=round(t_data, 2), time_train_s=round(t_train, 2),

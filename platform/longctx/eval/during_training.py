@@ -1,0 +1,384 @@
+"""Long-context evaluation of every committed checkpoint while training runs (`eval.during_training`).
+
+    watcher = CheckpointWatcher(cfg, train_root).start()     # before trainer.fit()
+    result = trainer.fit()
+    records = watcher.finish()                                # evaluates what is left, writes the plot
+
+The training loop publishes the HF model of each checkpoint it has persisted as a committed snapshot
+(`longctx.train.checkpoint.publish_eval_snapshot`, `<train root>/eval_snapshots/step_<N>/`). A thread in the
+driver polls for committed snapshots and hands them, in step order, to one Ray actor (`CheckpointEvaluator`) that
+reserves its own CPUs (`eval.during_training.num_cpus`): the workers never wait for an evaluation, and an
+evaluation that cannot be scheduled (no spare CPUs) only waits until training ends.
+
+Each evaluation is one JSON line of `<train root>/checkpoint_eval.jsonl` (the run's metrics; step, tokens
+trained, NLL by position and beyond the base length, passkey, needle). That file is also the exactly-once
+ledger: a step already in it is never evaluated again, so re-running a run (resume) skips what was done; a
+snapshot is removed only after its record is written (a crash in between costs one repeated evaluation, never
+a second record). The training loop reads the ledger at checkpoint steps to report the latest values to Ray
+Tune (`ckpt_passkey`, `ckpt_needle`, `ckpt_neg_nll_beyond_base`, `ckpt_nll_beyond_base`, `ckpt_step`) and
+to stop early when the retrieval objective stops improving (`early_stop_patience`).
+
+Nothing here is trained or evaluated twice for the sake of bookkeeping: the actor calls the same plain functions
+as the end-of-run evaluation (`perplexity.py`, `passkey.py`, `needle.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+from typing import Any
+
+from longctx import storage
+
+log = logging.getLogger(__name__)
+
+LEDGER = "checkpoint_eval.jsonl"
+PLOT = "checkpoint_eval.png"
+
+
+# ------------------------------------------------------------------------------------------------ ledger
+def ledger_uri(train_root: str) -> str:
+    return storage.join(train_root, LEDGER)
+
+
+def read_ledger(uri: str) -> list[dict]:
+    """Records of a checkpoint_eval.jsonl, one per step (the first wins), in step order.
+
+    A torn last line (a writer killed mid-write on a filesystem without atomic replace) is dropped with a
+    warning: its checkpoint is then evaluated again. Any other bad line is an error naming the file and line.
+    """
+    if not storage.exists(uri):
+        return []
+    lines = storage.read_text(uri).splitlines()
+    out: dict[int, dict] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            step = int(rec["step"])
+        except (ValueError, KeyError, TypeError) as exc:
+            if n == len(lines):
+                log.warning("%s: line %d is incomplete (%s); that checkpoint will be evaluated again", uri, n, exc)
+                continue
+            raise ValueError(f"{uri}: line {n} is not a checkpoint evaluation record ({exc})") from exc
+        out.setdefault(step, rec)
+    return [out[s] for s in sorted(out)]
+
+
+def write_ledger(uri: str, records: list[dict]) -> None:
+    """Rewrite the whole ledger (object storage has no append; the file is small). Atomic on local disks."""
+    storage.write_text(uri, "".join(json.dumps(r, allow_nan=True) + "\n" for r in sorted(records, key=lambda r: r["step"])))
+
+
+def objective_value(record: dict, objective: str) -> float | None:
+    """Higher-is-better value of `objective` in one record (None when it was not measured)."""
+    if objective == "neg_nll_beyond_base":
+        v = record.get("nll_beyond_base")
+        return None if v is None or not math.isfinite(v) else -float(v)
+    v = record.get(objective)
+    return None if v is None else float(v)
+
+
+def should_stop(records: list[dict], objective: str, patience: int, min_delta: float = 0.0) -> bool:
+    """True when the last `patience` evaluated checkpoints all failed to beat the best value before them by
+    more than `min_delta` (records in step order; checkpoints without the objective do not count)."""
+    if patience <= 0:
+        return False
+    values = [v for v in (objective_value(r, objective) for r in records) if v is not None]
+    if len(values) <= patience:
+        return False
+    best_before = max(values[:-patience])
+    return all(v <= best_before + min_delta for v in values[-patience:])
+
+
+def tune_metrics(records: list[dict]) -> dict[str, Any]:
+    """The latest evaluated checkpoint's values as flat Tune metrics (empty before the first evaluation)."""
+    if not records:
+        return {}
+    last = records[-1]
+    nll = last.get("nll_beyond_base")
+    return {"ckpt_step": last["step"], "ckpt_tokens": last.get("tokens"), "ckpt_passkey": last.get("passkey"),
+            "ckpt_needle": last.get("needle"), "ckpt_nll_beyond_base": nll,
+            "ckpt_neg_nll_beyond_base": None if nll is None else -nll}
+
+
+def _remove(uri: str) -> None:
+    uri = storage.normalize(uri)
+    if storage.is_s3(uri):
+        fs, path = storage.fsspec_fs(uri)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    else:
+        shutil.rmtree(uri, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------- actor
+def eval_settings(cfg) -> dict:
+    """(context length, base length, passkey lengths) the checkpoints are evaluated at."""
+    from longctx.eval.runner import base_max_positions
+
+    dt = cfg.eval.during_training
+    context = int(dt.context_length or cfg.eval.context_length or cfg.data.seq_len)
+    base_len = int(cfg.eval.base_context_length or base_max_positions(cfg.model.path))
+    lengths = list(dt.passkey_lengths or [context]) if dt.passkey else []
+    return {"context_length": context, "base_context_length": base_len, "passkey_lengths": lengths}
+
+
+class CheckpointEvaluator:
+    """Ray actor: builds the documents and prompts once, then evaluates one snapshot per call."""
+
+    def __init__(self, cfg_json: dict):
+        import torch
+
+        from longctx.config import JobConfig
+        from longctx.eval.documents import iter_texts
+        from longctx.eval.passkey import build_passkey_prompts
+        from longctx.eval.perplexity import select_documents
+        from longctx.model.load import load_tokenizer
+
+        cfg = JobConfig.model_validate(cfg_json)
+        storage.configure(cfg.storage)
+        self.cfg = cfg
+        dt, ev = cfg.eval.during_training, cfg.eval
+        torch.set_num_threads(max(1, int(dt.num_cpus)))  # stay inside the CPUs this actor reserved
+        self.settings = eval_settings(cfg)
+        self.tok = load_tokenizer(cfg.data.tokenizer)
+        context = self.settings["context_length"]
+        self.docs: list[list[int]] = []
+        if ev.perplexity:
+            self.docs, skipped = select_documents(self.tok, iter_texts(ev.documents, ev.text_field), context,
+                                                  dt.num_documents)
+            if not self.docs:
+                raise ValueError(f"eval.during_training: {ev.documents} has no document with {context} tokens "
+                                 f"({skipped} too short)")
+        self.passkey = (build_passkey_prompts(self.tok, self.settings["passkey_lengths"], ev.passkey.depths,
+                                              dt.passkey_trials, ev.seed) if self.settings["passkey_lengths"] else [])
+        self.needle = []
+        if dt.needle:
+            from longctx.eval.needle import build_needle_prompts
+            from longctx.eval.runner import load_haystack_text
+
+            nd = ev.needle
+            text = load_haystack_text(nd.haystack, nd.text_field, min_chars=16 * max(nd.lengths))
+            self.needle = build_needle_prompts(self.tok, text, nd.lengths, nd.depths, nd.variants, nd.num_needles,
+                                               nd.trials, ev.seed)
+
+    def evaluate(self, snapshot_uri: str) -> dict:
+        import numpy as np
+        import torch
+
+        from longctx.eval.generate import greedy_generate
+        from longctx.eval.needle import score_needle, summarize_needle
+        from longctx.eval.passkey import run_passkey_batch, score_passkey_rows
+        from longctx.eval.perplexity import summarize_position_nll, token_nll
+        from longctx.eval.runner import ModelSpec
+
+        t0 = time.time()
+        info = json.loads(storage.read_text(storage.join(snapshot_uri, "snapshot.json")))
+        ev = self.cfg.eval
+        model = ModelSpec(snapshot_uri).load(self.cfg.model, "cuda" if torch.cuda.is_available() else "cpu")
+        context, base_len = self.settings["context_length"], self.settings["base_context_length"]
+        rec: dict[str, Any] = {"step": int(info["step"]), "tokens": int(info["tokens"]),
+                               "committed_at": info.get("committed_at"), "eval_started_at": t0,
+                               "context_length": context, "base_context_length": base_len}
+        bs = ev.batch_size
+        if self.docs:
+            nll_sum, count = np.zeros(context), np.zeros(context, dtype=np.int64)
+            for i in range(0, len(self.docs), bs):
+                batch = torch.tensor(self.docs[i : i + bs], dtype=torch.long)
+                nll_sum += token_nll(model, batch).double().numpy().sum(axis=0)
+                count[1:] += batch.shape[0]
+            ppl = summarize_position_nll(nll_sum, count, ev.bucket_edges, base_len)
+            rec.update(nll_overall=ppl["overall_nll"], nll_within_base=ppl.get("nll_within_base"),
+                       nll_beyond_base=ppl.get("nll_beyond_base"),
+                       nll_by_bucket={"buckets": ppl["buckets"], "mean_nll": ppl["mean_nll"]})
+        if self.passkey:
+            rows = []
+            for i in range(0, len(self.passkey), bs):
+                rows += run_passkey_batch(model, self.tok, self.passkey[i : i + bs], ev.prefill_chunk_tokens)
+            scored = score_passkey_rows(rows)
+            rec.update(passkey=scored["overall"], passkey_by_length=scored["accuracy_by_length"],
+                       passkey_key_nll=scored.get("key_nll_by_length"))
+        if self.needle:
+            nrows = []
+            for p in self.needle:
+                out = greedy_generate(model, [p.input_ids], max_new_tokens=p.max_new_tokens,
+                                      eos_token_id=self.tok.eos_token_id, prefill_chunk=ev.prefill_chunk_tokens)[0]
+                pred = self.tok.decode(out, skip_special_tokens=True)
+                nrows.append({"variant": p.variant, "length": p.length, "depth": p.depth, "prediction": pred,
+                              "score": score_needle(p.variant, pred, p.reference, p.keywords)})
+            summary = summarize_needle(nrows)
+            rec["needle"] = sum(v["mean"] for v in summary.values()) / len(summary)
+            rec["needle_by_variant"] = {k: v["mean"] for k, v in summary.items()}
+        rec["eval_finished_at"] = time.time()
+        rec["eval_s"] = round(rec["eval_finished_at"] - t0, 3)
+        return rec
+
+
+# ----------------------------------------------------------------------------------------------- watcher
+class CheckpointWatcher:
+    """Driver-side thread: finds committed snapshots, evaluates each exactly once on the actor, keeps the ledger."""
+
+    def __init__(self, cfg, train_root: str):
+        self.cfg = cfg
+        self.dt = cfg.eval.during_training
+        self.train_root = storage.normalize(train_root)
+        self.ledger = ledger_uri(self.train_root)
+        self.records = read_ledger(self.ledger)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._actor = None
+        self._inflight: tuple[int, str, Any] | None = None
+        self.evaluated: list[int] = []
+        """Steps evaluated by this watcher (not those found already in the ledger)."""
+        self.error: BaseException | None = None
+
+    def done_steps(self) -> set[int]:
+        return {int(r["step"]) for r in self.records}
+
+    def start(self) -> "CheckpointWatcher":
+        import ray
+
+        from longctx.eval.runner import base_max_positions  # noqa: F401  (fail here, not in the thread)
+
+        eval_settings(self.cfg)  # a bad model path or base length fails before training starts
+        cls = ray.remote(num_cpus=self.dt.num_cpus, num_gpus=self.dt.num_gpus, max_restarts=1)(CheckpointEvaluator)
+        self._actor = cls.remote(json.loads(self.cfg.model_dump_json()))
+        self._thread = threading.Thread(target=self._run, name="longctx-checkpoint-eval", daemon=True)
+        self._thread.start()
+        log.info("evaluating every committed checkpoint under %s (ledger %s)", self.train_root, self.ledger)
+        return self
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.poll()
+                self._stop.wait(self.dt.poll_s)
+        except BaseException as exc:  # surfaced by finish(); training itself is never interrupted by it
+            log.exception("checkpoint evaluation failed")
+            self.error = exc
+
+    def pending(self) -> list[tuple[int, str]]:
+        """Committed snapshots not yet in the ledger; snapshots already recorded are removed (unless kept)."""
+        from longctx.train.checkpoint import committed_eval_snapshots
+
+        done = self.done_steps()
+        out = []
+        for step, uri in committed_eval_snapshots(self.train_root):
+            if step in done:
+                if not self.dt.keep_snapshots and (self._inflight is None or self._inflight[0] != step):
+                    _remove(uri)
+            else:
+                out.append((step, uri))
+        return out
+
+    def poll(self, wait_s: float = 0.0) -> bool:
+        """Collect a finished evaluation and start the next one; True while work is in flight or pending."""
+        import ray
+
+        if self._inflight is not None:
+            step, uri, ref = self._inflight
+            ready, _ = ray.wait([ref], timeout=wait_s)
+            if not ready:
+                return True
+            rec = ray.get(ref)
+            self._inflight = None
+            if step not in self.done_steps():
+                rec["snapshot"] = uri
+                self.records = sorted([*self.records, rec], key=lambda r: r["step"])
+                write_ledger(self.ledger, self.records)
+                self.evaluated.append(step)
+                print(f"[eval] checkpoint step {step} ({rec['tokens']:,} tokens): "
+                      f"NLL beyond base {_fmt(rec.get('nll_beyond_base'))}, passkey {_fmt(rec.get('passkey'))}"
+                      + (f", needle {_fmt(rec.get('needle'))}" if "needle" in rec else "")
+                      + f" ({rec['eval_s']:.1f}s)", flush=True)
+        todo = self.pending()
+        if todo:
+            step, uri = todo[0]
+            self._inflight = (step, uri, self._actor.evaluate.remote(uri))
+        return self._inflight is not None or bool(todo)
+
+    def finish(self, drain: bool = True, timeout_s: float | None = None) -> list[dict]:
+        """Stop polling; with `drain`, evaluate every committed snapshot still pending (the final checkpoint).
+        Writes the plot beside the ledger and returns all records of the run."""
+        import ray
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"eval.during_training failed: {self.error}") from self.error
+        deadline = None if timeout_s is None else time.time() + timeout_s
+        if drain:
+            while self.poll(wait_s=1.0):
+                if deadline is not None and time.time() > deadline:
+                    log.warning("eval.during_training: stopped draining after %.0fs; pending checkpoints are "
+                                "evaluated when the run is resumed", timeout_s)
+                    break
+            self.pending()  # removes the last evaluated snapshot
+        if self._actor is not None:
+            ray.kill(self._actor)
+            self._actor = None
+        if self.records:
+            storage.write_bytes(storage.join(self.train_root, PLOT), plot_checkpoint_eval(self.records))
+        return self.records
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------- report
+def plot_checkpoint_eval(records: list[dict]) -> bytes:
+    """PNG: retrieval (passkey, needle) and NLL beyond the base length against tokens trained."""
+    from longctx.report.plots import _STYLE, _png, plt
+
+    tokens = [r["tokens"] for r in records]
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        for key, label, style in (("passkey", "passkey accuracy", "o-"), ("needle", "needle score", "s-")):
+            pts = [(t, r[key]) for t, r in zip(tokens, records) if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, label=label)
+        ax.set_xlabel("tokens trained")
+        ax.set_ylabel("retrieval (0-1)")
+        ax.set_ylim(-0.05, 1.05)
+        ax2 = ax.twinx()
+        pts = [(t, r["nll_beyond_base"]) for t, r in zip(tokens, records)
+               if r.get("nll_beyond_base") is not None and math.isfinite(r["nll_beyond_base"])]
+        if pts:
+            ax2.plot(*zip(*pts), "^--", color="tab:red", label="NLL beyond base")
+        ax2.set_ylabel("NLL beyond base (nats)", color="tab:red")
+        ax2.grid(False)
+        lines = ax.get_legend_handles_labels()
+        lines2 = ax2.get_legend_handles_labels()
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="best", fontsize=8)
+        ax.set_title("Retrieval and NLL beyond base vs tokens trained")
+        return _png(fig)
+
+
+def checkpoint_eval_section(records: list[dict], plot_name: str | None = None) -> str:
+    """Markdown table of the per-checkpoint evaluations (for a run report)."""
+    if not records:
+        return "No checkpoint was evaluated during training.\n"
+    lines = ([f"![retrieval and NLL beyond base vs tokens trained]({plot_name})\n"] if plot_name else []) + [
+        "| step | tokens trained | NLL within base | NLL beyond base | passkey | needle | eval s |",
+        "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        lines.append(f"| {r['step']} | {r['tokens']:,} | {_fmt(r.get('nll_within_base'))} | "
+                     f"{_fmt(r.get('nll_beyond_base'))} | {_fmt(r.get('passkey'))} | {_fmt(r.get('needle'))} | "
+                     f"{r.get('eval_s', 0):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def start_watcher(cfg, train_root: str) -> CheckpointWatcher | None:
+    """The watcher for a training run when `eval.during_training.enabled`, started; else None."""
+    if not cfg.eval.during_training.enabled:
+        return None
+    return CheckpointWatcher(cfg, train_root).start()

@@ -1,0 +1,148 @@
+"""eval.during_training: every committed checkpoint is evaluated exactly once while training runs, also after a
+resume, by an actor with its own CPUs (training does not wait for it).
+
+The fast tests check the ledger, the early stop, snapshot commit rules and one real evaluation in-process; the
+slow one trains a tiny model under Ray Train with a worker killed mid-run and evaluates every checkpoint beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from longctx import storage
+from longctx.config import load_config
+from longctx.eval import during_training as dt
+from longctx.train import checkpoint as ckpt
+from train_helpers import make_tiny_model, packed_rows, write_packed_shards
+
+
+def _rec(step, passkey=None, nll=None):
+    return {"step": step, "tokens": 100 * step, "passkey": passkey, "nll_beyond_base": nll}
+
+
+def test_ledger_keeps_one_record_per_step_and_drops_only_a_torn_last_line(tmp_path):
+    uri = str(tmp_path / "checkpoint_eval.jsonl")
+    dt.write_ledger(uri, [_rec(3, 0.5), _rec(1, 0.0)])
+    assert [r["step"] for r in dt.read_ledger(uri)] == [1, 3]
+    with open(uri, "a") as f:  # a duplicate line (never written by the watcher, but must not double count)
+        f.write(json.dumps(_rec(3, 0.9)) + "\n" + '{"step": 4, "tok')
+    recs = dt.read_ledger(uri)
+    assert [r["step"] for r in recs] == [1, 3] and recs[1]["passkey"] == 0.5  # first wins; torn line dropped
+    with open(uri, "w") as f:  # a bad line in the middle is an error naming the file and line
+        f.write('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"checkpoint_eval.jsonl: line 2"):
+        dt.read_ledger(uri)
+
+
+def test_early_stop_fires_only_when_retrieval_stops_improving():
+    rising = [_rec(s, p) for s, p in enumerate([0.0, 0.2, 0.4, 0.6], 1)]
+    assert not dt.should_stop(rising, "passkey", patience=2)
+    flat = [_rec(s, p) for s, p in enumerate([0.0, 0.5, 0.5, 0.4], 1)]
+    assert dt.should_stop(flat, "passkey", patience=2)
+    assert not dt.should_stop(flat, "passkey", patience=3)  # 0.5 beat 0.0 within the last three
+    assert not dt.should_stop(flat, "passkey", patience=0)  # off
+    assert dt.should_stop([_rec(s, 0.5) for s in range(1, 4)] + [_rec(4, 0.52)], "passkey", 1, min_delta=0.05)
+    nll = [_rec(s, None, v) for s, v in enumerate([3.0, 2.9, 2.95, 2.91], 1)]
+    assert dt.should_stop(nll, "neg_nll_beyond_base", patience=2)
+    assert not dt.should_stop(nll[:3] + [_rec(4, None, 2.8)], "neg_nll_beyond_base", patience=2)
+    assert dt.tune_metrics(nll)["ckpt_neg_nll_beyond_base"] == pytest.approx(-2.91)
+    assert dt.tune_metrics([]) == {}
+
+
+def test_snapshots_count_only_when_committed_and_resume_republishes_a_missing_one(tmp_path):
+    root = str(tmp_path / "train")
+    half = ckpt.eval_snapshot_uri(root, 2)
+    os.makedirs(half)  # a writer died mid-publish: no _COMMITTED marker
+    model = make_tiny_model(str(tmp_path / "ck" / "hf_model"), hidden=32, max_pos=32)
+    assert ckpt.ensure_eval_snapshot(str(tmp_path / "ck"), root, 4, 400) == ckpt.eval_snapshot_uri(root, 4)
+    assert [s for s, _ in ckpt.committed_eval_snapshots(root)] == [4]
+    info = json.loads(storage.read_text(ckpt.eval_snapshot_uri(root, 4) + "/snapshot.json"))
+    assert (info["step"], info["tokens"]) == (4, 400)
+    # already committed, or already evaluated: nothing is published again
+    assert ckpt.ensure_eval_snapshot(os.path.dirname(model), root, 4, 400) is None
+    dt.write_ledger(dt.ledger_uri(root), [_rec(2)])
+    assert ckpt.ensure_eval_snapshot(os.path.dirname(model), root, 2, 200) is None
+    assert [s for s, _ in ckpt.committed_eval_snapshots(root)] == [4]
+
+
+def test_evaluator_scores_a_snapshot_with_finite_numbers(tmp_path):
+    root = str(tmp_path / "train")
+    src = tmp_path / "ck"
+    make_tiny_model(str(src / "hf_model"), hidden=32, max_pos=32)
+    uri = ckpt.ensure_eval_snapshot(str(src), root, 5, 1280)
+    cfg = load_config(None, [f"model.path={src / 'hf_model'}", "data.seq_len=64", "eval.during_training.enabled=true",
+                             "eval.during_training.num_documents=2", "eval.during_training.passkey_lengths=[96]",
+                             "eval.passkey.depths=[0.5]", "eval.during_training.passkey_trials=1",
+                             "eval.bucket_edges=[0,32]"])
+    ev = dt.CheckpointEvaluator(json.loads(cfg.model_dump_json()))
+    rec = ev.evaluate(uri)
+    assert (rec["step"], rec["tokens"], rec["context_length"], rec["base_context_length"]) == (5, 1280, 64, 32)
+    for k in ("nll_within_base", "nll_beyond_base", "passkey"):
+        assert math.isfinite(rec[k]), k
+    assert rec["nll_beyond_base"] > 1.0  # a random model: about log(vocab) nats, never ~0
+    assert rec["eval_finished_at"] >= rec["eval_started_at"]
+    png = dt.plot_checkpoint_eval([rec, {**rec, "step": 6, "tokens": 1536}])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 5 | 1,280 |" in dt.checkpoint_eval_section([rec])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_every_checkpoint_evaluated_once_beside_training_and_after_a_resume(ray_cluster, tmp_path):
+    from longctx.train.trainer import run_training
+
+    steps = 6
+    model_dir = make_tiny_model(str(tmp_path / "model"), hidden=32, max_pos=32)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    data_uri = write_packed_shards(str(tmp_path / "data"), packed_rows(4 * steps, 64, vocab, seed=3), rows_per_shard=8)
+    cfg = load_config(None, [
+        f"model.path={model_dir}", "data.seq_len=64", "train.global_batch_tokens=256", f"train.max_steps={steps}",
+        "train.lr=3e-3", "train.checkpoint_every=1", "train.max_failures=1",
+        "eval.during_training.enabled=true", "eval.during_training.num_cpus=1", "eval.during_training.poll_s=0.2",
+        # an evaluation slower than a checkpoint interval, so that the two must overlap unless training waits
+        "eval.during_training.context_length=512", "eval.during_training.num_documents=16",
+        "eval.during_training.passkey_lengths=[512,1024]", "eval.during_training.passkey_trials=2",
+        "eval.during_training.keep_snapshots=true",
+        "eval.bucket_edges=[0,32]",
+    ])
+    trigger = tmp_path / "kill-once"
+    trigger.write_text("armed")
+    # Rank 1 dies right after the checkpoint of step 3: Ray Train restarts the workers from it.
+    out = run_training(cfg, data_uri, str(tmp_path / "run"),
+                       fail_at={"step": 3, "rank": 1, "trigger_file": str(trigger)})
+    assert not trigger.exists(), "the failure was never injected"
+    root = str(tmp_path / "run" / "train")
+    recs = dt.read_ledger(dt.ledger_uri(root))
+    lines = [json.loads(x) for x in storage.read_text(dt.ledger_uri(root)).splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, steps + 1)), "a checkpoint was skipped or evaluated twice"
+    assert [r["step"] for r in out.checkpoint_evals] == list(range(1, steps + 1))
+    assert [r["tokens"] for r in recs] == [256 * s for s in range(1, steps + 1)]
+    for r in recs:
+        assert math.isfinite(r["nll_beyond_base"]) and math.isfinite(r["nll_within_base"]) and 0 <= r["passkey"] <= 1
+    # each record is its own checkpoint's weights (random-token training data moves held-out NLL only a little)
+    assert len({round(r["nll_within_base"], 6) for r in recs}) == steps, "two checkpoints evaluated the same weights"
+    assert os.path.getsize(os.path.join(root, dt.PLOT)) > 1000
+    # Training did not wait for evaluation: a later checkpoint was committed while an earlier one was evaluated.
+    overlaps = [(r["step"], q["step"]) for r in recs for q in recs
+                if q["step"] > r["step"] and r["eval_started_at"] < q["committed_at"] < r["eval_finished_at"]]
+    assert overlaps, "no checkpoint was committed while another was being evaluated: did training wait?"
+
+    # A rerun of the driver (resume) finds every snapshot already in the ledger: nothing is evaluated again.
+    rerun = load_config(None, [f"model.path={model_dir}", "data.seq_len=64",
+                               "eval.during_training.enabled=true", "eval.during_training.poll_s=0.2",
+                               "eval.during_training.num_documents=4", "eval.bucket_edges=[0,32]"])
+    w = dt.CheckpointWatcher(rerun, root).start()
+    assert w.finish() and w.evaluated == []
+    assert storage.read_text(dt.ledger_uri(root)).count("\n") == steps
+    assert ckpt.committed_eval_snapshots(root) == [], "evaluated snapshots were not removed"
+    # Negative control: a checkpoint missing from the ledger is evaluated, once.
+    dt.write_ledger(dt.ledger_uri(root), [r for r in recs if r["step"] != steps])
+    assert ckpt.ensure_eval_snapshot(out.checkpoint_uri, root, steps, 256 * steps)
+    w = dt.CheckpointWatcher(rerun, root).start()
+    assert [r["step"] for r in w.finish()] == list(range(1, steps + 1)) and w.evaluated == [steps]
