@@ -121,8 +121,8 @@ def test_sources_strategy_upsamples_only_listed_sources():
 
 def test_cut_strategies_keep_natural_lengths_once():
     lengths = _corpus()
-    for strategy, chunk in [("cut-seq", None), ("cut-4k", 4096)]:
-        plan = plan_mixture(lengths, DataConfig(strategy=strategy, long_threshold=THR))
+    for strategy, chunk, extra in [("cut-seq", None, {}), ("cut-4k", 4096, {}), ("cut-4k", 256, {"cut_len": 256})]:
+        plan = plan_mixture(lengths, DataConfig(strategy=strategy, long_threshold=THR, **extra))
         assert plan.chunk_len == chunk
         assert all((p.counts == 1).all() and (p.last_take == p.lengths).all() for p in plan.sources.values())
 
