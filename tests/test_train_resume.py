@@ -59,3 +59,12 @@ def test_worker_killed_mid_run_resumes_exactly(ray_cluster, tmp_path):
     # Step 3 was computed twice (before the kill and after the restart): the log on disk kept only one.
     lines = storage.read_text(out.metrics_log_uri).splitlines()
     assert [json.loads(x)["step"] for x in lines] == list(range(1, STEPS + 1))
+
+    # TensorBoard (rank 0 writes event files beside metrics.jsonl): the same scalars, step 3 once; the resumed
+    # writer's purge step drops what the killed attempt logged after its checkpoint
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run" / "train" / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tb_loss = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert tb_loss == pytest.approx({json.loads(x)["step"]: json.loads(x)["loss"] for x in lines}, rel=1e-6)

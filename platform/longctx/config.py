@@ -612,6 +612,53 @@ def _number(x: Any) -> Any:
     return x
 
 
+# -------------------------------------------------------------------------------------------------- logging
+class WandbConfig(_Section):
+    enabled: bool = False
+    """Log the same scalars and the run config to Weights & Biases (Ray's `setup_wandb`, rank 0 only). Needs the
+    `wandb` package (`pip install longctx[tracking]`); the API key comes from WANDB_API_KEY or `wandb login`,
+    never from this file."""
+    project: str = "longctx"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user). Default: the key's default entity."""
+    group: str | None = None
+    """W&B run group. Default: the run id (training and evaluation runs of one job side by side)."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """`offline` writes the run under `dir` for a later `wandb sync` (no network)."""
+    dir: str | None = None
+    """Local folder for W&B's files. Default: W&B's own (./wandb)."""
+    tags: list[str] = Field(default_factory=list)
+    """Tags on the W&B run."""
+
+
+class MlflowConfig(_Section):
+    enabled: bool = False
+    """Log the same scalars and the run config (as params) to MLflow (Ray's `setup_mlflow`, rank 0 only). Needs
+    the `mlflow` package (`pip install longctx[tracking]`)."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI (a server, `sqlite:///path/mlflow.db`, or a `file:/path/mlruns` store with
+    MLFLOW_ALLOW_FILE_STORE=true). Default: MLFLOW_TRACKING_URI, else `sqlite:///<output_dir>/mlflow.db` when
+    output_dir is local (the full `mlflow` package; `mlflow-skinny` needs a server or a file store)."""
+    experiment_name: str = "longctx"
+    """MLflow experiment (created if missing)."""
+    tags: dict[str, str] = Field(default_factory=dict)
+    """Extra tags on the MLflow run (longctx.run_id and longctx.role are always set)."""
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = True
+    """TensorBoard event files under the run folder (`train/tensorboard/`, `eval/tensorboard/`; local or s3://):
+    `tensorboard --logdir <run folder>` shows the training, validation and evaluation scalars."""
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    """Weights & Biases (off by default)."""
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    """MLflow (off by default)."""
+    flush_every_s: float = Field(10.0, gt=0)
+    """On object storage, event files and metrics.jsonl/csv are uploaded at most this often (and at every
+    checkpoint and at the end); local files are appended at every step."""
+
+
 # ------------------------------------------------------------------------------------------------------ job
 class JobConfig(_Section):
     run_name: str | None = None
@@ -634,6 +681,8 @@ class JobConfig(_Section):
     """Synthetic long-context data (LongSkywork): SynL tables and retrieval instructions for Long-SFT."""
     tune: TuneConfig = Field(default_factory=TuneConfig)
     """Ray Tune sweep over any of the keys above (`jobs/sweep.py`, `longctx tune`); ignored by the other jobs."""
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """Experiment tracking: TensorBoard event files (default), Weights & Biases, MLflow."""
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "JobConfig":
@@ -652,7 +701,7 @@ class JobConfig(_Section):
 
 
 # ------------------------------------------------------------------------------------------------ loading
-_SECTIONS = {"storage", "ray", "data", "model", "train", "eval", "synth", "tune"}
+_SECTIONS = {"storage", "ray", "data", "model", "train", "eval", "synth", "tune", "logging"}
 
 
 def _parse_value(text: str) -> Any:

@@ -97,9 +97,13 @@ def run_long_pt(cfg: JobConfig) -> dict:
     from longctx.data.pipeline import prepare_data
     from longctx.eval.runner import default_model_specs, evaluate_models
     from longctx.report import write_report
+    from longctx.report.sections import data_section, train_section
     from longctx.train.trainer import run_training
 
+    from longctx import tracking
+
     setup_logging()
+    tracking.check_available(cfg)  # a missing wandb / mlflow package fails here, before Ray is started
     run = start_run(cfg, "long-pt")
     connect_ray(cfg)
 
@@ -122,48 +126,14 @@ def run_long_pt(cfg: JobConfig) -> dict:
         with run.phase("eval"):
             specs = default_model_specs(cfg, cfg.model.path, outcome.final_model_uri)
             metrics["eval"] = evaluate_models(cfg, specs, run.path("eval"))
+    tracking.log_evaluation(cfg, run.root, run.run_id, metrics.get("eval"), step=outcome.steps,
+                            checkpoint_evals=getattr(outcome, "checkpoint_evals", None))
     metrics["timings_s"] = dict(run.timings, total=round(time.time() - run.started, 2))
     storage.write_json(run.path("metrics.json"), metrics)
-    report = write_report(run.root, metrics, [("Data", data_section(manifest)),
-                                              ("Training", train_section(cfg, outcome, run.timings))],
+    report = write_report(run.root, metrics, [("Data", data_section(manifest, run.root, data_uri)),
+                                              ("Training", train_section(cfg, outcome, run.timings, run.root))],
                           title=f"Long-PT run {run.run_id}")
     print(f"[longctx] report: {report}", flush=True)
     print(f"[longctx] total {metrics['timings_s']['total']:.1f}s", flush=True)
     print(outcome.final_model_uri, flush=True)  # last line: the final model (scripts parse it)
     return metrics
-
-
-def data_section(manifest: dict) -> str:
-    """Markdown summary of a data manifest: per-source tokens and long share in and out."""
-    t = manifest.get("totals", {})
-    lines = [f"{t.get('rows', 0)} rows x {manifest.get('seq_len')} tokens, {t.get('tokens', 0):,} tokens, "
-             f"pad {100 * (t.get('pad_fraction') or 0):.3f}%, long-token share {100 * (t.get('long_share') or 0):.1f}%, "
-             f"{t.get('split_docs', 0)} documents split, strategy `{manifest.get('strategy')}`, "
-             f"{manifest.get('quarantine', {}).get('records', 0)} records quarantined.\n",
-             "| source | tokens in | share in | long share in | tokens out | share out | long share out |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, src in sorted(manifest.get("sources", {}).items()):
-        i, o = src.get("in", {}), src.get("out", {})
-        lines.append(f"| {name} | {i.get('tokens', 0):,} | {100 * (src.get('in_share') or 0):.1f}% | "
-                     f"{100 * (i.get('long_share') or 0):.1f}% | {o.get('tokens', 0):,} | "
-                     f"{100 * (src.get('out_share') or 0):.1f}% | {100 * (o.get('long_share') or 0):.1f}% |")
-    return "\n".join(lines) + "\n"
-
-
-def train_section(cfg: JobConfig, outcome, timings: dict) -> str:
-    """Markdown summary of the training run."""
-    hist = outcome.history or []
-    first = hist[0].get("loss") if hist else None
-    tps = [h.get("tokens_per_s") for h in hist if h.get("tokens_per_s")]
-    rope = cfg.model.rope_theta or "unchanged"
-    lines = [
-        f"- model `{cfg.model.path}`, rope_theta {rope}, seq_len {cfg.data.seq_len}, attention `{cfg.data.attention}`",
-        f"- {cfg.train.num_workers} workers ({'GPU' if cfg.train.use_gpu else 'CPU'}), ZeRO-{cfg.train.zero_stage}, "
-        f"global batch {cfg.train.global_batch_tokens:,} tokens, layout {outcome.layout}",
-        f"- {outcome.steps} steps, {outcome.tokens:,} tokens, loss {first if first is None else round(first, 4)} -> "
-        f"{None if outcome.final_loss is None else round(outcome.final_loss, 4)}"
-        + (f", median {sorted(tps)[len(tps) // 2]:,.0f} tokens/s" if tps else ""),
-        f"- final model: `{outcome.final_model_uri}`; per-step log: `{outcome.metrics_log_uri}`",
-        f"- wall clock: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()),
-    ]
-    return "\n".join(lines) + "\n"

@@ -327,8 +327,8 @@ def pack_and_publish(cfg, cache: TokenCache, dest: str, overwrite: bool = False,
             shutil.copyfile(cache.quarantine_path, qpath)
         else:
             open(qpath, "w").close()
-        plot_length_histogram(in_stats, os.path.join(staging, "lengths.png"),
-                              title=f"input tokens by document length (long >= {d.long_threshold})")
+        plot_length_histogram(in_lengths, os.path.join(staging, "lengths.png"), seq_len=d.seq_len,
+                              long_threshold=d.long_threshold, title="input tokens by document length, per source")
         manifest = build_manifest(cfg, tok, eos, pad, cache, plan, in_stats, out_stats, packer.stats, shards,
                                   bad_fraction)
         with open(os.path.join(staging, MANIFEST), "w") as f:
@@ -429,13 +429,14 @@ def length_stats(cfg, plot: str | None = None, quiet: bool = False) -> dict:
     work = cleanup.work_dir("stats")  # removes those of dead runs
     try:
         cache = tokenize_corpus(cfg, work, with_tokens=False)
-        stats = source_length_stats(cache.source_lengths(), cfg.data.long_threshold)
+        lengths = cache.source_lengths()
+        stats = source_length_stats(lengths, cfg.data.long_threshold)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if not quiet:
         print(format_length_table(stats, cfg.data.long_threshold))
     if plot:
-        plot_length_histogram(stats, plot)
+        plot_length_histogram(lengths, plot, seq_len=cfg.data.seq_len, long_threshold=cfg.data.long_threshold)
     return {"long_threshold": cfg.data.long_threshold, "sources": stats,
             "quarantine": {"records": cache.bad, "by_reason": dict(sorted(cache.bad_by_reason.items()))},
             "records": cache.good + cache.bad, "files": cache.files}

@@ -5,7 +5,8 @@ report shows for its corpus. The same function describes the input (pass 1) and 
 rows hold, counted per segment by the length of the document it came from).
 
     stats = source_length_stats({"web": np.array([812, 9000, ...])}, long_threshold=4096)
-    print(format_length_table(stats)); plot_length_histogram(stats, "lengths.png")
+    print(format_length_table(stats))
+    plot_length_histogram({"web": lengths}, "lengths.png", seq_len=1024, long_threshold=4096)
 """
 
 from __future__ import annotations
@@ -67,26 +68,69 @@ def format_length_table(stats: dict, long_threshold: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def plot_length_histogram(stats: dict, path: str, title: str = "tokens by document length") -> str:
-    """PNG bar chart (matplotlib Agg): tokens per length bucket, one bar group per source."""
+def _short(n: int) -> str:
+    """1024 -> 1K, 1536 -> 1.5K, 131072 -> 128K, 300 -> 300."""
+    if n >= 1024 and n % 512 == 0:
+        k = n / 1024
+        return f"{k:g}K"
+    return str(n)
+
+
+def length_bins(seq_len: int, long_threshold: int, max_length: int = 0) -> list[int]:
+    """Histogram edges (tokens) around the two lengths that matter for this run: powers of two from seq_len / 16
+    up past the longest document (at most ~12 bars), with `seq_len` and `long_threshold` always edges, so the
+    bars show what is shorter than a training row, what is long, and what is longer still. The last bar is open."""
+    lo = max(16, min(seq_len, long_threshold) // 16)
+    edges = {0, seq_len, long_threshold}
+    e = 1 << (lo - 1).bit_length()
+    top = max(seq_len, long_threshold, max_length)
+    while e <= top and len(edges) < 14:
+        if all(not (0.8 < e / k < 1.25) or e == k for k in (seq_len, long_threshold)):  # no sliver bars
+            edges.add(e)
+        e *= 2
+    return sorted(edges)
+
+
+def plot_length_histogram(lengths_by_source: dict[str, np.ndarray], path: str, *, seq_len: int,
+                          long_threshold: int, title: str = "tokens by document length") -> str:
+    """PNG bar chart (matplotlib Agg): each source's share of tokens per document-length bin, with bins derived
+    from `seq_len` and `long_threshold` (`length_bins`); bins at or beyond long_threshold are hatched."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sources = [s for s in stats if s != "__all__"]
-    x = np.arange(len(BUCKET_NAMES))
+    sources = sorted(lengths_by_source)
+    arrays = {s: np.asarray(lengths_by_source[s], np.int64) for s in sources}
+    longest = max((int(a.max()) for a in arrays.values() if len(a)), default=0)
+    edges = length_bins(seq_len, long_threshold, longest)
+    labels = [f"{_short(a)}-{_short(b)}" for a, b in zip(edges[:-1], edges[1:])] + [f">={_short(edges[-1])}"]
+    x = np.arange(len(labels))
     width = 0.8 / max(len(sources), 1)
-    fig, ax = plt.subplots(figsize=(9, 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(8, 0.75 * len(labels) + 2), 4.2), dpi=100)
     for i, s in enumerate(sources):
-        vals = [stats[s]["buckets"][n]["tokens"] for n in BUCKET_NAMES]
-        ax.bar(x + i * width - 0.4 + width / 2, vals, width,
-               label=f"{s} (long {100 * stats[s]['long_share']:.0f}%)")
-    ax.set_xticks(x, BUCKET_NAMES)
-    ax.set_xlabel("document length (tokens)")
-    ax.set_ylabel("tokens")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+        a = arrays[s]
+        idx = np.searchsorted(edges, a, side="right") - 1
+        tokens = np.bincount(idx, weights=a, minlength=len(labels))[: len(labels)] if len(a) else np.zeros(len(labels))
+        total = tokens.sum() or 1.0
+        long_share = float(a[a >= long_threshold].sum()) / total if len(a) else 0.0
+        bars = ax.bar(x + i * width - 0.4 + width / 2, 100.0 * tokens / total, width,
+                      label=f"{s}: {len(a):,} docs, {int(a.sum()):,} tokens, long {100 * long_share:.0f}%")
+        for j, bar in enumerate(bars):
+            if edges[j] >= long_threshold:
+                bar.set_hatch("//")
+    for value, what, color in ((seq_len, f"seq_len {seq_len}", "0.25"), (long_threshold, f"long >= {long_threshold}",
+                                                                         "#c0392b")):
+        pos = edges.index(value) - 0.5
+        ax.axvline(pos, color=color, linestyle="--", linewidth=1)
+        ax.annotate(what, xy=(pos, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=8, color=color)
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    ax.set_xlabel("document length (tokens, EOS included)")
+    ax.set_ylabel("share of the source's tokens (%)")
+    ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})  # no version stamp: the PNG is reproducible
     plt.close(fig)

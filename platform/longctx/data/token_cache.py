@@ -168,8 +168,17 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True) -> To
     staged: dict[str, str] = {}
     qfile = open(os.path.join(cache_root, "quarantine.jsonl"), "w") if cache_root else None
     cache.quarantine_path = qfile.name if qfile else ""
+    from longctx.progress import Progress
+
+    bar = Progress("tokenize", total=len(tasks), unit="files")  # files started; a line every 10 s
+    files_seen: set[int] = set()
+    tokens_seen = 0
     try:
         for batch in _tokenized_batches(cfg, tasks, with_tokens):
+            files_seen.update(batch.column("file_idx").to_pylist())
+            tokens_seen += int(pc.sum(batch.column("n_tokens")).as_py() or 0)
+            bar.note = f"{cache.good + batch.num_rows:,} records read, {tokens_seen:,} tokens"
+            bar.update(len(files_seen))
             reason = batch.column("reason")
             bad_mask = pc.is_valid(reason)
             if pc.any(bad_mask).as_py():
@@ -206,6 +215,9 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True) -> To
     for label, path in staged.items():  # final names follow sorted labels, whatever order they appeared in
         os.replace(path, cache.path(label))
     cache.seconds = time.time() - t0
+    if tokens_seen:
+        bar.note = f"{cache.good:,} documents, {tokens_seen:,} tokens"
+        bar.update(len(files_seen), force=True)
     return cache
 
 

@@ -372,7 +372,13 @@ def evaluate_models(cfg: JobConfig, models: dict[str, ModelSpec], out_dir: str) 
         num_cpus=cfg.ray.data_cpus_per_task,
         num_gpus=gpus,
     )
-    results = ds.take_all()
+    from longctx.progress import Progress
+
+    bar = Progress("eval", total=len(rows), unit="work items")  # a line every 10 s (LONGCTX_PROGRESS_EVERY_S)
+    results = []
+    for row in ds.iter_rows():  # what take_all does, with counts, rate and ETA on the way
+        results.append(row)
+        bar.update(len(results))
     t_run = time.time() - t0 - t_build
 
     metrics = aggregate_results(results, models, info, context, cfg.eval.bucket_edges, base_len)

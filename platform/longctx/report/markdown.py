@@ -83,6 +83,48 @@ def other_lengths_table(metrics: dict) -> str | None:
                                    f"≥ {base_len}{BEYOND}.")
 
 
+def saturated(values) -> str | None:
+    """"0%" / "100%" when every value (fractions or 0-100 scores) is at the floor / the ceiling, else None."""
+    vals = [float(v) for v in values if v is not None and v == v]
+    if not vals:
+        return None
+    if all(v == 0 for v in vals):
+        return "0%"
+    top = 100.0 if max(vals) > 1 else 1.0
+    return "100%" if all(v == top for v in vals) else None
+
+
+def passkey_saturated(metrics: dict) -> str | None:
+    """"0%" / "100%" when every model scores that at every passkey length (accuracy cannot discriminate)."""
+    models = [m["passkey"] for m in metrics.get("models", {}).values() if m.get("passkey")]
+    return saturated([v for pk in models for v in pk["accuracy_by_length"].values()]) if models else None
+
+
+def needle_saturated(metrics: dict) -> str | None:
+    models = [nd for m in metrics.get("models", {}).values() for nd in (m.get("needle") or {}).values()]
+    return saturated([v for nd in models for v in nd["by_length"].values()]) if models else None
+
+
+def cannot_discriminate(what: str, level: str, n_models: int, detail: str = "") -> str:
+    return (f"**{what} cannot discriminate here:** all {n_models} models score {level} at every length{detail}, "
+            f"so it is not shown as a result (the task is {'beyond' if level == '0%' else 'too easy for'} every "
+            f"model at this scale).")
+
+
+def passkey_nll_table(metrics: dict) -> str | None:
+    """Teacher-forced NLL of the passkey's tokens by length (discriminates when exact match does not)."""
+    models = {n: m["passkey"] for n, m in metrics.get("models", {}).items()
+              if (m.get("passkey") or {}).get("key_nll_by_length")}
+    if not models:
+        return None
+    base_len = metrics.get("base_context_length") or 0
+    lengths = sorted({int(x) for pk in models.values() for x in pk["key_nll_by_length"]})
+    header = ["model"] + [f"{n}{BEYOND if base_len and n > base_len else ''}" for n in lengths]
+    rows = [[name] + [_f(pk["key_nll_by_length"].get(str(n))) for n in lengths] for name, pk in models.items()]
+    return _table(header, rows) + ("\n\nMean NLL of the passkey's tokens given the prompt (teacher-forced, nats; "
+                                   "lower is better) by prompt length in tokens.")
+
+
 def passkey_table(metrics: dict) -> str | None:
     models = {n: m for n, m in metrics.get("models", {}).items() if m.get("passkey")}
     if not models:
@@ -163,7 +205,10 @@ def verdict(metrics: dict) -> str | None:
         parts.append(f"(best other: {best} {others[best]:.2f})")
     line = " ".join(parts)
     pk = (models.get(subject) or {}).get("passkey")
-    if pk:
+    flat = passkey_saturated(metrics)
+    if pk and flat:
+        line += f"; passkey cannot discriminate (all models at {flat})"
+    elif pk:
         longest = max(pk["accuracy_by_length"], key=int)
         line += f"; passkey at {longest} tokens {100 * pk['accuracy_by_length'][longest]:.0f}%"
         if naive and (models[naive].get("passkey") or {}).get("accuracy_by_length", {}).get(longest) is not None:
@@ -171,8 +216,9 @@ def verdict(metrics: dict) -> str | None:
     return line[0].upper() + line[1:] + "."
 
 
-def eval_markdown(metrics: dict, images: dict[str, str] | None = None) -> str:
-    """Markdown for the evaluation part of a report; `images` maps plot kind -> relative PNG path."""
+def eval_markdown(metrics: dict, images: dict[str, str] | None = None, run_dir: str | None = None) -> str:
+    """Markdown for the evaluation part of a report; `images` maps plot kind -> relative PNG path; model paths
+    inside `run_dir` are shown relative to it."""
     metrics = _eval_part(metrics)
     images = images or {}
     out = []
@@ -181,7 +227,8 @@ def eval_markdown(metrics: dict, images: dict[str, str] | None = None) -> str:
         out.append(f"**Verdict:** {v}\n")
     models = metrics.get("models", {})
     if models:
-        out.append("Models: " + "; ".join(f"**{n}** = {_describe(m.get('spec') or {})}" for n, m in models.items()) + ".\n")
+        out.append("Models: " + "; ".join(f"**{n}** = {_describe(m.get('spec') or {}, run_dir)}"
+                                          for n, m in models.items()) + ".\n")
     t = perplexity_table(metrics)
     if t:
         out += ["### Perplexity by position\n", t + "\n"]
@@ -191,12 +238,26 @@ def eval_markdown(metrics: dict, images: dict[str, str] | None = None) -> str:
     if t:
         out += ["#### Other context lengths\n", t + "\n"]
     t = passkey_table(metrics)
-    if t:
+    flat = passkey_saturated(metrics)
+    if t and flat:
+        pk_models = [m["passkey"] for m in models.values() if m.get("passkey")]
+        lengths = sorted({int(x) for pk in pk_models for x in pk["accuracy_by_length"]})
+        out += ["### Passkey retrieval\n",
+                cannot_discriminate("Passkey exact match", flat, len(pk_models),
+                                    f" ({', '.join(map(str, lengths))} tokens)") + "\n"]
+        nll = passkey_nll_table(metrics)
+        if nll:
+            out.append(nll + "\n")
+    elif t:
         out += ["### Passkey retrieval\n", t + "\n"]
         if "passkey" in images:
             out.append(f"![passkey accuracy]({images['passkey']})\n")
     t = needle_table(metrics)
-    if t:
+    flat = needle_saturated(metrics)
+    if t and flat:
+        n = sum(1 for m in models.values() if m.get("needle"))
+        out += ["### Needle in a haystack\n", cannot_discriminate("The needle score", flat, n) + "\n"]
+    elif t:
         out += ["### Needle in a haystack\n", t + "\n"]
         for key, path in images.items():
             if key.startswith("needle:"):
@@ -212,8 +273,13 @@ def eval_markdown(metrics: dict, images: dict[str, str] | None = None) -> str:
     return "\n".join(out)
 
 
-def _describe(spec: dict) -> str:
-    s = f"`{spec.get('uri', '?')}`"
+def _describe(spec: dict, run_dir: str | None = None) -> str:
+    uri = spec.get("uri", "?")
+    if run_dir and uri != "?":
+        from longctx.report.sections import relative
+
+        uri = relative(uri, run_dir)
+    s = f"`{uri}`"
     if spec.get("rope_theta"):
         s += f", rope_theta {spec['rope_theta']:g}"
     sc = spec.get("scaling")
@@ -237,13 +303,15 @@ def write_report(run_dir: str, metrics: dict, sections: Sequence[tuple[str, str]
     """
     ev = _eval_part(metrics)
     images: dict[str, str] = {}
-    for kind, fname, fn in (("nll", "nll_by_position.png", plot_nll_by_position),
-                            ("passkey", "passkey_accuracy.png", plot_passkey_accuracy)):
+    plots = [("nll", "nll_by_position.png", plot_nll_by_position)]
+    if not passkey_saturated(ev):  # a plot of lines all at 0% (or 100%) says nothing
+        plots.append(("passkey", "passkey_accuracy.png", plot_passkey_accuracy))
+    for kind, fname, fn in plots:
         png = fn(ev)
         if png:
             storage.write_bytes(storage.join(run_dir, fname), png)
             images[kind] = fname
-    for name, m in ev.get("models", {}).items():
+    for name, m in ev.get("models", {}).items() if not needle_saturated(ev) else ():
         for variant, v in (m.get("needle") or {}).items():
             fname = f"needle_{_slug(name)}_{variant}.png"
             storage.write_bytes(storage.join(run_dir, fname), plot_needle_heatmap(f"{name} ({variant})", v["grid"]))
@@ -252,7 +320,7 @@ def write_report(run_dir: str, metrics: dict, sections: Sequence[tuple[str, str]
     if intro:
         parts.append(intro + "\n")
     if ev.get("models"):
-        parts += ["## Long-context evaluation\n", eval_markdown(ev, images)]
+        parts += ["## Long-context evaluation\n", eval_markdown(ev, images, run_dir)]
     for sec in sections:
         if isinstance(sec, str):
             parts.append(sec + "\n")

@@ -108,3 +108,40 @@ def plot_needle_heatmap(name: str, grid: dict) -> bytes:
         ax.set_title(f"{name}: needle retrieval score (mean {grid.get('mean', float('nan')):.1f})", fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="score")
         return _png(fig)
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Debiased exponential moving average (as TensorBoard smooths), span ~ `window` points."""
+    if window <= 1:
+        return list(values)
+    beta = 1.0 - 2.0 / (window + 1)
+    out, avg, norm = [], 0.0, 0.0
+    for v in values:
+        avg = beta * avg + (1 - beta) * v
+        norm = beta * norm + (1 - beta)
+        out.append(avg / norm)
+    return out
+
+
+def plot_loss_curve(history: list[dict], title: str = "training loss") -> bytes | None:
+    """Training loss per step (raw and smoothed) and validation loss where measured; None with < 2 steps."""
+    pts = [(h["step"], h["loss"]) for h in history if isinstance(h.get("loss"), (int, float))]
+    if len(pts) < 2:
+        return None
+    steps, loss = [p[0] for p in pts], [p[1] for p in pts]
+    window = max(2, round(len(loss) / 10))
+    val = [(h["step"], h["val_loss"]) for h in history if isinstance(h.get("val_loss"), (int, float))]
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(7.5, 4.0))
+        ax.plot(steps, loss, color="#9ab8d8", linewidth=1.0, label="train loss (per step)")
+        ax.plot(steps, smooth(loss, window), color="#1f5fa8", linewidth=2.0,
+                label=f"train loss (EMA, span {window} steps)")
+        if val:
+            ax.plot([v[0] for v in val], [v[1] for v in val], color="#d9534f", marker="o", linewidth=1.5,
+                    label="validation loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("next-token NLL (nats)")
+        ax.ticklabel_format(axis="both", style="plain", useOffset=False)
+        ax.set_title(f"{title} ({len(loss)} steps)", fontsize=10)
+        ax.legend(fontsize=8, frameon=False)
+        return _png(fig)

@@ -75,6 +75,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from longctx.train.batches import Ledger, RowStream, collate, parquet_tables, ray_data_tables
     from longctx.train.deepspeed import build_deepspeed_config
     from longctx.train.loss import CausalLMWithChunkedLoss, shift_targets
+    from longctx.progress import emit
+    from longctx.tracking import Tracker, run_id_for
     from longctx.train.metrics import StepLog, count_params, device_peak_flops, memory_stats, step_flops
     from longctx.train.schedule import lr_lambda
     from longctx.train.sequence_parallel import shard_for_rank
@@ -126,8 +128,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                            mpu=mpu)
     if is_rank0:
-        print(f"[train] world={world} layout={layout.as_dict()} steps={total_steps} attn={attn_impl} "
-              f"zero={tcfg.zero_stage} params={n_params['total']:,} rope={lm.config.rope_parameters}", flush=True)
+        emit(f"[train] world={world} layout={layout.as_dict()} steps={total_steps} attn={attn_impl} "
+             f"zero={tcfg.zero_stage} params={n_params['total']:,} rope={lm.config.rope_parameters}")
 
     startup["engine_ready"] = time.perf_counter() - t_start
     _write_engine_info(engine, loop_config["train_root"], rank, world, n_params, attn_impl, ds_config, startup)
@@ -145,11 +147,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                           int(state["history"][-1]["tokens"]) if state["history"] else 0)
         start_step, ledger, history = int(state["step"]), Ledger.from_json(state["ledger"]), state["history"]
         if is_rank0:
-            print(f"[train] resumed at step {start_step} ({ledger.total()} rows already consumed)", flush=True)
+            emit(f"[train] resumed at step {start_step} ({ledger.total()} rows already consumed)")
 
     train_root = loop_config["train_root"]
     during = cfg.eval.during_training
-    log = StepLog(storage.join(train_root, "metrics.jsonl") if is_rank0 else None, history, echo=is_rank0)
+    tracker = None
+    if is_rank0:  # TensorBoard event files (and W&B / MLflow when configured) beside metrics.jsonl
+        tracker = Tracker.open(cfg, storage.join(train_root, "tensorboard"), run_id=run_id_for(cfg, train_root),
+                               resume_step=start_step)
+    log = StepLog(storage.join(train_root, "metrics.jsonl") if is_rank0 else None, history, echo=is_rank0,
+                  tracker=tracker, flush_every_s=cfg.logging.flush_every_s)
     if loop_config.get("parquet_files"):
         files = loop_config["parquet_files"]
         stream = RowStream(lambda: parquet_tables(files), dp_rank=dp_rank, data_parallel=layout.data_parallel,
@@ -182,11 +189,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return total / max(count, 1.0)
 
     def record_validation(step: int, val_loss: float) -> None:
-        """Print it and add it to this step's log record (rank 0); the next report to Ray Train carries it."""
+        """Print it, add it to this step's log record and the tracker (rank 0); the next report to Ray Train
+        carries it."""
         if is_rank0:
-            print(f"[train] step {step} val_loss {val_loss:.4f}", flush=True)
-            if log.history and log.history[-1].get("step") == step:
-                log.history[-1]["val_loss"] = val_loss
+            log.annotate(step, val_loss=val_loss)
 
     def save_checkpoint(step: int, local_ledger: Ledger) -> dict | None:
         """Report a checkpoint to Ray Train (collective); returns the gathered HF state dict (rank 0)."""
@@ -219,8 +225,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         stop = is_rank0 and should_stop(read_ledger(ledger_uri(train_root)), during.objective,
                                         during.early_stop_patience, during.early_stop_min_delta)
         if stop:
-            print(f"[train] early stop at step {step}: {during.objective} did not improve over the last "
-                  f"{during.early_stop_patience} evaluated checkpoints", flush=True)
+            emit(f"[train] early stop at step {step}: {during.objective} did not improve over the last "
+                 f"{during.early_stop_patience} evaluated checkpoints")
         return _all_sum([1.0 if stop else 0.0], device)[0] > 0
 
     # 4. Steps.
@@ -232,7 +238,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ran_out = _all_sum([0.0 if rows is not None else 1.0], device)[0]
         if ran_out:
             if is_rank0:
-                print(f"[train] data exhausted after {step} steps (planned {total_steps})", flush=True)
+                emit(f"[train] data exhausted after {step} steps (planned {total_steps})")
             break
         micro = [collate([r for _, r in rows[i : i + layout.micro_batch_size]], cfg.data.attention)
                  for i in range(0, len(rows), layout.micro_batch_size)]
@@ -304,8 +310,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         final_uri = storage.join(train_root, "final_model")
         with storage.publish_dir(final_uri, overwrite=True) as staging:
             ckpt.save_hf_model(lm, hf_sd, staging, tokenizer_dirs)
-        log.flush()
-        print(f"[train] final model: {final_uri}", flush=True)
+        log.close()
+        emit(f"[train] final model: {final_uri}")
     dist.barrier()
 
 

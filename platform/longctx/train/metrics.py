@@ -68,36 +68,111 @@ def memory_stats(device: str = "cpu") -> dict[str, float]:
 
 
 class StepLog:
-    """Per-step metrics kept in memory and written by rank 0 as JSONL + CSV (local or s3://)."""
+    """Per-step metrics kept in memory and written by rank 0 as JSONL + CSV (local or s3://), plus the step line
+    (printed once, with elapsed time and ETA) and the tracker's scalars (TensorBoard, W&B, MLflow).
 
-    def __init__(self, jsonl_uri: str | None, history: list[dict] | None = None, echo: bool = True):
+    Local files are appended to: a record is written when the next one arrives (so a validation loss measured
+    at its step still joins it), at `flush` and at the end. The first write after a start or a resume rewrites
+    the files from `history` (the resumed checkpoint's log), so steps a failed attempt logged after its last
+    checkpoint do not stay behind. Object storage cannot append: there the objects are re-uploaded at most every
+    `flush_every_s` seconds, at checkpoints and at the end."""
+
+    def __init__(self, jsonl_uri: str | None, history: list[dict] | None = None, echo: bool = True,
+                 tracker=None, flush_every_s: float = 10.0):
         self.jsonl_uri = jsonl_uri
         self.history: list[dict] = list(history or [])
         self.echo = echo
+        self.tracker = tracker
+        self.flush_every_s = flush_every_s
+        self._written = None  # records already in the files; None: rewrite them from history at the next write
         self._last_flush = 0.0
+        self._t0 = time.perf_counter()
+        self._step0 = int(self.history[-1]["step"]) if self.history else 0
 
     def add(self, record: dict[str, Any]) -> None:
+        elapsed = time.perf_counter() - self._t0
+        done = int(record["step"]) - self._step0
+        total = record.get("total_steps")
+        record.setdefault("elapsed_s", elapsed)
+        if total and done > 0:
+            record.setdefault("eta_s", (int(total) - int(record["step"])) * elapsed / done)
         self.history.append(record)
         if self.echo:
-            print(format_step(record), flush=True)
-        # Local files are cheap to rewrite every step; object storage every ~10 s (and at checkpoints / end).
-        if self.jsonl_uri and (not self.jsonl_uri.startswith("s3://") or time.time() - self._last_flush > 10):
-            self.flush()
+            from longctx.progress import emit
 
-    def flush(self) -> None:
+            emit(format_step(record))
+        if self.tracker is not None:
+            self.tracker.log_step(record)
         if not self.jsonl_uri:
             return
+        if self.jsonl_uri.startswith("s3://"):
+            if time.time() - self._last_flush > self.flush_every_s:
+                self.flush()
+        else:
+            self._write(upto=len(self.history) - 1)  # the newest record waits for a validation loss
+
+    def annotate(self, step: int, **fields: Any) -> None:
+        """Add fields measured at `step` (e.g. val_loss) to that step's record, and to the tracker."""
+        if self.echo:
+            from longctx.progress import emit
+
+            emit(f"[train] step {step} " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in fields.items()))
+        if self.history and self.history[-1].get("step") == step:
+            self.history[-1].update(fields)
+            if self._written is not None and self._written >= len(self.history):
+                self._written = None  # already in the files: rewrite them at the next write
+        if self.tracker is not None:
+            self.tracker.log({("val/loss" if k == "val_loss" else f"train/{k}"): v for k, v in fields.items()}, step)
+
+    def flush(self) -> None:
+        if self.jsonl_uri:
+            self._write(upto=len(self.history))
+        if self.tracker is not None:
+            self.tracker.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self.tracker is not None:
+            self.tracker.close()
+
+    def _write(self, upto: int) -> None:
         from longctx import storage
 
-        storage.write_text(self.jsonl_uri, "".join(json.dumps(r) + "\n" for r in self.history))
-        storage.write_text(os.path.splitext(self.jsonl_uri)[0] + ".csv", to_csv(self.history))
+        if upto == 0 and self._written is None:
+            return  # nothing to write yet
+        csv_uri = os.path.splitext(self.jsonl_uri)[0] + ".csv"
+        if self.jsonl_uri.startswith("s3://") or self._written is None or upto < self._written:
+            records = self.history[:upto]
+            storage.write_text(self.jsonl_uri, "".join(json.dumps(r) + "\n" for r in records))
+            storage.write_text(csv_uri, to_csv(records))
+            self._csv_keys = _csv_keys(records)
+        else:
+            new = self.history[self._written:upto]
+            if not new:
+                return
+            keys = _csv_keys(self.history[:upto])
+            if keys != self._csv_keys:  # a new column: the CSV header changes, rewrite it once
+                storage.write_text(csv_uri, to_csv(self.history[:upto]))
+                self._csv_keys = keys
+            else:
+                with open(csv_uri, "a", newline="") as f:
+                    csv.DictWriter(f, fieldnames=keys, extrasaction="ignore").writerows(new)
+            with open(self.jsonl_uri, "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in new))
+        self._written = upto
         self._last_flush = time.time()
 
 
-def to_csv(history: list[dict]) -> str:
+def _csv_keys(history: list[dict]) -> list[str]:
     keys: list[str] = []
     for r in history:  # list-valued fields (row ids) stay in the JSONL only
         keys += [k for k, v in r.items() if k not in keys and not isinstance(v, (list, dict))]
+    return keys
+
+
+def to_csv(history: list[dict]) -> str:
+    keys = _csv_keys(history)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
@@ -112,4 +187,10 @@ def format_step(r: dict) -> str:
     parts.append(f"tok/s {r['tokens_per_s']:.0f}")
     if r.get("mfu") is not None:
         parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    if r.get("elapsed_s") is not None:
+        from longctx.progress import format_duration
+
+        parts.append(f"elapsed {format_duration(r['elapsed_s'])}")
+        if r.get("total_steps"):
+            parts.append(f"eta {format_duration(r.get('eta_s'))}")
     return "[train] " + " | ".join(parts)

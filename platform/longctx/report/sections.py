@@ -1,0 +1,134 @@
+"""Report sections of a job (data, training) that read true: loss as means over the first and last 10% of steps
+with a loss-curve PNG, the batch layout as a small table, the lengths histogram linked, and every path relative
+to the run folder (a report moved or downloaded with its folder keeps working links).
+
+    md = train_section(cfg, outcome, timings, run_root)     # writes run_root/loss_curve.png
+    md = data_section(manifest, run_root, data_uri)
+"""
+
+from __future__ import annotations
+
+import math
+
+from longctx import storage
+
+LOSS_CURVE = "loss_curve.png"
+
+
+def relative(uri: str | None, run_root: str) -> str | None:
+    """`uri` relative to the run folder when it lies inside it (else unchanged: a base model, an outside dataset)."""
+    if not uri:
+        return uri
+    root = storage.normalize(run_root).rstrip("/")
+    path = storage.normalize(uri)
+    if path == root:
+        return "."
+    return path[len(root) + 1:] if path.startswith(root + "/") else uri
+
+
+def loss_summary(history: list[dict], fraction: float = 0.1) -> dict | None:
+    """Mean loss over the first and the last `fraction` of logged steps (at least one step each)."""
+    losses = [h["loss"] for h in history if isinstance(h.get("loss"), (int, float)) and math.isfinite(h["loss"])]
+    if not losses:
+        return None
+    k = max(1, math.ceil(len(losses) * fraction))
+    return {"steps": len(losses), "window": k, "first": sum(losses[:k]) / k, "last": sum(losses[-k:]) / k,
+            "final": losses[-1]}
+
+
+_LAYOUT_COLUMNS = [("world_size", "workers"), ("data_parallel", "data parallel"),
+                   ("sequence_parallel", "sequence parallel"), ("micro_batch_size", "micro-batch (rows)"),
+                   ("grad_accum", "grad accumulation"), ("seq_len", "row length (tokens)"),
+                   ("rows_per_step", "rows per step"), ("tokens_per_step", "tokens per step")]
+
+
+def layout_table(layout: dict) -> str:
+    """The batch layout as a one-row markdown table (known fields in a fixed order, the rest after them)."""
+    cols = [(k, label) for k, label in _LAYOUT_COLUMNS if k in layout]
+    cols += [(k, k.replace("_", " ")) for k in layout if k not in dict(_LAYOUT_COLUMNS)]
+    cell = lambda v: f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)  # noqa: E731
+    return "\n".join(["| " + " | ".join(label for _, label in cols) + " |",
+                      "|" + "|".join("---:" for _ in cols) + "|",
+                      "| " + " | ".join(cell(layout[k]) for k, _ in cols) + " |"])
+
+
+def train_section(cfg, outcome, timings: dict, run_root: str) -> str:
+    """Markdown summary of the training run; writes the loss curve beside report.md."""
+    from longctx.report.plots import plot_loss_curve
+
+    hist = outcome.history or []
+    tps = sorted(h["tokens_per_s"] for h in hist[1:] if h.get("tokens_per_s")) or \
+        sorted(h["tokens_per_s"] for h in hist if h.get("tokens_per_s"))
+    rope = cfg.model.rope_theta or "unchanged"
+    lines = [
+        f"- model `{relative(cfg.model.path, run_root)}`, rope_theta {rope}, seq_len {cfg.data.seq_len}, "
+        f"attention `{cfg.data.attention}`",
+        f"- {cfg.train.num_workers} workers ({'GPU' if cfg.train.use_gpu else 'CPU'}), ZeRO-{cfg.train.zero_stage}, "
+        f"global batch {cfg.train.global_batch_tokens:,} tokens",
+    ]
+    s = loss_summary(hist)
+    if s:
+        lines.append(f"- {outcome.steps} steps, {outcome.tokens:,} tokens; loss {s['first']:.3f} (mean of the first "
+                     f"{s['window']} step{'s' if s['window'] > 1 else ''}) -> {s['last']:.3f} (mean of the last "
+                     f"{s['window']}), final step {s['final']:.3f}"
+                     + (f"; median {tps[len(tps) // 2]:,.0f} tokens/s" if tps else ""))
+    else:
+        lines.append(f"- {outcome.steps} steps, {outcome.tokens:,} tokens")
+    val = [h for h in hist if isinstance(h.get("val_loss"), (int, float))]
+    if val:
+        lines.append(f"- validation loss {val[0]['val_loss']:.3f} (step {val[0]['step']}) -> "
+                     f"{val[-1]['val_loss']:.3f} (step {val[-1]['step']}), {len(val)} measurements")
+    lines += [
+        f"- final model: `{relative(outcome.final_model_uri, run_root)}`; per-step log: "
+        f"`{relative(outcome.metrics_log_uri, run_root)}` (and `.csv`); TensorBoard: "
+        f"`tensorboard --logdir <run folder>`",
+        "- wall clock: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()),
+    ]
+    md = "\n".join(lines) + "\n"
+    if outcome.layout:
+        md += "\nBatch layout:\n\n" + layout_table(outcome.layout) + "\n"
+    png = plot_loss_curve(hist)
+    if png:
+        storage.write_bytes(storage.join(run_root, LOSS_CURVE), png)
+        md += f"\n![training loss]({LOSS_CURVE})\n"
+    elif len(hist) < 2:
+        md += "\nNo loss curve: fewer than two steps were logged.\n"
+    return md
+
+
+def data_section(manifest: dict, run_root: str, data_uri: str | None = None) -> str:
+    """Markdown summary of a data manifest: per-source tokens and long share in and out, and the lengths
+    histogram (linked relative to the run folder; copied into it when the data lives elsewhere)."""
+    t = manifest.get("totals", {})
+    lines = [f"{t.get('rows', 0)} rows x {manifest.get('seq_len')} tokens, {t.get('tokens', 0):,} tokens, "
+             f"pad {100 * (t.get('pad_fraction') or 0):.3f}%, long-token share {100 * (t.get('long_share') or 0):.1f}% "
+             f"(documents >= {manifest.get('long_threshold', '?')} tokens), "
+             f"{t.get('split_docs', 0)} documents split, strategy `{manifest.get('strategy')}`, "
+             f"{manifest.get('quarantine', {}).get('records', 0)} records quarantined.\n",
+             "| source | tokens in | share in | long share in | tokens out | share out | long share out |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, src in sorted(manifest.get("sources", {}).items()):
+        i, o = src.get("in", {}), src.get("out", {})
+        lines.append(f"| {name} | {i.get('tokens', 0):,} | {100 * (src.get('in_share') or 0):.1f}% | "
+                     f"{100 * (i.get('long_share') or 0):.1f}% | {o.get('tokens', 0):,} | "
+                     f"{100 * (src.get('out_share') or 0):.1f}% | {100 * (o.get('long_share') or 0):.1f}% |")
+    md = "\n".join(lines) + "\n"
+    link = _lengths_png(run_root, data_uri)
+    if link:
+        md += f"\n![input tokens by document length]({link})\n"
+    if data_uri:
+        md += f"\nPacked data: `{relative(data_uri, run_root)}` (manifest.json beside the shards).\n"
+    return md
+
+
+def _lengths_png(run_root: str, data_uri: str | None) -> str | None:
+    if not data_uri:
+        return None
+    src = storage.join(data_uri, "lengths.png")
+    if not storage.exists(src):
+        return None
+    rel = relative(src, run_root)
+    if rel != src:
+        return rel
+    storage.write_bytes(storage.join(run_root, "data_lengths.png"), storage.read_bytes(src))
+    return "data_lengths.png"
