@@ -274,6 +274,13 @@ class TrainConfig(_Section):
     """Tokens per chunk of the chunked logits+loss (the full [seq, vocab] logits never exist)."""
     log_every: int = Field(1, ge=1)
     """Log metrics every N optimizer steps."""
+    isolation_check: bool = True
+    """Before the first optimizer step, run the first micro-batch packed and per document on the configured
+    backend, micro-batch size and sequence-parallel degree, and refuse to train when packed documents see each
+    other (data.attention=document only; cost printed, about two forwards)."""
+    isolation_tolerance: float | None = Field(None, gt=0)
+    """Largest allowed deviation of the isolation check (|packed - alone| / max(1, |alone|) of the final hidden
+    states). Default: 1e-4 in float32, 3e-2 in bfloat16/float16."""
     val_every: int = Field(0, ge=0)
     """Validation loss every N optimizer steps and after the last one (0: off). Logged as `val_loss` and
     reported to Ray Train, so a Ray Tune sweep sees it (ASHA early stopping reads it)."""

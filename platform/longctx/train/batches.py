@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from longctx.model.attention import document_ids_from_position_ids
+from longctx.model.attention import attention_inputs, document_ids_from_position_ids
 
 REQUIRED_COLUMNS = ("input_ids", "position_ids", "labels", "seg_lengths", "row_id")
 
@@ -205,3 +205,28 @@ def collate(rows: list[PackedRow], attention: str) -> MicroBatch:
         non_pad_tokens=non_pad,
         sum_sq_doc_lengths=sum_sq,
     )
+
+
+def forward_inputs(m: MicroBatch, targets: torch.Tensor | None, *, attn_implementation: str, attention: str,
+                   device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """(input_ids, targets, keyword arguments) of one micro-batch's forward on this backend.
+
+    flash_attention_2 with document attention and more than one row: the rows are flattened into ONE varlen row
+    [1, B x S]. transformers' flash path finds document starts in the position ids only for a batch of one row
+    (`_is_packed_sequence`); with two rows and no mask it would run plain causal attention over each row and
+    packed documents would attend to each other. Every row starts at position 0, so each row boundary is also a
+    document boundary of the flattened row. Targets are shifted per row before, so they flatten the same way.
+    Other backends keep [B, S] with their per-row document mask.
+    """
+    input_ids, pos, tgt, doc_ids = m.input_ids, m.position_ids, targets, m.doc_ids
+    if attention == "document" and attn_implementation == "flash_attention_2" and input_ids.shape[0] > 1:
+        if bool((pos[:, 0] != 0).any()):
+            raise ValueError(f"rows {[r for r, p in zip(m.row_ids, pos[:, 0].tolist()) if p != 0]} do not start at "
+                             "position 0: flattening the micro-batch would join their first document to the row "
+                             "before")
+        input_ids, pos = input_ids.reshape(1, -1), pos.reshape(1, -1)
+        tgt = tgt.reshape(1, -1) if tgt is not None else None
+        doc_ids = None
+    kwargs = attention_inputs(pos.to(device), attn_implementation=attn_implementation, attention=attention,
+                              doc_ids=doc_ids, dtype=dtype)
+    return input_ids.to(device), (tgt.to(device) if tgt is not None else None), kwargs

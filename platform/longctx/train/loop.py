@@ -72,7 +72,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from longctx.model.attention import attention_inputs
     from longctx.model.load import load_causal_lm, local_model_dir, pick_attn_implementation
     from longctx.train import checkpoint as ckpt
-    from longctx.train.batches import Ledger, RowStream, collate, parquet_tables, ray_data_tables
+    from longctx.train.batches import Ledger, RowStream, collate, forward_inputs, parquet_tables, ray_data_tables
     from longctx.train.deepspeed import build_deepspeed_config
     from longctx.train.loss import CausalLMWithChunkedLoss, shift_targets
     from longctx.progress import emit
@@ -242,6 +242,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             break
         micro = [collate([r for _, r in rows[i : i + layout.micro_batch_size]], cfg.data.attention)
                  for i in range(0, len(rows), layout.micro_batch_size)]
+        if step == start_step and tcfg.isolation_check and cfg.data.attention == "document":
+            _prove_isolation(lm, micro[0], attn_impl, cfg, device, sp, sp_rank, mpu, is_rank0)
         targets = [shift_targets(m.labels, m.doc_ids if cfg.data.attention == "document" else None) for m in micro]
         if sp > 1:
             local_valid = float(sum(int((shard_for_rank(t, sp_rank, sp) != -100).sum()) for t in targets))
@@ -257,8 +259,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 input_ids, pos, tgt = (shard_for_rank(t, sp_rank, sp) for t in (input_ids, pos, tgt))
                 kwargs = {"position_ids": pos.to(device), "use_cache": False}
             else:
-                kwargs = attention_inputs(pos.to(device), attn_implementation=attn_impl, attention=cfg.data.attention,
-                                          doc_ids=m.doc_ids)
+                input_ids, tgt, kwargs = forward_inputs(m, tgt, attn_implementation=attn_impl, device=device,
+                                                    attention=cfg.data.attention, dtype=lm.dtype)
             loss_sum, _ = engine(input_ids.to(device), tgt.to(device), **kwargs)
             engine.backward(loss_sum * scale)
             engine.step()
@@ -313,6 +315,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.close()
         emit(f"[train] final model: {final_uri}")
     dist.barrier()
+
+
+def _prove_isolation(lm, micro, attn_impl: str, cfg, device, sp: int, sp_rank: int, mpu, is_rank0: bool) -> None:
+    """The first micro-batch packed vs per document on this backend/layout (longctx.train.isolation); raises
+    PackingLeakError (the run fails before its first optimizer step) when documents see each other."""
+    from longctx.train.isolation import check_packing_isolation
+
+    result = check_packing_isolation(lm, micro, attn_implementation=attn_impl, attention=cfg.data.attention,
+                                     device=device, sp=sp, sp_rank=sp_rank,
+                                     sp_group=mpu.get_sequence_parallel_group() if mpu is not None else None,
+                                     tolerance=cfg.train.isolation_tolerance)
+    if is_rank0:
+        print(f"[train] {result.line()}", flush=True)
 
 
 def _validation_rows(cfg, dp_rank: int, data_parallel: int) -> list[tuple[list[int], float]]:
