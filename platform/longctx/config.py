@@ -140,6 +140,10 @@ class DataConfig(_Section):
     """Sources to upsample with strategy `sources` (e.g. [book, arxiv, github])."""
     token_budget: int | None = Field(None, ge=1)
     """Tokens to emit (e.g. 500_000_000). Default: every token the strategy keeps, once."""
+    read_margin: float | None = Field(None, ge=0.0)
+    """With token_budget: read each source, in a seeded shuffled file order, only until it holds its share of
+    the budget times (1 + read_margin) tokens (e.g. 0.25), instead of tokenizing the whole corpus first; the
+    manifest's input.read says what was read and skipped. Default (null): read every file."""
     seed: int = 0
     """Seed for shuffling, sampling and packing order."""
     output: str | None = None

@@ -72,7 +72,8 @@ def build_manifest(cfg, tok, eos: int, pad: int, cache, plan: MixturePlan, in_st
             "tail_dropped_tokens": int(pack.tail_dropped),
         },
         "input": {"files": cache.files, "records": cache.good + cache.bad, "good_records": cache.good,
-                  "tokens": in_stats["__all__"]["tokens"]},
+                  "tokens": in_stats["__all__"]["tokens"],
+                  **({"read": cache.read} if getattr(cache, "read", None) else {})},
         "quarantine": {
             "records": cache.bad,
             "by_reason": dict(sorted(cache.bad_by_reason.items())),

@@ -108,8 +108,11 @@ def keep_prob_draw(plan: SourcePlan, idx: np.ndarray, threshold: int, r: float, 
     return int(kept_len.sum())
 
 
-def plan_mixture(lengths_by_source: dict[str, np.ndarray], data_cfg) -> MixturePlan:
-    """The per-document plan for `data_cfg.strategy` (see the module docstring)."""
+def plan_mixture(lengths_by_source: dict[str, np.ndarray], data_cfg,
+                 natural_tokens: dict[str, int] | None = None) -> MixturePlan:
+    """The per-document plan for `data_cfg.strategy` (see the module docstring). `natural_tokens`: each source's
+    token count in the whole corpus when only part of it was read (budget-aware reading): the budget is split
+    by these instead of by the tokens read."""
     d = data_cfg
     if getattr(d, "eval_fraction", 0.0):
         raise ValueError(f"data.eval_fraction={d.eval_fraction}: the data engine holds nothing out; evaluate on a "
@@ -146,7 +149,8 @@ def plan_mixture(lengths_by_source: dict[str, np.ndarray], data_cfg) -> MixtureP
         merged.last_take = merged.lengths.copy()
         groups = [("<all>", merged, budget)]
     else:
-        targets = _split_evenly(budget, natural) if budget is not None else {s: None for s in names}
+        weights = {s: int((natural_tokens or natural).get(s, natural[s])) for s in names}
+        targets = _split_evenly(budget, weights) if budget is not None else {s: None for s in names}
         groups = [(s, plans[s], targets[s]) for s in names]
 
     for gi, (name, plan, target) in enumerate(groups):

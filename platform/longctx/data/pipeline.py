@@ -309,7 +309,7 @@ def pack_and_publish(cfg, cache: TokenCache, dest: str, overwrite: bool = False,
     in_stats = source_length_stats(in_lengths, d.long_threshold)
     if not quiet:
         print(format_length_table(in_stats, d.long_threshold), flush=True)
-    plan = plan_mixture(in_lengths, d)
+    plan = plan_mixture(in_lengths, d, cache.estimated_tokens or None)
     out_stats: dict[str, LengthAccumulator] = {}
     packer = make_packer(d)
     with storage.publish_dir(dest, overwrite=overwrite) as staging:
@@ -407,7 +407,7 @@ def packed_dataset(cfg):
     atexit.register(shutil.rmtree, work, True)
     cache = tokenize_corpus(cfg, work)
     check_bad_fraction(cache, d.max_bad_fraction)
-    plan = plan_mixture(cache.source_lengths(), d)
+    plan = plan_mixture(cache.source_lengths(), d, cache.estimated_tokens or None)
     rows_per_block = max(1, min(d.rows_per_shard, (64 << 20) // (12 * d.seq_len)))
     node = ray.get_runtime_context().get_node_id()
     ds = ray.data.from_items([{"stream": 0}])

@@ -45,6 +45,8 @@ class TokenCache:
     row_groups: dict[str, list[int]] = field(default_factory=dict)  # docs per cache row group
     quarantine_path: str = ""
     seconds: float = 0.0
+    read: dict = field(default_factory=dict)  # budget-aware reading (data/budget.py): per-source report
+    estimated_tokens: dict[str, int] = field(default_factory=dict)  # whole-corpus tokens per label (read_margin)
 
     @property
     def bad(self) -> int:
@@ -157,12 +159,39 @@ def _row_group_bounds(lengths: np.ndarray) -> list[tuple[int, int]]:
     return bounds
 
 
+def _cache_batch(batch: pa.Table, cache: TokenCache, writers: dict, staged: dict, cache_root, with_tokens: bool):
+    """Append a batch of good tokenized records to the per-source caches; lengths stay in memory."""
+    cache.good += batch.num_rows
+    labels = batch.column("source")
+    for label in pc.unique(labels).to_pylist():
+        part = batch if len(labels.unique()) == 1 else batch.filter(pc.equal(labels, label))
+        lengths = part.column("n_tokens").to_numpy()
+        cache.lengths.setdefault(label, []).append(lengths)
+        for lo, hi in _row_group_bounds(lengths):
+            cache.row_groups.setdefault(label, []).append(hi - lo)
+            if with_tokens:
+                if label not in writers:
+                    staged[label] = os.path.join(cache_root, f"staged-{len(writers):04d}.parquet")
+                    writers[label] = pq.ParquetWriter(staged[label], CACHE_SCHEMA, compression="none")
+                writers[label].write_table(
+                    part.slice(lo, hi - lo).select(["doc_id", "tokens"]).cast(CACHE_SCHEMA),
+                    row_group_size=hi - lo)
+
+
 def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True) -> TokenCache:
     """Pass 1: tokenize every source into `cache_root` (tokens) and return lengths + quarantine counts.
 
-    With `with_tokens=False` (length statistics only) nothing is cached."""
+    With `with_tokens=False` (length statistics only) nothing is cached. With data.token_budget and
+    data.read_margin set, sources are read only as far as the budget needs (data/budget.py)."""
     t0 = time.time()
-    tasks = src.list_files(cfg.data.source_specs())
+    d = cfg.data
+    tasks = src.list_files(d.source_specs())
+    gate = None
+    if with_tokens and d.read_margin is not None and d.token_budget is not None:
+        from longctx.data.budget import BudgetReader
+
+        gate = BudgetReader(tasks, d.token_budget, d.read_margin, d.seed)
+        tasks = gate.order
     cache = TokenCache(root=cache_root or "", files=len(tasks))
     writers: dict[str, pq.ParquetWriter] = {}
     staged: dict[str, str] = {}
@@ -173,12 +202,15 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True) -> To
     bar = Progress("tokenize", total=len(tasks), unit="files")  # files started; a line every 10 s
     files_seen: set[int] = set()
     tokens_seen = 0
+    stream = _tokenized_batches(cfg, tasks, with_tokens)
     try:
-        for batch in _tokenized_batches(cfg, tasks, with_tokens):
+        for batch in stream:
             files_seen.update(batch.column("file_idx").to_pylist())
             tokens_seen += int(pc.sum(batch.column("n_tokens")).as_py() or 0)
             bar.note = f"{cache.good + batch.num_rows:,} records read, {tokens_seen:,} tokens"
             bar.update(len(files_seen))
+            if gate is not None:
+                batch = gate.admit(batch)
             reason = batch.column("reason")
             bad_mask = pc.is_valid(reason)
             if pc.any(bad_mask).as_py():
@@ -190,28 +222,22 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True) -> To
                         qfile.write(json.dumps({"location": r["doc_id"], "reason": r["reason"],
                                                 "detail": r["detail"], "records": n}) + "\n")
                 batch = batch.filter(pc.invert(bad_mask))
-            if batch.num_rows == 0:
-                continue
-            cache.good += batch.num_rows
-            labels = batch.column("source")
-            for label in pc.unique(labels).to_pylist():
-                part = batch if len(labels.unique()) == 1 else batch.filter(pc.equal(labels, label))
-                lengths = part.column("n_tokens").to_numpy()
-                cache.lengths.setdefault(label, []).append(lengths)
-                for lo, hi in _row_group_bounds(lengths):
-                    cache.row_groups.setdefault(label, []).append(hi - lo)
-                    if with_tokens:
-                        if label not in writers:
-                            staged[label] = os.path.join(cache_root, f"staged-{len(writers):04d}.parquet")
-                            writers[label] = pq.ParquetWriter(staged[label], CACHE_SCHEMA, compression="none")
-                        writers[label].write_table(
-                            part.slice(lo, hi - lo).select(["doc_id", "tokens"]).cast(CACHE_SCHEMA),
-                            row_group_size=hi - lo)
+            if batch.num_rows:
+                _cache_batch(batch, cache, writers, staged, cache_root, with_tokens)
+            if gate is not None and gate.done:  # every source has its share of the budget: stop reading
+                break
+        else:
+            if gate is not None:
+                gate.exhausted = True
     finally:
+        stream.close()  # stops Ray Data's stream when budget-aware reading broke off early
         for w in writers.values():
             w.close()
         if qfile:
             qfile.close()
+    if gate is not None:
+        cache.estimated_tokens = gate.estimate()
+        cache.read = gate.report()
     for label, path in staged.items():  # final names follow sorted labels, whatever order they appeared in
         os.replace(path, cache.path(label))
     cache.seconds = time.time() - t0
