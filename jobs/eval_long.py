@@ -16,7 +16,6 @@ import sys
 
 from longctx import preflight
 from longctx.config import EMBEDDED_DEFAULT, ConfigError, load_config
-from longctx.eval.runner import run_eval
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"eval_long: {e}", file=sys.stderr)
         return 2
+    from longctx.eval.runner import run_eval  # imports torch: after the checks, which must take seconds
+
     run_eval(cfg)
     return 0
 

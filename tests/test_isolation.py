@@ -163,3 +163,30 @@ def test_block_mask_from_boundaries_equals_create_block_mask():
     big = document_block_mask(document_ids_from_seg_lengths([[4096] * 16], 65536))
     assert big.kv_num_blocks.shape == (1, 1, 512)
     assert int(big.full_kv_num_blocks.sum()) == 16 * (32 * 31 // 2)  # below-diagonal blocks inside each document
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_training_refuses_before_its_first_step(ray_cluster, tmp_path):
+    """In a real Ray Train + DeepSpeed run the check runs on the first micro-batch and a failure stops the run
+    before any optimizer step (forced here with a tolerance below float32 noise: every real backend now isolates
+    documents, the negative controls above show real leaks being caught)."""
+    from transformers import AutoConfig
+
+    from longctx.config import load_config
+    from longctx.train.trainer import run_training
+    from train_helpers import make_tiny_model, packed_rows, write_packed_shards
+
+    model_dir = make_tiny_model(str(tmp_path / "model"), hidden=32, max_pos=64)
+    table = packed_rows(4, 64, AutoConfig.from_pretrained(model_dir).vocab_size, seed=3, min_doc=10, max_doc=40)
+    data_uri = write_packed_shards(str(tmp_path / "data"), table, rows_per_shard=4)
+    cfg = load_config(None, [f"model.path={model_dir}", "data.seq_len=64", "train.num_workers=1", "train.zero_stage=0",
+                             "train.global_batch_tokens=128", "train.micro_batch_size=2", "train.max_steps=2",
+                             "train.isolation_tolerance=1e-12"])
+    with pytest.raises(Exception, match="refusing to train") as e:
+        run_training(cfg, data_uri, str(tmp_path / "run"))
+    msg = str(e.value)
+    assert "attn_implementation=sdpa" in msg and "micro_batch_size=2" in msg and "differ from per-document" in msg
+    metrics = tmp_path / "run" / "train" / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text().strip()  # no step was taken
+    assert not list((tmp_path / "run" / "train").glob("checkpoint_*"))

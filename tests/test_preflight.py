@@ -225,3 +225,14 @@ def test_config_validate_cli(tmp_path):
                           text=True, timeout=120)
     assert prep.returncode == 0, prep.stderr  # data preparation does not need the model
     assert not (tmp_path / "ray-tmp").exists()
+
+
+def test_sweep_grid_points_are_checked():
+    cfg = load_config(EMBEDDED_DEFAULT, ["tune.params.data.seq_len=[1024, 3000]", "tune.params.train.lr=[1e-3, 1e-4]"])
+    found = _problems(cfg, "sweep")
+    assert len(found) == 2, found  # seq_len 3000: the batch does not divide, and the recipe's 1024 positions
+    assert all(w.startswith("tune.params (2 of 4 trials, e.g. data.seq_len=3000") for w in found)
+    assert "not a multiple" in found["tune.params (2 of 4 trials, e.g. data.seq_len=3000, train.lr=0.001) -> "
+                                     "train.global_batch_tokens"]
+    assert any(w.endswith("-> model.max_position_embeddings") for w in found)
+    assert _problems(load_config(EMBEDDED_DEFAULT, ["tune.params.train.lr=[1e-3, 1e-4]"]), "sweep") == {}

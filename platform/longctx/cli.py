@@ -107,9 +107,9 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval_run(args) -> int:
+    cfg = _load(args, "eval")  # checks first: importing the runner imports torch
     from longctx.eval.runner import run_eval
 
-    cfg = _load(args, "eval")
     run_eval(cfg)
     return 0
 

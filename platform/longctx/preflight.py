@@ -444,6 +444,46 @@ def _sources(st: _State, suffixes: tuple[str, ...]) -> None:
             _check_files(st, where, uri, suffixes)
 
 
+def _check_sweep_grid(st: _State, limit: int = 512) -> None:
+    """Layout, positions and backend of every grid point of a sweep (up to `limit`): a trial whose parameters do
+    not divide would otherwise fail minutes into the sweep. Random axes (choice/uniform) are not enumerable."""
+    import copy
+    import itertools
+
+    from longctx.config import config_from_dict, set_dotted
+
+    grid = {k: v.grid for k, v in st.cfg.tune.space().items() if v.grid is not None}
+    if not grid:
+        return
+    keys = sorted(grid)
+    base = json.loads(st.cfg.model_dump_json())
+    base.pop("tune", None)
+    known = {p.line() for p in st.problems}
+    found: dict[tuple[str, str, str], list[str]] = {}
+    combos = list(itertools.islice(itertools.product(*(grid[k] for k in keys)), limit))
+    for combo in combos:
+        label = ", ".join(f"{k}={v}" for k, v in zip(keys, combo))
+        tree = copy.deepcopy(base)
+        try:
+            for k, v in zip(keys, combo):
+                set_dotted(tree, k.split("."), v, f"tune.params.{k}")
+            trial = config_from_dict(tree, f"sweep trial {label}")
+        except ConfigError as e:
+            found.setdefault(("tune.params", str(e).splitlines()[-1].strip(), "change the grid values"),
+                             []).append(label)
+            continue
+        sub_st = _State(trial, "sweep", model_config=st.model_config, model_dir=st.model_dir)
+        _check_layout(sub_st)
+        _check_positions(sub_st)
+        _check_backend(sub_st)
+        for p in sub_st.problems:
+            if p.line() not in known:
+                found.setdefault((p.where, p.what, p.fix), []).append(label)
+    for (where, what, fix), labels in found.items():
+        example = labels[0] if len(labels) == 1 else f"{len(labels)} of {len(combos)} trials, e.g. {labels[0]}"
+        st.add(f"tune.params ({example}) -> {where}", what, fix)
+
+
 KIND_CHECKS = {
     "prepare": ("s3", "tokenizer", "sources"),
     "pt": ("s3", "model", "tokenizer", "sources", "layout", "positions", "backend", "eval_inputs"),
@@ -489,6 +529,8 @@ def _run(cfg: JobConfig, kind: str) -> _State:
         _check_positions(st)
     if "backend" in checks:
         _check_backend(st)
+    if kind == "sweep":
+        _check_sweep_grid(st)
     if kind in ("pt", "sft", "sweep") and cfg.train.val_documents and cfg.train.val_every:
         _check_files(st, "train.val_documents", cfg.train.val_documents, EVAL_SUFFIXES)
     return st
