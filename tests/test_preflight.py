@@ -20,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = storage.normalize("builtin:tiny-llama")
 
 
-def _problems(cfg, kind="pt") -> dict[str, str]:
+def _problems(cfg, kind="pt", limit_s: float = 10) -> dict[str, str]:
     t0 = time.perf_counter()
     found = preflight.check_job(cfg, kind)
     print(f"check_job({kind}): {len(found)} problems in {time.perf_counter() - t0:.2f}s")
-    assert time.perf_counter() - t0 < 10
+    assert time.perf_counter() - t0 < limit_s
     return {p.where: p.line() for p in found}
 
 
@@ -151,12 +151,15 @@ def test_s3_inputs(s3_bucket, tmp_path):
     cfg = load_config(EMBEDDED_DEFAULT, [f"model.path={model}", f"data.tokenizer={model}",
                                          f"data.sources.web={s3_bucket}/corpus/", f"data.sources.glob={s3_bucket}/corpus/*.jsonl",
                                          f"data.sources.file={s3_bucket}/corpus/a.jsonl"])
-    assert _problems(cfg) == {}
+    # NOTE: the moto server runs in this process and shares its GIL with the check: S3 requests are slower than
+    # against a real endpoint, and much slower on a loaded machine; hence the wider bound here.
+    assert _problems(cfg, limit_s=30) == {}
 
     storage.write_bytes(f"{s3_bucket}/half/config.json", (Path(TINY) / "config.json").read_bytes())
     found = _problems(load_config(EMBEDDED_DEFAULT, [
         f"model.path={s3_bucket}/half", f"data.sources.none={s3_bucket}/nothing-here/",
-        f"data.sources.txt={s3_bucket}/other/", "data.sources.nobucket=s3://no-such-bucket-longctx/x/"]))
+        f"data.sources.txt={s3_bucket}/other/", "data.sources.nobucket=s3://no-such-bucket-longctx/x/"]),
+        limit_s=30)
     assert "no model weights" in found["model.path"]
     assert "holds no readable files (empty)" in found["data.sources.none"]
     assert "readme.txt" in found["data.sources.txt"]

@@ -108,13 +108,20 @@ def _s3_uris(cfg: JobConfig, kind: str) -> dict[str, str]:
     return {k: v for k, v in keys.items() if v and storage.is_s3(str(v))}
 
 
+_CLIENTS: dict[tuple, object] = {}
+
+
 def _s3_client():
+    """One boto3 client per endpoint/region/credentials (creating one takes a noticeable fraction of a second)."""
     import boto3
     from botocore.config import Config
 
     opts = storage.options()
-    return boto3.client("s3", endpoint_url=opts.endpoint_url, region_name=opts.region,
-                        config=Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1}))
+    key = (opts.endpoint_url, opts.region, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    if key not in _CLIENTS:
+        _CLIENTS[key] = boto3.client("s3", endpoint_url=opts.endpoint_url, region_name=opts.region,
+                                     config=Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1}))
+    return _CLIENTS[key]
 
 
 def _missing_credentials_line() -> tuple[str, str]:
@@ -272,7 +279,9 @@ def _check_model(st: _State, where: str, uri: str, *, main: bool) -> None:
             return
         if main and "config.json" in names:
             try:
-                st.model_config = _text_config(json.loads(storage.read_text(storage.join(norm, "config.json"))))
+                bucket, _, key = norm[len("s3://"):].partition("/")
+                body = _s3_client().get_object(Bucket=bucket, Key=f"{key.rstrip('/')}/config.json")["Body"].read()
+                st.model_config = _text_config(json.loads(body))
             except Exception as e:  # noqa: BLE001
                 st.add(where, f"{raw}/config.json cannot be read: {type(e).__name__}: {e}", "re-upload config.json")
     else:
