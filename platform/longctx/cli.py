@@ -131,6 +131,12 @@ def _cmd_tune(args) -> int:
     return 0
 
 
+def _cmd_study(args) -> int:
+    from longctx.study import run_from_args
+
+    return run_from_args(args)
+
+
 def _cmd_rope_suggest(args) -> int:
     from longctx.model.rope import suggest_rope_base
 
@@ -223,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(tn)
     tn.add_argument("--fresh", action="store_true", help="fail if a sweep of this name exists instead of resuming it")
     tn.set_defaults(func=_cmd_tune)
+
+    from longctx.study import add_study_args
+
+    st = verbs.add_parser("study", help="the papers' orderings side by side: baselines, data strategies, RoPE "
+                          "sweep, retrieval vs tokens (as jobs/study.py)")
+    add_study_args(st).set_defaults(func=_cmd_study)
 
     rope = verbs.add_parser("rope", help="RoPE tools")
     rope_sub = rope.add_subparsers(dest="action", required=True)

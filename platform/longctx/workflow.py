@@ -130,9 +130,14 @@ def run_long_pt(cfg: JobConfig) -> dict:
                             checkpoint_evals=getattr(outcome, "checkpoint_evals", None))
     metrics["timings_s"] = dict(run.timings, total=round(time.time() - run.started, 2))
     storage.write_json(run.path("metrics.json"), metrics)
-    report = write_report(run.root, metrics, [("Data", data_section(manifest, run.root, data_uri)),
-                                              ("Training", train_section(cfg, outcome, run.timings, run.root))],
-                          title=f"Long-PT run {run.run_id}")
+    sections = [("Data", data_section(manifest, run.root, data_uri)),
+                ("Training", train_section(cfg, outcome, run.timings, run.root))]
+    if outcome.checkpoint_evals:  # eval.during_training: every checkpoint, evaluated while training ran
+        from longctx.eval.during_training import PLOT, checkpoint_eval_section
+
+        sections.append(("Checkpoints evaluated during training",
+                         checkpoint_eval_section(outcome.checkpoint_evals, f"train/{PLOT}")))
+    report = write_report(run.root, metrics, sections, title=f"Long-PT run {run.run_id}")
     print(f"[longctx] report: {report}", flush=True)
     print(f"[longctx] total {metrics['timings_s']['total']:.1f}s", flush=True)
     print(outcome.final_model_uri, flush=True)  # last line: the final model (scripts parse it)
