@@ -11,29 +11,15 @@ under test (optional). Results: <output_dir>/<run>/metrics.json, report.md, PNGs
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from longctx import preflight
-from longctx.config import EMBEDDED_DEFAULT, ConfigError, load_config
+from longctx.jobargs import run_job
+from longctx.workflow import run_eval
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=EMBEDDED_DEFAULT, help="YAML job config (local, builtin: or s3://)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set eval.model=runs/x/train/final_model (repeatable)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        preflight.require(cfg, "eval")  # every checkable mistake, before Ray starts
-    except ConfigError as e:
-        print(f"eval_long: {e}", file=sys.stderr)
-        return 2
-    from longctx.eval.runner import run_eval  # imports torch: after the checks, which must take seconds
-
-    run_eval(cfg)
-    return 0
+    return run_job("eval_long", __doc__, lambda cfg, args: run_eval(cfg), argv, kind="eval",
+                   example="eval.model=runs/x/train/final_model")
 
 
 if __name__ == "__main__":

@@ -11,28 +11,14 @@ printed is the URI of the final Hugging Face model directory.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from longctx import preflight
-from longctx.config import EMBEDDED_DEFAULT, ConfigError, load_config
+from longctx.jobargs import run_job
 from longctx.workflow import run_long_pt
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=EMBEDDED_DEFAULT, help="YAML job config (local, builtin: or s3://)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.lr=2e-5 (repeatable)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        preflight.require(cfg, "pt")  # every checkable mistake, before Ray starts
-    except ConfigError as e:
-        print(f"long_pt: {e}", file=sys.stderr)
-        return 2
-    run_long_pt(cfg)
-    return 0
+    return run_job("long_pt", __doc__, lambda cfg, args: run_long_pt(cfg), argv, kind="pt")
 
 
 if __name__ == "__main__":

@@ -14,57 +14,15 @@ Sources are `data.sources` (JSONL with a `messages` list per line); `data.sft.mi
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 
-from longctx import preflight, storage
-from longctx.config import ConfigError, load_config
-from longctx.workflow import connect_ray, setup_logging, start_run
-
-
-def run_long_sft(cfg) -> dict:
-    from longctx.train.sft_data import prepare_sft_data
-    from longctx.train.trainer import run_training
-
-    setup_logging()
-    run = start_run(cfg, "long-sft")
-    connect_ray(cfg)
-    with run.phase("sft data"):
-        data_uri = cfg.data.output or run.path("data")
-        manifest = prepare_sft_data(cfg, data_uri)
-    with run.phase("train"):
-        outcome = run_training(cfg, data_uri, run.root)
-    metrics = {
-        "run_id": run.run_id,
-        "data": {"uri": data_uri, **manifest["totals"], "conversations": manifest["conversations"],
-                 "quarantined": manifest["quarantine"]["records"]},
-        "train": {"steps": outcome.steps, "tokens": outcome.tokens, "final_loss": outcome.final_loss,
-                  "final_model": outcome.final_model_uri, "metrics_log": outcome.metrics_log_uri,
-                  "tokens_per_s": outcome.tokens_per_s, "layout": outcome.layout},
-        "timings_s": dict(run.timings, total=round(time.time() - run.started, 2)),
-    }
-    storage.write_json(run.path("metrics.json"), metrics)
-    print(f"[longctx] SFT: {manifest['totals']['rows']} rows, {manifest['totals']['loss_tokens']} loss tokens, "
-          f"{outcome.steps} steps, final loss {outcome.final_loss}", flush=True)
-    print(outcome.final_model_uri, flush=True)  # last line: the final model
-    return metrics
+from longctx.jobargs import run_job
+from longctx.workflow import run_long_sft  # noqa: F401 - also imported from here by tests
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="YAML job config (e.g. jobs/configs/index-1.9b-32k-sft.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.lr=5e-6 (repeatable)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        preflight.require(cfg, "sft")  # every checkable mistake, before Ray starts
-    except ConfigError as e:
-        print(f"long_sft: {e}", file=sys.stderr)
-        return 2
-    run_long_sft(cfg)
-    return 0
+    return run_job("long_sft", __doc__, lambda cfg, args: run_long_sft(cfg), argv, default_config=None, kind="sft",
+                   example="train.lr=5e-6")
 
 
 if __name__ == "__main__":

@@ -10,49 +10,40 @@ A config file with only a `data:` section is enough. Sources come from the confi
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from longctx import preflight
-from longctx.config import ConfigError, load_config
-from longctx.data.pipeline import DataQualityError, length_stats, prepare_data
-from longctx.workflow import connect_ray
+from longctx.jobargs import run_job
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="YAML config (only `data:` is needed); default: built-in defaults")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set data.sources.web=s3://bucket/web/ (repeatable)")
-    parser.add_argument("--stats", action="store_true", help="print per-source length statistics only")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing committed output")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        preflight.require(cfg, "prepare")  # every checkable mistake, before Ray starts
-    except ConfigError as e:
-        print(f"prepare_data: {e}", file=sys.stderr)
+def _prepare(cfg, args) -> int:
+    from longctx.data.pipeline import length_stats, prepare_data
+    from longctx.workflow import connect_ray, resolve_output
+
+    if not args.stats and not cfg.data.output:
+        print("prepare_data: set data.output (a local folder or s3:// prefix) for the packed shards", file=sys.stderr)
         return 2
     connect_ray(cfg)
     if args.stats:
         stats = length_stats(cfg)
         print(json.dumps(stats["quarantine"]))
         return 0
-    if not cfg.data.output:
-        print("prepare_data: set data.output (a local folder or s3:// prefix) for the packed shards", file=sys.stderr)
-        return 2
-    try:
-        manifest = prepare_data(cfg, overwrite=args.overwrite)
-    except DataQualityError as e:
-        print(f"prepare_data: {e}", file=sys.stderr)
-        return 3
+    manifest = prepare_data(cfg, resolve_output(cfg.data.output), overwrite=args.overwrite)
     print(json.dumps({"rows": manifest["rows"], "tokens": manifest["tokens"],
                       "pad_fraction": manifest["pad_fraction"], "quarantined": manifest["quarantine"]["by_reason"],
                       "timings": manifest["timings"]}))
     print(manifest["uri"])
     return 0
 
+
+def _args(p) -> None:
+    p.add_argument("--stats", action="store_true", help="print per-source length statistics only")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing committed output")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("prepare_data", __doc__, _prepare, argv, default_config=None, kind="prepare",
+                   example="data.sources.web=s3://bucket/web/", add_args=_args)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,34 +12,31 @@ interrupted before every trial finished.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from longctx import preflight
-from longctx.config import ConfigError, load_config
+from longctx.jobargs import run_job
 from longctx.tune.sweep import run_sweep
 
 DEFAULT_CONFIG = "jobs/configs/sweep-rope-budget.yaml"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML job config with a tune: section (local, builtin: or s3://)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set tune.max_concurrent_trials=2 (repeatable)")
-    parser.add_argument("--fresh", action="store_true", help="refuse to resume: fail if a sweep of this name exists")
-    args = parser.parse_args(argv)
+def _sweep(cfg, args) -> int:
     try:
-        cfg = load_config(args.config, args.overrides)
-        preflight.require(cfg, "sweep")  # every checkable mistake, before Ray starts
         summary = run_sweep(cfg, fresh=args.fresh)
-    except (ConfigError, ValueError) as e:
+    except ValueError as e:  # an invalid search space, or a sweep that exists with other settings
         print(f"sweep: {e}", file=sys.stderr)
         return 2
     if not summary["complete"]:
         return 3
     print(summary["results"], flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("sweep", __doc__, _sweep, argv, default_config=DEFAULT_CONFIG, kind="sweep",
+                   example="tune.max_concurrent_trials=2",
+                   add_args=lambda p: p.add_argument("--fresh", action="store_true",
+                                                     help="refuse to resume: fail if a sweep of this name exists"))
 
 
 if __name__ == "__main__":

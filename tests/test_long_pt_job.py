@@ -3,54 +3,123 @@
 Runs the real script in a subprocess (its own local Ray, Ray Data, Ray Train + DeepSpeed on 2 gloo workers,
 evaluation through Ray Data actors) and checks the artifacts it leaves, not just its exit code. The run folder
 lives on the loopback S3 server, so checkpoints, final model, metrics and report all take the s3:// path.
+
+Resubmit = resume: the first attempt's driver is SIGKILLed once Ray Train has recorded a checkpoint; the same
+command run again finds the run by its default name (`long-pt-<fingerprint>`), reuses the committed data without
+reading the corpus, continues training from that checkpoint, evaluates and reports. A third run says the run is
+finished; a changed setting is refused with the key named. An uninterrupted run on the same data is the reference
+for the final loss.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+SETTINGS = [
+    "train.max_steps=3",
+    "train.global_batch_tokens=4096",
+    "eval.num_documents=4",
+    "eval.passkey.trials=1",
+    "eval.passkey.lengths=[256, 1024]",
+    "eval.passkey.depths=[0.5]",
+]
+
+
+def _cmd(*sets: str) -> list[str]:
+    out = [sys.executable, str(ROOT / "jobs" / "long_pt.py")]
+    for s in [*SETTINGS, *sets]:
+        out += ["--set", s]
+    return out
+
+
+def _session_alive(session: str) -> list[int]:
+    from longctx.raycluster import session_processes
+
+    return session_processes(session)
+
 
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.s3
-def test_long_pt_job_end_to_end_on_s3(s3_bucket, tmp_path):
+def test_long_pt_job_killed_and_resubmitted_on_s3(s3_bucket, tmp_path):
     from longctx import storage
 
     out = f"{s3_bucket}/runs"
-    cmd = [
-        sys.executable, str(ROOT / "jobs" / "long_pt.py"),
-        "--set", f"output_dir={out}",
-        "--set", "run_name=e2e",
-        "--set", "train.max_steps=3",
-        "--set", "train.global_batch_tokens=4096",
-        "--set", "eval.num_documents=4",
-        "--set", "eval.passkey.trials=1",
-        "--set", "eval.passkey.lengths=[256, 1024]",
-        "--set", "eval.passkey.depths=[0.5]",
-    ]
-    env = dict(os.environ, RAY_ADDRESS="", LONGCTX_CACHE=str(tmp_path / "cache"))
-    env.pop("RAY_ADDRESS")
+    # NOTE: on a shared 2-core machine a local Ray node can take over a minute to register (Ray's default wait: 60 s)
+    env = dict(os.environ, LONGCTX_CACHE=str(tmp_path / "cache"), RAY_raylet_start_wait_time_s="300")
+    env.pop("RAY_ADDRESS", None)
+    env.pop("LONGCTX_HOME", None)
+    cmd = _cmd(f"output_dir={out}", "train.checkpoint_every=1")
+
+    # -- attempt 1: SIGKILL the driver once Ray Train has recorded the first checkpoint
+    t0 = time.time()
+    log1 = open(tmp_path / "attempt1.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log1, stderr=subprocess.STDOUT, text=True)
+    snapshot = None
+    while time.time() - t0 < 900 and proc.poll() is None:
+        found = storage.expand(f"{out}/long-pt-*/train/checkpoint_manager_snapshot.json") if storage.exists(out) else []
+        if found and "checkpoint_0000000" in storage.read_text(found[0]):
+            snapshot = found[0]
+            break
+        time.sleep(0.5)
+    assert snapshot, "no checkpoint recorded: " + open(tmp_path / "attempt1.log").read()[-4000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log1.seek(0)
+    first = log1.read()
+    steps_before_kill = max([int(n) for n in re.findall(r"\[train\] step (\d+)", first)] or [0])
+    run = snapshot.rsplit("/train/", 1)[0]
+    assert run.rsplit("/", 1)[-1].startswith("long-pt-")
+
+    # the killed driver's local Ray cluster ends with it (no GCS, raylet, agent or worker of its session lingers)
+    session = next(line.split("session_name=")[1].split()[0] for line in first.splitlines()
+                   if "session_name=" in line) if "session_name=" in first else None
+    if session:
+        deadline = time.time() + 30
+        while _session_alive(session) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _session_alive(session), f"Ray processes of the killed driver survive: {_session_alive(session)}"
+    t_kill = time.time() - t0
+
+    # -- attempt 2: the same command finds the run and finishes it
+    marker_before = storage.read_text(f"{run}/data/_COMMITTED")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
-
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     final_model = lines[-1].strip()
-    assert final_model.startswith(f"{out}/e2e/"), lines[-5:]
-    assert "[longctx] data done" in proc.stdout and "[longctx] train done" in proc.stdout
+    assert final_model == f"{run}/train/final_model", lines[-5:]
+    assert storage.read_text(f"{run}/final_model.txt").strip() == final_model
+    attempts = [json.loads(x) for x in storage.read_text(f"{run}/attempts.jsonl").splitlines()]
+    events = [(a["attempt"], a["event"], a.get("action")) for a in attempts]
+    assert (1, "data", "prepared") in events and (2, "data", "reused") in events, events
+    assert (2, "train", "resumed") in events and (2, "eval", "ran") in events and (2, "finished", None) in events
+    # the corpus was not read again: no pass 1, and the committed data is untouched
+    assert "packed " not in proc.stdout and "the corpus is not read" in proc.stdout
+    assert storage.read_text(f"{run}/data/_COMMITTED") == marker_before
+    resumed_from = next(a["from_step"] for a in attempts if a["event"] == "train" and a["attempt"] == 2)
+    assert 1 <= resumed_from <= 3 and f"[train] resumed at step {resumed_from}" in log
+    assert steps_before_kill - resumed_from <= 1, "more steps redone than the checkpoint interval"
 
-    run = f"{out}/e2e"
     metrics = json.loads(storage.read_text(f"{run}/metrics.json"))
     assert metrics["train"]["steps"] == 3
     assert metrics["data"]["rows"] > 0
+    history = [json.loads(x) for x in storage.read_text(f"{run}/train/metrics.jsonl").splitlines()]
+    assert [h["step"] for h in history] == [1, 2, 3]
+    used = [i for h in history for i in h["row_ids"]]
+    assert len(used) == len(set(used)), "a row was trained on twice"
+    assert sorted(used) == list(range(len(used))), "a row was skipped"
     report = storage.read_text(f"{run}/report.md")
     assert "naive" in report.lower() and "Long-PT" in report
     pngs = [p for p in storage.expand(run) if p.endswith(".png")]
@@ -101,6 +170,30 @@ def test_long_pt_job_end_to_end_on_s3(s3_bucket, tmp_path):
     model = load_causal_lm(final_model)
     assert model.config.rope_parameters["rope_theta"] == pytest.approx(80000.0)
     assert model.config.max_position_embeddings == 1024
+
+    # -- attempt 3: a finished run says so, exits 0 and still prints the final model last (no Ray started)
+    t1 = time.time()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "already finished" in proc.stdout and proc.stdout.strip().splitlines()[-1] == final_model
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    t_done = time.time() - t1
+
+    # -- a setting that changes the results is refused, naming the key
+    name = run.rsplit("/", 1)[-1]
+    proc = subprocess.run(_cmd(f"output_dir={out}", f"run_name={name}", "train.lr=0.001"), cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "train.lr: 1e-05 -> 0.001" in proc.stderr, proc.stderr[-3000:]
+
+    # -- the uninterrupted reference on the same committed data: same final loss
+    proc = subprocess.run(_cmd(f"output_dir={tmp_path}/ref", "run_name=ref", f"data.output={run}/data",
+                               "eval.enabled=false"), cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    ref = [json.loads(x) for x in (tmp_path / "ref" / "ref" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["row_ids"] for h in ref] == [h["row_ids"] for h in history]
+    assert history[-1]["loss"] == pytest.approx(ref[-1]["loss"], rel=1e-4)
+    print(f"kill after checkpoint {t_kill:.0f}s, finished-run rerun {t_done:.1f}s")
 
 
 def yaml_loads(text: str):

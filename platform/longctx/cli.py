@@ -4,7 +4,8 @@
     longctx data stats   --config FILE
     longctx data synth   cip|tables|retrieval --config FILE [--output URI] [--packed URI]
     longctx data clean   [--path FOLDER]       (staging / token-cache folders of killed runs)
-    longctx train        --config FILE            (same as jobs/long_pt.py)
+    longctx train        --config FILE            (same as jobs/long_pt.py; the same command again resumes the run)
+    longctx sft          --config FILE            (same as jobs/long_sft.py)
     longctx eval run     --config FILE --set eval.model=URI
     longctx eval score   --predictions preds.jsonl --output scores.json
     longctx tune         --config jobs/configs/sweep-rope-budget.yaml   (same as jobs/sweep.py; resumes by name)
@@ -20,12 +21,9 @@ import sys
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    from longctx.config import EMBEDDED_DEFAULT
+    from longctx.jobargs import add_config_args
 
-    p.add_argument("--config", default=EMBEDDED_DEFAULT, help="YAML job config: local, builtin: or s3:// "
-                   "(default: the embedded default recipe, shipped corpus + tiny model on CPU)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key by dotted path, e.g. --set train.lr=2e-5 (repeatable)")
+    add_config_args(p)
 
 
 def _load(args, kind: str | None = None):
@@ -41,14 +39,13 @@ def _load(args, kind: str | None = None):
 
 
 def _cmd_data_prepare(args) -> int:
-    from longctx.workflow import connect_ray, start_run
-    from longctx.data.pipeline import prepare_data
+    from longctx.workflow import connect_ray, prepare_step, start_run
 
-    cfg = _load(args, "prepare")
-    run = start_run(cfg, "prepare")
-    connect_ray(cfg)
-    manifest = prepare_data(cfg, cfg.data.output or run.path("data"))
-    print(json.dumps({k: manifest[k] for k in ("rows", "tokens") if k in manifest}))
+    run = start_run(_load(args, "prepare"), "prepare")
+    connect_ray(run.cfg)
+    uri, manifest = prepare_step(run, run.cfg)  # committed data of the same settings is reused
+    print(json.dumps({k: manifest.get("totals", {}).get(k) for k in ("rows", "tokens")}))
+    print(uri)
     return 0
 
 
@@ -106,9 +103,16 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_sft(args) -> int:
+    from longctx.workflow import run_long_sft
+
+    run_long_sft(_load(args, "sft"))
+    return 0
+
+
 def _cmd_eval_run(args) -> int:
     cfg = _load(args, "eval")  # checks first: importing the runner imports torch
-    from longctx.eval.runner import run_eval
+    from longctx.workflow import run_eval
 
     run_eval(cfg)
     return 0
@@ -215,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.set_defaults(func=_cmd_train)
 
+    sft = verbs.add_parser("sft", help="Long-SFT: chat data, loss on answers, from a Long-PT model (as jobs/long_sft.py)")
+    _add_config_args(sft)
+    sft.set_defaults(func=_cmd_sft)
+
     ev = verbs.add_parser("eval", help="long-context evaluation")
     ev_sub = ev.add_subparsers(dest="action", required=True)
     p = ev_sub.add_parser("run", help="run the configured evaluations on eval.model")
@@ -259,14 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from longctx.config import ConfigError
+    from longctx.jobargs import exit_code
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except Exception as e:  # noqa: BLE001 - one line and an exit code for what the user must fix
+        code = exit_code(e)
+        if code is None:
+            raise
         print(f"longctx: {e}", file=sys.stderr)
-        return 2
+        return code
 
 
 if __name__ == "__main__":

@@ -147,7 +147,14 @@ class DataConfig(_Section):
     seed: int = 0
     """Seed for shuffling, sampling and packing order."""
     output: str | None = None
-    """Where packed Parquet shards and manifest.json go (local or s3://). Default: `<run dir>/data`."""
+    """Where packed Parquet shards and manifest.json go (local or s3://). Default: `<run dir>/data`. A relative
+    path is resolved like `output_dir`. When it already holds committed data made with the same data settings,
+    that data is reused without reading the corpus."""
+    prepared: str | None = None
+    """A committed packed dataset to train on instead of preparing one (local or s3://, e.g. the output of
+    `jobs/prepare_data.py`). Its manifest is checked against the job before Ray starts: kind (Long-PT / Long-SFT),
+    row length vs seq_len, attention mode, tokenizer fingerprint vs data.tokenizer, vocabulary vs the model's
+    embedding rows. The corpus settings (sources, mixture) are then not used."""
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
     """Fail the job when more than this fraction of input records is quarantined."""
     max_record_bytes: int = Field(8 << 20, ge=1024)
@@ -266,8 +273,9 @@ class TrainConfig(_Section):
     """Gradient norm clip (0: off)."""
     checkpoint_every: int = Field(0, ge=0)
     """Checkpoint every N optimizer steps (0: only at the end)."""
-    storage_path: str = "runs"
-    """Where checkpoints and the final model go (local or s3://)."""
+    storage_path: str | None = None
+    """Where checkpoints and the final model go (local or s3://): `<storage_path>/<run id>/train/`. Default:
+    the run folder (`<output_dir>/<run id>/train/`). A relative path is resolved like `output_dir`."""
     max_failures: int = Field(0, ge=0)
     """Worker-group restarts Ray Train allows; each resumes from the last checkpoint."""
     seed: int = 0
@@ -673,9 +681,14 @@ class LoggingConfig(_Section):
 # ------------------------------------------------------------------------------------------------------ job
 class JobConfig(_Section):
     run_name: str | None = None
-    """Run id (folder under output_dir). Default: `<job>-<timestamp>`."""
+    """Run id (folder under output_dir). Default: `<job>-<fingerprint>`, a hash of the settings that shape the
+    results (not of output paths, Ray placement or logging), so running the same command again finds the run and
+    resumes it: committed data is reused, training continues from the last checkpoint, a finished run says so.
+    A run continued with settings that change its results is refused, naming the keys."""
     output_dir: str = "runs"
-    """Where run folders (report, metrics, data, logs) go: local or s3://."""
+    """Where run folders (report, metrics, data, logs) go: local or s3://. A relative path is taken under
+    LONGCTX_HOME when that is set; else under the current folder, except inside the temporary copy of the
+    working dir that `ray job submit --working-dir` runs in, where it goes under ~/longctx."""
     storage: StorageConfig = Field(default_factory=StorageConfig)
     """Object storage settings."""
     ray: RayConfig = Field(default_factory=RayConfig)

@@ -493,6 +493,25 @@ def _check_sweep_grid(st: _State, limit: int = 512) -> None:
         st.add(f"tune.params ({example}) -> {where}", what, fix)
 
 
+def _check_prepared(st: _State) -> None:
+    """data.prepared: a committed packed dataset whose manifest fits the job (longctx.handoff)."""
+    from longctx.handoff import check_packed_data
+
+    uri = st.cfg.data.prepared
+    fix = "prepare data for this job's settings (jobs/prepare_data.py), or match the job to the data"
+    try:
+        committed = storage.is_committed(uri)
+        manifest = json.loads(storage.read_text(storage.join(uri, "manifest.json"))) if committed else None
+    except Exception as e:  # noqa: BLE001 - one line, whatever the store says
+        st.add("data.prepared", f"{uri}: cannot be read ({type(e).__name__}: {e})", "correct the path or credentials")
+        return
+    if manifest is None:
+        st.add("data.prepared", f"{uri}: not a committed packed dataset (no {storage.COMMIT_MARKER} marker)", fix)
+        return
+    for line in check_packed_data(st.cfg, {**manifest, "uri": uri}, "sft" if st.kind == "sft" else "pt"):
+        st.add("data.prepared", line, fix)
+
+
 KIND_CHECKS = {
     "prepare": ("s3", "tokenizer", "sources"),
     "pt": ("s3", "model", "tokenizer", "sources", "layout", "positions", "backend", "eval_inputs"),
@@ -526,7 +545,9 @@ def _run(cfg: JobConfig, kind: str) -> _State:
             _check_files(st, "eval.documents", cfg.eval.documents, EVAL_SUFFIXES)
     if "tokenizer" in checks:
         _check_tokenizer(st)
-    if "sources" in checks:
+    if "sources" in checks and cfg.data.prepared and kind in ("pt", "sft"):
+        _check_prepared(st)  # the corpus settings are not used: the prepared data is checked instead
+    elif "sources" in checks:
         _sources(st, SFT_SUFFIXES if kind == "sft" else CORPUS_SUFFIXES)
         if kind == "sft" and cfg.data.sft.chat_template:
             files = _files(st, "data.sft.chat_template", cfg.data.sft.chat_template)

@@ -8,6 +8,8 @@ manifest as well as byte-identical shards.
 from __future__ import annotations
 
 import longctx
+from longctx.handoff import fingerprint_of
+from longctx.resume import data_fingerprint, data_tree
 from longctx.data.mixture import MixturePlan
 from longctx.data.pack import PACKED_SCHEMA, PackStats
 from longctx.data.stats import LengthAccumulator, describe_lengths
@@ -48,7 +50,10 @@ def build_manifest(cfg, tok, eos: int, pad: int, cache, plan: MixturePlan, in_st
         "schema_version": SCHEMA_VERSION,
         "kind": "longctx.packed_sequences",
         "longctx_version": longctx.__version__,
-        "tokenizer": {"uri": d.tokenizer, "vocab_size": tok.get_vocab_size(with_added_tokens=True), "eos_id": eos, "pad_id": pad},
+        "tokenizer": {"uri": d.tokenizer, "vocab_size": tok.get_vocab_size(with_added_tokens=True), "eos_id": eos,
+                      "pad_id": pad, "fingerprint": fingerprint_of(tok)},
+        "data_fingerprint": data_fingerprint(cfg),
+        "data_config": data_tree(cfg),
         "seq_len": d.seq_len,
         "attention": d.attention,
         "packing": d.packing,

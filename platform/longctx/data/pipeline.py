@@ -256,16 +256,16 @@ def packed_row_tables(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int,
     if len(builder):
         yield cip(builder.table())
     if d.cip.fraction > 0:  # the manifest's params record the CIP share (build_manifest copies plan.params)
-        from longctx.data.synthetic.cip import cip_params
+        from longctx.data.cip import cip_params
 
         plan.params["cip"] = cip_params(d.cip.k, d.cip.fraction, row_id)
 
 
 def _cip_hook(cip_cfg):
-    """data.cip: rewrite a share of the packed rows as CIP-k rows (longctx.data.synthetic.cip); identity when off."""
+    """data.cip: rewrite a share of the packed rows as CIP-k rows (longctx.data.cip); identity when off."""
     if cip_cfg.fraction <= 0:
         return lambda table: table
-    from longctx.data.synthetic.cip import cip_table
+    from longctx.data.cip import cip_table
 
     return lambda table: cip_table(table, cip_cfg.k, cip_cfg.fraction)
 
@@ -282,6 +282,9 @@ def prepare_data(cfg, output: str | None = None, overwrite: bool = False) -> dic
     if not dest:
         raise ValueError("no output location: set data.output (local folder or s3:// prefix) or pass output=")
     storage.configure(cfg.storage)
+    if not overwrite and storage.is_committed(dest):  # found before pass 1 reads a single corpus file
+        raise storage.StorageError(f"{storage.normalize(dest)}: already published (pass overwrite=True, choose a "
+                                   f"fresh location, or name it as data.prepared to train on it)")
     t0 = time.time()
     load_fast_tokenizer(d.tokenizer)  # fail fast on a bad tokenizer, before any Ray work
     work = cleanup.work_dir("tokens")  # removes those of dead runs

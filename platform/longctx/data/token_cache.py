@@ -82,15 +82,11 @@ class TokenCache:
 
 
 def ensure_ray(cfg) -> None:
-    """Connect to Ray if the caller has not (RAY_ADDRESS / cfg.ray.address, else a local cluster)."""
-    import ray
+    """Connect to Ray if the caller has not (RAY_ADDRESS / cfg.ray.address, else a local cluster): the one
+    connector, `longctx.raycluster.connect`."""
+    from longctx import raycluster
 
-    if not ray.is_initialized():
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:  # NOTE: a bare ray.init() would attach to a stray `ray start` cluster on this machine
-            ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+    raycluster.connect(cfg)
 
 
 def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True) -> Iterator[pa.Table]:

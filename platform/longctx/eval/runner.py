@@ -470,27 +470,3 @@ def score_longbench(cfg: JobConfig, results: list[dict], models: dict[str, Model
             "samples": {ds: len(rows) for ds, rows in by_ds.items()},
             "truncated": {ds: sum(r["truncated"] for r in rows) for ds, rows in by_ds.items()},
         }
-
-
-def run_eval(cfg: JobConfig) -> dict:
-    """`longctx eval run` / jobs/eval_long.py: evaluate `eval.model` beside baselines of `model.path`.
-
-    Without `eval.model` only the base model and its training-free baselines are evaluated. Writes
-    `<output_dir>/<run>/eval/metrics.json`, `metrics.json`, `report.md` and PNGs; returns the metrics.
-    """
-    from longctx.report import write_report
-    from longctx.workflow import connect_ray, setup_logging, start_run
-
-    setup_logging()
-    run = start_run(cfg, "eval")
-    connect_ray(cfg)
-    trained = cfg.eval.model
-    name = f"evaluated ({os.path.basename(str(trained).rstrip('/'))})" if trained else "evaluated"
-    specs = default_model_specs(cfg, cfg.model.path, trained, trained_name=name)
-    t0 = time.time()
-    metrics = evaluate_models(cfg, specs, run.path("eval"))
-    out = {"run_id": run.run_id, "eval": metrics, "timings_s": {"eval": round(time.time() - t0, 2)}}
-    storage.write_json(run.path("metrics.json"), out)
-    report = write_report(run.root, out, title=f"Long-context evaluation {run.run_id}")
-    print(f"[longctx] report: {report}", flush=True)
-    return out

@@ -159,13 +159,11 @@ def ensure_eval_snapshot(checkpoint_dir: str, train_root: str, step: int, tokens
     and publishing its snapshot). Returns the snapshot published, else None."""
     import time
 
-    from longctx.eval.during_training import ledger_uri, read_ledger
-
     dest = eval_snapshot_uri(train_root, step)
     src = os.path.join(checkpoint_dir, "hf_model")
     if storage.is_committed(dest) or not os.path.isdir(src):
         return None
-    if any(int(r["step"]) == int(step) for r in read_ledger(ledger_uri(train_root))):
+    if int(step) in _evaluated_steps(train_root):
         return None
     with storage.publish_dir(dest, overwrite=True) as staging:
         for name in os.listdir(src):
@@ -173,6 +171,25 @@ def ensure_eval_snapshot(checkpoint_dir: str, train_root: str, step: int, tokens
         with open(os.path.join(staging, SNAPSHOT_INFO), "w") as f:
             json.dump({"step": int(step), "tokens": int(tokens), "committed_at": time.time()}, f)
     return dest
+
+
+EVAL_LEDGER = "checkpoint_eval.jsonl"
+"""eval.during_training's ledger (`longctx.eval.during_training.LEDGER`; read here without importing the evaluator,
+which imports this module)."""
+
+
+def _evaluated_steps(train_root: str) -> set[int]:
+    """Steps the evaluator has recorded in its ledger (a torn or unreadable line counts as not evaluated)."""
+    uri = storage.join(train_root, EVAL_LEDGER)
+    if not storage.exists(uri):
+        return set()
+    steps = set()
+    for line in storage.read_text(uri).splitlines():
+        try:
+            steps.add(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return steps
 
 
 def committed_eval_snapshots(train_root: str) -> list[tuple[int, str]]:

@@ -223,9 +223,13 @@ def pack_chats(chats: list[TokenizedChat], seq_len: int, pad_id: int) -> pa.Tabl
 
 def prepare_sft_data(cfg, output: str, overwrite: bool = False) -> dict:
     """Read, mix, tokenize and pack the SFT sources of `cfg`; publish shards + manifest.json at `output`."""
+    from longctx.handoff import tokenizer_fingerprint
     from longctx.model.load import load_tokenizer
+    from longctx.resume import data_fingerprint, data_tree
 
     d = cfg.data
+    if storage.is_committed(output) and not overwrite:  # found before any corpus is read
+        raise storage.StorageError(f"{output}: already published (pass overwrite=True or choose a fresh location)")
     stats = SftStats()
     by_source = {name: read_conversations(name, spec.uri if isinstance(spec.uri, str) else spec.uri[0],
                                           d.sft.messages_field, stats)
@@ -247,6 +251,8 @@ def prepare_sft_data(cfg, output: str, overwrite: bool = False) -> dict:
     tokens = int(sum(len(c.input_ids) for c in chats))
     manifest = {
         "kind": "sft", "seq_len": d.seq_len, "attention": "document", "tokenizer": d.tokenizer,
+        "tokenizer_fingerprint": tokenizer_fingerprint(d.tokenizer), "vocab_size": len(tokenizer),
+        "data_fingerprint": data_fingerprint(cfg), "data_config": data_tree(cfg),
         "conversations": {"read": stats.records, "used": stats.used, "repeated": stats.repeated,
                           "truncated": stats.truncated},
         "quarantine": {"records": len(stats.quarantined), "examples": stats.quarantined[:20]},

@@ -7,8 +7,9 @@
 
 Layout under `<run_dir>/train/` (local or s3://): Ray Train's checkpoints (`checkpoint_<step>/`), `metrics.jsonl`
 and `metrics.csv` (one line per optimizer step, written by rank 0), and `final_model/` (an HF directory with a
-`_COMMITTED` marker). Re-running with the same run_dir resumes from the latest checkpoint (Ray Train restores a
-run by storage path + name).
+`_COMMITTED` marker); with `train.storage_path` set they go to `<storage_path>/<run id>/train/` instead.
+Re-running with the same run_dir resumes from the latest checkpoint (Ray Train V2 restores a run by storage path
++ name from its checkpoint manager snapshot); `longctx.workflow.train_step` is how jobs get there.
 """
 
 from __future__ import annotations
@@ -45,10 +46,47 @@ class TrainOutcome:
 
 
 def train_root_for(cfg, run_dir: str | None) -> tuple[str, str]:
-    """(storage_path, name) for Ray Train: `<run_dir>/train`, else `<train.storage_path>/<run_name or 'train'>`."""
+    """(storage_path, name) for Ray Train; the train root is `storage_path/name`:
+    `<train.storage_path>/<run id>/train` when train.storage_path is set, else `<run_dir>/train`
+    (`<output_dir>/<run_name or 'train'>/train` without a run folder)."""
+    run_id = (run_dir.rstrip("/").rsplit("/", 1)[-1] if run_dir else None) or cfg.run_name or "train"
+    if cfg.train.storage_path:
+        return storage.join(storage.normalize(cfg.train.storage_path), run_id), "train"
     if run_dir:
         return storage.normalize(run_dir), "train"
-    return storage.normalize(cfg.train.storage_path), cfg.run_name or "train"
+    return storage.join(storage.normalize(cfg.output_dir), run_id), "train"
+
+
+def latest_checkpoint_step(train_root: str) -> int | None:
+    """Step of the checkpoint a rerun resumes from (None when there is none): the latest one Ray Train's checkpoint
+    manager recorded in its snapshot, else the newest complete checkpoint folder."""
+    snap_uri = storage.join(train_root, RAY_TRAIN_SNAPSHOT)
+    if storage.exists(snap_uri):
+        try:
+            latest = (json.loads(storage.read_text(snap_uri)).get("latest_checkpoint_result") or {})
+            name = latest.get("checkpoint_dir_name") or ""
+            if name.startswith("checkpoint_"):
+                return int(name[len("checkpoint_"):])
+        except (ValueError, AttributeError):
+            pass
+    try:
+        found = storage.expand(storage.join(train_root, f"checkpoint_*/{TRAINER_STATE_NAME}"))
+    except storage.StorageError:
+        return None
+    steps = []
+    for uri in found:
+        parent = uri.rstrip("/").rsplit("/", 2)
+        if len(parent) == 3 and parent[1].startswith("checkpoint_") and parent[2] == TRAINER_STATE_NAME:
+            try:
+                steps.append(int(parent[1][len("checkpoint_"):]))
+            except ValueError:
+                continue
+    return max(steps) if steps else None
+
+
+TRAINER_STATE_NAME = "trainer_state.json"
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train V2's record of the run's checkpoints (what it restores from)."""
 
 
 def packed_parquet_files(uri: str) -> tuple[list[str], int]:
@@ -167,6 +205,19 @@ def run_training(cfg, train_data, run_dir: str | None = None, *, fail_at: dict |
     checkpoint_evals = watcher.finish(drain=result.error is None) if watcher is not None else []
     if result.error is not None:
         raise result.error
+    return read_outcome(cfg, train_root, result.checkpoint.path if result.checkpoint is not None else None,
+                        checkpoint_evals)
+
+
+def read_outcome(cfg, train_root: str, checkpoint_uri: str | None = None,
+                 checkpoint_evals: list[dict] | None = None) -> TrainOutcome:
+    """The outcome of a finished training under `train_root` from what it left there (metrics log, final model;
+    without `checkpoint_evals`, eval.during_training's records are read from its ledger when there is one)."""
+    if checkpoint_evals is None:
+        from longctx.eval.during_training import LEDGER, read_ledger
+
+        ledger = storage.join(train_root, LEDGER)
+        checkpoint_evals = read_ledger(ledger) if storage.exists(ledger) else []
     metrics_uri = storage.join(train_root, "metrics.jsonl")
     history = [json.loads(line) for line in storage.read_text(metrics_uri).splitlines() if line.strip()]
     final_uri = storage.join(train_root, "final_model")
@@ -180,7 +231,7 @@ def run_training(cfg, train_data, run_dir: str | None = None, *, fail_at: dict |
         tokens=history[-1]["tokens"] if history else 0,
         final_loss=history[-1]["loss"] if history else None,
         history=history,
-        checkpoint_uri=result.checkpoint.path if result.checkpoint is not None else None,
+        checkpoint_uri=checkpoint_uri,
         layout=_layout(cfg).as_dict(),
         tokens_per_s=tps,
         checkpoint_evals=checkpoint_evals,

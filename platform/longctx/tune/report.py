@@ -26,7 +26,7 @@ import yaml
 from longctx import storage
 from longctx.config import OBJECTIVE_MODE, JobConfig, load_config, set_dotted
 from longctx.report.plots import _mark_base, _png, plt
-from longctx.tune.sweep import compact_number, trial_key
+from longctx.tune.space import compact_number, trial_key
 
 ROPE = "model.rope_theta"
 BUDGET = "train.token_budget"
@@ -151,7 +151,7 @@ def plot_heatmap(table: list[dict], x_axis: str, y_axis: str | None, objective: 
 
 def plot_ppl_vs_length(table: list[dict], baselines: dict | None, base_len: int | None) -> bytes | None:
     """Cumulative perplexity at each evaluated length, per RoPE base (the largest token budget of each)."""
-    from longctx.tune.sweep import cumulative_perplexity
+    from longctx.tune.space import cumulative_perplexity
 
     done = [r for r in table if r["status"] == "done" and r.get("bucket_nll")]
     if not done:
@@ -211,7 +211,7 @@ def plot_objective_vs_rope(table: list[dict], objective: str, bound: dict | None
 # ---------------------------------------------------------------------------------------------------- writing
 def best_config_yaml(cfg: JobConfig, best: dict, axes: list[str]) -> str:
     """The best trial's full job config as YAML (validated by loading it back)."""
-    from longctx.tune.sweep import base_tree
+    from longctx.tune.space import base_tree
 
     tree = base_tree(cfg)
     tree["run_name"] = None

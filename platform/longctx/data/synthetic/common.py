@@ -129,7 +129,7 @@ def run_generator(cfg, generator_cls: type, ctor_kwargs: dict, n: int):
     in index order (an actor pool of synth.num_actors actors, data_cpus_per_task CPUs each)."""
     import ray.data
 
-    from longctx.data.pipeline import ensure_ray
+    from longctx.raycluster import connect as ensure_ray
 
     ensure_ray(cfg)
     s = cfg.synth

@@ -192,7 +192,7 @@ def synth_retrieval(cfg, output: str | None = None, overwrite: bool = False) -> 
     `synth.output/retrieval`). Returns the manifest plus `uri` and `timings`."""
     import ray
 
-    from longctx.data.pipeline import ensure_ray
+    from longctx.raycluster import connect as ensure_ray
 
     storage.configure(cfg.storage)
     dest = output or (storage.join(cfg.synth.output, "retrieval") if cfg.synth.output else None)
