@@ -181,9 +181,9 @@ def test_long_pt_job_killed_and_resubmitted_on_s3(s3_bucket, tmp_path):
 
     # -- a setting that changes the results is refused, naming the key
     name = run.rsplit("/", 1)[-1]
-    proc = subprocess.run(_cmd(f"output_dir={out}", f"run_name={name}", "train.lr=0.001"), cwd=tmp_path, env=env,
+    proc = subprocess.run(_cmd(f"output_dir={out}", f"run_name={name}", "train.lr=0.002"), cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "train.lr: 1e-05 -> 0.001" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2 and "train.lr: 0.001 -> 0.002" in proc.stderr, proc.stderr[-3000:]
 
     # -- the uninterrupted reference on the same committed data: same final loss
     proc = subprocess.run(_cmd(f"output_dir={tmp_path}/ref", "run_name=ref", f"data.output={run}/data",
