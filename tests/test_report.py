@@ -120,12 +120,14 @@ def test_data_section_links_the_lengths_histogram(tmp_path):
     run = tmp_path / "runs" / "r1"
     rng = np.random.default_rng(1)
     lengths = {"web": rng.lognormal(6.5, 1.0, 500).astype(int) + 1, "code": rng.lognormal(8.5, 1.0, 50).astype(int) + 1}
-    manifest = {"seq_len": 1024, "long_threshold": 4096, "strategy": "per-source", "totals": {"rows": 3, "tokens": 3072},
+    manifest = {"seq_len": 1024, "params": {"long_threshold": 4096}, "strategy": "per-source",
+                "totals": {"rows": 3, "tokens": 3072, "long_share": 0.5},
                 "sources": {"web": {"in": {"tokens": 10}, "out": {"tokens": 5}}}}
     inside = run / "data"
     inside.mkdir(parents=True)
     plot_length_histogram(lengths, str(inside / "lengths.png"), seq_len=1024, long_threshold=4096)
     md = data_section(manifest, str(run), str(inside))
+    assert "long-token share 50.0% (documents >= 4096 tokens)" in md
     assert "![input tokens by document length](data/lengths.png)" in md and "`data`" in md
     outside = tmp_path / "shared-data"
     outside.mkdir()

@@ -66,6 +66,7 @@ class Progress:
         self.t0 = time.perf_counter()
         self._last = -float("inf")
         self._finished = False
+        self._first: tuple[float, int] | None = None  # (time, count) at the first unit
         self.done = 0
         self.lines: list[str] = []  # what was printed (tests, reports)
         self.note = ""  # extra counts shown after the main one (e.g. documents and tokens)
@@ -74,11 +75,18 @@ class Progress:
         done = self.done if done is None else done
         elapsed = time.perf_counter() - self.t0
         count = f"{done:,}/{self.total:,}" if self.total else f"{done:,}"
+        if done and self._first is None:
+            self._first = (time.perf_counter(), done)
         rate = done / elapsed if elapsed > 0 else 0.0
+        speed = f"{rate:,.1f} {self.unit}/s" if rate >= 1 or not done else f"{60 * rate:,.1f} {self.unit}/min"
         parts = [f"{self.prefix} {self.what}: {count} {self.unit}"] + ([self.note] if self.note else []) + \
-            [f"{rate:,.1f} {self.unit}/s", f"elapsed {format_duration(elapsed)}"]
-        if self.total:
-            parts.append(f"eta {format_duration(eta_seconds(done, self.total, elapsed))}")
+            [speed, f"elapsed {format_duration(elapsed)}"]
+        if self.total:  # the rate since the first unit: start-up (actors, model loads) does not inflate the ETA
+            eta = None
+            if self._first is not None and done > self._first[1]:
+                eta = eta_seconds(done - self._first[1], self.total - self._first[1],
+                                  time.perf_counter() - self._first[0])
+            parts.append(f"eta {format_duration(0 if done >= self.total else eta)}")
         return " | ".join(parts)
 
     def update(self, done: int, force: bool = False) -> str | None:

@@ -100,9 +100,10 @@ def data_section(manifest: dict, run_root: str, data_uri: str | None = None) -> 
     """Markdown summary of a data manifest: per-source tokens and long share in and out, and the lengths
     histogram (linked relative to the run folder; copied into it when the data lives elsewhere)."""
     t = manifest.get("totals", {})
+    long_threshold = (manifest.get("params") or {}).get("long_threshold") or manifest.get("long_threshold")
     lines = [f"{t.get('rows', 0)} rows x {manifest.get('seq_len')} tokens, {t.get('tokens', 0):,} tokens, "
-             f"pad {100 * (t.get('pad_fraction') or 0):.3f}%, long-token share {100 * (t.get('long_share') or 0):.1f}% "
-             f"(documents >= {manifest.get('long_threshold', '?')} tokens), "
+             f"pad {100 * (t.get('pad_fraction') or 0):.3f}%, long-token share {100 * (t.get('long_share') or 0):.1f}%"
+             + (f" (documents >= {long_threshold} tokens)" if long_threshold else "") + ", "
              f"{t.get('split_docs', 0)} documents split, strategy `{manifest.get('strategy')}`, "
              f"{manifest.get('quarantine', {}).get('records', 0)} records quarantined.\n",
              "| source | tokens in | share in | long share in | tokens out | share out | long share out |",

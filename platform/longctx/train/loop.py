@@ -128,8 +128,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                            mpu=mpu)
     if is_rank0:
-        emit(f"[train] world={world} layout={layout.as_dict()} steps={total_steps} attn={attn_impl} "
-             f"zero={tcfg.zero_stage} params={n_params['total']:,} rope={lm.config.rope_parameters}")
+        emit(f"[train] world={world} data_parallel={layout.data_parallel} sequence_parallel={layout.sequence_parallel} "
+             f"micro_batch={layout.micro_batch_size} grad_accum={layout.grad_accum} "
+             f"tokens/step={layout.tokens_per_step:,} steps={total_steps} attn={attn_impl} "
+             f"zero={tcfg.zero_stage} params={n_params['total']:,} "
+             + " ".join(f"{k}={v}" for k, v in (lm.config.rope_parameters or {}).items()))
 
     startup["engine_ready"] = time.perf_counter() - t_start
     _write_engine_info(engine, loop_config["train_root"], rank, world, n_params, attn_impl, ds_config, startup)
