@@ -14,6 +14,10 @@ tolerance 1e-4 in float32, 3e-2 in bfloat16/float16 (`train.isolation_tolerance`
 rather than full logits are compared because logits are a fixed linear map of them and a [seq_len, vocab] logits
 tensor is what the chunked loss exists to avoid (and, under ZeRO-3, the LM head is partitioned).
 
+The per-document reference runs on the configured backend too, except flex_attention without sequence
+parallelism: there each new sequence length compiles a new kernel (tens of seconds each), so the documents alone
+run on SDPA (exact causal attention) and the packed forward, the thing under test, on FlexAttention.
+
 Cost: one packed forward plus forwards of the compared documents (at most `max_documents`; together no more
 tokens than the micro-batch), without gradients: about two forwards, i.e. < 1 micro-step of a run. Every rank
 runs the same number of forwards (padded with repeats), since ZeRO-3 gathers parameters collectively; the ranks of
@@ -104,6 +108,7 @@ def check_packing_isolation(lm, micro, *, attn_implementation: str, attention: s
     was_training = lm.training
     lm.eval()
     forwards = 0
+    reference_impl = attn_implementation
     try:
         with torch.no_grad():
             b, s = micro.input_ids.shape
@@ -122,6 +127,9 @@ def check_packing_isolation(lm, micro, *, attn_implementation: str, attention: s
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 n_max = int(t.item())
             worst, where = 0.0, "-"
+            if attn_implementation == "flex_attention" and sp == 1:
+                reference_impl = "sdpa"
+                lm.set_attn_implementation("sdpa")
             for k in range(n_max):
                 r, start, end = spans[k] if k < n_local else spans[0]  # repeats keep collective forwards even
                 doc = micro.input_ids[r : r + 1, start:end]
@@ -130,7 +138,7 @@ def check_packing_isolation(lm, micro, *, attn_implementation: str, attention: s
                 if padded != length:  # causal: padding after the document changes none of its states
                     doc = torch.cat([doc, doc[:, -1:].expand(1, padded - length)], dim=1)
                 pos = torch.arange(padded).unsqueeze(0)
-                kw = attention_inputs(pos.to(device), attn_implementation=attn_implementation, attention="full") \
+                kw = attention_inputs(pos.to(device), attn_implementation=reference_impl, attention="full") \
                     if sp == 1 else {"position_ids": pos.to(device)}
                 alone = _hidden(lm, doc.to(device), kw, sp, sp_rank, sp_group)[0, :length].float()
                 forwards += 1
@@ -141,6 +149,8 @@ def check_packing_isolation(lm, micro, *, attn_implementation: str, attention: s
                 if dev > worst:
                     worst, where = dev, f"row {micro.row_ids[r]} tokens {start}..{end - 1}"
     finally:
+        if reference_impl != attn_implementation:
+            lm.set_attn_implementation(attn_implementation)
         lm.train(was_training)
     result = IsolationResult(backend=attn_implementation, documents=n_local, max_deviation=worst, tolerance=tol,
                              seconds=time.perf_counter() - t0, forwards=forwards, worst=where)
