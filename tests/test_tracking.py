@@ -198,6 +198,11 @@ def test_missing_tracking_package_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"logging\.wandb\.enabled is true but the `wandb` package is not installed"):
         check_available(cfg)
     check_available(_cfg())  # nothing asked for: fine
+    from longctx.preflight import check_job
+
+    problems = check_job(cfg, "pt")  # found with every other mistake, before Ray starts
+    assert [p for p in problems if p.where == "logging.wandb.enabled" and "not installed" in p.what]
+    assert not [p for p in check_job(_cfg(), "pt") if p.where.startswith("logging.")]
 
 
 def test_flat_config_is_scalar_only():

@@ -561,6 +561,13 @@ def _run(cfg: JobConfig, kind: str) -> _State:
         _check_backend(st)
     if kind == "sweep":
         _check_sweep_grid(st)
+    if kind in ("pt", "sft", "sweep"):  # logging.wandb / logging.mlflow need their package (longctx.tracking)
+        from longctx.tracking import missing_packages
+
+        for name in missing_packages(cfg):
+            st.add(f"logging.{name}.enabled", f"true, but the `{name}` package is not installed here",
+                   f"pip install '{name}' (or `pip install longctx[tracking]`; on a cluster, in the image or the "
+                   f"job's runtime_env), or set logging.{name}.enabled=false")
     if kind in ("pt", "sft", "sweep") and cfg.train.val_documents and cfg.train.val_every:
         _check_files(st, "train.val_documents", cfg.train.val_documents, EVAL_SUFFIXES)
     return st
