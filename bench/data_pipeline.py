@@ -95,8 +95,16 @@ def run_ours(files, tokenizer, actors: int, out: str) -> dict:
     from longctx.data.pipeline import pack_and_publish
     from longctx.data.token_cache import tokenize_corpus
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    for attempt in range(3):  # NOTE: on an overloaded machine the raylet can miss Ray's 30 s start deadline
+        try:
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+            break
+        except Exception:  # noqa: BLE001 - retried, then raised
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            time.sleep(5)
     cfg = load_config(None, [f"data.tokenizer={tokenizer}", "data.seq_len=32768", "data.long_threshold=4096",
                              f"data.num_tokenize_actors={actors}", "data.strategy=cut-seq", "data.rows_per_shard=64"])
     cfg.data.sources = {name: {"uri": os.path.dirname(paths[0])} for name, paths in files.items()}
@@ -239,12 +247,17 @@ def main() -> None:
                 got: dict[str, dict] = {}
                 for v in order:
                     l0 = os.getloadavg()[0]
-                    r = measure(v, [json.dumps(files), args.tokenizer, work, str(args.cores)])
+                    try:
+                        r = measure(v, [json.dumps(files), args.tokenizer, work, str(args.cores)])
+                    except RuntimeError as e:  # e.g. `datasets` not installed (pip install -e ".[bench]")
+                        print(f"x{scale} round {rd}: {v} failed, left out: {str(e).strip().splitlines()[-1]}",
+                              flush=True)
+                        continue
                     r["load"] = (l0, os.getloadavg()[0])
                     r["rate"] = r["tokens"] / r["seconds"]
                     got[v] = r
                 results.setdefault(scale, []).append(got)
-                for v in args.variants:
+                for v in [v for v in args.variants if v in got]:
                     r = got[v]
                     vs_bare = f"{r['rate'] / got['bare']['rate']:7.2f}x" if "bare" in got and v != "bare" else f"{'':>8}"
                     vs_hf = f"{r['rate'] / got['hf']['rate']:5.2f}x" if "hf" in got and v != "hf" else f"{'':>6}"
@@ -259,11 +272,13 @@ def main() -> None:
         print("\nmedians over rounds (ratios paired within a round):")
         for scale, rounds in results.items():
             for ref in ("bare", "hf"):
-                if ref in args.variants and "ours" in args.variants:
-                    print(f"  x{scale}: ours / {ref} = {_median([g['ours']['rate'] / g[ref]['rate'] for g in rounds]):.2f}x")
-        if "ours" in args.variants:
+                pairs = [g["ours"]["rate"] / g[ref]["rate"] for g in rounds if "ours" in g and ref in g]
+                if pairs:
+                    print(f"  x{scale}: ours / {ref} = {_median(pairs):.2f}x (rounds: "
+                          f"{', '.join(f'{x:.2f}' for x in pairs)})")
+        if any("ours" in g for rs in results.values() for g in rs):
             big = max(results)
-            rounds = results[big]
+            rounds = [g for g in results[big] if "ours" in g]
             tok = rounds[0]["ours"]["tokens"]
             p1_core = _median([g["ours"]["pass1_s"] * args.cores / tok for g in rounds]) * 1e6   # us/token/core
             d1 = _median([g["ours"]["driver_pass1_cpu_s"] / tok for g in rounds]) * 1e6
@@ -284,8 +299,8 @@ def main() -> None:
         if len(args.scales) > 1:
             lo, hi = min(args.scales), max(args.scales)
             for v in args.variants:
-                p_lo = _median([g[v]["peak_mib"] for g in results[lo]])
-                p_hi = _median([g[v]["peak_mib"] for g in results[hi]])
+                p_lo = _median([g[v]["peak_mib"] for g in results[lo] if v in g])
+                p_hi = _median([g[v]["peak_mib"] for g in results[hi] if v in g])
                 print(f"peak memory {v}: x{lo} {p_lo:.0f} MiB, x{hi} {p_hi:.0f} MiB, ratio {p_hi / p_lo:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

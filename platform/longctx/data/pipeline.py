@@ -11,6 +11,8 @@ Two passes (why: per-source upsampling needs each source's length distribution b
   pass 1  Ray Data: one read task per file (our own parser, quarantine rows instead of errors) -> tokenizer
           actor pool. The driver consumes the stream in a fixed order (preserve_order) and appends tokens to a
           per-source Parquet cache on local disk, keeping only the lengths in memory (4 bytes per document).
+          With data.token_budget + data.read_margin, sources are read only as far as the budget needs
+          (data/budget.py) and the stream stops there.
   plan    `mixture.plan_mixture` turns the lengths into per-document repeat counts (no tokens touched).
   pass 2  stream the cache source by source in seeded row-group order, interleave the (source, long) streams by
           deficit against their planned shares, pack best-fit decreasing over a bounded buffer, emit rows through
