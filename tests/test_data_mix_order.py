@@ -126,6 +126,8 @@ def test_the_check_fails_on_the_previous_order_and_on_an_unpooled_packer(tmp_pat
     plan = plan_mixture(cache.source_lengths(), cfg.data)
     by_src, long = _composition(_weighted_order_rows(cache, plan, cfg.data.seed), names)
     win_src, win_long, pre_src, _ = _worst(by_src, long, max(64, len(by_src) // 100))
+    print(f"previous order: worst 1% stretch {win_src.round(1)} points, long {win_long:.1f}; worst prefix "
+          f"{pre_src.round(1)}")
     assert win_src.max() > 20 and pre_src.max() > 5, (win_src, pre_src)
 
     # Deficit-interleaved segments alone are not enough: the packer's buffer reorders them.
@@ -139,6 +141,7 @@ def test_the_check_fails_on_the_previous_order_and_on_an_unpooled_packer(tmp_pat
         b.add(i, r)
     by_src, long = _composition([b.table()], names)
     win_src, win_long, _, _ = _worst(by_src, long, max(64, len(by_src) // 100))
+    print(f"deficit order without the row pool: worst 1% stretch {win_src.round(1)} points, long {win_long:.1f}")
     assert win_src.max() > 2.0 or win_long > 3.0, (win_src, win_long)
 
 
