@@ -250,3 +250,15 @@ def test_the_checkpoint_module_reads_the_evaluators_ledger_by_its_name():
     from longctx.train.checkpoint import EVAL_LEDGER
 
     assert EVAL_LEDGER == LEDGER
+
+
+def test_the_training_loop_gets_a_typed_spec():
+    from longctx.train.spec import LoopSpec
+
+    spec = LoopSpec(job={"train": {"lr": 0.5}}, layout={"world_size": 2, "data_parallel": 2, "sequence_parallel": 1,
+                                                        "seq_len": 64, "micro_batch_size": 1, "grad_accum": 2},
+                    total_steps=5, train_root="/tmp/r/train", fail_at={"step": 3, "trigger_file": "/tmp/x"})
+    again = LoopSpec.from_dict(spec.to_dict())
+    assert again == spec and again.config().train.lr == 0.5 and again.batch_layout().grad_accum == 2
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['steps'\]"):
+        LoopSpec.from_dict({**spec.to_dict(), "steps": 3})

@@ -5,7 +5,8 @@ optimizer step = grad_accum micro-batches per data-parallel rank. The loss is th
 token of the whole global batch: each micro-batch's summed loss is scaled by (dp x grad_accum / N_global) so
 DeepSpeed's own 1/grad_accum and 1/dp averaging leave exactly sum / N_global.
 
-Entry point: `train_loop_per_worker(loop_config)`; `longctx.train.trainer.run_training` builds the config.
+Entry point: `train_loop_per_worker(loop_config)`; `longctx.train.trainer.run_training` builds the config, a
+`longctx.train.spec.LoopSpec`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from longctx.train.schedule import BatchLayout
+from longctx.train.spec import LoopSpec
 
 # Set before DeepSpeed is imported (it picks its accelerator at import time).
 _DS_ACCEL_ENV = "DS_ACCELERATOR"
@@ -63,12 +64,12 @@ def _all_sum(values: list[float], device) -> list[float]:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    """The loop Ray Train runs on every worker; `loop_config` is a `LoopSpec` as a dict (`LoopSpec.to_dict`)."""
     t_start = time.perf_counter()
     startup: dict[str, float] = {}  # seconds since the loop started, per phase (engine_info.json)
     import ray.train
 
     from longctx import storage
-    from longctx.config import JobConfig
     from longctx.model.attention import attention_inputs
     from longctx.model.load import load_causal_lm, local_model_dir, pick_attn_implementation
     from longctx.train import checkpoint as ckpt
@@ -82,10 +83,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from longctx.train.sequence_parallel import shard_for_rank
     from longctx.eval.during_training import ledger_uri, read_ledger, should_stop, tune_metrics
 
-    cfg = JobConfig.model_validate(loop_config["job"])
+    spec = LoopSpec.from_dict(loop_config)
+    cfg = spec.config()
     tcfg = cfg.train
-    layout = BatchLayout(**loop_config["layout"])
-    total_steps = int(loop_config["total_steps"])
+    layout = spec.batch_layout()
+    total_steps = int(spec.total_steps)
     storage.configure(cfg.storage)
 
     ctx = ray.train.get_context()
@@ -118,7 +120,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = torch.optim.AdamW(_param_groups(wrapped, tcfg.weight_decay), lr=tcfg.lr, betas=tuple(tcfg.adam_betas),
                                   eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tcfg.warmup_ratio, tcfg.min_lr_ratio))
-    ds_config = build_deepspeed_config(tcfg, layout, use_gpu=tcfg.use_gpu, user_override=loop_config.get("ds_override"))
+    ds_config = build_deepspeed_config(tcfg, layout, use_gpu=tcfg.use_gpu, user_override=spec.ds_override)
     sp, sp_rank = layout.sequence_parallel, rank % layout.sequence_parallel
     mpu = None
     if sp > 1:
@@ -135,7 +137,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
              + " ".join(f"{k}={v}" for k, v in (lm.config.rope_parameters or {}).items()))
 
     startup["engine_ready"] = time.perf_counter() - t_start
-    _write_engine_info(engine, loop_config["train_root"], rank, world, n_params, attn_impl, ds_config, startup)
+    _write_engine_info(engine, spec.train_root, rank, world, n_params, attn_impl, ds_config, startup)
 
     # 3. Resume: DeepSpeed state + the data ledger + the metrics history so far.
     start_step, ledger, history = 0, Ledger(), []
@@ -146,13 +148,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with ckpt.safe_deepspeed_load():
                 engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag="state")
             if is_rank0 and cfg.eval.during_training.enabled:
-                ckpt.ensure_eval_snapshot(folder, loop_config["train_root"], int(state["step"]),
+                ckpt.ensure_eval_snapshot(folder, spec.train_root, int(state["step"]),
                                           int(state["history"][-1]["tokens"]) if state["history"] else 0)
         start_step, ledger, history = int(state["step"]), Ledger.from_json(state["ledger"]), state["history"]
         if is_rank0:
             emit(f"[train] resumed at step {start_step} ({ledger.total()} rows already consumed)")
 
-    train_root = loop_config["train_root"]
+    train_root = spec.train_root
     during = cfg.eval.during_training
     tracker = None
     if is_rank0:  # TensorBoard event files (and W&B / MLflow when configured) beside metrics.jsonl
@@ -160,8 +162,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                resume_step=start_step)
     log = StepLog(storage.join(train_root, "metrics.jsonl") if is_rank0 else None, history, echo=is_rank0,
                   tracker=tracker, flush_every_s=cfg.logging.flush_every_s)
-    if loop_config.get("parquet_files"):
-        files = loop_config["parquet_files"]
+    if spec.parquet_files:
+        files = spec.parquet_files
         stream = RowStream(lambda: parquet_tables(files), dp_rank=dp_rank, data_parallel=layout.data_parallel,
                            epochs=tcfg.epochs, ledger=ledger)
     else:  # a ray.data.Dataset, split by Ray Train across the data-parallel ranks
@@ -305,7 +307,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             break  # the final checkpoint below is saved at this step
         if checkpoint_now:
             save_checkpoint(step, ledger)
-        _maybe_inject_failure(loop_config, step, rank)
+        _maybe_inject_failure(spec, step, rank)
 
     # 5. Final checkpoint + the published HF model.
     if val_rows is not None:
@@ -380,15 +382,15 @@ def _write_engine_info(engine, train_root: str, rank: int, world: int, n_params:
         })
 
 
-def _maybe_inject_failure(loop_config: dict, step: int, rank: int) -> None:
+def _maybe_inject_failure(spec, step: int, rank: int) -> None:
     """Fault injection for tests: a hard process exit (no cleanup, like an OOM kill) once, at a given step.
 
     The trigger file makes it happen on the first attempt only: it is removed before exiting.
     """
-    spec = loop_config.get("fail_at")
-    if not spec or step != spec["step"] or rank != spec.get("rank", 0):
+    fail = spec.fail_at
+    if not fail or step != fail["step"] or rank != fail.get("rank", 0):
         return
-    trigger = spec["trigger_file"]
+    trigger = fail["trigger_file"]
     if os.path.exists(trigger):
         os.remove(trigger)
         print(f"[train] injected failure: rank {rank} exits at step {step}", flush=True)

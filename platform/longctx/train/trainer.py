@@ -139,6 +139,7 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
 
     from longctx.train.deepspeed import load_user_deepspeed_json
     from longctx.train.loop import train_loop_per_worker
+    from longctx.train.spec import LoopSpec
 
     layout = _layout(cfg)
     datasets, files, rows = None, None, None
@@ -158,18 +159,18 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
     resources = {"CPU": cfg.train.cpus_per_worker, **cfg.train.resources_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
-    loop_config = {
-        "job": json.loads(cfg.model_dump_json()),
-        "layout": {k: v for k, v in layout.as_dict().items() if k in BatchLayout.__dataclass_fields__},
-        "total_steps": plan.total,
-        "train_root": train_root,
-        "ds_override": load_user_deepspeed_json(cfg.train.deepspeed_config) if cfg.train.deepspeed_config else None,
-        "fail_at": fail_at,
-        "parquet_files": files,
-    }
+    spec = LoopSpec(
+        job=json.loads(cfg.model_dump_json()),
+        layout={k: v for k, v in layout.as_dict().items() if k in BatchLayout.__dataclass_fields__},
+        total_steps=plan.total,
+        train_root=train_root,
+        ds_override=load_user_deepspeed_json(cfg.train.deepspeed_config) if cfg.train.deepspeed_config else None,
+        fail_at=fail_at,
+        parquet_files=files,
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=spec.to_dict(),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
