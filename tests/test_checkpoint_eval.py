@@ -90,6 +90,13 @@ def test_evaluator_scores_a_snapshot_with_finite_numbers(tmp_path):
     assert "| 5 | 1,280 |" in dt.checkpoint_eval_section([rec])
 
 
+def test_a_passkey_length_too_short_is_refused_in_the_driver(tmp_path):
+    model = make_tiny_model(str(tmp_path / "m"), hidden=32, max_pos=32)
+    cfg = load_config(None, [f"model.path={model}", "data.seq_len=64", "eval.during_training.enabled=true"])
+    with pytest.raises(ValueError, match=r"passkey_lengths=\[64\]: passkey length 64 is too short"):
+        dt.CheckpointWatcher(cfg, str(tmp_path / "train")).start()
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_every_checkpoint_evaluated_once_beside_training_and_after_a_resume(ray_cluster, tmp_path):
@@ -134,7 +141,7 @@ def test_every_checkpoint_evaluated_once_beside_training_and_after_a_resume(ray_
     assert overlaps, "no checkpoint was committed while another was being evaluated: did training wait?"
 
     # A rerun of the driver (resume) finds every snapshot already in the ledger: nothing is evaluated again.
-    rerun = load_config(None, [f"model.path={model_dir}", "data.seq_len=64",
+    rerun = load_config(None, [f"model.path={model_dir}", "data.seq_len=64", "eval.during_training.passkey_lengths=[128]",
                                "eval.during_training.enabled=true", "eval.during_training.poll_s=0.2",
                                "eval.during_training.num_documents=4", "eval.bucket_edges=[0,32]"])
     w = dt.CheckpointWatcher(rerun, root).start()

@@ -245,9 +245,15 @@ class CheckpointWatcher:
     def start(self) -> "CheckpointWatcher":
         import ray
 
-        from longctx.eval.runner import base_max_positions  # noqa: F401  (fail here, not in the thread)
+        settings = eval_settings(self.cfg)  # a bad model path or base length fails before training starts
+        if settings["passkey_lengths"]:  # so does a passkey length too short for the prompt (in the driver)
+            from longctx.eval.passkey import build_passkey_prompts
+            from longctx.model.load import load_tokenizer
 
-        eval_settings(self.cfg)  # a bad model path or base length fails before training starts
+            try:
+                build_passkey_prompts(load_tokenizer(self.cfg.data.tokenizer), settings["passkey_lengths"], [0.5], 1)
+            except ValueError as exc:
+                raise ValueError(f"eval.during_training.passkey_lengths={settings['passkey_lengths']}: {exc}") from exc
         cls = ray.remote(num_cpus=self.dt.num_cpus, num_gpus=self.dt.num_gpus, max_restarts=1)(CheckpointEvaluator)
         self._actor = cls.remote(json.loads(self.cfg.model_dump_json()))
         self._thread = threading.Thread(target=self._run, name="longctx-checkpoint-eval", daemon=True)
