@@ -122,10 +122,11 @@ def test_long_pt_submitted_to_two_nodes_places_data_and_training_on_their_pools(
     submission = f"two-node-{uuid.uuid4().hex[:8]}"
     run_root = f"s3://{BUCKET}/runs"
     model = _upload_tiny_model(env, tmp_path)
+    home = tmp_path / "home"  # the job's HOME: a relative output_dir must land under it, not in Ray's copy of "."
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--submission-id", submission,
-           "--working-dir", ".",
+           "--working-dir", ".", "--runtime-env-json", json.dumps({"env_vars": {"HOME": str(home)}}),
            "--", "python", "jobs/long_pt.py",
-           "--set", f"output_dir={run_root}", "--set", "run_name=two-node",
+           "--set", "output_dir=runs", "--set", f"train.storage_path={run_root}", "--set", "run_name=two-node",
            "--set", f"model.path={model}",
            "--set", 'data.sources={c: "builtin:corpus/c.jsonl.gz"}',  # the smallest shipped source
            "--set", "ray.data_resources={data_node: 0.01}",
@@ -155,6 +156,17 @@ def test_long_pt_submitted_to_two_nodes_places_data_and_training_on_their_pools(
     assert len(workers) >= 2, placement["actors"]
     assert {a["node_id"] for a in workers} == {trainer_node[0]}, workers
 
-    # the run landed on the loopback S3 server the cluster's processes inherited from the stack
-    metrics = json.loads(_s3_client(env).get_object(Bucket=BUCKET, Key="runs/two-node/metrics.json")["Body"].read())
+    # the run folder is where the user looks (~/longctx/runs/two-node), not in Ray's temporary working-dir copy;
+    # checkpoints and the final model went to train.storage_path, on the loopback S3 server the cluster's processes
+    # inherited from the stack
+    assert "Ray's temporary copy of the working dir" in log
+    run = home / "longctx" / "runs" / "two-node"
+    metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train"]["steps"] == 2
+    final = f"s3://{BUCKET}/runs/two-node/train/final_model"
+    assert (run / "final_model.txt").read_text().strip() == final == metrics["train"]["final_model"]
+    assert _s3_client(env).get_object(Bucket=BUCKET, Key="runs/two-node/train/final_model/_COMMITTED")
+    # the final model's URI is printed after Ray's log streaming has ended: no worker output follows it
+    assert final in proc.stdout
+    after = proc.stdout.rsplit(final, 1)[1]
+    assert "pid=" not in after and "Loading weights" not in after, after[:2000]
