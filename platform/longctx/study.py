@@ -268,7 +268,7 @@ def run_study(cfg: JobConfig, out_dir: str, *, steps: int = 40, parts: str = "ab
         timings["b"] = round(time.time() - t0, 1)
     if "d" in parts:
         t0 = time.time()
-        thetas = {float(f"{bound * f:.4g}") for f in rope_factors}
+        thetas = {rope_grid_point(bound, f) for f in rope_factors}
         if "a" in parts and cfg.model.rope_theta:
             plan["rope_trials"][f"{cfg.model.rope_theta:g}"] = "a-long-pt"  # part a's run is one point
             thetas.discard(float(cfg.model.rope_theta))
@@ -286,6 +286,14 @@ def run_study(cfg: JobConfig, out_dir: str, *, steps: int = 40, parts: str = "ab
     report = write_study_report(root, nums, verdict)
     print(f"[longctx] study report: {report}", flush=True)
     return {"verdicts": verdict, "numbers": nums, "report": report}
+
+
+def rope_grid_point(bound: float, factor: float) -> float:
+    """bound x factor rounded *up* to 4 significant digits: the point at factor 1 is never below the bound (a
+    rounded-down 1.138e5 under a 1.1383e5 bound would fail the sweep's verdict by rounding alone)."""
+    x = bound * factor
+    e = math.floor(math.log10(x)) - 3
+    return float(f"{math.ceil(x / 10 ** e - 1e-9) * 10 ** e:.6g}")
 
 
 def _head_dim(model_uri: str) -> int:
