@@ -318,7 +318,10 @@ def test_hostile_folder_publishes_every_good_record_once_in_bounded_memory(ray_c
     assert any(r["location"].endswith("deep.jsonl:1") and r["reason"] == "bad_json" for r in q)
     print(f"\nhostile folder: {seconds:.1f}s, peak PSS of the process tree {rss.peak / 2**30:.2f} GiB "
           f"(at start {rss.start / 2**30:.2f} GiB), quarantine {by_reason}")
-    assert rss.peak < 2 << 30
+    # What the job itself added (its actors, its reads), whatever this pytest process and the module's Ray cluster
+    # already held from earlier tests (2.1 GiB at start in a full-suite run): an unbounded read (/dev/zero link, the
+    # 50 MB record through the tokenizer: ~6 GB) would pass 1 GiB within seconds.
+    assert rss.peak - rss.start < 1 << 30, f"the job grew the process tree by {(rss.peak - rss.start) / 2**30:.2f} GiB"
 
 
 @pytest.mark.ray
