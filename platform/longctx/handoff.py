@@ -37,9 +37,11 @@ def tokenizer_fingerprint(uri: str) -> str:
 
 
 def fingerprint_of(tok) -> str:
-    """Fingerprint of a loaded tokenizer: a Rust `tokenizers.Tokenizer` or a transformers fast tokenizer."""
+    """Fingerprint of a loaded tokenizer: a Rust `tokenizers.Tokenizer` or a transformers tokenizer (a slow one,
+    which has no serialised definition, by its sorted vocabulary)."""
     backend = getattr(tok, "backend_tokenizer", tok)
-    return hashlib.sha256(backend.to_str().encode()).hexdigest()
+    text = backend.to_str() if hasattr(backend, "to_str") else repr(sorted(tok.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def model_vocab_size(model_uri: str) -> int | None:

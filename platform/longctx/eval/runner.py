@@ -30,6 +30,7 @@ from longctx.eval.documents import iter_texts
 from longctx.eval.generate import greedy_generate
 from longctx.eval.passkey import PasskeyPrompt, build_passkey_prompts, run_passkey_batch, score_passkey_rows
 from longctx.eval.perplexity import select_documents, summarize_position_nll
+from longctx.handoff import fingerprint_of
 
 log = logging.getLogger(__name__)
 
@@ -264,14 +265,6 @@ def _task_files(cfg: JobConfig) -> list[tuple[str, str]]:
     return files
 
 
-def _tokenizer_fingerprint(tok) -> str:
-    import hashlib
-
-    backend = getattr(tok, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def build_work_items(cfg: JobConfig, specs: dict[str, ModelSpec], tokenizers: dict[str, str]):
     """Rows of work for every model and task, plus per-tokenizer side information for the driver."""
     from longctx.eval.longbench import build_prompts, read_task_file
@@ -289,7 +282,7 @@ def build_work_items(cfg: JobConfig, specs: dict[str, ModelSpec], tokenizers: di
     for name, spec in specs.items():
         tok = loaded.get(tokenizers[name]) or loaded.setdefault(tokenizers[name], load_tokenizer(tokenizers[name]))
         # the trained model usually ships the base's tokenizer: build its prompts once
-        tok_uri = fingerprints.setdefault(tokenizers[name], _tokenizer_fingerprint(tok))
+        tok_uri = fingerprints.setdefault(tokenizers[name], fingerprint_of(tok))
         if tok_uri not in by_tok:
             w: dict[str, Any] = {"docs": {}, "skipped": {}, "passkey": [], "needle": [], "tasks": []}
             if ev.perplexity:
