@@ -122,7 +122,7 @@ def test_every_checkpoint_evaluated_once_beside_training_and_after_a_resume(ray_
     trigger.write_text("armed")
     # Rank 1 dies right after the checkpoint of step 3: Ray Train restarts the workers from it.
     out = run_training(cfg, data_uri, str(tmp_path / "run"),
-                       fail_at={"step": 3, "rank": 1, "trigger_file": str(trigger)})
+                       fail_at={"step": 3, "rank": 1, "trigger_file": str(trigger)}, eval_hold_s=120)
     assert not trigger.exists(), "the failure was never injected"
     root = str(tmp_path / "run" / "train")
     recs = dt.read_ledger(dt.ledger_uri(root))
@@ -136,6 +136,9 @@ def test_every_checkpoint_evaluated_once_beside_training_and_after_a_resume(ray_
     assert len({round(r["nll_within_base"], 6) for r in recs}) == steps, "two checkpoints evaluated the same weights"
     assert os.path.getsize(os.path.join(root, dt.PLOT)) > 1000
     # Training did not wait for evaluation: a later checkpoint was committed while an earlier one was evaluated.
+    # The first evaluation is held open until that happens (at most 120 s): training that waited would time it out.
+    assert recs[0]["held_for_later_commit"] is True, "no later checkpoint was committed while the first was held"
+    assert sum("held_for_later_commit" in r for r in recs) == 1
     overlaps = [(r["step"], q["step"]) for r in recs for q in recs
                 if q["step"] > r["step"] and r["eval_started_at"] < q["committed_at"] < r["eval_finished_at"]]
     assert overlaps, "no checkpoint was committed while another was being evaluated: did training wait?"

@@ -133,7 +133,7 @@ def eval_settings(cfg) -> dict:
 class CheckpointEvaluator:
     """Ray actor: builds the documents and prompts once, then evaluates one snapshot per call."""
 
-    def __init__(self, cfg_json: dict):
+    def __init__(self, cfg_json: dict, hold_s: float | None = None):
         import torch
 
         from longctx.config import JobConfig
@@ -145,6 +145,8 @@ class CheckpointEvaluator:
         cfg = JobConfig.model_validate(cfg_json)
         storage.configure(cfg.storage)
         self.cfg = cfg
+        self.hold_s = hold_s
+        self.held = False
         dt, ev = cfg.eval.during_training, cfg.eval
         torch.set_num_threads(max(1, int(dt.num_cpus)))  # stay inside the CPUs this actor reserved
         self.settings = eval_settings(cfg)
@@ -216,17 +218,39 @@ class CheckpointEvaluator:
             summary = summarize_needle(nrows)
             rec["needle"] = sum(v["mean"] for v in summary.values()) / len(summary)
             rec["needle_by_variant"] = {k: v["mean"] for k, v in summary.items()}
+        if self.hold_s is not None and not self.held:
+            self.held = True
+            rec["held_for_later_commit"] = self._hold(snapshot_uri, rec["step"], t0)
         rec["eval_finished_at"] = time.time()
         rec["eval_s"] = round(rec["eval_finished_at"] - t0, 3)
         return rec
+
+    def _hold(self, snapshot_uri: str, step: int, t0: float) -> bool:
+        """Fault-test hook (`hold_s`): keep the first evaluation open until training commits a later checkpoint
+        (True), or `hold_s` passes (False). Training that waited for its evaluator would never commit one."""
+        from longctx.train.checkpoint import committed_eval_snapshots
+
+        train_root = snapshot_uri.rstrip("/").rsplit("/", 2)[0]
+        deadline = time.time() + self.hold_s
+        while time.time() < deadline:
+            for s, uri in committed_eval_snapshots(train_root):
+                if s > step:
+                    info = json.loads(storage.read_text(storage.join(uri, "snapshot.json")))
+                    if (info.get("committed_at") or 0) > t0:
+                        return True
+            time.sleep(0.1)
+        return False
 
 
 # ----------------------------------------------------------------------------------------------- watcher
 class CheckpointWatcher:
     """Driver-side thread: finds committed snapshots, evaluates each exactly once on the actor, keeps the ledger."""
 
-    def __init__(self, cfg, train_root: str):
+    def __init__(self, cfg, train_root: str, *, hold_s: float | None = None):
         self.cfg = cfg
+        self.hold_s = hold_s
+        """Fault tests only: the first evaluation stays open until a later checkpoint is committed (see
+        `CheckpointEvaluator._hold`), so that a test can prove training does not wait for evaluation."""
         self.dt = cfg.eval.during_training
         self.train_root = storage.normalize(train_root)
         self.ledger = ledger_uri(self.train_root)
@@ -255,7 +279,7 @@ class CheckpointWatcher:
             except ValueError as exc:
                 raise ValueError(f"eval.during_training.passkey_lengths={settings['passkey_lengths']}: {exc}") from exc
         cls = ray.remote(num_cpus=self.dt.num_cpus, num_gpus=self.dt.num_gpus, max_restarts=1)(CheckpointEvaluator)
-        self._actor = cls.remote(json.loads(self.cfg.model_dump_json()))
+        self._actor = cls.remote(json.loads(self.cfg.model_dump_json()), self.hold_s)
         self._thread = threading.Thread(target=self._run, name="longctx-checkpoint-eval", daemon=True)
         self._thread.start()
         log.info("evaluating every committed checkpoint under %s (ledger %s)", self.train_root, self.ledger)
@@ -383,8 +407,8 @@ def checkpoint_eval_section(records: list[dict], plot_name: str | None = None) -
     return "\n".join(lines) + "\n"
 
 
-def start_watcher(cfg, train_root: str) -> CheckpointWatcher | None:
+def start_watcher(cfg, train_root: str, *, hold_s: float | None = None) -> CheckpointWatcher | None:
     """The watcher for a training run when `eval.during_training.enabled`, started; else None."""
     if not cfg.eval.during_training.enabled:
         return None
-    return CheckpointWatcher(cfg, train_root).start()
+    return CheckpointWatcher(cfg, train_root, hold_s=hold_s).start()

@@ -186,17 +186,19 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
 
 
 def run_training(cfg, train_data, run_dir: str | None = None, *, fail_at: dict | None = None,
-                 callbacks: list | None = None) -> TrainOutcome:
+                 callbacks: list | None = None, eval_hold_s: float | None = None) -> TrainOutcome:
     """Run Long-PT/Long-SFT training under Ray Train; returns where the model and metrics are.
 
     `train_data`: a committed packed-Parquet prefix (local or s3://; workers read the shards directly, in a fixed
-    order: exact resume) or a `ray.data.Dataset` with the packed-row columns (Ray Train's streaming split). `fail_at` ({"step", "rank", "trigger_file"}) injects one hard worker exit, for fault tests.
+    order: exact resume) or a `ray.data.Dataset` with the packed-row columns (Ray Train's streaming split). `fail_at` ({"step", "rank", "trigger_file"}) injects one hard worker exit, for fault tests;
+    `eval_hold_s` keeps the first checkpoint evaluation open until a later checkpoint is committed (at most that
+    many seconds), for the test that training never waits for evaluation.
     """
     from longctx.eval.during_training import start_watcher
 
     trainer, train_root, plan = build_trainer(cfg, train_data, run_dir, fail_at=fail_at, callbacks=callbacks)
     log.info("training %d steps (limited by %s) into %s", plan.total, plan.limited_by, train_root)
-    watcher = start_watcher(cfg, train_root)  # eval.during_training: evaluates checkpoints beside the workers
+    watcher = start_watcher(cfg, train_root, hold_s=eval_hold_s)  # eval.during_training: evaluates checkpoints beside the workers
     try:
         result = trainer.fit()
     except BaseException:
