@@ -54,16 +54,20 @@ def test_short_study_reports_verdicts_first_and_numbers_recomputable(ray_cluster
     assert [v["target"] for v in saved["verdicts"]] == targets
     assert report[4:4 + len(targets)] == verdict_lines(saved["verdicts"])
     status = {v["target"]: v["status"] for v in saved["verdicts"]}
-    assert status[TARGET_PASSKEY_SFT] == "not run"
-    for t in (TARGET_NLL, TARGET_PASSKEY_NAIVE, TARGET_DATA, TARGET_ROPE):
+    for t in (TARGET_NLL, TARGET_PASSKEY_NAIVE, TARGET_PASSKEY_SFT, TARGET_DATA, TARGET_ROPE):
         assert status[t] in ("held", "did not hold"), (t, saved["verdicts"])
-    for section in ("## a.", "## b.", "## d.", "## e."):
+    for section in ("## a.", "## b.", "## c.", "## d.", "## e."):
         assert any(line.startswith(section) for line in report), section
 
     # 2. Every number is finite, and each part measured what it says.
     nums = saved["numbers"]
     assert all(math.isfinite(x) for x in _floats({k: v for k, v in nums.items() if k != "plan"}))
     assert {v["role"] for v in nums["a"].values()} == {"naive", "pi", "dynamic_ntk", "yarn", "trained"}
+    assert {v["role"] for v in nums["c"].values()} == {"long_pt", "long_sft"}
+    assert all(v["passkey_4x"] is not None and v["needle_4x"] is not None for v in nums["c"].values())
+    c_data = nums["plan"]["c_data"]
+    assert c_data["steps"] == 1 and c_data["samples"] == {"retrieval": 8, "tables": 4}
+    assert set(c_data["conversations"]["used"]) == {"retrieval", "synl"}
     assert set(nums["b"]) == set(STRATEGIES)
     assert all(set(v["nll_beyond_base_by_source"]) == {"c", "code", "records"} for v in nums["b"].values())
     assert len(nums["d"]["nll_beyond_base_by_theta"]) == 2  # part a's rope_theta and the bound
@@ -84,4 +88,12 @@ def test_short_study_reports_verdicts_first_and_numbers_recomputable(ray_cluster
     ev_uri.write_text(json.dumps(ev))
     flipped = {v["target"]: v["status"] for v in verdicts(trial_numbers(str(out)))}
     assert flipped[TARGET_NLL] == "did not hold"
+    # ... and part c's: an SFT model that retrieves everything flips its verdict to held.
+    c_uri = out / "trials" / "c-long-sft" / "eval" / "metrics.json"
+    ev = json.loads(c_uri.read_text())
+    sft = next(m for m in ev["models"].values() if m["spec"]["role"] == "long_sft")
+    sft["passkey"]["accuracy_by_length"] = {k: 1.0 for k in sft["passkey"]["accuracy_by_length"]}
+    c_uri.write_text(json.dumps(ev))
+    flipped = {v["target"]: v["status"] for v in verdicts(trial_numbers(str(out)))}
+    assert flipped[TARGET_PASSKEY_SFT] == "held"
     storage.configure(None)

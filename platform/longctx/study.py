@@ -1,13 +1,15 @@
 """The papers' orderings, measured side by side on a laptop: `jobs/study.py` / `longctx study`.
 
     from longctx.study import run_study
-    report = run_study(load_config(None), "runs/study", steps=40)        # parts a, b, d, e
+    report = run_study(load_config(None), "runs/study", steps=40)        # parts a, b, c, d, e
 
 Parts (letters as in docs/study.md):
   a. training-free baselines (naive, PI, dynamic NTK, YaRN) vs Long-PT: NLL beyond base, passkey at 4x base;
   b. Fu et al.'s data strategies on a per-source long-tailed corpus (`data.synthetic.longtail`), same token
      budget: per-source upsampling vs global upsampling vs cut at the base length; NLL beyond base per source;
-  c. LongSkywork's long-SFT stage: not run by this module yet (reported as "not run");
+  c. LongSkywork's long-SFT stage: part a's Long-PT model, then a short Long-SFT run on the platform's own
+     synthetic retrieval (passkey, key-value, multi-needle) and SynL table conversations at lengths between the
+     base length and the training length; passkey and needle at 4x base, before and after the SFT stage;
   d. Index's RoPE base sweep around the `rope suggest` bound: NLL beyond base per base;
   e. Fu et al.'s data-quantity curve: passkey and NLL beyond base vs tokens trained, from part a's run with
      `eval.during_training` on.
@@ -88,6 +90,15 @@ def trial_numbers(root: str) -> dict:
             vals = list(entry["nll_beyond_base_by_source"].values())
             entry["nll_beyond_base_mean"] = sum(vals) / len(vals) if vals and all(_finite(v) for v in vals) else None
         out["b"] = b
+    if "c" in plan["parts"]:
+        ev = json.loads(storage.read_text(storage.join(root, "trials", "c-long-sft", "eval", "metrics.json")))
+        c = {}
+        for name, m in ev.get("models", {}).items():
+            pk = (m.get("passkey") or {}).get("accuracy_by_length", {})
+            needle = ((m.get("needle") or {}).get("single") or {}).get("by_length", {})
+            c[name] = {"role": m["spec"].get("role"), "passkey_4x": pk.get(str(pk_len)),
+                       "needle_4x": needle.get(str(pk_len))}
+        out["c"] = c
     if "d" in plan["parts"]:
         d = {}
         for theta, trial in plan["rope_trials"].items():
@@ -129,9 +140,18 @@ def verdicts(nums: dict) -> list[dict]:
                                                                               if v["passkey_4x"] is not None) else "")})
     else:
         out += [{"target": t, "status": "not run", "detail": "part a not run"} for t in (TARGET_NLL, TARGET_PASSKEY_NAIVE)]
-    out.append({"target": TARGET_PASSKEY_SFT, "status": "not run",
-                "detail": "part c (Long-PT + synthetic long-SFT) is not in the study yet; the shipped base cannot "
-                          "retrieve at 256 tokens, so it would not move (see docs/study.md)"})
+    c = nums.get("c")
+    by_role_c = {v["role"]: v for v in (c or {}).values()}
+    sft_pk = by_role_c.get("long_sft", {}).get("passkey_4x")
+    if sft_pk is None:
+        out.append({"target": TARGET_PASSKEY_SFT, "status": "not run", "detail": "part c not run"})
+    else:
+        detail = "; ".join(f"{n}: passkey {_pct(v['passkey_4x'])}, needle score {_score(v['needle_4x'])}"
+                           for n, v in c.items())
+        if all(v["passkey_4x"] == 0 for v in c.values() if v["passkey_4x"] is not None):
+            detail += " (0% before and after: the base never learned to retrieve, see docs/study.md)"
+        out.append({"target": TARGET_PASSKEY_SFT, "status": "held" if sft_pk >= 0.9 else "did not hold",
+                    "detail": detail})
     b = nums.get("b")
     if b and all(_finite(v.get("nll_beyond_base_mean")) for v in b.values()) and set(b) == set(STRATEGIES):
         means = {k: v["nll_beyond_base_mean"] for k, v in b.items()}
@@ -172,6 +192,59 @@ def _long_pt(cfg: JobConfig, root: str, name: str, data_uri: str, specs_fn) -> d
     return ev
 
 
+def _long_sft(base: JobConfig, root: str, long_pt_model: str, sft_steps: int, base_len: int, pk_len: int) -> dict:
+    """Part c: synthetic retrieval + SynL table conversations (between the base length and the training length),
+    a Long-SFT run of `sft_steps` from `long_pt_model`, and passkey + needle at `pk_len` before and after it.
+    Returns what the SFT data holds (for the report)."""
+    from longctx.data.synthetic import synth_retrieval, synth_tables
+    from longctx.eval.runner import ModelSpec, evaluate_models
+    from longctx.train.sft_data import prepare_sft_data
+    from longctx.train.trainer import run_training
+
+    seq_len = base.data.seq_len
+    rows = sft_steps * max(1, base.train.global_batch_tokens // seq_len)
+    synth_out = storage.join(root, "synth")
+    s_cfg = _cfg(base, **{
+        "synth.output": synth_out, "synth.seed": base.train.seed,
+        # about two conversations per packed row (lengths spread over [base, seq_len]), retrieval twice the tables
+        "synth.retrieval.num_samples": max(4, 2 * rows), "synth.retrieval.min_tokens": base_len,
+        "synth.retrieval.max_tokens": seq_len, "synth.retrieval.haystack_max_chars": 2_000_000,
+        "synth.tables.num_samples": max(2, rows), "synth.tables.min_tokens": base_len,
+        "synth.tables.max_tokens": seq_len})
+    sets = {}
+    for kind, fn in (("retrieval", synth_retrieval), ("tables", synth_tables)):
+        uri = storage.join(synth_out, kind)
+        if storage.is_committed(uri):
+            sets[kind] = json.loads(storage.read_text(storage.join(uri, "manifest.json")))
+        else:
+            sets[kind] = fn(s_cfg)
+    sft_cfg = _cfg(s_cfg, **{
+        "model.path": long_pt_model, "train.max_steps": sft_steps, "train.epochs": 2, "train.checkpoint_every": 0,
+        "train.lr": base.train.lr / 2,  # Index: Long-SFT at half the Long-PT learning rate
+        "data.sources": {"retrieval": storage.join(synth_out, "retrieval", "part-*.jsonl"),
+                         "synl": storage.join(synth_out, "tables", "part-*.jsonl")},
+        "data.sft.mix": {"retrieval": 2 / 3, "synl": 1 / 3}, "data.token_budget": None})
+    data_uri = storage.join(root, "data", "long-sft")
+    manifest = (json.loads(storage.read_text(storage.join(data_uri, "manifest.json")))
+                if storage.is_committed(data_uri) else prepare_sft_data(sft_cfg, data_uri))
+    trial = storage.join(root, "trials", "c-long-sft")
+    storage.write_text(storage.join(trial, "config.yaml"), dump_config(sft_cfg))
+    out = run_training(sft_cfg, data_uri, trial)
+    storage.write_json(storage.join(trial, "train_summary.json"),
+                       {"steps": out.steps, "tokens": out.tokens, "final_loss": out.final_loss,
+                        "final_model": out.final_model_uri})
+    e_cfg = _cfg(base, **{"eval.passkey.lengths": [pk_len], "eval.needle.enabled": True,
+                          "eval.needle.lengths": [pk_len], "eval.perplexity": False, "eval.baselines": []})
+    evaluate_models(e_cfg, {"Long-PT": ModelSpec(long_pt_model, role="long_pt"),
+                            "Long-PT + long-SFT": ModelSpec(out.final_model_uri, role="long_sft")},
+                    storage.join(trial, "eval"))
+    totals = manifest.get("totals", {})
+    return {"conversations": manifest.get("conversations"), "rows": totals.get("rows"),
+            "loss_tokens": totals.get("loss_tokens"), "steps": out.steps, "final_loss": out.final_loss,
+            "samples": {k: v.get("totals", {}).get("samples", v.get("totals", {}).get("records"))
+                        for k, v in sets.items()}}
+
+
 def _heldout_by_source(cfg: JobConfig, root: str, sources: list[str]) -> dict[str, str]:
     """Per-source held-out files (eval.documents split on its `source` field)."""
     import gzip
@@ -189,10 +262,11 @@ def _heldout_by_source(cfg: JobConfig, root: str, sources: list[str]) -> dict[st
     return out
 
 
-def run_study(cfg: JobConfig, out_dir: str, *, steps: int = 40, parts: str = "abde",
+def run_study(cfg: JobConfig, out_dir: str, *, steps: int = 40, parts: str = "abcde",
               rope_factors: tuple[float, ...] = (0.1, 1.0, 10.0), corpus_max_documents: int | None = None,
-              eval_documents: int | None = None) -> dict:
-    """Run the study's parts into `out_dir`; returns {"verdicts", "numbers", "report"}."""
+              eval_documents: int | None = None, sft_steps: int | None = None) -> dict:
+    """Run the study's parts into `out_dir`; returns {"verdicts", "numbers", "report"}. Part c trains
+    `sft_steps` Long-SFT steps (default: half of `steps`, at least 1) from part a's model."""
     from longctx.data.pipeline import prepare_data
     from longctx.data.synthetic.longtail import build_long_tailed_corpus
     from longctx.eval.runner import ModelSpec, default_model_specs, eval_lengths
@@ -229,7 +303,7 @@ def run_study(cfg: JobConfig, out_dir: str, *, steps: int = 40, parts: str = "ab
         if not storage.is_committed(data_uri):
             prepare_data(base, data_uri)
         timings["data_default"] = round(time.time() - t0, 1)
-    if "a" in parts or "e" in parts:
+    if "a" in parts or "c" in parts or "e" in parts:
         t0 = time.time()
         a_cfg = _cfg(base, **{"eval.baselines": ["naive", "pi", "dynamic_ntk", "yarn"],
                               "train.checkpoint_every": max(1, steps // 4),
@@ -239,6 +313,12 @@ def run_study(cfg: JobConfig, out_dir: str, *, steps: int = 40, parts: str = "ab
         _long_pt(a_cfg, root, "a-long-pt", data_uri,
                  lambda final: default_model_specs(a_cfg, a_cfg.model.path, final))
         timings["a"] = round(time.time() - t0, 1)
+    if "c" in parts:
+        t0 = time.time()
+        plan["sft_steps"] = sft_steps or max(1, steps // 2)
+        plan["c_data"] = _long_sft(base, root, storage.join(root, "trials", "a-long-pt", "train", "final_model"),
+                                   plan["sft_steps"], base_len, pk_len)
+        timings["c"] = round(time.time() - t0, 1)
     if "b" in parts:
         t0 = time.time()
         corpus = storage.join(root, "corpus")
@@ -339,6 +419,17 @@ def write_study_report(root: str, nums: dict, verdict: list[dict]) -> str:
             lines.append(f"| {label} | " + " | ".join(
                 f"{_pct(per.get(s, {}).get('long_share_in'))} -> {_pct(per.get(s, {}).get('long_share_out'))}" for s in srcs) + " |")
         lines.append("")
+    if "c" in nums:
+        cd = plan.get("c_data", {})
+        lines += ["## c. Long-PT, then a short synthetic long-SFT stage (LongSkywork)", "",
+                  f"{cd.get('steps')} Long-SFT steps from part a's model on {cd.get('rows')} packed rows of synthetic "
+                  f"retrieval and table conversations (final loss {_f(cd.get('final_loss'))}).", "",
+                  "| model | passkey at 4x | needle at 4x (NeedleBench score, 0-100) |", "|---|---:|---:|"]
+        for name, v in nums["c"].items():
+            lines.append(f"| {name} | {_pct(v['passkey_4x'])} | {_score(v['needle_4x'])} |")
+        lines += ["", "The needle score gives 100 when the needle's keyword is in the answer and otherwise 0.2 x the "
+                  "string similarity to the reference (so a few points without any retrieval).", ""]
+        lines.append("")
     if "d" in nums:
         lines += [f"## d. RoPE base sweep (rope suggest bound {nums['d']['bound']:.4g})", "",
                   "| rope_theta | NLL beyond base |", "|---:|---:|"]
@@ -365,6 +456,10 @@ def _f(v) -> str:
     return "n/a" if v is None or not _finite(v) else f"{v:.3f}"
 
 
+def _score(v) -> str:
+    return "n/a" if v is None else f"{v:.1f}/100"
+
+
 def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.0f}%"
 
@@ -377,8 +472,10 @@ def add_study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="override a config key for every trial (repeatable)")
     p.add_argument("--output", default="runs/study", help="study folder (local or s3://)")
     p.add_argument("--steps", type=int, default=40, help="training steps per trial")
-    p.add_argument("--parts", default="abde", help="parts to run: a (baselines vs Long-PT), b (data strategies), "
-                   "d (RoPE base sweep), e (retrieval vs tokens trained, from part a's run)")
+    p.add_argument("--parts", default="abcde", help="parts to run: a (baselines vs Long-PT), b (data strategies), "
+                   "c (Long-PT + synthetic long-SFT, from part a's model), d (RoPE base sweep), e (retrieval vs "
+                   "tokens trained, from part a's run)")
+    p.add_argument("--sft-steps", type=int, default=None, help="part c: Long-SFT steps (default: half of --steps)")
     p.add_argument("--rope-factors", default="0.1,1,10", help="RoPE bases of part d as multiples of the "
                    "`rope suggest` bound (part a's rope_theta is one more point)")
     p.add_argument("--corpus-max-documents", type=int, default=None,
@@ -391,9 +488,10 @@ def run_from_args(args) -> int:
     """Run the study from parsed `add_study_args` options; 2 on a usage error."""
     from longctx.config import ConfigError, load_config
 
-    bad = set(args.parts) - set("abde")
-    if bad or args.steps < 1:
-        print(f"study: --parts takes letters from 'abde' (got {args.parts!r}); --steps >= 1", file=sys.stderr)
+    bad = set(args.parts) - set("abcde")
+    if bad or args.steps < 1 or (args.sft_steps is not None and args.sft_steps < 1):
+        print(f"study: --parts takes letters from 'abcde' (got {args.parts!r}); --steps and --sft-steps >= 1",
+              file=sys.stderr)
         return 2
     try:
         cfg = load_config(args.config, args.overrides)
@@ -402,7 +500,8 @@ def run_from_args(args) -> int:
         print(f"study: {e}", file=sys.stderr)
         return 2
     out = run_study(cfg, args.output, steps=args.steps, parts=args.parts, rope_factors=factors,
-                    corpus_max_documents=args.corpus_max_documents, eval_documents=args.eval_documents)
+                    corpus_max_documents=args.corpus_max_documents, eval_documents=args.eval_documents,
+                    sft_steps=args.sft_steps)
     for v in out["verdicts"]:
         print(f"[study] {v['status'].upper()}: {v['target']} -- {v['detail']}")
     print(out["report"])
