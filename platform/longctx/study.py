@@ -297,7 +297,7 @@ def run_study(cfg: JobConfig, out_dir: str, *, steps: int = 40, parts: str = "ab
     timings = plan["timings_s"]
 
     data_uri = None
-    if "a" in parts or "d" in parts or "e" in parts:
+    if set(parts) & set("acde"):
         t0 = time.time()
         data_uri = storage.join(root, "data", "default")
         if not storage.is_committed(data_uri):
