@@ -96,8 +96,9 @@ def trial_numbers(root: str) -> dict:
         for name, m in ev.get("models", {}).items():
             pk = (m.get("passkey") or {}).get("accuracy_by_length", {})
             needle = ((m.get("needle") or {}).get("single") or {}).get("by_length", {})
+            key_nll = ((m.get("passkey") or {}).get("key_nll_by_length") or {}).get(str(pk_len))
             c[name] = {"role": m["spec"].get("role"), "passkey_4x": pk.get(str(pk_len)),
-                       "needle_4x": needle.get(str(pk_len))}
+                       "passkey_key_nll_4x": key_nll, "needle_4x": needle.get(str(pk_len))}
         out["c"] = c
     if "d" in plan["parts"]:
         d = {}
@@ -424,9 +425,11 @@ def write_study_report(root: str, nums: dict, verdict: list[dict]) -> str:
         lines += ["## c. Long-PT, then a short synthetic long-SFT stage (LongSkywork)", "",
                   f"{cd.get('steps')} Long-SFT steps from part a's model on {cd.get('rows')} packed rows of synthetic "
                   f"retrieval and table conversations (final loss {_f(cd.get('final_loss'))}).", "",
-                  "| model | passkey at 4x | needle at 4x (NeedleBench score, 0-100) |", "|---|---:|---:|"]
+                  "| model | passkey at 4x | pass key NLL at 4x (teacher-forced, nats/token) "
+                  "| needle at 4x (NeedleBench score, 0-100) |", "|---|---:|---:|---:|"]
         for name, v in nums["c"].items():
-            lines.append(f"| {name} | {_pct(v['passkey_4x'])} | {_score(v['needle_4x'])} |")
+            lines.append(f"| {name} | {_pct(v['passkey_4x'])} | {_f(v.get('passkey_key_nll_4x'))} "
+                         f"| {_score(v['needle_4x'])} |")
         lines += ["", "The needle score gives 100 when the needle's keyword is in the answer and otherwise 0.2 x the "
                   "string similarity to the reference (so a few points without any retrieval).", ""]
         lines.append("")
