@@ -66,17 +66,35 @@ def _worst(by_src: np.ndarray, long: np.ndarray, window: int) -> tuple[np.ndarra
     return win_src, win_long, pre_src, pre_long
 
 
-@pytest.mark.parametrize("medians,strategy", [
-    ({"long": 1200.0, "short": 120.0}, "per-source"),
-    ({"a": 1500.0, "b": 150.0, "c": 400.0}, "cut-seq"),
+def partitioned_tables(cfg, cache, plan, parts: int) -> list[pa.Table]:
+    """Pass 2 cut into `parts` partitions (data.pack_partitions), each packed alone and numbered from the rows
+    of the ones before it, concatenated in order: what `run_pass2`'s tasks write, here in one process."""
+    from longctx.data.pipeline import bucket_emissions, partition_emissions
+
+    tables: list[pa.Table] = []
+    for em in partition_emissions(bucket_emissions(cache, plan, cfg.data.seed), parts, cfg.data.seq_len):
+        offset = sum(t.num_rows for t in tables)
+        tables += packed_row_tables(cfg, cache, plan, 0, emissions=em, row_offset=offset)
+    return tables
+
+
+@pytest.mark.parametrize("medians,strategy,parts", [
+    ({"long": 1200.0, "short": 120.0}, "per-source", 1),
+    ({"a": 1500.0, "b": 150.0, "c": 400.0}, "cut-seq", 1),
+    ({"long": 1200.0, "short": 120.0}, "per-source", 7),  # pass 2 in partitions: each carries the mix
 ])
-def test_every_one_percent_stretch_and_every_prefix_has_the_target_mix(tmp_path, medians, strategy):
+def test_every_one_percent_stretch_and_every_prefix_has_the_target_mix(tmp_path, medians, strategy, parts):
     names = sorted(medians)
     n_docs = {s: int(2_400_000 / len(medians) / m) for s, m in medians.items()}  # about equal tokens each
     cache = _cache(tmp_path, medians, n_docs)
     cfg = _cfg(strategy=strategy, long_share=0.5)
     plan = plan_mixture(cache.source_lengths(), cfg.data)
-    tables = list(packed_row_tables(cfg, cache, plan, pad_id=0))
+    if parts == 1:
+        tables = list(packed_row_tables(cfg, cache, plan, pad_id=0))
+    else:
+        tables = partitioned_tables(cfg, cache, plan, parts)
+        row_ids = np.concatenate([t.column("row_id").to_numpy() for t in tables])
+        assert np.array_equal(row_ids, np.arange(len(row_ids)))
     by_src, long = _composition(tables, names)
     rows = len(by_src)
     window = max(64, rows // 100)

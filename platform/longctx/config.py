@@ -162,6 +162,10 @@ class DataConfig(_Section):
     `record_too_large` before tokenization (the tokenizer needs ~160 bytes of memory per input byte)."""
     pack_buffer_rows: int = Field(16, ge=1)
     """Rows of the bounded best-fit packing buffer (more rows: less padding, more memory)."""
+    pack_partitions: int | None = Field(None, ge=1)
+    """Pass-2 partitions, each packed and written by one Ray task (in parallel across the cluster); they shape
+    the rows, never the cluster size: the same input, config and seed give the same bytes on any number of
+    nodes. Default: one per 4,096 rows' worth of planned tokens (at least one)."""
     rows_per_shard: int = Field(4096, ge=1)
     """Packed rows per Parquet shard."""
     tokenize_batch_size: int = Field(256, ge=1)

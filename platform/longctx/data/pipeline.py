@@ -17,9 +17,11 @@ Two passes (why: per-source upsampling needs each source's length distribution b
   pass 2  stream the cache source by source in seeded row-group order, interleave the (source, long) streams by
           deficit against their planned shares, pack best-fit decreasing over a bounded buffer, emit rows through
           a pool that keeps every stretch of rows on the target mix, and write shards of `rows_per_shard` rows.
-          Memory stays bounded by two cache row groups per source plus the pack buffer and the row pool.
-Same input + config + seed -> byte-identical shards (order is fixed everywhere; the sha256 of every shard is in
-the manifest). See data/README.md for the numbered walk-through.
+          Runs as Ray tasks over `data.pack_partitions` partitions of the planned stream (`run_pass2`; each
+          partition 1/P of every bucket, so each carries the mix); the driver only plans and numbers.
+          Memory per task stays bounded by two cache row groups per bucket plus the pack buffer and the row pool.
+Same input + config + seed -> byte-identical shards whatever the cluster size (order is fixed everywhere; the
+partitions depend on the config and the plan only; the sha256 of every shard is in the manifest). See data/README.md for the numbered walk-through.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import pyarrow.parquet as pq
 
 from longctx import cleanup, storage
 from longctx.data.mixture import MixturePlan, SourcePlan, plan_mixture
-from longctx.data.pack import BestFitPacker, ConcatPacker, RowBuilder, Segment
+from longctx.data.pack import BestFitPacker, ConcatPacker, PackStats, RowBuilder, Segment
 from longctx.data.stats import LengthAccumulator, format_length_table, plot_length_histogram, source_length_stats
 from longctx.data.token_cache import (  # noqa: F401 - re-exported: callers import these from the pipeline
     DataQualityError,
@@ -84,70 +86,133 @@ def mix_buckets(plan: MixturePlan) -> dict[tuple[str, bool], int]:
     return out
 
 
+def _emissions(cache: TokenCache, source: str, plan: SourcePlan, seed: int,
+               docs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The order in which one source's documents are emitted, from the plan alone (no tokens read): pass p emits
+    every document with counts > p, row groups in a seeded order, documents shuffled inside each row group.
+    `docs` (bool per document) keeps only those documents (the long or the short ones). Returns (document index,
+    tokens emitted) per emission: the last occurrence of a document keeps `last_take` tokens."""
+    counts = plan.counts if docs is None else np.where(docs, plan.counts, 0)
+    out_doc: list[np.ndarray] = []
+    if counts.any():
+        sizes = cache.row_groups[source]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        sidx = sorted(cache.lengths).index(source)
+        for p in range(int(counts.max())):
+            rng = np.random.default_rng([seed, sidx, p])
+            for rg in rng.permutation(len(sizes)):
+                lo, hi = int(offsets[rg]), int(offsets[rg + 1])
+                sel = np.flatnonzero(plan.counts[lo:hi] > p)
+                # NOTE: the permutation is drawn over every eligible document, then filtered: the long and the
+                # short stream of a source see the same seeded order as one stream would.
+                order = rng.permutation(sel)
+                if docs is not None:
+                    order = order[docs[lo + order]]
+                if len(order):
+                    out_doc.append(np.stack([lo + order, np.full(len(order), p)]))
+    if not out_doc:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    both = np.concatenate(out_doc, axis=1).astype(np.int64)
+    doc, p = both[0], both[1]
+    take = np.where(plan.counts[doc] == p + 1, plan.last_take[doc], plan.lengths[doc]).astype(np.int64)
+    return doc, take
+
+
+class _CacheReader:
+    """Reads a source's cached documents row group by row group (the newest one kept), wherever the cache is."""
+
+    def __init__(self, cache: TokenCache, source: str):
+        self.cache, self.source = cache, source
+        self.offsets = np.concatenate([[0], np.cumsum(cache.row_groups[source])]).astype(np.int64)
+        self.rg = -1
+        self.values = self.offs = self.ids = None
+
+    def document(self, d: int) -> tuple[np.ndarray, str]:
+        rg = int(np.searchsorted(self.offsets, d, side="right")) - 1
+        if rg != self.rg:
+            table = self.cache.read_row_group(self.source, rg)
+            tokens = table.column("tokens").combine_chunks()
+            self.values, self.offs = tokens.values.to_numpy(), tokens.offsets.to_numpy()
+            self.ids = table.column("doc_id").to_pylist()
+            self.rg = rg
+        i = d - int(self.offsets[rg])
+        return self.values[self.offs[i]:self.offs[i + 1]], self.ids[i]
+
+
+def _emitted_segments(cache: TokenCache, source: str, plan: SourcePlan, doc: np.ndarray, take: np.ndarray,
+                      chunk_len: int | None, piece_len: int | None, tokens: bool = True,
+                      start: np.ndarray | None = None, stop: np.ndarray | None = None) -> Iterator[Segment]:
+    """The segments of the emissions (doc, take) of one source, in order. `piece_len` cuts longer documents into
+    pieces of that many tokens (the first piece marked `split`), so that one long document cannot fill a stretch
+    of rows by itself. `start`/`stop` (token offsets inside each emission, at piece or chunk boundaries) keep only
+    the segments in that range: a pass-2 partition may hold part of a long document. With `tokens=False` nothing
+    is read: segments carry zeros of the right lengths (what the row layout needs: pass 2 counts each
+    partition's rows before any partition writes)."""
+    reader = _CacheReader(cache, source) if tokens else None
+    zeros = np.zeros(int(take.max()) if len(take) else 0, np.int32)
+    bounds = zip(start.tolist(), stop.tolist()) if start is not None else ((0, t) for t in take.tolist())
+    for d, t, (lo, hi) in zip(doc.tolist(), take.tolist(), bounds):
+        if reader is not None:
+            toks, doc_id = reader.document(d)
+            toks = toks[:t]
+        else:
+            toks, doc_id = zeros[:t], ""
+        if chunk_len:
+            parts = [(c, toks[c:c + chunk_len], None) for c in range(0, len(toks), chunk_len)]
+        else:
+            parts = [(0, toks, int(plan.lengths[d]))]
+        for at, part, doc_tokens in parts:
+            n = len(part) if doc_tokens is None else doc_tokens
+            if piece_len and len(part) > piece_len:
+                for j, c in enumerate(range(0, len(part), piece_len)):
+                    if lo <= at + c < hi:
+                        yield Segment(part[c:c + piece_len], source, doc_id, n, split=j == 0, piece=j)
+            elif lo <= at < hi:
+                yield Segment(part, source, doc_id, n)
+
+
 def _source_segments(cache: TokenCache, source: str, plan: SourcePlan, seed: int, chunk_len: int | None,
                      piece_len: int | None, docs: np.ndarray | None) -> Iterator[Segment]:
-    """Documents of one source as the plan says: pass p emits every document with counts > p, row groups in a
-    seeded order, documents shuffled inside each row group. `docs` (bool per document) keeps only those
-    documents (the long or the short ones); `piece_len` cuts longer documents into pieces of that many tokens
-    (the first piece marked `split`), so that one long document cannot fill a stretch of rows by itself."""
-    counts = plan.counts if docs is None else np.where(docs, plan.counts, 0)
-    if not counts.any():
-        return
-    pf = pq.ParquetFile(cache.path(source))
-    sizes = cache.row_groups[source]
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    sidx = sorted(cache.lengths).index(source)
-    for p in range(int(counts.max())):
-        rng = np.random.default_rng([seed, sidx, p])
-        for rg in rng.permutation(len(sizes)):
-            lo, hi = int(offsets[rg]), int(offsets[rg + 1])
-            sel = np.flatnonzero(plan.counts[lo:hi] > p)
-            # NOTE: the permutation is drawn over every eligible document, then filtered: the long and the short
-            # stream of a source see the same seeded order as one stream would.
-            order = rng.permutation(sel)
-            if docs is not None:
-                order = order[docs[lo + order]]
-            if not len(order):
-                continue
-            table = pf.read_row_group(int(rg))
-            tokens = table.column("tokens").combine_chunks()
-            values = tokens.values.to_numpy()
-            offs = tokens.offsets.to_numpy()
-            ids = table.column("doc_id").to_pylist()
-            for i in order:
-                d = lo + int(i)
-                toks = values[offs[i]:offs[i + 1]]
-                if plan.counts[d] == p + 1:
-                    toks = toks[: plan.last_take[d]]
-                if chunk_len:
-                    parts = [(toks[c:c + chunk_len], None) for c in range(0, len(toks), chunk_len)]
-                else:
-                    parts = [(toks, int(plan.lengths[d]))]
-                for part, doc_tokens in parts:
-                    n = len(part) if doc_tokens is None else doc_tokens
-                    if piece_len and len(part) > piece_len:
-                        for j, c in enumerate(range(0, len(part), piece_len)):
-                            yield Segment(part[c:c + piece_len], source, ids[i], n, split=j == 0, piece=j)
-                    else:
-                        yield Segment(part, source, ids[i], n)
+    """Documents of one source as the plan says (`_emissions` order, `_emitted_segments` pieces)."""
+    doc, take = _emissions(cache, source, plan, seed, docs)
+    yield from _emitted_segments(cache, source, plan, doc, take, chunk_len, piece_len)
 
 
-def mixed_segments(cache: TokenCache, plan: MixturePlan, seed: int,
-                   piece_len: int | None = None) -> Iterator[Segment]:
+def bucket_emissions(cache: TokenCache, plan: MixturePlan, seed: int) -> dict[tuple[str, bool], tuple]:
+    """(document index, tokens, start, stop) of every emission of every (source, long) bucket of `mix_buckets`,
+    in order (start, stop: the token range of the emission a stream holds; here the whole of it)."""
+    thr = int(plan.params.get("long_threshold", 0) or 0)
+    out = {}
+    for s, long in mix_buckets(plan):
+        sp = plan.sources[s]
+        docs = None if (plan.chunk_len or not thr) else (sp.lengths >= thr) == long
+        doc, take = _emissions(cache, s, sp, seed, docs)
+        out[(s, long)] = (doc, take, np.zeros(len(doc), np.int64), take.copy())
+    return out
+
+
+def mixed_segments(cache: TokenCache, plan: MixturePlan, seed: int, piece_len: int | None = None,
+                   emissions: dict[tuple[str, bool], tuple] | None = None, tokens: bool = True,
+                   held: np.ndarray | None = None) -> Iterator[Segment]:
     """Interleave the sources' segment streams so that every stretch of the output has the target mix.
 
     Deficit interleaving, deterministic: the streams are the (source, long) buckets of `mix_buckets`; the next
     segment comes from the bucket furthest behind its planned share, measured as (emitted + half the next
     segment) / planned tokens (ties: a seeded bucket order). Source shares and the long share therefore stay on
-    target at every prefix, up to one segment; `piece_len` (seq_len) bounds a segment."""
+    target at every prefix, up to one segment; `piece_len` (seq_len) bounds a segment. `emissions` (one pass-2
+    partition: a stretch of every bucket's `bucket_emissions`) interleaves only those; `tokens=False`: lengths
+    only (`_emitted_segments`). `held` (tokens per bucket, in `mix_buckets` order, that the consumer has taken
+    but not yet put in a finished row; the consumer updates it) counts as not yet emitted: the best-fit packer
+    holds short documents back, and without this they would all come out together at the end."""
     targets = mix_buckets(plan)
     keys = list(targets)
-    thr = int(plan.params.get("long_threshold", 0) or 0)
+    if emissions is None:
+        emissions = bucket_emissions(cache, plan, seed)
     streams = []
     for s, long in keys:
-        sp = plan.sources[s]
-        docs = None if (plan.chunk_len or not thr) else (sp.lengths >= thr) == long
-        streams.append(_source_segments(cache, s, sp, seed, plan.chunk_len, piece_len, docs))
+        doc, take, start, stop = emissions[(s, long)]
+        streams.append(_emitted_segments(cache, s, plan.sources[s], doc, take, plan.chunk_len, piece_len, tokens,
+                                         start, stop))
     want = np.array([targets[k] for k in keys], np.float64)
     emitted = np.zeros(len(keys), np.float64)
     rank = np.random.default_rng([seed, 1_000_003]).permutation(len(keys)).astype(np.float64)
@@ -155,7 +220,8 @@ def mixed_segments(cache: TokenCache, plan: MixturePlan, seed: int,
     alive = np.array([h is not None for h in heads])
     while alive.any():
         nxt = np.array([len(h.tokens) if h is not None else 0 for h in heads], np.float64)
-        score = np.where(alive, (emitted + nxt / 2) / want, np.inf)
+        done = emitted if held is None else emitted - held
+        score = np.where(alive, (done + nxt / 2) / want, np.inf)
         best = np.flatnonzero(score == score.min())
         k = int(best[np.argmin(rank[best])])
         seg = heads[k]
@@ -220,36 +286,54 @@ def make_packer(data_cfg):
     return BestFitPacker(data_cfg.seq_len, data_cfg.pack_buffer_rows)
 
 
+def _packed_rows(cfg, cache: TokenCache, plan: MixturePlan, packer, out_stats: dict | None = None,
+                 emissions: dict | None = None, tokens: bool = True) -> Iterator[list[Segment]]:
+    """Finished rows (segment lists) in output order: the mixed stream packed, best-fit rows through the
+    mix-order pool (concat rows are already in stream order)."""
+    d = cfg.data
+    targets = mix_buckets(plan)
+    index = {k: i for i, k in enumerate(targets)}
+    key = _bucket_key(plan)
+    held = np.zeros(len(targets), np.float64)  # tokens fed to the packer, not yet in a finished row
+
+    def out(rows) -> Iterator[list[Segment]]:
+        for row in rows:
+            for seg in row:
+                held[index[key(seg.source, seg.doc_tokens)]] -= len(seg.tokens)
+            yield row
+
+    def packed() -> Iterator[list[Segment]]:
+        for seg in mixed_segments(cache, plan, d.seed, piece_len=d.seq_len, emissions=emissions, tokens=tokens,
+                                  held=held if isinstance(packer, BestFitPacker) else None):
+            if out_stats is not None:
+                out_stats.setdefault(seg.source, LengthAccumulator(d.long_threshold)).add(
+                    seg.doc_tokens, len(seg.tokens), docs=int(seg.piece == 0))
+            held[index[key(seg.source, seg.doc_tokens)]] += len(seg.tokens)
+            yield from out(packer.add(seg))
+        yield from out(packer.finish())
+
+    if not isinstance(packer, BestFitPacker):
+        yield from packed()
+        return
+    order = MixedRowOrder(targets, key, mix_pool_rows(d.pack_buffer_rows))
+    for row in packed():
+        yield from order.add(row)
+    yield from order.finish()
+
+
 def packed_row_tables(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int,
                       out_stats: dict[str, LengthAccumulator] | None = None,
-                      packer: BestFitPacker | None = None, rows_per_table: int | None = None) -> Iterator[pa.Table]:
-    """Pass 2: packed rows as Arrow tables of up to `rows_per_table` (default rows_per_shard) rows, row_id
-    0..N-1 in order."""
+                      packer: BestFitPacker | None = None, rows_per_table: int | None = None,
+                      emissions: dict | None = None, row_offset: int = 0) -> Iterator[pa.Table]:
+    """Pass 2 (of the whole stream, or of one partition: `emissions`, its rows numbered from `row_offset`):
+    packed rows as Arrow tables of up to `rows_per_table` (default rows_per_shard) rows, row_id in order."""
     d = cfg.data
     rows_per_table = rows_per_table or d.rows_per_shard
     packer = packer or make_packer(d)
     builder = RowBuilder(d.seq_len, pad_id, d.attention)
-    row_id = 0
+    row_id = row_offset
     cip = _cip_hook(d.cip)
-
-    def packed() -> Iterator[list[Segment]]:
-        for seg in mixed_segments(cache, plan, d.seed, piece_len=d.seq_len):
-            if out_stats is not None:
-                out_stats.setdefault(seg.source, LengthAccumulator(d.long_threshold)).add(
-                    seg.doc_tokens, len(seg.tokens), docs=int(seg.piece == 0))
-            yield from packer.add(seg)
-        yield from packer.finish()
-
-    def rows() -> Iterator[list[Segment]]:
-        if not isinstance(packer, BestFitPacker):  # concat rows are already in stream order
-            yield from packed()
-            return
-        order = MixedRowOrder(mix_buckets(plan), _bucket_key(plan), mix_pool_rows(d.pack_buffer_rows))
-        for row in packed():
-            yield from order.add(row)
-        yield from order.finish()
-
-    for segments in rows():
+    for segments in _packed_rows(cfg, cache, plan, packer, out_stats, emissions):
         builder.add(row_id, segments)
         row_id += 1
         if len(builder) == rows_per_table:
@@ -257,10 +341,178 @@ def packed_row_tables(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int,
             builder.clear()
     if len(builder):
         yield cip(builder.table())
-    if d.cip.fraction > 0:  # the manifest's params record the CIP share (build_manifest copies plan.params)
+    if d.cip.fraction > 0 and emissions is None:  # the manifest's params record the CIP share
         from longctx.data.cip import cip_params
 
         plan.params["cip"] = cip_params(d.cip.k, d.cip.fraction, row_id)
+
+
+# ------------------------------------------------------------------------------- pass 2 across the cluster
+PARTITION_ROWS = 4096  # default partition size in rows of seq_len tokens (data.pack_partitions unset)
+
+
+def pack_partition_count(data_cfg, plan: MixturePlan) -> int:
+    """Pass-2 partitions: `data.pack_partitions`, else one per PARTITION_ROWS rows' worth of planned tokens (at
+    least one). A function of the config and the plan only, never of the cluster: the output does not depend
+    on how many nodes or CPUs run it. Each partition ends with its own packer flush (at most pack_buffer_rows
+    part-filled rows), hence partitions of thousands of rows."""
+    if data_cfg.pack_partitions:
+        return int(data_cfg.pack_partitions)
+    planned = sum(plan.planned_tokens().values())
+    return max(1, planned // (PARTITION_ROWS * data_cfg.seq_len))
+
+
+def partition_emissions(emissions: dict[tuple[str, bool], tuple], parts: int, unit: int) -> list[dict]:
+    """Cut every bucket's emission stream into `parts` consecutive stretches of equal tokens, up to `unit`
+    tokens (seq_len, or the cut-4k chunk length): a cut that falls inside a long document splits it at a multiple
+    of `unit` from its start (its pieces are rows of their own anyway). Partition k holds 1/parts of every
+    bucket, so each carries the target mix and their concatenation is the whole plan. Integer arithmetic."""
+    out: list[dict] = [{} for _ in range(parts)]
+    for key, (doc, take, start, stop) in emissions.items():
+        ends = np.cumsum(stop - start)
+        total = int(ends[-1]) if len(ends) else 0
+        cuts = []  # (emission index, token offset inside it) where each partition after the first begins
+        for k in range(1, parts):
+            t = (total * k) // parts
+            e = int(np.searchsorted(ends, t, side="right"))  # the emission holding token t
+            if e >= len(doc):
+                cuts.append((len(doc), 0))
+                continue
+            before = int(ends[e - 1]) if e else 0
+            off = int(start[e]) + ((t - before + unit // 2) // unit) * unit
+            if off <= start[e]:
+                cuts.append((e, int(start[e])))
+            elif off >= stop[e]:
+                cuts.append((e + 1, int(start[e + 1]) if e + 1 < len(doc) else 0))
+            else:
+                cuts.append((e, off))
+        edges = [(0, int(start[0]) if len(doc) else 0), *cuts, (len(doc), 0)]
+        for k in range(parts):
+            (e0, o0), (e1, o1) = edges[k], edges[k + 1]
+            hi_e = e1 + 1 if o1 > (start[e1] if e1 < len(doc) else 0) else e1  # e1 partly ours
+            sl = slice(e0, hi_e)
+            st, sp = start[sl].copy(), stop[sl].copy()
+            if len(st):
+                st[0] = max(st[0], o0) if e0 < len(doc) else st[0]
+                if hi_e > e1:
+                    sp[-1] = o1
+            keep = sp > st
+            out[k][key] = (doc[sl][keep], take[sl][keep], st[keep], sp[keep])
+    return out
+
+
+def partition_row_count(cfg_json: str, cache: TokenCache, plan: MixturePlan, emissions: dict) -> int:
+    """Rows partition `emissions` packs into, from the lengths alone (no token read): the driver numbers rows
+    and shards from these before any partition writes."""
+    from longctx.config import JobConfig
+
+    cfg = JobConfig.model_validate_json(cfg_json)
+    return sum(1 for _ in _packed_rows(cfg, cache, plan, make_packer(cfg.data), None, emissions, tokens=False))
+
+
+def write_partition(cfg_json: str, cache: TokenCache, plan: MixturePlan, pad_id: int, emissions: dict,
+                    row_offset: int, shard_offset: int, staging: str) -> dict:
+    """One pass-2 partition: pack its rows (row ids from `row_offset`) and write them as shards
+    `part-{shard_offset + i:05d}.parquet` of rows_per_shard rows under `staging` (local folder or s3:// prefix).
+    Returns the shard entries, the packer's stats, per-source output statistics and the node it ran on."""
+    from longctx.config import JobConfig
+
+    cfg = JobConfig.model_validate_json(cfg_json)
+    out_stats: dict[str, LengthAccumulator] = {}
+    packer = make_packer(cfg.data)
+    shards = []
+    for i, table in enumerate(packed_row_tables(cfg, cache, plan, pad_id, out_stats, packer,
+                                                emissions=emissions, row_offset=row_offset)):
+        name = f"part-{shard_offset + i:05d}.parquet"
+        shards.append({"path": name, "rows": table.num_rows, "row_id_start": int(table.column("row_id")[0].as_py()),
+                       **_write_shard(table, staging, name)})
+    return {"shards": shards, "stats": packer.stats, "out_stats": out_stats, "node": _node_id()}
+
+
+def _write_shard(table: pa.Table, staging: str, name: str) -> dict:
+    """Write one shard (zstd Parquet) under a local folder or an s3:// prefix; its bytes and sha256."""
+    if not storage.is_s3(staging):
+        path = os.path.join(staging, name)
+        pq.write_table(table, path, compression="zstd", row_group_size=min(256, table.num_rows))
+        return {"bytes": os.path.getsize(path), "sha256": storage.sha256_file(path)}
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="longctx-shard-") as tmp:
+        path = os.path.join(tmp, name)
+        pq.write_table(table, path, compression="zstd", row_group_size=min(256, table.num_rows))
+        fs, key = storage.fsspec_fs(storage.join(staging, name))
+        storage.retry_io(lambda: fs.put_file(path, key), f"upload {name}")
+        return {"bytes": os.path.getsize(path), "sha256": storage.sha256_file(path)}
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - only a label for the record
+        return ""
+
+
+def run_pass2(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int, staging: str,
+              use_ray: bool | None = None) -> dict:
+    """Pass 2 over deterministic partitions: the driver plans (emission order, partition cuts), one Ray task per
+    partition counts its rows from the lengths, the driver numbers rows and shards, one Ray task per partition
+    packs and writes its shards. Without Ray (not initialised) the same functions run here, one after the other:
+    the bytes are the same (`use_ray=False` forces that). Returns shards (in order), summed pack stats, merged
+    output stats and the nodes the write tasks ran on."""
+    d = cfg.data
+    parts = pack_partition_count(d, plan)
+    emissions = partition_emissions(bucket_emissions(cache, plan, d.seed), parts, plan.chunk_len or d.seq_len)
+    cfg_json = cfg.model_dump_json()
+    import ray
+
+    use_ray = ray.is_initialized() if use_ray is None else use_ray
+    if use_ray:
+        opts = {"num_cpus": cfg.ray.data_cpus_per_task, "max_retries": 3}
+        if cfg.ray.data_resources:
+            opts["resources"] = dict(cfg.ray.data_resources)
+        if not (storage.is_s3(staging) and storage.is_s3(cache.root)):
+            # NOTE: a node-local cache or staging folder: the tasks run where they are (this node)
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        cache_ref, plan_ref = ray.put(cache), ray.put(plan)
+        count = ray.remote(partition_row_count).options(**opts)
+        rows = ray.get([count.remote(cfg_json, cache_ref, plan_ref, em) for em in emissions])
+    else:
+        rows = [partition_row_count(cfg_json, cache, plan, em) for em in emissions]
+    row_offsets = np.concatenate([[0], np.cumsum(rows)]).astype(int).tolist()
+    shard_counts = [-(-r // d.rows_per_shard) for r in rows]
+    shard_offsets = np.concatenate([[0], np.cumsum(shard_counts)]).astype(int).tolist()
+    args = [(em, row_offsets[k], shard_offsets[k], staging) for k, em in enumerate(emissions)]
+    if use_ray:
+        write = ray.remote(write_partition).options(**opts)
+        results = ray.get([write.remote(cfg_json, cache_ref, plan_ref, pad_id, *a) for a in args])
+    else:
+        results = [write_partition(cfg_json, cache, plan, pad_id, *a) for a in args]
+    stats = PackStats()
+    out_stats: dict[str, LengthAccumulator] = {}
+    shards = []
+    for r, n in zip(results, rows):
+        if r["stats"].rows != n:
+            raise RuntimeError(f"pass 2: a partition packed {r['stats'].rows} rows, its layout said {n}")
+        shards += r["shards"]
+        for f in ("rows", "tokens", "pad_tokens", "split_docs", "pieces", "tail_dropped"):
+            setattr(stats, f, getattr(stats, f) + getattr(r["stats"], f))
+        for s, acc in r["out_stats"].items():
+            mine = out_stats.setdefault(s, LengthAccumulator(d.long_threshold))
+            mine.docs += acc.docs
+            mine.tokens += acc.tokens
+            mine.long_docs += acc.long_docs
+            mine.long_tokens += acc.long_tokens
+    if d.cip.fraction > 0:  # the manifest's params record the CIP share
+        from longctx.data.cip import cip_params
+
+        plan.params["cip"] = cip_params(d.cip.k, d.cip.fraction, stats.rows)
+    return {"shards": shards, "stats": stats, "out_stats": dict(sorted(out_stats.items())), "partitions": parts,
+            "rows_per_partition": rows, "nodes": [r["node"] for r in results]}
 
 
 def _cip_hook(cip_cfg):
@@ -315,17 +567,9 @@ def pack_and_publish(cfg, cache: TokenCache, dest: str, overwrite: bool = False,
     if not quiet:
         print(format_length_table(in_stats, d.long_threshold), flush=True)
     plan = plan_mixture(in_lengths, d, cache.estimated_tokens or None)
-    out_stats: dict[str, LengthAccumulator] = {}
-    packer = make_packer(d)
     with storage.publish_dir(dest, overwrite=overwrite) as staging:
-        shards = []
-        for i, table in enumerate(packed_row_tables(cfg, cache, plan, pad, out_stats, packer)):
-            name = f"part-{i:05d}.parquet"
-            path = os.path.join(staging, name)
-            pq.write_table(table, path, compression="zstd", row_group_size=min(256, table.num_rows))
-            shards.append({"path": name, "rows": table.num_rows,
-                           "row_id_start": int(table.column("row_id")[0].as_py()),
-                           "bytes": os.path.getsize(path), "sha256": storage.sha256_file(path)})
+        p2 = run_pass2(cfg, cache, plan, pad, staging)
+        shards, pack_stats, out_stats = p2["shards"], p2["stats"], p2["out_stats"]
         os.makedirs(os.path.join(staging, "_quarantine"))
         qpath = os.path.join(staging, QUARANTINE_FILE)
         if cache.quarantine_path and os.path.exists(cache.quarantine_path):
@@ -334,14 +578,15 @@ def pack_and_publish(cfg, cache: TokenCache, dest: str, overwrite: bool = False,
             open(qpath, "w").close()
         plot_length_histogram(in_lengths, os.path.join(staging, "lengths.png"), seq_len=d.seq_len,
                               long_threshold=d.long_threshold, title="input tokens by document length, per source")
-        manifest = build_manifest(cfg, tok, eos, pad, cache, plan, in_stats, out_stats, packer.stats, shards,
+        manifest = build_manifest(cfg, tok, eos, pad, cache, plan, in_stats, out_stats, pack_stats, shards,
                                   bad_fraction)
         with open(os.path.join(staging, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
     timings = {"tokenize_s": round(cache.seconds, 3), "pack_write_s": round(time.time() - t_pack, 3)}
     # Convenience keys for callers (not in manifest.json, which stays deterministic).
-    return {**manifest, "uri": storage.normalize(dest), "rows": packer.stats.rows, "tokens": packer.stats.tokens,
-            "pad_fraction": manifest["totals"]["pad_fraction"], "timings": timings}
+    return {**manifest, "uri": storage.normalize(dest), "rows": pack_stats.rows, "tokens": pack_stats.tokens,
+            "pad_fraction": manifest["totals"]["pad_fraction"], "timings": timings,
+            "pass2": {"partitions": p2["partitions"], "rows": p2["rows_per_partition"], "nodes": p2["nodes"]}}
 
 
 def load_manifest(uri: str) -> dict:
@@ -388,8 +633,15 @@ def _pack_in_task(batch: dict, cfg_json: str, cache: TokenCache, plan: MixturePl
     from longctx.config import JobConfig
 
     cfg = JobConfig.model_validate_json(cfg_json)
-    for table in packed_row_tables(cfg, cache, plan, pad_id, rows_per_table=rows_per_block):
-        yield fixed_length_columns(table, cfg.data.seq_len)
+    d = cfg.data
+    parts = partition_emissions(bucket_emissions(cache, plan, d.seed), pack_partition_count(d, plan),
+                                plan.chunk_len or d.seq_len)
+    row = 0
+    for em in parts:  # the partitions prepare_data's tasks write, one after the other: the same rows and ids
+        for table in packed_row_tables(cfg, cache, plan, pad_id, rows_per_table=rows_per_block, emissions=em,
+                                       row_offset=row):
+            row += table.num_rows
+            yield fixed_length_columns(table, d.seq_len)
 
 
 def packed_dataset(cfg):

@@ -47,6 +47,8 @@ class TokenCache:
     seconds: float = 0.0
     read: dict = field(default_factory=dict)  # budget-aware reading (data/budget.py): per-source report
     estimated_tokens: dict[str, int] = field(default_factory=dict)  # whole-corpus tokens per label (read_margin)
+    chunks: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # per row group: (file, index)
+    _files: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def bad(self) -> int:
@@ -57,6 +59,34 @@ class TokenCache:
 
     def path(self, source: str) -> str:
         return os.path.join(self.root, f"{sorted(self.lengths).index(source):04d}.parquet")
+
+    def chunk(self, source: str, rg: int) -> tuple[str, int]:
+        """(file under `root`, row group in it) of the source's `rg`-th cache row group."""
+        if source in self.chunks:
+            return self.chunks[source][rg]
+        return os.path.basename(self.path(source)), rg
+
+    def read_row_group(self, source: str, rg: int) -> pa.Table:
+        """The source's `rg`-th cache row group (`row_groups[source][rg]` documents: doc_id, tokens), read from
+        wherever the cache is (local folder or s3://); files stay open in this process."""
+        name, i = self.chunk(source, rg)
+        pf = self._files.get(name)
+        if pf is None:
+            from longctx import storage
+
+            uri = storage.join(self.root, name) if storage.is_s3(self.root) else os.path.join(self.root, name)
+            fs, path = storage.pyarrow_fs(uri)
+            pf = self._files[name] = pq.ParquetFile(fs.open_input_file(path))
+            if len(self._files) > 64:  # a bounded number of open files
+                self._files.pop(next(iter(self._files)))
+        table = pf.read_row_group(i)
+        n = self.row_groups[source][rg]
+        return table if table.num_rows == n else table.slice(0, n)
+
+    def __getstate__(self):  # open files stay behind when the cache is sent to a Ray task
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
 
     @classmethod
     def from_documents(cls, root: str, docs: dict[str, list[tuple[str, np.ndarray]]]) -> "TokenCache":
