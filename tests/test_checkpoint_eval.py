@@ -143,6 +143,16 @@ def test_every_checkpoint_evaluated_once_beside_training_and_after_a_resume(ray_
                 if q["step"] > r["step"] and r["eval_started_at"] < q["committed_at"] < r["eval_finished_at"]]
     assert overlaps, "no checkpoint was committed while another was being evaluated: did training wait?"
 
+    # Each record reached TensorBoard live, once, at its checkpoint's step, with the ledger's values.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(root, "tensorboard", "checkpoint_eval"), size_guidance={"scalars": 0})
+    acc.Reload()
+    for field in ("nll_beyond_base", "passkey"):
+        events = acc.Scalars(f"checkpoint_eval/{field}")
+        assert [e.step for e in events] == list(range(1, steps + 1))
+        assert [e.value for e in events] == pytest.approx([r[field] for r in recs], rel=1e-6, abs=1e-6)
+
     # A rerun of the driver (resume) finds every snapshot already in the ledger: nothing is evaluated again.
     rerun = load_config(None, [f"model.path={model_dir}", "data.seq_len=64", "eval.during_training.passkey_lengths=[128]",
                                "eval.during_training.enabled=true", "eval.during_training.poll_s=0.2",

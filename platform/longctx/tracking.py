@@ -252,15 +252,20 @@ CHECKPOINT_EVAL_SCALARS = ("nll_beyond_base", "passkey", "needle")
 """Fields of an eval.during_training record (checkpoint_eval.jsonl) logged as `checkpoint_eval/<field>`."""
 
 
+def checkpoint_eval_scalars(record: dict) -> dict[str, float]:
+    """`checkpoint_eval/<metric>` scalars of one eval.during_training record (logged at the checkpoint's step)."""
+    return {f"checkpoint_eval/{k}": record[k] for k in CHECKPOINT_EVAL_SCALARS if _is_number(record.get(k))}
+
+
 def log_evaluation(cfg, run_root: str, run_id: str, eval_metrics: dict | None, step: int,
                    checkpoint_evals: list[dict] | None = None) -> dict[str, float]:
     """The end-of-run evaluation's scalars (`eval/<model>/<metric>`, at training step `step`) and the checkpoint
-    evaluations made while training (`checkpoint_eval/<metric>` at each checkpoint's step) to
+    evaluations given in `checkpoint_evals` (`checkpoint_eval/<metric>` at each checkpoint's step; the jobs pass
+    none: `eval.during_training` logs each record live, see `longctx.eval.during_training`) to
     `<run>/eval/tensorboard` and the configured backends (W&B: run `<run_id>-eval` in the run's group; MLflow:
     run `<run_id>-eval`). Returns the end-of-run scalars."""
     scalars = eval_scalars(eval_metrics or {})
-    ckpts = [(int(r["step"]), {f"checkpoint_eval/{k}": r[k] for k in CHECKPOINT_EVAL_SCALARS if _is_number(r.get(k))})
-             for r in checkpoint_evals or [] if "step" in r]
+    ckpts = [(int(r["step"]), checkpoint_eval_scalars(r)) for r in checkpoint_evals or [] if "step" in r]
     if not scalars and not any(v for _, v in ckpts):
         return scalars
     tracker = Tracker.open(cfg, storage.join(run_root, "eval", "tensorboard"), run_id=run_id, role="eval",

@@ -308,8 +308,8 @@ def run_long_pt(cfg: JobConfig) -> dict:
     if cfg.eval.enabled:
         specs = default_model_specs(cfg, cfg.model.path, outcome.final_model_uri)
         metrics["eval"] = evaluate_step(run, cfg, specs)
-    tracking.log_evaluation(cfg, run.root, run.run_id, metrics.get("eval"), step=outcome.steps,
-                            checkpoint_evals=getattr(outcome, "checkpoint_evals", None))
+    # (checkpoint evaluations reached the trackers live, as each was recorded: eval.during_training)
+    tracking.log_evaluation(cfg, run.root, run.run_id, metrics.get("eval"), step=outcome.steps)
     sections = [("Data", data_section(manifest, run.root, data_uri)),
                 ("Training", train_section(cfg, outcome, run.timings, run.root))]
     if outcome.checkpoint_evals:  # eval.during_training: every checkpoint, evaluated while training ran

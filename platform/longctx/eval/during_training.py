@@ -18,6 +18,10 @@ a second record). The training loop reads the ledger at checkpoint steps to repo
 Tune (`ckpt_passkey`, `ckpt_needle`, `ckpt_neg_nll_beyond_base`, `ckpt_nll_beyond_base`, `ckpt_step`) and
 to stop early when the retrieval objective stops improving (`early_stop_patience`).
 
+Each record also goes to the run's trackers as it is written (`checkpoint_eval/<metric>` at the checkpoint's
+step; TensorBoard under `<train root>/tensorboard/checkpoint_eval`, W&B/MLflow runs `<run>-checkpoint_eval`), so
+retrieval can be watched while training runs; the ledger makes that exactly once too.
+
 Nothing here is trained or evaluated twice for the sake of bookkeeping: the actor calls the same plain functions
 as the end-of-run evaluation (`perplexity.py`, `passkey.py`, `needle.py`).
 """
@@ -258,6 +262,7 @@ class CheckpointWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._actor = None
+        self._tracker = None
         self._inflight: tuple[int, str, Any] | None = None
         self.evaluated: list[int] = []
         """Steps evaluated by this watcher (not those found already in the ledger)."""
@@ -280,6 +285,11 @@ class CheckpointWatcher:
                 raise ValueError(f"eval.during_training.passkey_lengths={settings['passkey_lengths']}: {exc}") from exc
         cls = ray.remote(num_cpus=self.dt.num_cpus, num_gpus=self.dt.num_gpus, max_restarts=1)(CheckpointEvaluator)
         self._actor = cls.remote(json.loads(self.cfg.model_dump_json()), self.hold_s)
+        from longctx.tracking import Tracker, run_id_for
+
+        self._tracker = Tracker.open(self.cfg, storage.join(self.train_root, "tensorboard", "checkpoint_eval"),
+                                     run_id=run_id_for(self.cfg, self.train_root), role="checkpoint_eval",
+                                     rank_zero_only=False)
         self._thread = threading.Thread(target=self._run, name="longctx-checkpoint-eval", daemon=True)
         self._thread.start()
         log.info("evaluating every committed checkpoint under %s (ledger %s)", self.train_root, self.ledger)
@@ -324,6 +334,11 @@ class CheckpointWatcher:
                 self.records = sorted([*self.records, rec], key=lambda r: r["step"])
                 write_ledger(self.ledger, self.records)
                 self.evaluated.append(step)
+                if self._tracker is not None:
+                    from longctx.tracking import checkpoint_eval_scalars
+
+                    self._tracker.log(checkpoint_eval_scalars(rec), step)
+                    self._tracker.flush()
                 print(f"[eval] checkpoint step {step} ({rec['tokens']:,} tokens): "
                       f"NLL beyond base {_fmt(rec.get('nll_beyond_base'))}, passkey {_fmt(rec.get('passkey'))}"
                       + (f", needle {_fmt(rec.get('needle'))}" if "needle" in rec else "")
@@ -355,6 +370,9 @@ class CheckpointWatcher:
         if self._actor is not None:
             ray.kill(self._actor)
             self._actor = None
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
         if self.records:
             storage.write_bytes(storage.join(self.train_root, PLOT), plot_checkpoint_eval(self.records))
         return self.records
