@@ -3,7 +3,7 @@
     longctx data prepare --config jobs/configs/tiny.yaml --set data.output=s3://bucket/packed/
     longctx data stats   --config FILE
     longctx data synth   cip|tables|retrieval --config FILE [--output URI] [--packed URI]
-    longctx data clean   [--path FOLDER]       (staging / token-cache folders of killed runs)
+    longctx data clean   [--path FOLDER] [--prefix S3_URI]  (leftovers of killed runs and overwrites)
     longctx train        --config FILE            (same as jobs/long_pt.py; the same command again resumes the run)
     longctx sft          --config FILE            (same as jobs/long_sft.py)
     longctx eval run     --config FILE --set eval.model=URI
@@ -68,6 +68,13 @@ def _cmd_data_clean(args) -> int:
     for path in removed:
         print(f"removed {path}")
     print(f"removed {len(removed)} folders of dead runs (folders of running ones are kept)")
+    if args.prefix:
+        from longctx import storage
+
+        orphans = [u for prefix in args.prefix for u in storage.remove_orphans(prefix)]
+        for uri in orphans:
+            print(f"removed {uri}")
+        print(f"removed {len(orphans)} objects left by interrupted S3 overwrites")
     return 0
 
 
@@ -213,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", action="append", default=[], metavar="FOLDER",
                    help="also sweep .staging-* folders here (the parent of a local output; repeatable)")
     p.add_argument("--tmp", default=None, help="temp folder holding longctx-* work folders (default: the system's)")
+    p.add_argument("--prefix", action="append", default=[], metavar="S3_URI",
+                   help="also remove what interrupted overwrites left under this published s3:// prefix "
+                        "(uncommitted generations, old files not yet deleted; repeatable)")
     p.set_defaults(func=_cmd_data_clean)
 
     train = verbs.add_parser("train", help="Long-PT: prepare data, train, evaluate (as jobs/long_pt.py)")

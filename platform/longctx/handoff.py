@@ -47,7 +47,7 @@ def fingerprint_of(tok) -> str:
 def model_vocab_size(model_uri: str) -> int | None:
     """Embedding rows of a Hugging Face model folder (its config.json; nothing else is read)."""
     try:
-        conf = json.loads(storage.read_text(storage.join(model_uri, "config.json")))
+        conf = json.loads(storage.read_text(storage.published_path(model_uri, "config.json")))
     except Exception:  # noqa: BLE001 - a missing model is the preflight checks' to report, not this check's
         return None
     conf = conf.get("text_config", conf) if "vocab_size" not in conf else conf

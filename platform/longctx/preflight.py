@@ -501,7 +501,8 @@ def _check_prepared(st: _State) -> None:
     fix = "prepare data for this job's settings (jobs/prepare_data.py), or match the job to the data"
     try:
         committed = storage.is_committed(uri)
-        manifest = json.loads(storage.read_text(storage.join(uri, "manifest.json"))) if committed else None
+        manifest = storage.read_committed(uri, lambda root: json.loads(storage.read_text(storage.join(
+            root, "manifest.json")))) if committed else None
     except Exception as e:  # noqa: BLE001 - one line, whatever the store says
         st.add("data.prepared", f"{uri}: cannot be read ({type(e).__name__}: {e})", "correct the path or credentials")
         return

@@ -6,9 +6,14 @@ once: `storage.endpoint_url` from config, else AWS_ENDPOINT_URL_S3 / AWS_ENDPOIN
 explicitly to both pyarrow and s3fs.)
 
 Atomic publish: `publish_dir(dest)` stages a directory and makes it visible all at once. Locally the staged
-folder is renamed into place. On S3 (atomic per object, not per prefix) files are written under the fresh
-prefix and a `_COMMITTED` marker listing every file with its sha256 is written last; readers call
-`require_committed` and never trust a prefix without it.
+folder is renamed into place (an overwrite is one atomic exchange). On S3 (atomic per object, not per prefix)
+files are written under the fresh prefix and a `_COMMITTED` marker listing every file with its sha256 is written
+last; readers call `require_committed` and never trust a prefix without it. An S3 overwrite uploads the new files
+under a generation folder (`dest/gen-<time>-<hex>/`) that cannot collide with the old ones, switches readers to
+it with one PUT of the marker (`"root": "gen-..."`), and only then deletes the old files: at every instant the
+marker names one complete dataset. Readers therefore take file names from the marker (`committed_root`,
+`published_path`, `expand`, `local_dir`), never from a listing; objects a crashed overwrite left behind are
+invisible to them and removed by the next publish or `longctx data clean --prefix` (`remove_orphans`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -33,11 +39,20 @@ from typing import Iterator
 import pyarrow.fs as pafs
 
 COMMIT_MARKER = "_COMMITTED"
+GENERATION = re.compile(r"^gen-\d{8}T\d{6}-[0-9a-f]{8}$")
+"""Name of the folder an S3 overwrite uploads into (`root` in the marker)."""
+PUBLISH_HOOKS: list = []
+"""Callables `hook(stage, dest)` run at each stage of an S3 publish ("orphans_removed", "uploaded", "switched",
+"retiring", "done"): tests hold or kill a publish at a precise point with them. Empty in production."""
 log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
     """A URI cannot be resolved, read or published; the message names the URI."""
+
+
+class StorageNotFound(StorageError, FileNotFoundError):
+    """An object or file that is not there; the message names it."""
 
 
 class StorageIOError(StorageError):
@@ -139,9 +154,17 @@ def pyarrow_fs(uri: str, opts: StorageOptions | None = None) -> tuple[pafs.FileS
     return pafs.LocalFileSystem(), uri
 
 
+_S3FS: dict[tuple, object] = {}
+
+
 def fsspec_fs(uri: str, opts: StorageOptions | None = None, client_retries: bool = True):
     """(fsspec filesystem, path) for a URI; for code that wants file-like objects (gzip, zstd, json).
-    `client_retries=False`: s3fs and botocore try once, for callers that retry themselves (`retry_io`)."""
+    `client_retries=False`: s3fs and botocore try once, for callers that retry themselves (`retry_io`); such a
+    filesystem is made fresh each time (no pooled connection from before an outage).
+
+    The others are made once per process and endpoint: building an S3 client costs 0.1-0.4 s of CPU (botocore
+    loads its service model), a request on a made one 5-20 ms. Listings are never cached (`use_listings_cache`
+    off): `exists` and `ls` ask the store every time, which the commit protocol relies on."""
     uri = normalize(uri)
     if is_s3(uri):
         import s3fs
@@ -152,10 +175,16 @@ def fsspec_fs(uri: str, opts: StorageOptions | None = None, client_retries: bool
             client_kwargs["endpoint_url"] = opts.endpoint_url
         if opts.region:
             client_kwargs["region_name"] = opts.region
-        extra = {} if client_retries else {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
-        fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True, **extra)
-        if not client_retries:
-            fs.retries = 1
+        key = (os.getpid(), opts.endpoint_url, opts.region)
+        fs = _S3FS.get(key) if client_retries else None
+        if fs is None:
+            extra = {} if client_retries else {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+            fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True, use_listings_cache=False,
+                                   **extra)
+            if client_retries:
+                _S3FS[key] = fs
+            else:
+                fs.retries = 1
         return fs, uri[len("s3://") :]
     import fsspec
 
@@ -176,7 +205,10 @@ def expand(uri: str, suffixes: tuple[str, ...] | None = None, hidden: bool = Fal
     unless `hidden`."""
     norm = normalize(uri)
     fs, path = fsspec_fs(norm)
-    if any(ch in path for ch in "*?["):
+    found = _expand_committed(fs, path) if is_s3(norm) else None
+    if found is not None:
+        pass
+    elif any(ch in path for ch in "*?["):
         found = fs.glob(path)
     elif fs.isdir(path):
         found = [p for p in fs.find(path) if not fs.isdir(p)]
@@ -188,6 +220,41 @@ def expand(uri: str, suffixes: tuple[str, ...] | None = None, hidden: bool = Fal
     if suffixes:
         files = [p for p in files if p.endswith(suffixes)]
     return [_to_uri(norm, p) for p in files]
+
+
+def _glob_split(path: str) -> tuple[str, list[str]]:
+    """(folder before the first wildcard component, the pattern's remaining components)."""
+    parts = path.rstrip("/").split("/")
+    for i, part in enumerate(parts):
+        if any(ch in part for ch in "*?["):
+            return "/".join(parts[:i]), parts[i:]
+    return "/".join(parts), []
+
+
+def _match_parts(pattern: list[str], parts: list[str]) -> bool:
+    import fnmatch
+
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_match_parts(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match_parts(pattern[1:], parts[1:])
+
+
+def _expand_committed(fs, path: str) -> list[str] | None:
+    """Files of an S3 folder (or a glob inside one) that holds a `_COMMITTED` marker, taken from the marker (the
+    committed generation's files and the marker itself), so that objects of a crashed overwrite are never listed;
+    None when the folder holds no marker (the caller lists it)."""
+    base, pattern = _glob_split(path)
+    marker = _marker_at(fs, base)
+    if marker is None:
+        return None
+    root = _root_of(marker, "s3://" + base)
+    found = [f"{base}/{root}/{rel}" if root else f"{base}/{rel}" for rel in _marker_files(marker, "s3://" + base)
+             if not pattern or _match_parts(pattern, rel.split("/"))]
+    if not pattern or _match_parts(pattern, [COMMIT_MARKER]):
+        found.append(f"{base}/{COMMIT_MARKER}")
+    return found
 
 
 # --------------------------------------------------------------------------------- reads with retries
@@ -332,10 +399,9 @@ class RetryingReader(io.RawIOBase):
 def read_bytes(uri: str) -> bytes:
     fs, path = fsspec_fs(uri)
     try:
-        with fs.open(path, "rb") as f:
-            return f.read()
+        return fs.cat_file(path)  # one GET (open() would HEAD first)
     except FileNotFoundError:
-        raise StorageError(f"{uri}: not found") from None
+        raise StorageNotFound(f"{uri}: not found") from None
 
 
 def read_text(uri: str) -> str:
@@ -406,7 +472,8 @@ def safe_relpath(key: str, root: str = "") -> str:
 
 
 def _listing(uri: str) -> tuple[object, str, dict[str, dict]]:
-    """(fs, prefix path, {relative key: {"size", "etag"}}) of every object under an s3:// prefix, keys checked."""
+    """(fs, prefix path, {relative key: {"size", "etag"}}) of every object under an s3:// prefix, keys checked.
+    Every object, committed or not: readers use `_committed_listing`."""
     fs, path = fsspec_fs(uri)
     prefix = path.rstrip("/")
     found = fs.find(prefix, detail=True)
@@ -422,15 +489,40 @@ def _listing(uri: str) -> tuple[object, str, dict[str, dict]]:
     return fs, prefix, entries
 
 
+def _committed_listing(uri: str) -> tuple[object, str, dict[str, dict]]:
+    """`_listing`, and where the prefix holds a `_COMMITTED` marker only what it commits: {local relative path:
+    {"size", "etag", "key"}} with `key` the object's key under the prefix (`gen-.../x` after an overwrite). The
+    marker itself is kept for a plain layout (as before) and left out for a generation layout (its `root` would
+    not hold for the local copy). Objects of a crashed overwrite are never part of it."""
+    fs, prefix, entries = _listing(uri)
+    if COMMIT_MARKER not in entries:
+        return fs, prefix, {rel: {**e, "key": rel} for rel, e in entries.items()}
+    marker = _marker_at(fs, prefix)
+    if marker is None:  # deleted between the listing and the read: not committed any more
+        raise StorageError(f"{uri}: no {COMMIT_MARKER} marker: the output is incomplete")
+    root = _root_of(marker, uri)
+    out = {}
+    for rel in _marker_files(marker, uri):
+        key = f"{root}/{rel}" if root else rel
+        if key not in entries:
+            raise StorageNotFound(f"{uri}/{key}: listed in {COMMIT_MARKER} but not in the bucket (the prefix was "
+                                  "overwritten while it was read, or damaged)")
+        out[rel] = {**entries[key], "key": key}
+    if not root:
+        out[COMMIT_MARKER] = {**entries[COMMIT_MARKER], "key": COMMIT_MARKER}
+    return fs, prefix, out
+
+
 def download_dir(uri: str, local_dir: str) -> str:
     """Copy a folder from a URI to a local folder (S3) or return the local path as is. Every key is checked
-    (`safe_relpath`) before anything is written: one hostile key fails the whole download."""
+    (`safe_relpath`) before anything is written: one hostile key fails the whole download. A committed prefix
+    yields exactly its committed files (`_committed_listing`)."""
     uri = normalize(uri)
     if not is_s3(uri):
         if not os.path.isdir(uri):
             raise StorageError(f"{uri}: not a folder")
         return uri
-    fs, prefix, entries = _listing(uri)
+    fs, prefix, entries = _committed_listing(uri)
     _download_entries(uri, fs, prefix, entries, local_dir)
     return local_dir
 
@@ -440,12 +532,13 @@ def _download_entries(uri: str, fs, prefix: str, entries: dict[str, dict], local
         raise StorageError(f"{uri}: empty or missing prefix")
     root = os.path.realpath(local_dir)
     os.makedirs(root, exist_ok=True)
-    for rel in entries:
+    for rel, e in entries.items():
         dest = os.path.join(root, safe_relpath(rel, uri))
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         if os.path.commonpath([root, os.path.realpath(os.path.dirname(dest))]) != root:
             raise StorageError(f"{uri}/{rel}: local path {dest} is outside {root}")
-        retry_io(lambda: fs.get_file(f"{prefix}/{rel}", dest), f"{uri}/{rel}")
+        key = e.get("key", rel)
+        retry_io(lambda: fs.get_file(f"{prefix}/{key}", dest), f"{uri}/{key}")
 
 
 CACHE_MANIFEST = ".longctx-manifest.json"
@@ -470,7 +563,8 @@ def local_dir(uri: str) -> str:
     user's private cache (`cache_root()`) and reused while the prefix is unchanged. One cache for every caller: a
     model folder that is also the data tokenizer is downloaded once.
 
-    An entry is keyed by URI + listing (every key with its ETag and size) and trusted only when the manifest
+    A committed prefix contributes only its committed files (`_committed_listing`: never the leftovers of a
+    crashed overwrite). An entry is keyed by URI + listing (every key with its ETag and size) and trusted only when the manifest
     recorded in it equals the current listing and its files have the recorded sizes: a replaced object (new
     ETag) is downloaded again, a planted or damaged entry is not used. Costs one LIST request per call. The
     download lands in a temp folder renamed into place complete, so concurrent processes (Ray workers on one
@@ -481,7 +575,7 @@ def local_dir(uri: str) -> str:
         if not os.path.isdir(uri):
             raise StorageError(f"{uri}: folder does not exist")
         return uri
-    fs, prefix, entries = _listing(uri)
+    fs, prefix, entries = _committed_listing(uri)
     if not entries:
         raise StorageError(f"{uri}: empty or missing prefix")
     manifest = {"uri": uri, "files": entries}
@@ -533,6 +627,164 @@ def _manifest_of(local_dir: str) -> dict:
     return {"files": files}
 
 
+# ------------------------------------------------------------------------------ committed generations
+def _parse_marker(data: bytes, where: str) -> dict:
+    try:
+        marker = json.loads(data)
+    except ValueError as e:
+        raise StorageError(f"{where}: not a valid {COMMIT_MARKER} marker ({e})") from None
+    if not isinstance(marker, dict) or not isinstance(marker.get("files", {}), dict):
+        raise StorageError(f"{where}: not a valid {COMMIT_MARKER} marker (no 'files' mapping)")
+    return marker
+
+
+def _marker_at(fs, folder: str) -> dict | None:
+    """The marker of an S3 folder (fsspec path), None when there is none; one GET."""
+    try:
+        data = fs.cat_file(f"{folder.rstrip('/')}/{COMMIT_MARKER}")
+    except FileNotFoundError:
+        return None
+    return _parse_marker(data, f"s3://{folder.rstrip('/')}/{COMMIT_MARKER}")
+
+
+def read_marker(uri: str) -> dict | None:
+    """The `_COMMITTED` marker of a published folder, None when it has none (not committed)."""
+    try:
+        data = read_bytes(join(uri, COMMIT_MARKER))
+    except (StorageNotFound, NotADirectoryError):
+        return None
+    return _parse_marker(data, join(uri, COMMIT_MARKER))
+
+
+def _root_of(marker: dict, uri: str) -> str:
+    """The generation folder a marker commits ("" for files directly under the prefix); a root that is no
+    generation name (a hand-edited or hostile marker pointing elsewhere) is refused."""
+    root = marker.get("root") or ""
+    if root and not (isinstance(root, str) and GENERATION.match(root)):
+        raise StorageError(f"{uri}/{COMMIT_MARKER}: root {root!r} is not a generation folder name (gen-...)")
+    return root
+
+
+def _marker_files(marker: dict, uri: str) -> list[str]:
+    files = list(marker.get("files", {}))
+    for rel in files:
+        safe_relpath(rel, uri)
+    return files
+
+
+def committed_root(uri: str, marker: dict | None = None) -> str:
+    """The folder holding the committed files of published folder `uri`: `uri` itself, or `uri/gen-...` after an
+    S3 overwrite. StorageError when `uri` is not committed."""
+    uri = normalize(uri)
+    if marker is None:
+        marker = require_committed(uri)
+    root = _root_of(marker, uri)
+    return join(uri, root) if root else uri
+
+
+def published_path(uri: str, *parts: str) -> str:
+    """Where `parts` of published folder `uri` live: under its committed generation when an S3 overwrite put them
+    there, else `uri/parts` (local folders, plain S3 layouts, folders without a marker)."""
+    uri = normalize(uri)
+    if not is_s3(uri):
+        return join(uri, *parts)
+    marker = read_marker(uri)
+    return join(committed_root(uri, marker), *parts) if marker is not None else join(uri, *parts)
+
+
+def _missing(exc: BaseException) -> bool:
+    return isinstance(exc, FileNotFoundError) or (isinstance(exc, OSError) and "does not exist" in str(exc))
+
+
+def read_committed(uri: str, fn, attempts: int = 4, marker: dict | None = None):
+    """fn(root) against the committed generation of `uri` (root as from `committed_root`). If an object it reads
+    is gone because an overwrite switched the marker to a newer generation meanwhile (and deleted the old one),
+    fn runs again on the new generation, so a reader gets the whole old or the whole new dataset and never an
+    error. A missing object while the marker stayed the same is damage: raised as it is. `marker`: the one the
+    caller has just read (saves a request)."""
+    uri = normalize(uri)
+    for attempt in range(attempts):
+        if attempt or marker is None:
+            marker = require_committed(uri)
+        try:
+            return fn(committed_root(uri, marker))
+        except Exception as e:  # noqa: BLE001 - only a vanished object under a switched marker is retried
+            if not _missing(e) or attempt == attempts - 1 or read_marker(uri) == marker:
+                raise
+            log.info("%s: overwritten while being read (%s); reading the new generation", uri, e)
+    raise AssertionError("unreachable")
+
+
+def _stage(stage: str, dest: str) -> None:
+    for hook in PUBLISH_HOOKS:
+        hook(stage, dest)
+
+
+def remove_orphans(uri: str, marker: dict | None = None) -> list[str]:
+    """Delete what crashed S3 overwrites left under a committed prefix: generation folders (`gen-*`) the marker
+    does not commit (an upload that never switched) and files the marker lists as `retired` (a switch whose
+    deletions did not finish). Nothing else is touched (other objects may belong to someone else); a prefix
+    without a marker is left alone. Returns the URIs removed. Local folders have no orphans (an overwrite is
+    one rename)."""
+    uri = normalize(uri)
+    if not is_s3(uri):
+        return []
+    marker = marker if marker is not None else read_marker(uri)
+    if marker is None:
+        return []
+    root = _root_of(marker, uri)
+    retired = set()
+    for key in marker.get("retired") or []:
+        safe_relpath(key, uri)
+        retired.add(key)
+    fs, prefix, entries = _listing(uri)
+    live = {f"{root}/{rel}" if root else rel for rel in _marker_files(marker, uri)} | {COMMIT_MARKER}
+    orphans = sorted(k for k in entries if k not in live and (
+        k in retired or (GENERATION.match(k.split("/", 1)[0]) and k.split("/", 1)[0] != root and "/" in k)))
+    if orphans:
+        fs.rm([f"{prefix}/{k}" for k in orphans])
+        log.warning("%s: removed %d objects left by an interrupted overwrite", uri, len(orphans))
+    return [f"{uri}/{k}" for k in orphans]
+
+
+def _publish_s3(staging: str, dest: str, marker: dict, overwrite: bool) -> None:
+    """Upload a staged folder to an S3 prefix. Fresh prefix: files at their names, marker last. Overwrite of a
+    committed prefix: new files under a fresh generation folder, ONE PUT of the marker switches readers to it,
+    then the old files (listed in the new marker as `retired`) are deleted; a crash at any point leaves the old
+    or the new dataset committed, and what it leaves behind is removed by `remove_orphans`."""
+    fs, path = fsspec_fs(dest)
+    path = path.rstrip("/")
+    marker_uri = join(dest, COMMIT_MARKER)
+    current = read_marker(dest)
+    if current is None:
+        if overwrite and fs.exists(path):
+            fs.rm(path, recursive=True)  # not committed: nothing there that a reader may use
+        upload_dir(staging, dest)
+        _stage("uploaded", dest)
+        write_json(marker_uri, marker)  # last: the prefix is complete once this exists
+        _stage("done", dest)
+        return
+    if not overwrite:
+        raise StorageError(f"{dest}: already published (pass overwrite=True or choose a fresh location)")
+    remove_orphans(dest, current)
+    _stage("orphans_removed", dest)
+    old_root = _root_of(current, dest)
+    gen = f"gen-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    upload_dir(staging, join(dest, gen))
+    _stage("uploaded", dest)
+    retired = [f"{old_root}/{rel}" if old_root else rel for rel in _marker_files(current, dest)]
+    write_json(marker_uri, {**marker, "root": gen, "retired": retired})  # the switch: one atomic PUT
+    _stage("switched", dest)
+    keys = [f"{path}/{k}" for k in retired]
+    half = len(keys) // 2
+    for i, chunk in enumerate((keys[:half], keys[half:])):
+        if chunk:
+            fs.rm(chunk)
+        if i == 0:
+            _stage("retiring", dest)
+    _stage("done", dest)
+
+
 def _exchange(a: str, b: str) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
     try:
@@ -582,7 +834,9 @@ def publish_dir(dest: str, overwrite: bool = False) -> Iterator[str]:
 
     A local overwrite swaps the new folder in with one atomic exchange (Linux), so either the old or the new
     output is visible at every instant; elsewhere old -> `dest.old-*`, new -> dest, and a crash between the two
-    is undone by `recover_overwrite` on the next publish or read.
+    is undone by `recover_overwrite` on the next publish or read. An S3 overwrite uploads into a new generation
+    folder and switches the marker to it (`_publish_s3`): readers resolve files through the marker
+    (`committed_root`, `published_path`, `read_committed`).
     """
     from longctx import cleanup
 
@@ -602,11 +856,7 @@ def publish_dir(dest: str, overwrite: bool = False) -> Iterator[str]:
         yield staging
         marker = _manifest_of(staging)
         if is_s3(dest):
-            fs, path = fsspec_fs(dest)
-            if overwrite and fs.exists(path):
-                fs.rm(path, recursive=True)
-            upload_dir(staging, dest)
-            write_json(join(dest, COMMIT_MARKER), marker)  # last: the prefix is complete once this exists
+            _publish_s3(staging, dest, marker, overwrite)
         else:
             with open(os.path.join(staging, COMMIT_MARKER), "w") as f:
                 json.dump(marker, f, indent=2)
@@ -684,11 +934,13 @@ def is_committed(uri: str) -> bool:
 
 
 def require_committed(uri: str) -> dict:
-    """The commit marker of a published directory; a clear error when it is missing (half-written)."""
-    marker = join(uri, COMMIT_MARKER)
+    """The commit marker of a published directory; a clear error when it is missing (half-written). Its files
+    live under `committed_root(uri, marker)`."""
     recover_overwrite(normalize(uri))
-    if not exists(marker):
+    marker = read_marker(uri)
+    if marker is None:
         raise StorageError(
             f"{uri}: no {COMMIT_MARKER} marker: the output is incomplete (a writer failed or is still running)"
         )
-    return json.loads(read_text(marker))
+    _root_of(marker, normalize(uri))
+    return marker

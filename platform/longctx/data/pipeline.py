@@ -591,8 +591,13 @@ def pack_and_publish(cfg, cache: TokenCache, dest: str, overwrite: bool = False,
 
 def load_manifest(uri: str) -> dict:
     """The manifest of a committed packed-data folder (raises StorageError when it is not committed)."""
-    storage.require_committed(uri)
-    return json.loads(storage.read_text(storage.join(uri, MANIFEST)))
+    return _manifest_and_root(uri)[0]
+
+
+def _manifest_and_root(uri: str) -> tuple[dict, str]:
+    """(manifest, folder of the committed files): the shards' `path`s are relative to that folder, which is a
+    generation folder after an S3 overwrite (storage.committed_root)."""
+    return storage.read_committed(uri, lambda root: (json.loads(storage.read_text(storage.join(root, MANIFEST))), root))
 
 
 def read_packed(uri: str):
@@ -602,8 +607,8 @@ def read_packed(uri: str):
     int32 arrays of shape [seq_len] (batch_format="numpy" gives [batch, seq_len])."""
     import ray.data
 
-    manifest = load_manifest(uri)
-    paths = [storage.join(uri, s["path"]) for s in manifest["shards"]]
+    manifest, root = _manifest_and_root(uri)
+    paths = [storage.join(root, s["path"]) for s in manifest["shards"]]
     if not paths:
         raise storage.StorageError(f"{uri}: manifest lists no shards (the corpus produced no rows)")
     fs, _ = storage.pyarrow_fs(paths[0])

@@ -186,7 +186,7 @@ class CheckpointEvaluator:
         from longctx.eval.runner import ModelSpec
 
         t0 = time.time()
-        info = json.loads(storage.read_text(storage.join(snapshot_uri, "snapshot.json")))
+        info = json.loads(storage.read_text(storage.published_path(snapshot_uri, "snapshot.json")))
         ev = self.cfg.eval
         model = ModelSpec(snapshot_uri).load(self.cfg.model, "cuda" if torch.cuda.is_available() else "cpu")
         context, base_len = self.settings["context_length"], self.settings["base_context_length"]
@@ -239,7 +239,7 @@ class CheckpointEvaluator:
         while time.time() < deadline:
             for s, uri in committed_eval_snapshots(train_root):
                 if s > step:
-                    info = json.loads(storage.read_text(storage.join(uri, "snapshot.json")))
+                    info = json.loads(storage.read_text(storage.published_path(uri, "snapshot.json")))
                     if (info.get("committed_at") or 0) > t0:
                         return True
             time.sleep(0.1)

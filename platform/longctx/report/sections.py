@@ -125,7 +125,7 @@ def data_section(manifest: dict, run_root: str, data_uri: str | None = None) -> 
 def _lengths_png(run_root: str, data_uri: str | None) -> str | None:
     if not data_uri:
         return None
-    src = storage.join(data_uri, "lengths.png")
+    src = storage.published_path(data_uri, "lengths.png")
     if not storage.exists(src):
         return None
     rel = relative(src, run_root)

@@ -90,18 +90,28 @@ RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def packed_parquet_files(uri: str) -> tuple[list[str], int]:
-    """(shard URIs, total rows) of a committed packed-Parquet prefix; row counts from Parquet footers only."""
+    """(shard URIs, total rows) of a committed packed-Parquet prefix; row counts from Parquet footers only.
+    File names come from the committed manifest (under the committed generation after an S3 overwrite, never a
+    listing); a plain folder of shards without a marker or manifest is listed."""
+    uri = storage.normalize(str(uri))
+    storage.recover_overwrite(uri)
+    marker = storage.read_marker(uri)
+    if marker is not None:
+        return storage.read_committed(uri, lambda root: _shard_files(uri, root), marker=marker)
+    if storage.exists(storage.join(uri, "manifest.json")):
+        raise storage.StorageError(f"{uri}: packed data has a manifest but no {storage.COMMIT_MARKER} marker (incomplete)")
+    return _shard_files(uri, uri)
+
+
+def _shard_files(uri: str, root: str) -> tuple[list[str], int]:
     import pyarrow.parquet as pq
 
-    uri = storage.normalize(str(uri))
-    if storage.exists(storage.join(uri, storage.COMMIT_MARKER)):
-        storage.require_committed(uri)
-    elif storage.exists(storage.join(uri, "manifest.json")):
-        raise storage.StorageError(f"{uri}: packed data has a manifest but no {storage.COMMIT_MARKER} marker (incomplete)")
-    manifest_uri = storage.join(uri, "manifest.json")
-    shards = json.loads(storage.read_text(manifest_uri)).get("shards") if storage.exists(manifest_uri) else None
+    try:
+        shards = json.loads(storage.read_text(storage.join(root, "manifest.json"))).get("shards")
+    except storage.StorageNotFound:
+        shards = None
     if shards:  # the manifest's order is the data engine's row_id order
-        files = [storage.join(uri, sh["path"]) for sh in shards]
+        files = [storage.join(root, sh["path"]) for sh in shards]
     else:
         files = storage.expand(uri, (".parquet",))
     if not files:

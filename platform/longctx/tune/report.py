@@ -279,9 +279,11 @@ def write_results(cfg: JobConfig, root: str, rows: list[dict], baselines: dict |
             with open(path, "w") as f:
                 f.write(text)
             load_config(path)  # a recipe that does not load is a bug here, not the user's problem later
-            best_cfg = storage.join(uri, "best_config.yaml")
+            best_cfg = "best_config.yaml"
         with open(os.path.join(staging, "report.md"), "w") as f:
             f.write(report_markdown(cfg, table, axes, best, bound, images, baselines))
+    if best_cfg:  # where it landed (under a generation folder after an S3 overwrite)
+        best_cfg = storage.published_path(uri, best_cfg)
     return {"uri": uri, "best": best, "best_config": best_cfg}
 
 

@@ -236,9 +236,11 @@ def sft_manifest(cfg, kind: str, params: dict, stats: list[dict], shards: list[d
 
 def load_chat_jsonl(uri: str) -> list[dict]:
     """Every record of a committed synthetic SFT set (tests, small sets)."""
-    storage.require_committed(uri)
-    manifest = json.loads(storage.read_text(storage.join(uri, MANIFEST)))
-    records = []
-    for shard in manifest["shards"]:
-        records.extend(json.loads(l) for l in storage.read_text(storage.join(uri, shard["path"])).splitlines() if l)
-    return records
+    def read(root: str) -> list[dict]:
+        manifest = json.loads(storage.read_text(storage.join(root, MANIFEST)))
+        records = []
+        for shard in manifest["shards"]:
+            records.extend(json.loads(l) for l in storage.read_text(storage.join(root, shard["path"])).splitlines() if l)
+        return records
+
+    return storage.read_committed(uri, read)
