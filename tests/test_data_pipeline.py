@@ -211,6 +211,24 @@ def test_same_input_config_seed_give_byte_identical_shards(prepared):
     assert [s["sha256"] for s in manifest2["shards"]] == [s["sha256"] for s in shards]
     for s in shards:
         assert storage.read_bytes(f"{prepared['out']}/{s['path']}") == storage.read_bytes(f"{out2}/{s['path']}")
+    # --overwrite of a committed S3 dataset (new generation folder, one marker PUT, old files deleted): the
+    # training reader and read_packed see the same rows, and nothing of the first copy is left
+    with pytest.raises(storage.StorageError, match="already published"):
+        prepare_data(prepared["cfg"], out2)
+    manifest3 = prepare_data(prepared["cfg"], out2, overwrite=True)
+    root = storage.committed_root(out2)
+    assert storage.GENERATION.match(root.rsplit("/", 1)[1])
+    assert [s["sha256"] for s in manifest3["shards"]] == [s["sha256"] for s in shards]
+    assert sorted(storage._listing(out2)[2]) == sorted(
+        [storage.COMMIT_MARKER] + [f"{root.rsplit('/', 1)[1]}/{k}" for k in storage.require_committed(out2)["files"]])
+    ids = np.stack(prepared["rows"].column("input_ids").to_numpy(zero_copy_only=False))
+    batches = list(read_packed(out2).iter_batches(batch_size=64, batch_format="numpy"))
+    row_ids = np.concatenate([b["row_id"] for b in batches])
+    assert np.array_equal(np.concatenate([b["input_ids"] for b in batches])[np.argsort(row_ids)], ids)
+    from longctx.train.trainer import packed_parquet_files
+
+    files, rows = packed_parquet_files(out2)
+    assert rows == len(ids) and all(f.startswith(root + "/") for f in files)
 
 
 @pytest.mark.slow
