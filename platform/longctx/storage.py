@@ -247,7 +247,7 @@ def _expand_committed(fs, path: str) -> list[str] | None:
     None when the folder holds no marker (the caller lists it)."""
     base, pattern = _glob_split(path)
     marker = _marker_at(fs, base)
-    if marker is None:
+    if marker is None or "files" not in marker:  # no marker, or a hand-made one that lists nothing: list
         return None
     root = _root_of(marker, "s3://" + base)
     found = [f"{base}/{root}/{rel}" if root else f"{base}/{rel}" for rel in _marker_files(marker, "s3://" + base)
@@ -500,6 +500,8 @@ def _committed_listing(uri: str) -> tuple[object, str, dict[str, dict]]:
     marker = _marker_at(fs, prefix)
     if marker is None:  # deleted between the listing and the read: not committed any more
         raise StorageError(f"{uri}: no {COMMIT_MARKER} marker: the output is incomplete")
+    if "files" not in marker:  # a hand-made marker that lists nothing: everything under the prefix, as listed
+        return fs, prefix, {rel: {**e, "key": rel} for rel, e in entries.items()}
     root = _root_of(marker, uri)
     out = {}
     for rel in _marker_files(marker, uri):
