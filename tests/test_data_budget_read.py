@@ -104,3 +104,18 @@ def test_budget_reading_reads_only_what_the_plan_needs_and_says_so(ray_cluster, 
     true = {s: int(lengths[s].sum()) / total_tokens for s in FILES}
     for s in FILES:
         assert shares[s] == pytest.approx(true[s], abs=0.03), (shares, true)
+
+    # the same run with the tokenizer actors writing the cache themselves (prepare_data's way: the driver gets
+    # lengths and row-group locations only): same lengths, row groups, read report and byte-identical shards;
+    # a row group the budget stop cut keeps its first records
+    (tmp_path / "work2").mkdir()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    cache2 = tokenize_corpus(cfg, str(tmp_path / "work2"), shared_root=str(shared))
+    assert cache2.chunks and cache2.root == str(shared) and not cache.chunks
+    assert cache2.read == cache.read and cache2.row_groups == cache.row_groups
+    for s in FILES:
+        assert np.array_equal(cache2.source_lengths()[s], cache.source_lengths()[s])
+    assert sum(1 for _ in shared.iterdir()) > len(FILES)  # one file per tokenized block and source
+    manifest2 = pack_and_publish(cfg, cache2, str(tmp_path / "out2"), quiet=True)
+    assert [s["sha256"] for s in manifest2["shards"]] == [s["sha256"] for s in manifest["shards"]]

@@ -154,7 +154,7 @@ def test_s3_in_s3_out_every_invariant_as_numbers(prepared):
     # -- published atomically, manifest on S3 equals the returned one
     assert storage.is_committed(out)
     on_s3 = json.loads(storage.read_text(f"{out}/manifest.json"))
-    assert on_s3 == {k: v for k, v in manifest.items() if k not in ("uri", "rows", "tokens", "pad_fraction", "timings", "pass2")}
+    assert on_s3 == {k: v for k, v in manifest.items() if k not in ("uri", "rows", "tokens", "pad_fraction", "timings", "pass1", "pass2")}
     # -- quarantine: counted by reason, each with its location, in the manifest and under _quarantine/
     expected_bad = p["expected_bad"]
     assert manifest["quarantine"]["by_reason"] == expected_bad

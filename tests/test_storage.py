@@ -110,6 +110,38 @@ def test_atomic_publish_s3(s3_bucket):
 
 
 @pytest.mark.s3
+def test_shared_s3_staging_is_on_s3_and_an_overwrite_switches_generations(s3_bucket):
+    """publish_dir(shared=True) on s3:// (pass 2's shard tasks write there from any node): nothing committed
+    while staging, the marker last; a fresh prefix holds the files at their names, an overwrite stages a new
+    generation that the marker switches to, the old files deleted; a failure publishes nothing and leaves
+    nothing of its own."""
+    dest = f"{s3_bucket}/shared-out"
+    for gen, names in ((1, ["a.bin", "sub/b.bin"]), (2, ["c.bin"])):
+        with storage.publish_dir(dest, overwrite=gen > 1, shared=True) as staging:
+            assert storage.is_s3(staging) and staging == (dest if gen == 1 else staging)
+            for n in names:
+                storage.write_bytes(storage.join(staging, n), bytes([gen]) * 10)
+            marker = storage.read_marker(dest)
+            assert marker is None if gen == 1 else sorted(marker["files"]) == ["a.bin", "sub/b.bin"]
+        marker = storage.require_committed(dest)
+        assert sorted(marker["files"]) == sorted(names) and all(v["bytes"] == 10 for v in marker["files"].values())
+        assert storage.read_bytes(storage.published_path(dest, names[0])) == bytes([gen]) * 10
+    assert marker.get("root", "").startswith("gen-") and marker["retired"] == ["a.bin", "sub/b.bin"]
+    assert not storage.exists(f"{dest}/a.bin") and not storage.exists(f"{dest}/sub/b.bin")  # old files deleted
+    with pytest.raises(RuntimeError, match="writer died"):
+        with storage.publish_dir(f"{s3_bucket}/shared-failed", shared=True) as staging:
+            storage.write_bytes(storage.join(staging, "half.bin"), b"x")
+            raise RuntimeError("writer died")
+    assert not storage.exists(f"{s3_bucket}/shared-failed/half.bin") and not storage.is_committed(
+        f"{s3_bucket}/shared-failed")
+    with pytest.raises(RuntimeError, match="writer died"):  # a failed overwrite keeps the committed data
+        with storage.publish_dir(dest, overwrite=True, shared=True) as staging:
+            storage.write_bytes(storage.join(staging, "d.bin"), b"x")
+            raise RuntimeError("writer died")
+    assert storage.require_committed(dest) == marker and not storage.exists(storage.join(staging, "d.bin"))
+
+
+@pytest.mark.s3
 def test_s3_half_written_prefix_is_not_trusted(s3_bucket):
     """A prefix with data but no marker (a writer killed mid-upload) is refused by readers."""
     storage.write_text(f"{s3_bucket}/partial/part-0.parquet", "data")

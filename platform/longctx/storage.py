@@ -825,8 +825,58 @@ def recover_overwrite(dest: str) -> bool:
     return False
 
 
+def remove_tree(uri: str) -> None:
+    """Remove a local folder or every object under an s3:// prefix (missing: nothing to do)."""
+    uri = normalize(uri)
+    if not is_s3(uri):
+        shutil.rmtree(uri, ignore_errors=True)
+        return
+    fs, path = fsspec_fs(uri)
+    with contextlib.suppress(FileNotFoundError):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
 @contextlib.contextmanager
-def publish_dir(dest: str, overwrite: bool = False) -> Iterator[str]:
+def _publish_s3_shared(dest: str, overwrite: bool) -> Iterator[str]:
+    """publish_dir(shared=True) for an s3:// destination: the staging location is on S3 itself, where every node
+    can write, and nothing is copied on publish. A fresh prefix stages at `dest` (files at their names, marker
+    last); otherwise (an overwrite of a committed prefix, or uncommitted objects already there) it stages in a
+    fresh generation folder that one PUT of the marker commits, as `_publish_s3` does (old files retired, then
+    deleted). A failure removes what was staged."""
+    fs, path = fsspec_fs(dest)
+    path = path.rstrip("/")
+    current = read_marker(dest)
+    if current is not None:
+        remove_orphans(dest, current)
+    root = "" if current is None and not fs.exists(path) else \
+        f"gen-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    staging = join(dest, root) if root else dest
+    try:
+        yield staging
+        spath = f"{path}/{root}" if root else path
+        found = fs.find(spath, detail=True) if fs.exists(spath) else {}
+        files = {k[len(spath) + 1:]: {"bytes": int(v.get("size") or 0)} for k, v in sorted(found.items())}
+        files.pop(COMMIT_MARKER, None)
+        marker: dict = {"files": files}
+        retired: list[str] = []
+        if root:
+            marker["root"] = root
+            if current is not None:
+                old_root = _root_of(current, dest)
+                retired = [f"{old_root}/{rel}" if old_root else rel for rel in _marker_files(current, dest)]
+                marker["retired"] = retired
+        write_json(join(dest, COMMIT_MARKER), marker)  # last: the switch (or the commit), one PUT
+        if retired:
+            fs.rm([f"{path}/{k}" for k in retired])
+    except BaseException:
+        if not exists(join(dest, COMMIT_MARKER)) or read_marker(dest) == current:
+            remove_tree(staging)
+        raise
+
+
+@contextlib.contextmanager
+def publish_dir(dest: str, overwrite: bool = False, shared: bool = False) -> Iterator[str]:
     """Stage a directory, then publish it atomically at `dest` with a `_COMMITTED` marker.
 
     Yields a local staging folder. On normal exit the folder is published; on an exception nothing is
@@ -839,6 +889,11 @@ def publish_dir(dest: str, overwrite: bool = False) -> Iterator[str]:
     is undone by `recover_overwrite` on the next publish or read. An S3 overwrite uploads into a new generation
     folder and switches the marker to it (`_publish_s3`): readers resolve files through the marker
     (`committed_root`, `published_path`, `read_committed`).
+
+    `shared=True`: the staging location must be writable from every node of the cluster (pass-2 tasks write
+    shards there): for an s3:// destination it is then on S3 itself and yielded as a URI (`_publish_s3_shared`);
+    a local destination stages next to itself as always (on a cluster, a local destination must be a shared
+    folder).
     """
     from longctx import cleanup
 
@@ -846,6 +901,10 @@ def publish_dir(dest: str, overwrite: bool = False) -> Iterator[str]:
     recover_overwrite(dest)
     if exists(join(dest, COMMIT_MARKER)) and not overwrite:
         raise StorageError(f"{dest}: already published (pass overwrite=True or choose a fresh location)")
+    if shared and is_s3(dest):
+        with _publish_s3_shared(dest, overwrite) as staging:
+            yield staging
+        return
     if is_s3(dest):
         staging = cleanup.work_dir("publish")
     else:

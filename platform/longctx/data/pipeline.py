@@ -9,8 +9,9 @@ Public entry points (the CLI and jobs call these):
 
 Two passes (why: per-source upsampling needs each source's length distribution before it can choose):
   pass 1  Ray Data: one read task per file (our own parser, quarantine rows instead of errors) -> tokenizer
-          actor pool. The driver consumes the stream in a fixed order (preserve_order) and appends tokens to a
-          per-source Parquet cache on local disk, keeping only the lengths in memory (4 bytes per document).
+          actor pool, whose actors write the token cache next to the output (every node can read it). The
+          driver consumes only the metadata in a fixed order (preserve_order): lengths (4 bytes per document)
+          and where each cache row group is.
           With data.token_budget + data.read_margin, sources are read only as far as the budget needs
           (data/budget.py) and the stream stops there.
   plan    `mixture.plan_mixture` turns the lengths into per-document repeat counts (no tokens touched).
@@ -407,6 +408,7 @@ def partition_row_count(cfg_json: str, cache: TokenCache, plan: MixturePlan, emi
     from longctx.config import JobConfig
 
     cfg = JobConfig.model_validate_json(cfg_json)
+    storage.configure(cfg.storage)
     return sum(1 for _ in _packed_rows(cfg, cache, plan, make_packer(cfg.data), None, emissions, tokens=False))
 
 
@@ -418,6 +420,7 @@ def write_partition(cfg_json: str, cache: TokenCache, plan: MixturePlan, pad_id:
     from longctx.config import JobConfig
 
     cfg = JobConfig.model_validate_json(cfg_json)
+    storage.configure(cfg.storage)
     out_stats: dict[str, LengthAccumulator] = {}
     packer = make_packer(cfg.data)
     shards = []
@@ -472,8 +475,8 @@ def run_pass2(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int, staging: s
         opts = {"num_cpus": cfg.ray.data_cpus_per_task, "max_retries": 3}
         if cfg.ray.data_resources:
             opts["resources"] = dict(cfg.ray.data_resources)
-        if not (storage.is_s3(staging) and storage.is_s3(cache.root)):
-            # NOTE: a node-local cache or staging folder: the tasks run where they are (this node)
+        if not cache.chunks:
+            # NOTE: a cache the driver wrote (one local file per source) is on this node only: run the tasks here
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
@@ -541,17 +544,33 @@ def prepare_data(cfg, output: str | None = None, overwrite: bool = False) -> dic
                                    f"fresh location, or name it as data.prepared to train on it)")
     t0 = time.time()
     load_fast_tokenizer(d.tokenizer)  # fail fast on a bad tokenizer, before any Ray work
-    work = cleanup.work_dir("tokens")  # removes those of dead runs
+    work = cleanup.work_dir("tokens")  # removes those of dead runs; holds only the quarantine list
+    shared = shared_cache_root(dest)
     try:
-        cache = tokenize_corpus(cfg, work)
+        cache = tokenize_corpus(cfg, work, shared_root=shared)
         result = pack_and_publish(cfg, cache, dest, overwrite=overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        storage.remove_tree(shared)
+    result["pass1"] = {"nodes": list(cache.nodes)}
     result["timings"]["total_s"] = round(time.time() - t0, 3)
     print(f"packed {result['rows']} rows x {d.seq_len} tokens ({result['tokens']:,} tokens, pad "
           f"{100 * result['pad_fraction']:.3f}%), {cache.bad} records quarantined, "
           f"{result['timings']['total_s']:.1f}s -> {result['uri']}")
     return result
+
+
+def shared_cache_root(dest: str) -> str:
+    """Where pass 1's tokenizer actors write the token cache: a fresh folder or s3:// prefix next to the output
+    (`longctx-tokens-<owner>`), which every node can read when the output is shared storage (s3://, or a shared
+    folder on a cluster). Removed when the preparation ends; a local one of a killed run goes with the next."""
+    dest = storage.normalize(dest)
+    if storage.is_s3(dest):
+        parent = dest.rstrip("/").rsplit("/", 1)[0]
+        return f"{parent}/{cleanup.owned_name('longctx-tokens-')}"
+    parent = os.path.dirname(dest.rstrip("/")) or "."
+    os.makedirs(parent, exist_ok=True)
+    return cleanup.work_dir("tokens", parent=parent)
 
 
 def pack_and_publish(cfg, cache: TokenCache, dest: str, overwrite: bool = False, quiet: bool = False) -> dict:
@@ -567,21 +586,27 @@ def pack_and_publish(cfg, cache: TokenCache, dest: str, overwrite: bool = False,
     if not quiet:
         print(format_length_table(in_stats, d.long_threshold), flush=True)
     plan = plan_mixture(in_lengths, d, cache.estimated_tokens or None)
-    with storage.publish_dir(dest, overwrite=overwrite) as staging:
+    with storage.publish_dir(dest, overwrite=overwrite, shared=True) as staging:
         p2 = run_pass2(cfg, cache, plan, pad, staging)
         shards, pack_stats, out_stats = p2["shards"], p2["stats"], p2["out_stats"]
-        os.makedirs(os.path.join(staging, "_quarantine"))
-        qpath = os.path.join(staging, QUARANTINE_FILE)
-        if cache.quarantine_path and os.path.exists(cache.quarantine_path):
-            shutil.copyfile(cache.quarantine_path, qpath)
-        else:
-            open(qpath, "w").close()
-        plot_length_histogram(in_lengths, os.path.join(staging, "lengths.png"), seq_len=d.seq_len,
-                              long_threshold=d.long_threshold, title="input tokens by document length, per source")
-        manifest = build_manifest(cfg, tok, eos, pad, cache, plan, in_stats, out_stats, pack_stats, shards,
-                                  bad_fraction)
-        with open(os.path.join(staging, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
+        small = cleanup.work_dir("publish-small")  # the driver's own files, copied into the staging location
+        try:
+            os.makedirs(os.path.join(small, "_quarantine"))
+            qpath = os.path.join(small, QUARANTINE_FILE)
+            if cache.quarantine_path and os.path.exists(cache.quarantine_path):
+                shutil.copyfile(cache.quarantine_path, qpath)
+            else:
+                open(qpath, "w").close()
+            plot_length_histogram(in_lengths, os.path.join(small, "lengths.png"), seq_len=d.seq_len,
+                                  long_threshold=d.long_threshold,
+                                  title="input tokens by document length, per source")
+            manifest = build_manifest(cfg, tok, eos, pad, cache, plan, in_stats, out_stats, pack_stats, shards,
+                                      bad_fraction)
+            with open(os.path.join(small, MANIFEST), "w") as f:
+                json.dump(manifest, f, indent=2)
+            storage.upload_dir(small, staging)
+        finally:
+            shutil.rmtree(small, ignore_errors=True)
     timings = {"tokenize_s": round(cache.seconds, 3), "pack_write_s": round(time.time() - t_pack, 3)}
     # Convenience keys for callers (not in manifest.json, which stays deterministic).
     return {**manifest, "uri": storage.normalize(dest), "rows": pack_stats.rows, "tokens": pack_stats.tokens,

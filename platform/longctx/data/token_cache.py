@@ -1,11 +1,13 @@
 """Pass 1 of the data engine: read + validate + tokenize every source through Ray Data, into a token cache.
 
-The driver consumes the Ray Data stream in input order (`preserve_order`) and appends each document's tokens
-to one Parquet file per source label on local disk; only document lengths (4 bytes each) stay in memory.
-Quarantine rows are counted by reason and written to a JSONL file as they arrive. `pipeline.py` plans the
-mixture from the lengths and streams the cache in pass 2.
+With `shared_root` (prepare_data: a folder or s3:// prefix next to the output) the tokenizer actors write the
+tokens there themselves and the driver consumes only metadata in input order (`preserve_order`): lengths (4
+bytes each, kept) and where each cache row group is. Without it the driver appends each document's tokens to
+one Parquet file per source label on local disk (packed_dataset). Quarantine rows are counted by reason and
+written to a JSONL file as they arrive. `pipeline.py` plans the mixture from the lengths and reads the cache in
+pass 2, from any node when it is shared.
 
-    cache = tokenize_corpus(cfg, "/tmp/work")      # TokenCache: lengths by source, row groups, quarantine counts
+    cache = tokenize_corpus(cfg, "/tmp/work", shared_root="s3://b/run/tokens")  # lengths, row groups, quarantine
     check_bad_fraction(cache, cfg.data.max_bad_fraction)
 """
 
@@ -48,6 +50,7 @@ class TokenCache:
     read: dict = field(default_factory=dict)  # budget-aware reading (data/budget.py): per-source report
     estimated_tokens: dict[str, int] = field(default_factory=dict)  # whole-corpus tokens per label (read_margin)
     chunks: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # per row group: (file, index)
+    nodes: list[str] = field(default_factory=list)  # Ray nodes whose tokenizer actors wrote the cache
     _files: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -119,8 +122,10 @@ def ensure_ray(cfg) -> None:
     raycluster.connect(cfg)
 
 
-def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True) -> Iterator[pa.Table]:
-    """Pass 1 on Ray Data, in input order: read + validate files, then tokenize in an actor pool."""
+def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True,
+                       cache_root: str | None = None) -> Iterator[pa.Table]:
+    """Pass 1 on Ray Data, in input order: read + validate files, then tokenize in an actor pool (which writes
+    the tokens under `cache_root` itself when given, and sends only metadata on)."""
     import ray.data
 
     ensure_ray(cfg)
@@ -154,7 +159,9 @@ def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True)
                             fn_kwargs={"specs": specs, "opts": src.read_options(cfg)},
                             compute=ray.data.TaskPoolStrategy(size=readers), **read_remote)
         ds = ds.map_batches(TokenizeBatches, fn_constructor_kwargs={"tokenizer": cfg.data.tokenizer,
-                                                                    "batch_docs": cfg.data.tokenize_batch_size},
+                                                                    "batch_docs": cfg.data.tokenize_batch_size,
+                                                                    "cache_root": cache_root if with_tokens else None,
+                                                                    "storage_cfg": cfg.storage.model_dump()},
                             batch_size=None, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=actors), **remote)
         if not with_tokens:
@@ -204,11 +211,44 @@ def _cache_batch(batch: pa.Table, cache: TokenCache, writers: dict, staged: dict
                     row_group_size=hi - lo)
 
 
-def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True) -> TokenCache:
+def _index_batch(batch: pa.Table, cache: TokenCache) -> None:
+    """A batch of good records whose tokens the tokenizer actors wrote (CACHED_SCHEMA): keep their lengths and
+    where their row groups are; the records of one cache row group kept here are always its first ones (the
+    budget gate only drops a source's later records), so a row group is (file, index, how many)."""
+    cache.good += batch.num_rows
+    labels = batch.column("source")
+    for label in pc.unique(labels).to_pylist():
+        part = batch if len(labels.unique()) == 1 else batch.filter(pc.equal(labels, label))
+        cache.lengths.setdefault(label, []).append(part.column("n_tokens").to_numpy())
+        files = part.column("cache_file").to_numpy(zero_copy_only=False)
+        rgs = part.column("cache_rg").to_numpy()
+        rows = part.column("cache_row").to_numpy()
+        change = np.flatnonzero((files[1:] != files[:-1]) | (rgs[1:] != rgs[:-1])) + 1
+        chunks, sizes = cache.chunks.setdefault(label, []), cache.row_groups.setdefault(label, [])
+        for lo, hi in zip([0, *change.tolist()], [*change.tolist(), len(files)]):
+            key = (str(files[lo]), int(rgs[lo]))
+            first = sizes[-1] if chunks and chunks[-1] == key else 0
+            if not np.array_equal(rows[lo:hi], np.arange(first, first + hi - lo)):
+                raise RuntimeError(f"token cache {key}: records arrived out of order (rows {rows[lo:hi][:5]}...)")
+            if first:
+                sizes[-1] += hi - lo
+            else:
+                chunks.append(key)
+                sizes.append(hi - lo)
+    for node in pc.unique(batch.column("node")).to_pylist():
+        if node not in cache.nodes:
+            cache.nodes.append(node)
+
+
+def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True,
+                    shared_root: str | None = None) -> TokenCache:
     """Pass 1: tokenize every source into `cache_root` (tokens) and return lengths + quarantine counts.
 
     With `with_tokens=False` (length statistics only) nothing is cached. With data.token_budget and
-    data.read_margin set, sources are read only as far as the budget needs (data/budget.py)."""
+    data.read_margin set, sources are read only as far as the budget needs (data/budget.py). `shared_root`: the
+    tokenizer actors write the cache there (a folder every node can read, or an s3:// prefix) and the driver
+    only reads their metadata (lengths, where each row group is; `cache_root` then holds only the quarantine
+    list); else the driver writes it under `cache_root` (one local file per source)."""
     t0 = time.time()
     d = cfg.data
     tasks = src.list_files(d.source_specs())
@@ -218,7 +258,8 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True) -> To
 
         gate = BudgetReader(tasks, d.token_budget, d.read_margin, d.seed)
         tasks = gate.order
-    cache = TokenCache(root=cache_root or "", files=len(tasks))
+    in_workers = with_tokens and bool(shared_root)
+    cache = TokenCache(root=(shared_root if in_workers else cache_root) or "", files=len(tasks))
     writers: dict[str, pq.ParquetWriter] = {}
     staged: dict[str, str] = {}
     qfile = open(os.path.join(cache_root, "quarantine.jsonl"), "w") if cache_root else None
@@ -228,7 +269,7 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True) -> To
     bar = Progress("tokenize", total=len(tasks), unit="files")  # files started; a line every 10 s
     files_seen: set[int] = set()
     tokens_seen = 0
-    stream = _tokenized_batches(cfg, tasks, with_tokens)
+    stream = _tokenized_batches(cfg, tasks, with_tokens, shared_root if in_workers else None)
     try:
         for batch in stream:
             files_seen.update(batch.column("file_idx").to_pylist())
@@ -248,7 +289,9 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True) -> To
                         qfile.write(json.dumps({"location": r["doc_id"], "reason": r["reason"],
                                                 "detail": r["detail"], "records": n}) + "\n")
                 batch = batch.filter(pc.invert(bad_mask))
-            if batch.num_rows:
+            if batch.num_rows and in_workers:
+                _index_batch(batch, cache)
+            elif batch.num_rows:
                 _cache_batch(batch, cache, writers, staged, cache_root, with_tokens)
             if gate is not None and gate.done:  # every source has its share of the budget: stop reading
                 break

@@ -88,12 +88,35 @@ def encode_documents(backend, texts: list[str], eos: int) -> tuple[np.ndarray, n
     return flat, lengths
 
 
-class TokenizeBatches:
-    """Ray Data actor: records (RECORD_SCHEMA) -> token rows (TOKEN_SCHEMA)."""
+CACHED_SCHEMA = pa.schema([f for f in TOKEN_SCHEMA if f.name != "tokens"] + [
+    ("cache_file", pa.string()),   # good records: the cache file under the cache root holding their tokens
+    ("cache_rg", pa.int32()),      # its row group
+    ("cache_row", pa.int32()),     # the record's row in that row group
+    ("node", pa.string()),         # the Ray node that tokenized and wrote it
+])
 
-    def __init__(self, tokenizer: str, batch_docs: int = 256):
+
+class TokenizeBatches:
+    """Ray Data actor: records (RECORD_SCHEMA) -> token rows (TOKEN_SCHEMA).
+
+    With `cache_root` (a folder every node can read, or an s3:// prefix) the actor writes the good records'
+    tokens there itself, one Parquet file per (batch, source label), and returns CACHED_SCHEMA rows: the
+    metadata without the tokens, so no token passes through the driver."""
+
+    def __init__(self, tokenizer: str, batch_docs: int = 256, cache_root: str | None = None,
+                 storage_cfg: dict | None = None):
+        if storage_cfg is not None:
+            from types import SimpleNamespace
+
+            storage.configure(SimpleNamespace(**storage_cfg))
         self.backend, self.eos, self.pad = load_fast_tokenizer(tokenizer)
         self.batch_docs = batch_docs
+        self.cache_root = cache_root
+        self.node = ""
+        if cache_root:
+            import ray
+
+            self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         good = pc.is_null(batch.column("reason")).to_numpy(zero_copy_only=False)
@@ -110,4 +133,46 @@ class TokenizeBatches:
         cols = {n: batch.column(n) for n in TOKEN_SCHEMA.names if n in batch.column_names}
         cols["tokens"] = tokens
         cols["n_tokens"] = pa.array(n_tokens)
-        return pa.table(cols, schema=TOKEN_SCHEMA)
+        table = pa.table(cols, schema=TOKEN_SCHEMA)
+        return self._write_cache(table, good) if self.cache_root else table
+
+    def _write_cache(self, table: pa.Table, good: np.ndarray) -> pa.Table:
+        """Write the good rows' tokens under cache_root, one file per source label (row groups as the driver's
+        cache had them: token_cache._row_group_bounds); return the rows without tokens, with where they went."""
+        import uuid
+
+        import pyarrow.parquet as pq
+
+        from longctx.data.token_cache import CACHE_SCHEMA, _row_group_bounds
+
+        n = table.num_rows
+        files = np.full(n, None, object)
+        rgs = np.full(n, -1, np.int32)
+        rows = np.full(n, -1, np.int32)
+        labels = table.column("source").to_numpy(zero_copy_only=False)
+        n_tok = table.column("n_tokens").to_numpy(zero_copy_only=False)
+        for label in sorted({labels[i] for i in np.flatnonzero(good)}):
+            idx = np.flatnonzero(good & (labels == label))
+            part = table.take(pa.array(idx)).select(["doc_id", "tokens"]).cast(CACHE_SCHEMA)
+            name = f"{uuid.uuid4().hex}.parquet"
+            uri = storage.join(self.cache_root, name) if storage.is_s3(self.cache_root) else \
+                os.path.join(self.cache_root, name)
+            fs, path = storage.pyarrow_fs(uri)
+            bounds = _row_group_bounds(n_tok[idx])
+
+            def write(part=part, fs=fs, path=path, bounds=bounds):
+                with fs.open_output_stream(path) as out, pq.ParquetWriter(out, CACHE_SCHEMA, compression="none") as w:
+                    for lo, hi in bounds:
+                        w.write_table(part.slice(lo, hi - lo), row_group_size=hi - lo)
+
+            storage.retry_io(write, f"write token cache {uri}")
+            files[idx] = name
+            for g, (lo, hi) in enumerate(bounds):
+                rgs[idx[lo:hi]] = g
+                rows[idx[lo:hi]] = np.arange(hi - lo)
+        cols = {f.name: table.column(f.name) for f in TOKEN_SCHEMA if f.name != "tokens"}
+        cols["cache_file"] = pa.array(files.tolist(), pa.string())
+        cols["cache_rg"] = pa.array(rgs)
+        cols["cache_row"] = pa.array(rows)
+        cols["node"] = pa.array([self.node] * n, pa.string())
+        return pa.table(cols, schema=CACHED_SCHEMA)
