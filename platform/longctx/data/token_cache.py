@@ -25,9 +25,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from longctx.data import sources as src
-from longctx.data.tokenize import TokenizeBatches
+from longctx.data.tokenize import (  # noqa: F401 - CACHE_* re-exported
+    CACHE_ROW_GROUP_DOCS,
+    CACHE_ROW_GROUP_TOKENS,
+    CACHE_SCHEMA,
+    TokenizeBatches,
+    _row_group_bounds,
+)
 
-CACHE_SCHEMA = pa.schema([("doc_id", pa.string()), ("tokens", pa.list_(pa.int32()))])
 
 
 class DataQualityError(RuntimeError):
@@ -174,24 +179,6 @@ def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True,
 
 
 PASS1_BLOCK_BYTES = 2 << 20
-CACHE_ROW_GROUP_DOCS = 1024
-CACHE_ROW_GROUP_TOKENS = 8 << 20
-
-
-def _row_group_bounds(lengths: np.ndarray) -> list[tuple[int, int]]:
-    """Slices of at most CACHE_ROW_GROUP_DOCS documents and (unless one document is bigger) TOKENS tokens:
-    pass 2 holds one cache row group per source in memory, so this bounds its memory."""
-    bounds, lo, acc = [], 0, 0
-    for i, n in enumerate(lengths.tolist()):
-        if i > lo and (i - lo >= CACHE_ROW_GROUP_DOCS or acc + n > CACHE_ROW_GROUP_TOKENS):
-            bounds.append((lo, i))
-            lo, acc = i, 0
-        acc += n
-    if len(lengths) > lo:
-        bounds.append((lo, len(lengths)))
-    return bounds
-
-
 def _cache_batch(batch: pa.Table, cache: TokenCache, writers: dict, staged: dict, cache_root, with_tokens: bool):
     """Append a batch of good tokenized records to the per-source caches; lengths stay in memory."""
     cache.good += batch.num_rows

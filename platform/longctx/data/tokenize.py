@@ -88,6 +88,26 @@ def encode_documents(backend, texts: list[str], eos: int) -> tuple[np.ndarray, n
     return flat, lengths
 
 
+CACHE_SCHEMA = pa.schema([("doc_id", pa.string()), ("tokens", pa.list_(pa.int32()))])  # the token cache's files
+CACHE_ROW_GROUP_DOCS = 1024
+CACHE_ROW_GROUP_TOKENS = 8 << 20
+
+
+def _row_group_bounds(lengths: np.ndarray) -> list[tuple[int, int]]:
+    """Slices of at most CACHE_ROW_GROUP_DOCS documents and (unless one document is bigger) TOKENS tokens:
+    pass 2 holds one cache row group per source in memory, so this bounds its memory."""
+    bounds, lo, acc = [], 0, 0
+    for i, n in enumerate(lengths.tolist()):
+        if i > lo and (i - lo >= CACHE_ROW_GROUP_DOCS or acc + n > CACHE_ROW_GROUP_TOKENS):
+            bounds.append((lo, i))
+            lo, acc = i, 0
+        acc += n
+    if len(lengths) > lo:
+        bounds.append((lo, len(lengths)))
+    return bounds
+
+
+
 CACHED_SCHEMA = pa.schema([f for f in TOKEN_SCHEMA if f.name != "tokens"] + [
     ("cache_file", pa.string()),   # good records: the cache file under the cache root holding their tokens
     ("cache_rg", pa.int32()),      # its row group
@@ -138,12 +158,10 @@ class TokenizeBatches:
 
     def _write_cache(self, table: pa.Table, good: np.ndarray) -> pa.Table:
         """Write the good rows' tokens under cache_root, one file per source label (row groups as the driver's
-        cache had them: token_cache._row_group_bounds); return the rows without tokens, with where they went."""
+        cache had them: _row_group_bounds); return the rows without tokens, with where they went."""
         import uuid
 
         import pyarrow.parquet as pq
-
-        from longctx.data.token_cache import CACHE_SCHEMA, _row_group_bounds
 
         n = table.num_rows
         files = np.full(n, None, object)
