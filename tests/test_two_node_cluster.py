@@ -170,3 +170,52 @@ def test_long_pt_submitted_to_two_nodes_places_data_and_training_on_their_pools(
     assert final in proc.stdout
     after = proc.stdout.rsplit(final, 1)[1]
     assert "pid=" not in after and "Loading weights" not in after, after[:2000]
+
+
+PREPARE = """
+import json, sys
+from longctx.config import load_config
+from longctx.data import prepare_data
+from longctx.data.pipeline import load_manifest
+
+out, sets = sys.argv[1], json.loads(sys.argv[2])
+result = prepare_data(load_config(None, sets), out)
+print("RESULT " + json.dumps({"pass1": result["pass1"], "pass2": result["pass2"], "manifest": load_manifest(out)}))
+"""
+
+
+def _prepare(env: dict, info: dict, tmp_path: Path, out: str, sets: list[str]) -> dict:
+    """prepare_data run by a driver connected to the stack's cluster (its GCS address, its auth settings)."""
+    script = tmp_path / "prepare.py"
+    script.write_text(PREPARE)
+    run_env = dict(env, RAY_ADDRESS=info["gcs_address"])
+    proc = subprocess.run([sys.executable, str(script), out, json.dumps(sets)], cwd=tmp_path, env=run_env,
+                          capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    return json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+
+
+def test_data_preparation_runs_both_passes_on_both_nodes_and_gives_the_one_node_bytes(stack, tmp_path):
+    """Pass 1 (tokenizer actors writing the token cache on s3://) and pass 2 (one task per partition writing
+    shards to the s3:// staging prefix) on both nodes of the cluster, the output byte for byte the one a run kept
+    on the head node gives. Each data task or actor asks for 1.2 of a node's 2 CPUs, so two cannot share a node:
+    the two tokenizer actors and concurrent pass-2 tasks must use both nodes."""
+    _, env, info = stack
+    base = ["data.sources={code: builtin:corpus/code.jsonl.gz, records: builtin:corpus/records.jsonl.gz}",
+            "data.seq_len=256", "data.long_threshold=512", "data.rows_per_shard=64", "data.pack_partitions=4",
+            "data.seed=3"]
+    spread = _prepare(env, info, tmp_path, f"s3://{BUCKET}/data/two-nodes", base + [
+        "data.num_tokenize_actors=2", "ray.data_cpus_per_task=1.2"])
+    one = _prepare(env, info, tmp_path, f"s3://{BUCKET}/data/one-node", base + [
+        "data.num_tokenize_actors=1", "ray.data_cpus_per_task=0.5", "ray.data_resources={data_node: 0.01}"])
+    assert len(set(spread["pass1"]["nodes"])) == 2, spread["pass1"]  # tokenizer actors (cache writers) on both
+    assert len(set(spread["pass2"]["nodes"])) == 2, spread["pass2"]  # pack/write tasks on both
+    assert len(set(one["pass1"]["nodes"])) == 1 and set(one["pass2"]["nodes"]) == set(one["pass1"]["nodes"])
+    shards = [(s["path"], s["sha256"]) for s in spread["manifest"]["shards"]]
+    assert len(shards) >= 4 and spread["pass2"]["partitions"] == 4
+    assert shards == [(s["path"], s["sha256"]) for s in one["manifest"]["shards"]]
+    assert spread["manifest"] == one["manifest"]  # the data settings that differ are speed settings only
+    # no token cache or staging prefix left behind on the bucket
+    left = [o["Key"] for o in _s3_client(env).list_objects_v2(Bucket=BUCKET, Prefix="data/").get("Contents", [])]
+    assert all(k.startswith(("data/two-nodes/", "data/one-node/")) for k in left), left
