@@ -56,6 +56,7 @@ def test_short_study_reports_verdicts_first_and_numbers_recomputable(ray_cluster
     status = {v["target"]: v["status"] for v in saved["verdicts"]}
     for t in (TARGET_NLL, TARGET_PASSKEY_NAIVE, TARGET_PASSKEY_SFT, TARGET_DATA, TARGET_ROPE):
         assert status[t] in ("held", "did not hold"), (t, saved["verdicts"])
+    assert "![the study's numbers, one panel per part](study.png)" in report and (out / "study.png").stat().st_size > 5000
     for section in ("## a.", "## b.", "## c.", "## d.", "## e."):
         assert any(line.startswith(section) for line in report), section
 

@@ -400,6 +400,10 @@ def write_study_report(root: str, nums: dict, verdict: list[dict]) -> str:
              "", f"{held} held, {failed} did not hold, {len(verdict) - held - failed} not run "
              f"({plan['steps']} training steps per trial, base length {plan['base_length']}, evaluated at "
              f"{plan['context_length']} tokens, passkey at {plan['passkey_length']}).", "", *verdict_lines(verdict), ""]
+    png = plot_study(nums)
+    if png:
+        storage.write_bytes(storage.join(root, STUDY_PLOT), png)
+        lines += [f"![the study's numbers, one panel per part]({STUDY_PLOT})", ""]
     if "a" in nums:
         lines += ["## a. Training-free baselines vs Long-PT", "",
                   "| model | NLL within base | NLL beyond base | passkey at 4x |", "|---|---:|---:|---:|"]
@@ -453,6 +457,66 @@ def write_study_report(root: str, nums: dict, verdict: list[dict]) -> str:
     uri = storage.join(root, "report.md")
     storage.write_text(uri, "\n".join(lines) + "\n")
     return uri
+
+
+STUDY_PLOT = "study.png"
+
+
+def plot_study(nums: dict) -> bytes | None:
+    """PNG, one panel per part run (a, b, c, d): NLL beyond the base length of every model (a), per source and
+    strategy (b), the pass key's NLL before/after long-SFT (c), against the RoPE base with the bound (d)."""
+    from longctx.report.plots import _STYLE, _png, plt
+
+    panels = [k for k in ("a", "b", "c", "d") if nums.get(k)]
+    if not panels:
+        return None
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+        for ax, part in zip(axes[0], panels):
+            if part == "a":
+                names = list(nums["a"])
+                vals = [nums["a"][n]["nll_beyond_base"] for n in names]
+                ax.bar(range(len(names)), [v if _finite(v) else 0 for v in vals],
+                       color=["tab:green" if nums["a"][n]["role"] == "trained" else "tab:gray" for n in names])
+                ax.set_xticks(range(len(names)), [n.replace("base + ", "") for n in names], rotation=30, ha="right")
+                lo = min(v for v in vals if _finite(v)) if any(_finite(v) for v in vals) else 0
+                ax.set_ylim(max(0.0, lo - 0.5), None)
+                ax.set_title("a. baselines vs Long-PT")
+                ax.set_ylabel("NLL beyond base (nats)")
+            elif part == "b":
+                strategies = list(nums["b"])
+                sources = sorted({s for v in nums["b"].values() for s in v["nll_beyond_base_by_source"]})
+                width = 0.8 / max(1, len(strategies))
+                for i, st in enumerate(strategies):
+                    per = nums["b"][st]["nll_beyond_base_by_source"]
+                    ax.bar([j + i * width for j in range(len(sources))],
+                           [per.get(s) if _finite(per.get(s)) else 0 for s in sources], width, label=st)
+                ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sources))], sources)
+                ax.legend(fontsize=7)
+                ax.set_title("b. data strategies, per source")
+                ax.set_ylabel("NLL beyond base (nats)")
+            elif part == "c":
+                names = list(nums["c"])
+                vals = [nums["c"][n].get("passkey_key_nll_4x") for n in names]
+                ax.bar(range(len(names)), [v if _finite(v) else 0 for v in vals], color="tab:purple")
+                ax.set_xticks(range(len(names)), names, rotation=15, ha="right")
+                for j, n in enumerate(names):
+                    ax.annotate(f"passkey {_pct(nums['c'][n]['passkey_4x'])}", (j, 0), xytext=(0, 4),
+                                textcoords="offset points", ha="center", fontsize=8, color="white")
+                ax.set_title("c. Long-PT, then long-SFT")
+                ax.set_ylabel("pass key NLL at 4x (nats/token)")
+            else:
+                pts = sorted((float(t), v) for t, v in nums["d"]["nll_beyond_base_by_theta"].items() if _finite(v))
+                if pts:
+                    ax.plot(*zip(*pts), "o-")
+                ax.axvline(nums["d"]["bound"], color="tab:red", ls="--", label="rope suggest bound")
+                ax.set_xscale("log")
+                ax.legend(fontsize=7)
+                ax.set_title("d. RoPE base sweep")
+                ax.set_xlabel("rope_theta")
+                ax.set_ylabel("NLL beyond base (nats)")
+        fig.tight_layout()
+        return _png(fig)
 
 
 def _f(v) -> str:

@@ -390,8 +390,10 @@ def plot_checkpoint_eval(records: list[dict]) -> bytes:
     tokens = [r["tokens"] for r in records]
     with plt.rc_context(_STYLE):
         fig, ax = plt.subplots(figsize=(7.5, 4.2))
-        for key, label, style in (("passkey", "passkey accuracy", "o-"), ("needle", "needle score", "s-")):
-            pts = [(t, r[key]) for t, r in zip(tokens, records) if r.get(key) is not None]
+        # needle: NeedleBench's 0-100 score, drawn as a fraction on the same 0-1 axis as passkey accuracy
+        for key, label, style, scale in (("passkey", "passkey accuracy", "o-", 1.0),
+                                         ("needle", "needle score / 100", "s-", 0.01)):
+            pts = [(t, scale * r[key]) for t, r in zip(tokens, records) if r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), style, label=label)
         ax.set_xlabel("tokens trained")
