@@ -193,8 +193,7 @@ def bucket_emissions(cache: TokenCache, plan: MixturePlan, seed: int) -> dict[tu
 
 
 def mixed_segments(cache: TokenCache, plan: MixturePlan, seed: int, piece_len: int | None = None,
-                   emissions: dict[tuple[str, bool], tuple] | None = None, tokens: bool = True,
-                   held: np.ndarray | None = None) -> Iterator[Segment]:
+                   emissions: dict[tuple[str, bool], tuple] | None = None, tokens: bool = True) -> Iterator[Segment]:
     """Interleave the sources' segment streams so that every stretch of the output has the target mix.
 
     Deficit interleaving, deterministic: the streams are the (source, long) buckets of `mix_buckets`; the next
@@ -202,9 +201,7 @@ def mixed_segments(cache: TokenCache, plan: MixturePlan, seed: int, piece_len: i
     segment) / planned tokens (ties: a seeded bucket order). Source shares and the long share therefore stay on
     target at every prefix, up to one segment; `piece_len` (seq_len) bounds a segment. `emissions` (one pass-2
     partition: a stretch of every bucket's `bucket_emissions`) interleaves only those; `tokens=False`: lengths
-    only (`_emitted_segments`). `held` (tokens per bucket, in `mix_buckets` order, that the consumer has taken
-    but not yet put in a finished row; the consumer updates it) counts as not yet emitted: the best-fit packer
-    holds short documents back, and without this they would all come out together at the end."""
+    only (`_emitted_segments`)."""
     targets = mix_buckets(plan)
     keys = list(targets)
     if emissions is None:
@@ -221,8 +218,7 @@ def mixed_segments(cache: TokenCache, plan: MixturePlan, seed: int, piece_len: i
     alive = np.array([h is not None for h in heads])
     while alive.any():
         nxt = np.array([len(h.tokens) if h is not None else 0 for h in heads], np.float64)
-        done = emitted if held is None else emitted - held
-        score = np.where(alive, (done + nxt / 2) / want, np.inf)
+        score = np.where(alive, (emitted + nxt / 2) / want, np.inf)
         best = np.flatnonzero(score == score.min())
         k = int(best[np.argmin(rank[best])])
         seg = heads[k]
@@ -292,31 +288,19 @@ def _packed_rows(cfg, cache: TokenCache, plan: MixturePlan, packer, out_stats: d
     """Finished rows (segment lists) in output order: the mixed stream packed, best-fit rows through the
     mix-order pool (concat rows are already in stream order)."""
     d = cfg.data
-    targets = mix_buckets(plan)
-    index = {k: i for i, k in enumerate(targets)}
-    key = _bucket_key(plan)
-    held = np.zeros(len(targets), np.float64)  # tokens fed to the packer, not yet in a finished row
-
-    def out(rows) -> Iterator[list[Segment]]:
-        for row in rows:
-            for seg in row:
-                held[index[key(seg.source, seg.doc_tokens)]] -= len(seg.tokens)
-            yield row
 
     def packed() -> Iterator[list[Segment]]:
-        for seg in mixed_segments(cache, plan, d.seed, piece_len=d.seq_len, emissions=emissions, tokens=tokens,
-                                  held=held if isinstance(packer, BestFitPacker) else None):
+        for seg in mixed_segments(cache, plan, d.seed, piece_len=d.seq_len, emissions=emissions, tokens=tokens):
             if out_stats is not None:
                 out_stats.setdefault(seg.source, LengthAccumulator(d.long_threshold)).add(
                     seg.doc_tokens, len(seg.tokens), docs=int(seg.piece == 0))
-            held[index[key(seg.source, seg.doc_tokens)]] += len(seg.tokens)
-            yield from out(packer.add(seg))
-        yield from out(packer.finish())
+            yield from packer.add(seg)
+        yield from packer.finish()
 
     if not isinstance(packer, BestFitPacker):
         yield from packed()
         return
-    order = MixedRowOrder(targets, key, mix_pool_rows(d.pack_buffer_rows))
+    order = MixedRowOrder(mix_buckets(plan), _bucket_key(plan), mix_pool_rows(d.pack_buffer_rows))
     for row in packed():
         yield from order.add(row)
     yield from order.finish()
@@ -402,14 +386,16 @@ def partition_emissions(emissions: dict[tuple[str, bool], tuple], parts: int, un
     return out
 
 
-def partition_row_count(cfg_json: str, cache: TokenCache, plan: MixturePlan, emissions: dict) -> int:
-    """Rows partition `emissions` packs into, from the lengths alone (no token read): the driver numbers rows
-    and shards from these before any partition writes."""
+def partition_row_count(cfg_json: str, cache: TokenCache, plan: MixturePlan, emissions: dict) -> dict:
+    """Rows partition `emissions` packs into (`rows`), from the lengths alone (no token read): the driver
+    numbers rows and shards from these before any partition writes. `cpu_s`: the CPU time it took."""
     from longctx.config import JobConfig
 
     cfg = JobConfig.model_validate_json(cfg_json)
     storage.configure(cfg.storage)
-    return sum(1 for _ in _packed_rows(cfg, cache, plan, make_packer(cfg.data), None, emissions, tokens=False))
+    c0 = time.process_time()
+    rows = sum(1 for _ in _packed_rows(cfg, cache, plan, make_packer(cfg.data), None, emissions, tokens=False))
+    return {"rows": rows, "cpu_s": time.process_time() - c0}
 
 
 def write_partition(cfg_json: str, cache: TokenCache, plan: MixturePlan, pad_id: int, emissions: dict,
@@ -421,6 +407,7 @@ def write_partition(cfg_json: str, cache: TokenCache, plan: MixturePlan, pad_id:
 
     cfg = JobConfig.model_validate_json(cfg_json)
     storage.configure(cfg.storage)
+    c0 = time.process_time()
     out_stats: dict[str, LengthAccumulator] = {}
     packer = make_packer(cfg.data)
     shards = []
@@ -429,7 +416,8 @@ def write_partition(cfg_json: str, cache: TokenCache, plan: MixturePlan, pad_id:
         name = f"part-{shard_offset + i:05d}.parquet"
         shards.append({"path": name, "rows": table.num_rows, "row_id_start": int(table.column("row_id")[0].as_py()),
                        **_write_shard(table, staging, name)})
-    return {"shards": shards, "stats": packer.stats, "out_stats": out_stats, "node": _node_id()}
+    return {"shards": shards, "stats": packer.stats, "out_stats": out_stats, "node": _node_id(),
+            "cpu_s": time.process_time() - c0}
 
 
 def _write_shard(table: pa.Table, staging: str, name: str) -> dict:
@@ -482,10 +470,14 @@ def run_pass2(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int, staging: s
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
                 node_id=ray.get_runtime_context().get_node_id(), soft=False)
         cache_ref, plan_ref = ray.put(cache), ray.put(plan)
+    if parts == 1:  # nothing to number: one partition starts at row 0, shard 0
+        counts = [{"rows": None, "cpu_s": 0.0}]
+    elif use_ray:
         count = ray.remote(partition_row_count).options(**opts)
-        rows = ray.get([count.remote(cfg_json, cache_ref, plan_ref, em) for em in emissions])
+        counts = ray.get([count.remote(cfg_json, cache_ref, plan_ref, em) for em in emissions])
     else:
-        rows = [partition_row_count(cfg_json, cache, plan, em) for em in emissions]
+        counts = [partition_row_count(cfg_json, cache, plan, em) for em in emissions]
+    rows = [c["rows"] or 0 for c in counts]
     row_offsets = np.concatenate([[0], np.cumsum(rows)]).astype(int).tolist()
     shard_counts = [-(-r // d.rows_per_shard) for r in rows]
     shard_offsets = np.concatenate([[0], np.cumsum(shard_counts)]).astype(int).tolist()
@@ -498,6 +490,7 @@ def run_pass2(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int, staging: s
     stats = PackStats()
     out_stats: dict[str, LengthAccumulator] = {}
     shards = []
+    rows = [r["stats"].rows for r in results] if parts == 1 else rows
     for r, n in zip(results, rows):
         if r["stats"].rows != n:
             raise RuntimeError(f"pass 2: a partition packed {r['stats'].rows} rows, its layout said {n}")
@@ -515,7 +508,8 @@ def run_pass2(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int, staging: s
 
         plan.params["cip"] = cip_params(d.cip.k, d.cip.fraction, stats.rows)
     return {"shards": shards, "stats": stats, "out_stats": dict(sorted(out_stats.items())), "partitions": parts,
-            "rows_per_partition": rows, "nodes": [r["node"] for r in results]}
+            "rows_per_partition": rows, "nodes": [r["node"] for r in results],
+            "task_cpu_s": sum(c["cpu_s"] for c in counts) + sum(r["cpu_s"] for r in results)}
 
 
 def _cip_hook(cip_cfg):
@@ -611,7 +605,8 @@ def pack_and_publish(cfg, cache: TokenCache, dest: str, overwrite: bool = False,
     # Convenience keys for callers (not in manifest.json, which stays deterministic).
     return {**manifest, "uri": storage.normalize(dest), "rows": pack_stats.rows, "tokens": pack_stats.tokens,
             "pad_fraction": manifest["totals"]["pad_fraction"], "timings": timings,
-            "pass2": {"partitions": p2["partitions"], "rows": p2["rows_per_partition"], "nodes": p2["nodes"]}}
+            "pass2": {"partitions": p2["partitions"], "rows": p2["rows_per_partition"], "nodes": p2["nodes"],
+                      "task_cpu_s": round(p2["task_cpu_s"], 3)}}
 
 
 def load_manifest(uri: str) -> dict:
