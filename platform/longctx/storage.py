@@ -206,20 +206,23 @@ def expand(uri: str, suffixes: tuple[str, ...] | None = None, hidden: bool = Fal
     norm = normalize(uri)
     fs, path = fsspec_fs(norm)
     found = _expand_committed(fs, path) if is_s3(norm) else None
-    if found is not None:
-        pass
-    elif any(ch in path for ch in "*?["):
-        found = fs.glob(path)
-    elif fs.isdir(path):
-        found = [p for p in fs.find(path) if not fs.isdir(p)]
-    elif fs.exists(path):
-        found = [path]
-    else:
-        raise StorageError(f"{uri}: no such file, folder or prefix")
+    if found is None:
+        found = _expand_listed(fs, path, uri)
     files = sorted(p for p in found if hidden or not os.path.basename(p).startswith(("_", ".")))
     if suffixes:
         files = [p for p in files if p.endswith(suffixes)]
     return [_to_uri(norm, p) for p in files]
+
+
+def _expand_listed(fs, path: str, uri: str) -> list[str]:
+    """Files of a glob, folder or file, as the store lists them."""
+    if any(ch in path for ch in "*?["):
+        return fs.glob(path)
+    if fs.isdir(path):
+        return [p for p in fs.find(path) if not fs.isdir(p)]
+    if fs.exists(path):
+        return [path]
+    raise StorageError(f"{uri}: no such file, folder or prefix")
 
 
 def _glob_split(path: str) -> tuple[str, list[str]]:
@@ -249,8 +252,7 @@ def _expand_committed(fs, path: str) -> list[str] | None:
     marker = _marker_at(fs, base)
     if marker is None or "files" not in marker:  # no marker, or a hand-made one that lists nothing: list
         return None
-    root = _root_of(marker, "s3://" + base)
-    found = [f"{base}/{root}/{rel}" if root else f"{base}/{rel}" for rel in _marker_files(marker, "s3://" + base)
+    found = [f"{base}/{key}" for rel, key in _committed_keys(marker, "s3://" + base).items()
              if not pattern or _match_parts(pattern, rel.split("/"))]
     if not pattern or _match_parts(pattern, [COMMIT_MARKER]):
         found.append(f"{base}/{COMMIT_MARKER}")
@@ -502,15 +504,13 @@ def _committed_listing(uri: str) -> tuple[object, str, dict[str, dict]]:
         raise StorageError(f"{uri}: no {COMMIT_MARKER} marker: the output is incomplete")
     if "files" not in marker:  # a hand-made marker that lists nothing: everything under the prefix, as listed
         return fs, prefix, {rel: {**e, "key": rel} for rel, e in entries.items()}
-    root = _root_of(marker, uri)
     out = {}
-    for rel in _marker_files(marker, uri):
-        key = f"{root}/{rel}" if root else rel
+    for rel, key in _committed_keys(marker, uri).items():
         if key not in entries:
             raise StorageNotFound(f"{uri}/{key}: listed in {COMMIT_MARKER} but not in the bucket (the prefix was "
                                   "overwritten while it was read, or damaged)")
         out[rel] = {**entries[key], "key": key}
-    if not root:
+    if not _root_of(marker, uri):
         out[COMMIT_MARKER] = {**entries[COMMIT_MARKER], "key": COMMIT_MARKER}
     return fs, prefix, out
 
@@ -674,6 +674,17 @@ def _marker_files(marker: dict, uri: str) -> list[str]:
     return files
 
 
+def _committed_keys(marker: dict, uri: str) -> dict[str, str]:
+    """{file as the marker names it: its object key under the prefix} (`gen-.../file` after an S3 overwrite)."""
+    root = _root_of(marker, uri)
+    return {rel: f"{root}/{rel}" if root else rel for rel in _marker_files(marker, uri)}
+
+
+def _new_generation() -> str:
+    """A fresh generation folder name (matches GENERATION; never collides with an earlier one)."""
+    return f"gen-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
 def committed_root(uri: str, marker: dict | None = None) -> str:
     """The folder holding the committed files of published folder `uri`: `uri` itself, or `uri/gen-...` after an
     S3 overwrite. StorageError when `uri` is not committed."""
@@ -740,7 +751,7 @@ def remove_orphans(uri: str, marker: dict | None = None) -> list[str]:
         safe_relpath(key, uri)
         retired.add(key)
     fs, prefix, entries = _listing(uri)
-    live = {f"{root}/{rel}" if root else rel for rel in _marker_files(marker, uri)} | {COMMIT_MARKER}
+    live = set(_committed_keys(marker, uri).values()) | {COMMIT_MARKER}
     orphans = sorted(k for k in entries if k not in live and (
         k in retired or (GENERATION.match(k.split("/", 1)[0]) and k.split("/", 1)[0] != root and "/" in k)))
     if orphans:
@@ -770,11 +781,10 @@ def _publish_s3(staging: str, dest: str, marker: dict, overwrite: bool) -> None:
         raise StorageError(f"{dest}: already published (pass overwrite=True or choose a fresh location)")
     remove_orphans(dest, current)
     _stage("orphans_removed", dest)
-    old_root = _root_of(current, dest)
-    gen = f"gen-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    gen = _new_generation()
     upload_dir(staging, join(dest, gen))
     _stage("uploaded", dest)
-    retired = [f"{old_root}/{rel}" if old_root else rel for rel in _marker_files(current, dest)]
+    retired = list(_committed_keys(current, dest).values())
     write_json(marker_uri, {**marker, "root": gen, "retired": retired})  # the switch: one atomic PUT
     _stage("switched", dest)
     keys = [f"{path}/{k}" for k in retired]
@@ -849,8 +859,7 @@ def _publish_s3_shared(dest: str, overwrite: bool) -> Iterator[str]:
     current = read_marker(dest)
     if current is not None:
         remove_orphans(dest, current)
-    root = "" if current is None and not fs.exists(path) else \
-        f"gen-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    root = "" if current is None and not fs.exists(path) else _new_generation()
     staging = join(dest, root) if root else dest
     try:
         yield staging
@@ -863,8 +872,7 @@ def _publish_s3_shared(dest: str, overwrite: bool) -> Iterator[str]:
         if root:
             marker["root"] = root
             if current is not None:
-                old_root = _root_of(current, dest)
-                retired = [f"{old_root}/{rel}" if old_root else rel for rel in _marker_files(current, dest)]
+                retired = list(_committed_keys(current, dest).values())
                 marker["retired"] = retired
         write_json(join(dest, COMMIT_MARKER), marker)  # last: the switch (or the commit), one PUT
         if retired:
