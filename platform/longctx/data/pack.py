@@ -21,7 +21,7 @@ Packed row columns (schemas/packed_sequence.schema.json):
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Iterator
 
 import numpy as np
@@ -66,6 +66,11 @@ class PackStats:
     split_docs: int = 0     # documents longer than seq_len, cut into pieces (concat: any document cut by a row end)
     pieces: int = 0
     tail_dropped: int = 0   # concat: tokens after the last full row, dropped
+
+    def merge(self, other: "PackStats") -> None:
+        """Add another packer's counts (e.g. one pass-2 partition's) to these."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 class BestFitPacker:

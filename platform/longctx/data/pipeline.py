@@ -386,6 +386,13 @@ def partition_emissions(emissions: dict[tuple[str, bool], tuple], parts: int, un
     return out
 
 
+def plan_partitions(data_cfg, cache: TokenCache, plan: MixturePlan) -> list[dict]:
+    """Pass 2's partitions of the planned stream (each a stretch of every bucket's emissions), as
+    `prepare_data`'s tasks and `packed_dataset` both run them."""
+    return partition_emissions(bucket_emissions(cache, plan, data_cfg.seed), pack_partition_count(data_cfg, plan),
+                               plan.chunk_len or data_cfg.seq_len)
+
+
 def partition_row_count(cfg_json: str, cache: TokenCache, plan: MixturePlan, emissions: dict) -> dict:
     """Rows partition `emissions` packs into (`rows`), from the lengths alone (no token read): the driver
     numbers rows and shards from these before any partition writes. `cpu_s`: the CPU time it took."""
@@ -422,17 +429,16 @@ def write_partition(cfg_json: str, cache: TokenCache, plan: MixturePlan, pad_id:
 
 def _write_shard(table: pa.Table, staging: str, name: str) -> dict:
     """Write one shard (zstd Parquet) under a local folder or an s3:// prefix; its bytes and sha256."""
-    if not storage.is_s3(staging):
-        path = os.path.join(staging, name)
-        pq.write_table(table, path, compression="zstd", row_group_size=min(256, table.num_rows))
-        return {"bytes": os.path.getsize(path), "sha256": storage.sha256_file(path)}
+    import contextlib
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="longctx-shard-") as tmp:
-        path = os.path.join(tmp, name)
+    remote = storage.is_s3(staging)
+    with (tempfile.TemporaryDirectory(prefix="longctx-shard-") if remote else contextlib.nullcontext(staging)) as folder:
+        path = os.path.join(folder, name)
         pq.write_table(table, path, compression="zstd", row_group_size=min(256, table.num_rows))
-        fs, key = storage.fsspec_fs(storage.join(staging, name))
-        storage.retry_io(lambda: fs.put_file(path, key), f"upload {name}")
+        if remote:
+            fs, key = storage.fsspec_fs(storage.join(staging, name))
+            storage.retry_io(lambda: fs.put_file(path, key), f"upload {name}")
         return {"bytes": os.path.getsize(path), "sha256": storage.sha256_file(path)}
 
 
@@ -453,8 +459,8 @@ def run_pass2(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int, staging: s
     the bytes are the same (`use_ray=False` forces that). Returns shards (in order), summed pack stats, merged
     output stats and the nodes the write tasks ran on."""
     d = cfg.data
-    parts = pack_partition_count(d, plan)
-    emissions = partition_emissions(bucket_emissions(cache, plan, d.seed), parts, plan.chunk_len or d.seq_len)
+    emissions = plan_partitions(d, cache, plan)
+    parts = len(emissions)
     cfg_json = cfg.model_dump_json()
     import ray
 
@@ -495,14 +501,9 @@ def run_pass2(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int, staging: s
         if r["stats"].rows != n:
             raise RuntimeError(f"pass 2: a partition packed {r['stats'].rows} rows, its layout said {n}")
         shards += r["shards"]
-        for f in ("rows", "tokens", "pad_tokens", "split_docs", "pieces", "tail_dropped"):
-            setattr(stats, f, getattr(stats, f) + getattr(r["stats"], f))
+        stats.merge(r["stats"])
         for s, acc in r["out_stats"].items():
-            mine = out_stats.setdefault(s, LengthAccumulator(d.long_threshold))
-            mine.docs += acc.docs
-            mine.tokens += acc.tokens
-            mine.long_docs += acc.long_docs
-            mine.long_tokens += acc.long_tokens
+            out_stats.setdefault(s, LengthAccumulator(d.long_threshold)).merge(acc)
     if d.cip.fraction > 0:  # the manifest's params record the CIP share
         from longctx.data.cip import cip_params
 
@@ -659,10 +660,8 @@ def _pack_in_task(batch: dict, cfg_json: str, cache: TokenCache, plan: MixturePl
 
     cfg = JobConfig.model_validate_json(cfg_json)
     d = cfg.data
-    parts = partition_emissions(bucket_emissions(cache, plan, d.seed), pack_partition_count(d, plan),
-                                plan.chunk_len or d.seq_len)
     row = 0
-    for em in parts:  # the partitions prepare_data's tasks write, one after the other: the same rows and ids
+    for em in plan_partitions(d, cache, plan):  # the partitions prepare_data's tasks write, one after the other: the same rows and ids
         for table in packed_row_tables(cfg, cache, plan, pad_id, rows_per_table=rows_per_block, emissions=em,
                                        row_offset=row):
             row += table.num_rows

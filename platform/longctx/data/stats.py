@@ -157,6 +157,13 @@ class LengthAccumulator:
             self.long_docs += docs
             self.long_tokens += tokens
 
+    def merge(self, other: "LengthAccumulator") -> None:
+        """Add the counts of another accumulator (e.g. one pass-2 partition's) to this one."""
+        self.docs += other.docs
+        self.tokens += other.tokens
+        self.long_docs += other.long_docs
+        self.long_tokens += other.long_tokens
+
     def result(self) -> dict:
         total = int(self.tokens.sum())
         return {
