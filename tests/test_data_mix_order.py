@@ -14,6 +14,7 @@ from longctx.config import JobConfig
 from longctx.data.mixture import plan_mixture
 from longctx.data.pack import BestFitPacker, RowBuilder, Segment
 from longctx.data.pipeline import TokenCache, _source_segments, packed_row_tables
+from train_helpers import tokens_by_document
 
 SEQ = 256
 THR = 300
@@ -180,15 +181,7 @@ def test_same_seed_same_rows_other_seed_other_rows_and_every_token_once(tmp_path
     assert digest(cfg) != digest(_cfg(strategy="cut-seq", seed=4))
     # every token of every document appears once (the pieces of a cut document are rows of their own, which
     # the mix order may emit in any order)
-    got: dict[str, list[int]] = {}
-    for t in packed_row_tables(cfg, cache, plan, pad_id=0):
-        for ids, lens, docs in zip(t.column("input_ids").to_pylist(), t.column("seg_lengths").to_pylist(),
-                                   t.column("seg_doc_ids").to_pylist()):
-            o = 0
-            for n, d in zip(lens, docs):
-                if d:
-                    got.setdefault(d, []).extend(ids[o:o + n])
-                o += n
+    got = tokens_by_document(packed_row_tables(cfg, cache, plan, pad_id=0))
     import pyarrow.parquet as pq
     for s in sorted(medians):
         t = pq.read_table(cache.path(s))

@@ -14,6 +14,7 @@ import pytest
 from longctx.config import load_config
 from longctx.data.mixture import plan_mixture
 from longctx.data.pipeline import TokenCache, pack_and_publish, run_pass2
+from train_helpers import tokens_by_document
 
 SEQ = 256
 
@@ -51,14 +52,7 @@ def test_partitions_number_rows_and_shards_in_order_and_keep_every_token(tmp_pat
     table = pq.read_table([str(tmp_path / "out" / s["path"]) for s in shards])
     assert table.column("row_id").to_pylist() == list(range(table.num_rows)) == list(range(res["stats"].rows))
     assert [s["row_id_start"] for s in shards] == np.cumsum([0] + [s["rows"] for s in shards])[:-1].tolist()
-    got: dict[str, list[int]] = {}
-    for ids, lens, doc_ids in zip(table.column("input_ids").to_pylist(), table.column("seg_lengths").to_pylist(),
-                                  table.column("seg_doc_ids").to_pylist()):
-        o = 0
-        for n, d in zip(lens, doc_ids):
-            if d:
-                got.setdefault(d, []).extend(ids[o:o + n])
-            o += n
+    got = tokens_by_document([table])
     whole = {d: t.tolist() for rows in docs.values() for d, t in rows}
     if packing == "best-fit":  # cut-seq default budget: every token of every document exactly once
         assert sorted(got) == sorted(whole)

@@ -136,3 +136,18 @@ def reference_training(model_dir: str, cfg, table, steps: int, rows_per_step: in
         sched.step()
         opt.zero_grad()
     return {k: v.detach() for k, v in lm.state_dict().items()}, losses, grad_norms
+
+
+def tokens_by_document(tables) -> dict[str, list[int]]:
+    """{doc_id: its tokens in row order} gathered from packed-row tables (padding segments skipped): what the
+    data tests compare with the documents that went in."""
+    got: dict[str, list[int]] = {}
+    for t in tables:
+        for ids, lens, docs in zip(t.column("input_ids").to_pylist(), t.column("seg_lengths").to_pylist(),
+                                   t.column("seg_doc_ids").to_pylist()):
+            o = 0
+            for n, d in zip(lens, docs):
+                if d:
+                    got.setdefault(d, []).extend(ids[o:o + n])
+                o += n
+    return got
