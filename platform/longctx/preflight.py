@@ -495,14 +495,14 @@ def _check_sweep_grid(st: _State, limit: int = 512) -> None:
 
 def _check_prepared(st: _State) -> None:
     """data.prepared: a committed packed dataset whose manifest fits the job (longctx.handoff)."""
+    from longctx.data.pipeline import load_manifest
     from longctx.handoff import check_packed_data
 
     uri = st.cfg.data.prepared
     fix = "prepare data for this job's settings (jobs/prepare_data.py), or match the job to the data"
     try:
         committed = storage.is_committed(uri)
-        manifest = storage.read_committed(uri, lambda root: json.loads(storage.read_text(storage.join(
-            root, "manifest.json")))) if committed else None
+        manifest = load_manifest(uri) if committed else None
     except Exception as e:  # noqa: BLE001 - one line, whatever the store says
         st.add("data.prepared", f"{uri}: cannot be read ({type(e).__name__}: {e})", "correct the path or credentials")
         return

@@ -26,7 +26,6 @@ import argparse
 import json
 import sys
 import math
-import os
 import time
 from typing import Any
 
@@ -197,6 +196,7 @@ def _long_sft(base: JobConfig, root: str, long_pt_model: str, sft_steps: int, ba
     """Part c: synthetic retrieval + SynL table conversations (between the base length and the training length),
     a Long-SFT run of `sft_steps` from `long_pt_model`, and passkey + needle at `pk_len` before and after it.
     Returns what the SFT data holds (for the report)."""
+    from longctx.data.pipeline import load_manifest
     from longctx.data.synthetic import synth_retrieval, synth_tables
     from longctx.eval.runner import ModelSpec, evaluate_models
     from longctx.train.sft_data import prepare_sft_data
@@ -216,7 +216,7 @@ def _long_sft(base: JobConfig, root: str, long_pt_model: str, sft_steps: int, ba
     for kind, fn in (("retrieval", synth_retrieval), ("tables", synth_tables)):
         uri = storage.join(synth_out, kind)
         if storage.is_committed(uri):
-            sets[kind] = json.loads(storage.read_text(storage.join(uri, "manifest.json")))
+            sets[kind] = load_manifest(uri)
         else:
             sets[kind] = fn(s_cfg)
     sft_cfg = _cfg(s_cfg, **{
@@ -226,8 +226,7 @@ def _long_sft(base: JobConfig, root: str, long_pt_model: str, sft_steps: int, ba
                          "synl": storage.join(synth_out, "tables", "part-*.jsonl")},
         "data.sft.mix": {"retrieval": 2 / 3, "synl": 1 / 3}, "data.token_budget": None})
     data_uri = storage.join(root, "data", "long-sft")
-    manifest = (json.loads(storage.read_text(storage.join(data_uri, "manifest.json")))
-                if storage.is_committed(data_uri) else prepare_sft_data(sft_cfg, data_uri))
+    manifest = load_manifest(data_uri) if storage.is_committed(data_uri) else prepare_sft_data(sft_cfg, data_uri)
     trial = storage.join(root, "trials", "c-long-sft")
     storage.write_text(storage.join(trial, "config.yaml"), dump_config(sft_cfg))
     out = run_training(sft_cfg, data_uri, trial)
@@ -396,7 +395,7 @@ def write_study_report(root: str, nums: dict, verdict: list[dict]) -> str:
     plan = nums["plan"]
     held = sum(v["status"] == "held" for v in verdict)
     failed = sum(v["status"] == "did not hold" for v in verdict)
-    lines = [f"# longctx study: the papers' orderings at toy scale",
+    lines = ["# longctx study: the papers' orderings at toy scale",
              "", f"{held} held, {failed} did not hold, {len(verdict) - held - failed} not run "
              f"({plan['steps']} training steps per trial, base length {plan['base_length']}, evaluated at "
              f"{plan['context_length']} tokens, passkey at {plan['passkey_length']}).", "", *verdict_lines(verdict), ""]

@@ -187,7 +187,9 @@ def prepare_step(run: RunContext, cfg: JobConfig, kind: str = "pt") -> tuple[str
 
     uri = data_location(run, cfg)
     if storage.is_committed(uri):
-        manifest = storage.read_committed(uri, lambda root: json.loads(storage.read_text(storage.join(root, "manifest.json"))))
+        from longctx.data.pipeline import load_manifest
+
+        manifest = load_manifest(uri)
         require_packed_data(cfg, {**manifest, "uri": uri}, kind, same_config=not cfg.data.prepared)
         action = "given" if cfg.data.prepared else "reused"
         print(f"[longctx] data: {'using' if cfg.data.prepared else 'reusing committed'} {uri} "
