@@ -25,13 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from longctx.data import sources as src
-from longctx.data.tokenize import (  # noqa: F401 - CACHE_* re-exported
-    CACHE_ROW_GROUP_DOCS,
-    CACHE_ROW_GROUP_TOKENS,
-    CACHE_SCHEMA,
-    TokenizeBatches,
-    _row_group_bounds,
-)
+from longctx.data.tokenize import CACHE_SCHEMA, TokenizeBatches, _row_group_bounds
 
 
 
@@ -82,7 +76,7 @@ class TokenCache:
         if pf is None:
             from longctx import storage
 
-            uri = storage.join(self.root, name) if storage.is_s3(self.root) else os.path.join(self.root, name)
+            uri = storage.join(self.root, name)
             fs, path = storage.pyarrow_fs(uri)
             pf = self._files[name] = pq.ParquetFile(fs.open_input_file(path))
             if len(self._files) > 64:  # a bounded number of open files

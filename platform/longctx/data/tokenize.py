@@ -173,8 +173,7 @@ class TokenizeBatches:
             idx = np.flatnonzero(good & (labels == label))
             part = table.take(pa.array(idx)).select(["doc_id", "tokens"]).cast(CACHE_SCHEMA)
             name = f"{uuid.uuid4().hex}.parquet"
-            uri = storage.join(self.cache_root, name) if storage.is_s3(self.cache_root) else \
-                os.path.join(self.cache_root, name)
+            uri = storage.join(self.cache_root, name)
             fs, path = storage.pyarrow_fs(uri)
             bounds = _row_group_bounds(n_tok[idx])
 
