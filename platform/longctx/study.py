@@ -176,8 +176,10 @@ def verdicts(nums: dict) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- running
-def _long_pt(cfg: JobConfig, root: str, name: str, data_uri: str, specs_fn) -> dict:
-    """Train one Long-PT trial and evaluate it (with `specs_fn(final_model_uri)` models); returns eval metrics."""
+def _train_trial(cfg: JobConfig, root: str, name: str, data_uri: str, specs_fn,
+                 eval_cfg: JobConfig | None = None) -> dict:
+    """Train one trial and evaluate it (with `specs_fn(final_model_uri)` models, under `eval_cfg`, default `cfg`);
+    writes the trial's config.yaml, eval/metrics.json and train_summary.json, and returns that summary."""
     from longctx.eval.runner import evaluate_models
     from longctx.train.trainer import run_training
 
@@ -185,11 +187,11 @@ def _long_pt(cfg: JobConfig, root: str, name: str, data_uri: str, specs_fn) -> d
     storage.write_text(storage.join(trial, "config.yaml"), dump_config(cfg))
     t0 = time.time()
     out = run_training(cfg, data_uri, trial)
-    ev = evaluate_models(cfg, specs_fn(out.final_model_uri), storage.join(trial, "eval"))
-    storage.write_json(storage.join(trial, "train_summary.json"),
-                       {"steps": out.steps, "tokens": out.tokens, "final_loss": out.final_loss,
-                        "final_model": out.final_model_uri, "seconds": round(time.time() - t0, 1)})
-    return ev
+    evaluate_models(eval_cfg or cfg, specs_fn(out.final_model_uri), storage.join(trial, "eval"))
+    summary = {"steps": out.steps, "tokens": out.tokens, "final_loss": out.final_loss,
+               "final_model": out.final_model_uri, "seconds": round(time.time() - t0, 1)}
+    storage.write_json(storage.join(trial, "train_summary.json"), summary)
+    return summary
 
 
 def _long_sft(base: JobConfig, root: str, long_pt_model: str, sft_steps: int, base_len: int, pk_len: int) -> dict:
@@ -198,9 +200,8 @@ def _long_sft(base: JobConfig, root: str, long_pt_model: str, sft_steps: int, ba
     Returns what the SFT data holds (for the report)."""
     from longctx.data.pipeline import load_manifest
     from longctx.data.synthetic import synth_retrieval, synth_tables
-    from longctx.eval.runner import ModelSpec, evaluate_models
+    from longctx.eval.runner import ModelSpec
     from longctx.train.sft_data import prepare_sft_data
-    from longctx.train.trainer import run_training
 
     seq_len = base.data.seq_len
     rows = sft_steps * max(1, base.train.global_batch_tokens // seq_len)
@@ -227,20 +228,14 @@ def _long_sft(base: JobConfig, root: str, long_pt_model: str, sft_steps: int, ba
         "data.sft.mix": {"retrieval": 2 / 3, "synl": 1 / 3}, "data.token_budget": None})
     data_uri = storage.join(root, "data", "long-sft")
     manifest = load_manifest(data_uri) if storage.is_committed(data_uri) else prepare_sft_data(sft_cfg, data_uri)
-    trial = storage.join(root, "trials", "c-long-sft")
-    storage.write_text(storage.join(trial, "config.yaml"), dump_config(sft_cfg))
-    out = run_training(sft_cfg, data_uri, trial)
-    storage.write_json(storage.join(trial, "train_summary.json"),
-                       {"steps": out.steps, "tokens": out.tokens, "final_loss": out.final_loss,
-                        "final_model": out.final_model_uri})
     e_cfg = _cfg(base, **{"eval.passkey.lengths": [pk_len], "eval.needle.enabled": True,
                           "eval.needle.lengths": [pk_len], "eval.perplexity": False, "eval.baselines": []})
-    evaluate_models(e_cfg, {"Long-PT": ModelSpec(long_pt_model, role="long_pt"),
-                            "Long-PT + long-SFT": ModelSpec(out.final_model_uri, role="long_sft")},
-                    storage.join(trial, "eval"))
+    out = _train_trial(sft_cfg, root, "c-long-sft", data_uri,
+                       lambda final: {"Long-PT": ModelSpec(long_pt_model, role="long_pt"),
+                                      "Long-PT + long-SFT": ModelSpec(final, role="long_sft")}, eval_cfg=e_cfg)
     totals = manifest.get("totals", {})
     return {"conversations": manifest.get("conversations"), "rows": totals.get("rows"),
-            "loss_tokens": totals.get("loss_tokens"), "steps": out.steps, "final_loss": out.final_loss,
+            "loss_tokens": totals.get("loss_tokens"), "steps": out["steps"], "final_loss": out["final_loss"],
             "samples": {k: v.get("totals", {}).get("samples", v.get("totals", {}).get("records"))
                         for k, v in sets.items()}}
 
@@ -310,7 +305,7 @@ def run_study(cfg: JobConfig, out_dir: str, *, steps: int = 40, parts: str = "ab
                               "eval.during_training.enabled": "e" in parts,
                               "eval.during_training.passkey_lengths": [pk_len],
                               "eval.during_training.num_documents": min(8, base.eval.num_documents)})
-        _long_pt(a_cfg, root, "a-long-pt", data_uri,
+        _train_trial(a_cfg, root, "a-long-pt", data_uri,
                  lambda final: default_model_specs(a_cfg, a_cfg.model.path, final))
         timings["a"] = round(time.time() - t0, 1)
     if "c" in parts:
@@ -355,7 +350,7 @@ def run_study(cfg: JobConfig, out_dir: str, *, steps: int = 40, parts: str = "ab
         for theta in sorted(thetas):
             name = f"d-rope-{theta:g}"
             d_cfg = _cfg(base, **{"model.rope_theta": theta})
-            _long_pt(d_cfg, root, name, data_uri, lambda final: {"Long-PT": ModelSpec(final, role="trained")})
+            _train_trial(d_cfg, root, name, data_uri, lambda final: {"Long-PT": ModelSpec(final, role="trained")})
             plan["rope_trials"][f"{theta:g}"] = name
         timings["d"] = round(time.time() - t0, 1)
     timings["total"] = round(time.time() - t_start, 1)
