@@ -1,5 +1,5 @@
 """eval.during_training: every committed checkpoint is evaluated exactly once while training runs, also after a
-resume, by an actor with its own CPUs (training does not wait for it).
+resume, by a pool of actors with their own CPUs (training does not wait for them).
 
 The fast tests check the ledger, the early stop, snapshot commit rules and one real evaluation in-process; the
 slow one trains a tiny model under Ray Train with a worker killed mid-run and evaluates every checkpoint beside it.
@@ -88,6 +88,28 @@ def test_evaluator_scores_a_snapshot_with_finite_numbers(tmp_path):
     png = dt.plot_checkpoint_eval([rec, {**rec, "step": 6, "tokens": 1536}])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| 5 | 1,280 |" in dt.checkpoint_eval_section([rec])
+
+
+@pytest.mark.ray
+def test_a_pool_of_evaluators_shares_the_checkpoints_each_evaluated_once(ray_cluster, tmp_path):
+    root = str(tmp_path / "train")
+    src = tmp_path / "ck"
+    make_tiny_model(str(src / "hf_model"), hidden=32, max_pos=32)
+    for step in (1, 2, 3, 4):
+        assert ckpt.ensure_eval_snapshot(str(src), root, step, 256 * step)
+    dt.write_ledger(dt.ledger_uri(root), [{**_rec(3), "tokens": 768}])  # already evaluated before a resume
+    cfg = load_config(None, [f"model.path={src / 'hf_model'}", "data.seq_len=64", "eval.during_training.enabled=true",
+                             "eval.during_training.actors=2", "eval.during_training.num_cpus=0.5",
+                             "eval.during_training.poll_s=0.2", "eval.during_training.num_documents=2",
+                             "eval.during_training.passkey_lengths=[96]", "eval.passkey.depths=[0.5]",
+                             "eval.during_training.passkey_trials=1", "eval.bucket_edges=[0,32]"])
+    w = dt.CheckpointWatcher(cfg, root).start()
+    recs = w.finish()
+    assert [r["step"] for r in recs] == [1, 2, 3, 4] and sorted(w.evaluated) == [1, 2, 4]
+    assert [json.loads(x)["step"] for x in storage.read_text(dt.ledger_uri(root)).splitlines()] == [1, 2, 3, 4]
+    # steps 1 and 2 were started in the same poll, one on each actor: two evaluator processes did the work
+    assert len({r["evaluator_pid"] for r in recs if r["step"] in (1, 2)}) == 2
+    assert ckpt.committed_eval_snapshots(root) == []
 
 
 def test_a_passkey_length_too_short_is_refused_in_the_driver(tmp_path):

@@ -365,16 +365,20 @@ class LongBenchConfig(_Section):
 class DuringTrainingConfig(_Section):
     enabled: bool = False
     """Evaluate every committed checkpoint while training runs (`longctx.eval.during_training`): the training
-    loop publishes each checkpoint's HF model to `<train root>/eval_snapshots/step_<N>/`; a Ray actor with its own
-    CPUs (`num_cpus`) evaluates them in step order while the workers keep training, and appends one record per
+    loop publishes each checkpoint's HF model to `<train root>/eval_snapshots/step_<N>/`; a pool of Ray actors
+    (`actors`, each with its own `num_cpus`) evaluates them in step order while the workers keep training, and appends one record per
     checkpoint to `<train root>/checkpoint_eval.jsonl` (tokens trained, NLL beyond the base length, passkey,
     needle). A checkpoint already in that file is never evaluated again, also after a resume. Needs
     `train.checkpoint_every` > 0 for more than the final checkpoint."""
+    actors: int = Field(1, ge=1)
+    """Evaluation actors in the pool. Each evaluates one checkpoint at a time, so with N actors up to N
+    checkpoints are evaluated at once: raise it when one evaluation takes longer than `train.checkpoint_every`
+    steps of training (the backlog then stays bounded instead of growing until training ends)."""
     num_cpus: float = Field(1.0, gt=0)
-    """CPUs the evaluation actor reserves (beside the training workers' `train.cpus_per_worker` each). When the
+    """CPUs each evaluation actor reserves (beside the training workers' `train.cpus_per_worker` each). When the
     cluster has none to spare the evaluations queue until training ends: training never waits for them."""
     num_gpus: float = Field(0.0, ge=0)
-    """GPUs the evaluation actor reserves."""
+    """GPUs each evaluation actor reserves."""
     context_length: int | None = Field(None, ge=16)
     """Context length for NLL by position (default: eval.context_length, else data.seq_len)."""
     num_documents: int = Field(8, ge=1)

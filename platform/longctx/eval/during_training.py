@@ -6,9 +6,11 @@
 
 The training loop publishes the HF model of each checkpoint it has persisted as a committed snapshot
 (`longctx.train.checkpoint.publish_eval_snapshot`, `<train root>/eval_snapshots/step_<N>/`). A thread in the
-driver polls for committed snapshots and hands them, in step order, to one Ray actor (`CheckpointEvaluator`) that
-reserves its own CPUs (`eval.during_training.num_cpus`): the workers never wait for an evaluation, and an
-evaluation that cannot be scheduled (no spare CPUs) only waits until training ends.
+driver polls for committed snapshots and hands them, in step order, to a pool of Ray actors (`CheckpointEvaluator`,
+`eval.during_training.actors` of them, one checkpoint each at a time) that reserve their own CPUs
+(`eval.during_training.num_cpus` each): the workers never wait for an evaluation, and an evaluation that cannot
+be scheduled (no spare CPUs) only waits until training ends. The pool is plain Ray actors, not a Ray Data actor
+pool: checkpoints arrive one by one over the whole run, while a Ray Data pipeline reads a dataset it can list.
 
 Each evaluation is one JSON line of `<train root>/checkpoint_eval.jsonl` (the run's metrics; step, tokens
 trained, NLL by position and beyond the base length, passkey, needle). That file is also the exactly-once
@@ -192,6 +194,7 @@ class CheckpointEvaluator:
         context, base_len = self.settings["context_length"], self.settings["base_context_length"]
         rec: dict[str, Any] = {"step": int(info["step"]), "tokens": int(info["tokens"]),
                                "committed_at": info.get("committed_at"), "eval_started_at": t0,
+                               "evaluator_pid": os.getpid(),
                                "context_length": context, "base_context_length": base_len}
         bs = ev.batch_size
         if self.docs:
@@ -261,9 +264,10 @@ class CheckpointWatcher:
         self.records = read_ledger(self.ledger)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._actor = None
+        self._actors: list = []
         self._tracker = None
-        self._inflight: tuple[int, str, Any] | None = None
+        self._inflight: dict[int, tuple[str, Any, Any]] = {}
+        """step -> (snapshot uri, actor, object ref) of the evaluations running now (at most one per actor)."""
         self.evaluated: list[int] = []
         """Steps evaluated by this watcher (not those found already in the ledger)."""
         self.error: BaseException | None = None
@@ -284,7 +288,8 @@ class CheckpointWatcher:
             except ValueError as exc:
                 raise ValueError(f"eval.during_training.passkey_lengths={settings['passkey_lengths']}: {exc}") from exc
         cls = ray.remote(num_cpus=self.dt.num_cpus, num_gpus=self.dt.num_gpus, max_restarts=1)(CheckpointEvaluator)
-        self._actor = cls.remote(json.loads(self.cfg.model_dump_json()), self.hold_s)
+        cfg_json = json.loads(self.cfg.model_dump_json())
+        self._actors = [cls.remote(cfg_json, self.hold_s) for _ in range(self.dt.actors)]
         from longctx.tracking import Tracker, run_id_for
 
         self._tracker = Tracker.open(self.cfg, storage.join(self.train_root, "tensorboard", "checkpoint_eval"),
@@ -312,42 +317,47 @@ class CheckpointWatcher:
         out = []
         for step, uri in committed_eval_snapshots(self.train_root):
             if step in done:
-                if not self.dt.keep_snapshots and (self._inflight is None or self._inflight[0] != step):
+                if not self.dt.keep_snapshots and step not in self._inflight:
                     _remove(uri)
             else:
                 out.append((step, uri))
         return out
 
     def poll(self, wait_s: float = 0.0) -> bool:
-        """Collect a finished evaluation and start the next one; True while work is in flight or pending."""
+        """Collect finished evaluations and start pending ones on idle actors (lowest step first); True while
+        work is in flight or pending."""
         import ray
 
-        if self._inflight is not None:
-            step, uri, ref = self._inflight
-            ready, _ = ray.wait([ref], timeout=wait_s)
-            if not ready:
-                return True
-            rec = ray.get(ref)
-            self._inflight = None
-            if step not in self.done_steps():
-                rec["snapshot"] = uri
-                self.records = sorted([*self.records, rec], key=lambda r: r["step"])
-                write_ledger(self.ledger, self.records)
-                self.evaluated.append(step)
-                if self._tracker is not None:
-                    from longctx.tracking import checkpoint_eval_scalars
+        if self._inflight:
+            refs = {ref: step for step, (_, _, ref) in self._inflight.items()}
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=wait_s)
+            for ref in sorted(ready, key=lambda r: refs[r]):
+                step = refs[ref]
+                uri, _, _ = self._inflight.pop(step)
+                self._record(step, uri, ray.get(ref))
+        todo = [(s, u) for s, u in self.pending() if s not in self._inflight]
+        busy = {id(actor) for _, actor, _ in self._inflight.values()}
+        idle = [a for a in self._actors if id(a) not in busy]
+        for (step, uri), actor in zip(todo, idle):
+            self._inflight[step] = (uri, actor, actor.evaluate.remote(uri))
+        return bool(self._inflight) or bool(todo)
 
-                    self._tracker.log(checkpoint_eval_scalars(rec), step)
-                    self._tracker.flush()
-                print(f"[eval] checkpoint step {step} ({rec['tokens']:,} tokens): "
-                      f"NLL beyond base {_fmt(rec.get('nll_beyond_base'))}, passkey {_fmt(rec.get('passkey'))}"
-                      + (f", needle {_fmt(rec.get('needle'))}" if "needle" in rec else "")
-                      + f" ({rec['eval_s']:.1f}s)", flush=True)
-        todo = self.pending()
-        if todo:
-            step, uri = todo[0]
-            self._inflight = (step, uri, self._actor.evaluate.remote(uri))
-        return self._inflight is not None or bool(todo)
+    def _record(self, step: int, uri: str, rec: dict) -> None:
+        if step in self.done_steps():
+            return
+        rec["snapshot"] = uri
+        self.records = sorted([*self.records, rec], key=lambda r: r["step"])
+        write_ledger(self.ledger, self.records)
+        self.evaluated.append(step)
+        if self._tracker is not None:
+            from longctx.tracking import checkpoint_eval_scalars
+
+            self._tracker.log(checkpoint_eval_scalars(rec), step)
+            self._tracker.flush()
+        print(f"[eval] checkpoint step {step} ({rec['tokens']:,} tokens): "
+              f"NLL beyond base {_fmt(rec.get('nll_beyond_base'))}, passkey {_fmt(rec.get('passkey'))}"
+              + (f", needle {_fmt(rec.get('needle'))}" if "needle" in rec else "")
+              + f" ({rec['eval_s']:.1f}s)", flush=True)
 
     def finish(self, drain: bool = True, timeout_s: float | None = None) -> list[dict]:
         """Stop polling; with `drain`, evaluate every committed snapshot still pending (the final checkpoint).
@@ -367,9 +377,9 @@ class CheckpointWatcher:
                                 "evaluated when the run is resumed", timeout_s)
                     break
             self.pending()  # removes the last evaluated snapshot
-        if self._actor is not None:
-            ray.kill(self._actor)
-            self._actor = None
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors = []
         if self._tracker is not None:
             self._tracker.close()
             self._tracker = None
