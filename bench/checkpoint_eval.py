@@ -2,6 +2,7 @@
 
     python bench/checkpoint_eval.py                       # tiny model, 2 CPU workers + 1 evaluation CPU, 3 pairs
     python bench/checkpoint_eval.py --steps 24 --pairs 2 --num-cpus 4
+    python bench/checkpoint_eval.py --workers 1 --num-cpus 2  # a 2-core machine: one core each
 
 Runs the same small training (checkpoint every step, so the evaluator always has work) with the evaluation off
 and on, alternating the order in each pair (A B, B A, ...) so slow drift of a shared machine's load hits both
@@ -25,11 +26,12 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 
-def run_once(model_dir: str, data_uri: str, work: str, steps: int, with_eval: bool) -> dict:
+def run_once(model_dir: str, data_uri: str, work: str, steps: int, with_eval: bool, workers: int = 2) -> dict:
     from longctx.config import load_config
     from longctx.train.trainer import run_training
 
     overrides = [f"model.path={model_dir}", "data.seq_len=128", "train.global_batch_tokens=512",
+                 f"train.num_workers={workers}",
                  f"train.max_steps={steps}", "train.lr=1e-3", "train.checkpoint_every=1",
                  f"eval.during_training.enabled={str(with_eval).lower()}", "eval.during_training.poll_s=0.5",
                  "eval.during_training.num_documents=8", "eval.during_training.passkey_lengths=[256,512]",
@@ -49,6 +51,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--num-cpus", type=int, default=3, help="Ray CPUs: 2 training workers + 1 evaluator")
+    ap.add_argument("--workers", type=int, default=2, help="training workers (1 on a 2-core machine gives the "
+                    "evaluator a core of its own)")
     args = ap.parse_args()
 
     import ray
@@ -65,7 +69,7 @@ def main() -> None:
     runs = []
     for i in range(args.pairs):
         for with_eval in ((False, True) if i % 2 == 0 else (True, False)):
-            r = run_once(model_dir, data_uri, work, args.steps, with_eval)
+            r = run_once(model_dir, data_uri, work, args.steps, with_eval, args.workers)
             print(json.dumps(r), flush=True)
             runs.append(r)
     med = {v: statistics.median(r["steps_per_s"] for r in runs if r["eval"] == v) for v in (False, True)}
@@ -73,6 +77,7 @@ def main() -> None:
     print(json.dumps({"steps_per_s_off": med[False], "steps_per_s_on": med[True],
                       "ratio_steps_per_s_on_off": med[True] / med[False], "wall_s_off": wall[False],
                       "wall_s_on": wall[True], "cpu_count": os.cpu_count(), "ray_cpus": args.num_cpus,
+                      "training_workers": args.workers,
                       "loadavg_before": load_before, "loadavg_after": os.getloadavg()}))
 
 
