@@ -33,6 +33,30 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 
 
+@dataclass(frozen=True)
+class PasskeyTemplate:
+    task: str
+    filler: tuple[str, ...]
+    needle: str
+    """Holds `{key}`."""
+    question: str
+    """Ends where the key is to be continued."""
+
+
+TEMPLATES = {
+    # the published prompt (Mohtashami & Jaggi 2023), used everywhere by default
+    "default": PasskeyTemplate(TASK, tuple(FILLER), NEEDLE, QUESTION),
+    # another wording, filler and question form, for checking that a score is not tied to one template (the
+    # shipped base's retrieval training data contains neither)
+    "locker": PasskeyTemplate(
+        "Below is a long note. One line of it holds a number you will be asked about.",
+        ("Rain fell over the old harbor.", "A cat slept on the warm wall.", "Boats rocked in the wind.",
+         "Nobody came to the market that day.", "The bell rang twice."),
+        "My locker combination is {key}. Do not lose it. {key} is my locker combination.",
+        " Tell me my locker combination. My locker combination is"),
+}
+
+
 @dataclass
 class PasskeyPrompt:
     length: int
@@ -51,19 +75,22 @@ class PasskeyPrompt:
 
 
 def build_passkey_prompts(
-    tokenizer, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int = 0
+    tokenizer, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int = 0,
+    template: PasskeyTemplate | str = "default",
 ) -> list[PasskeyPrompt]:
-    """Every (length, depth, trial) prompt, reproducible from `seed`."""
+    """Every (length, depth, trial) prompt, reproducible from `seed`; `template` is a PasskeyTemplate or a name
+    in TEMPLATES."""
+    t = TEMPLATES[template] if isinstance(template, str) else template
     rng = random.Random(seed)
-    hay = Haystack.from_sentences(tokenizer, FILLER)
-    task_ids = tokenizer(TASK, add_special_tokens=False)["input_ids"]
-    question_ids = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    hay = Haystack.from_sentences(tokenizer, list(t.filler))
+    task_ids = tokenizer(t.task, add_special_tokens=False)["input_ids"]
+    question_ids = tokenizer(t.question, add_special_tokens=False)["input_ids"]
     prompts = []
     for length in lengths:
         for depth in depths:
             for trial in range(trials):
                 key = str(rng.randint(10000, 99999))
-                needle = tokenizer(" " + NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+                needle = tokenizer(" " + t.needle.format(key=key), add_special_tokens=False)["input_ids"]
                 body = length - len(task_ids) - len(question_ids)
                 if body < len(needle) + 1:
                     raise ValueError(
