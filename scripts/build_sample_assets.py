@@ -1,4 +1,4 @@
-"""python scripts/build_sample_assets.py [--only corpus|tokenizer|model] [--seed 1234] [--base-train-seconds 420]
+"""python scripts/build_sample_assets.py [--only corpus|tokenizer|model|retrieval] [--seed 1234] [--base-train-seconds 420]
 
 Build the sample assets shipped under ``platform/longctx/assets/``:
 
@@ -9,11 +9,13 @@ Build the sample assets shipped under ``platform/longctx/assets/``:
 * ``corpus/LICENSE-PSF.txt``    -- license of the CPython-derived sources (``code`` and ``c``).
 * ``tiny-tokenizer/``           -- byte-level BPE (Hugging Face fast tokenizer), ChatML template.
 * ``tiny-llama/``               -- ~1M-parameter ``LlamaForCausalLM`` pretrained at 256 tokens
-  (rope_theta 10000), plus the tokenizer files, i.e. a complete HF model directory.
+  (rope_theta 10000), plus the tokenizer files, i.e. a complete HF model directory. Two phases: the
+  ``model`` stage pretrains on the corpus; the ``retrieval`` stage continues on the corpus mixed with
+  synthetic retrieval rows (RETRIEVAL_RECIPE) so that the base can do passkey retrieval at 256 tokens.
 * ``README.md``                 -- the section between the GENERATED markers is rewritten here.
 
-Stages run in order corpus -> tokenizer -> model; ``--only`` runs one stage (later stages read the
-outputs of earlier ones from disk).  The corpus and the tokenizer are byte-for-byte reproducible from
+Stages run in order corpus -> tokenizer -> model -> retrieval; ``--only`` runs one stage (later stages read
+the outputs of earlier ones from disk; ``--only retrieval`` runs once on a phase-1 base).  The corpus and the tokenizer are byte-for-byte reproducible from
 ``--seed``.  The base model is trained for a number of optimizer steps derived from
 ``--base-train-seconds`` by timing the first steps on this machine (the LR schedule is defined in
 steps); pass ``--base-train-steps N`` to reproduce an exact run (same N, seed and thread count give
@@ -643,6 +645,275 @@ def eval_buckets(model, tokenizer, docs: list[dict], seq_len: int = EVAL_LEN, ba
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# retrieval phase: continued pretraining with synthetic retrieval rows (so the base can do passkey at 256)
+# --------------------------------------------------------------------------------------------
+# The base is first pretrained on the corpus alone (phase 1), then trained further on the corpus mixed with
+# synthetic retrieval rows (phase 2). Neither the passkey eval's wording, filler or question form nor those of the
+# second check template ("locker") appear in these rows: subjects are random phrases of corpus words ("our
+# buffer offset", "the parser flags"), the filler is corpus text or a cycle of made-up sentences, and the
+# question forms differ from both ("What is the pass key?", "Tell me my locker combination."). What the rows
+# teach is the general skill the eval needs: find the sentence whose subject the question repeats and copy
+# the number after it. `retrieval_checks` measures it on the real eval and on the "locker" template of
+# longctx.eval.passkey.TEMPLATES.
+
+RETRIEVAL_EXCLUDED_WORDS = frozenset(
+    # the passkey eval's task, filler, needle and question
+    "there important info hidden inside irrelevant text find memorize them will quiz about information "
+    "grass green sky blue sun yellow here back again pass key remember what "
+    # the second check template ("locker" in longctx.eval.passkey.TEMPLATES)
+    "below long note line holds number asked locker combination lose tell rain fell over old harbor cat "
+    "slept warm wall boats rocked wind nobody came market day bell rang twice".split())
+RETRIEVAL_DETERMINERS = ("the", "my", "your", "our", "his", "her", "their", "this")
+RETRIEVAL_LINKS = ("is", "was", "reads", "equals")
+# {S}: "Our buffer offset is", {s}: the same in lower case, {p}: "our buffer offset", {v}: the number
+RETRIEVAL_FACTS = (
+    "{S} {v}.",
+    "{S} {v}. Keep it in mind. {v} {l} {p}.",
+    "Note: {s} {v}.",
+    "{S} {v}; do not forget it.",
+    "Write this down: {s} {v}.",
+    "For the record, {s} {v}.",
+)
+RETRIEVAL_QUERIES = (  # every form ends with the fact's subject and link again, as a passkey question does
+    "Question: {p}? Answer: {s}",
+    "Recall {p}. {S}",
+    "{S}",
+    "Now, {s}",
+    "Do you know {p}? Yes, {s}",
+    "Which number was {p}? {S}",
+    "Look back for {p}. {S}",
+)
+# recipe of phase 2: per step CORPUS_ROWS corpus windows of 256 tokens + SYN_TOKENS tokens of synthetic rows
+# whose length follows SYN_SCHEDULE (length, until this fraction of the phase's steps); loss = SYN_WEIGHT x
+# (mean over synthetic rows of each row's mean NLL on its supervised tokens) + (1 - SYN_WEIGHT) x corpus NLL.
+RETRIEVAL_RECIPE = {
+    "steps": 600, "peak_lr": 2e-3, "warmup_steps": 30, "min_lr_frac": 0.1, "corpus_rows": 16,
+    "synthetic_tokens": 2048, "synthetic_weight": 0.5,
+    "schedule": ((32, 0.15), (64, 0.3), (128, 0.5), (BASE_SEQ_LEN, 1.0)),
+    "kinds": (("facts", 0.7), ("copy", 0.3)),
+}
+
+
+def retrieval_words(docs: list[dict], min_count: int = 5) -> list[str]:
+    counts: dict[str, int] = {}
+    for d in docs:
+        for w in re.findall(r"\b[a-z]{3,10}\b", d["text"]):
+            counts[w] = counts.get(w, 0) + 1
+    return sorted(w for w, c in counts.items() if c >= min_count and w not in RETRIEVAL_EXCLUDED_WORDS)
+
+
+class RetrievalRows:
+    """Seeded synthetic rows as (input ids, labels); labels are -100 where no loss is taken.
+
+    * facts: 1 to length/40 facts ("Our buffer offset is 48213.") hidden in filler (corpus text, or a cycle
+      of made-up sentences "The mode is open." that put many "is" before the facts), then queries for
+      some of them ("Recall our buffer offset. Our buffer offset is"); loss on the queried numbers and the
+      "." after them (without the ".", greedy answers run on past the number: "60494049404").
+    * copy: spans of uniformly random tokens, a gap of 0-8 random tokens, then an exact copy of the span; loss
+      on the copies (induction). Span and gap lengths vary, so the copy is never at a fixed offset.
+    """
+
+    def __init__(self, tokenizer, windows, words: list[str], rng: random.Random, kinds=None):
+        self.tok, self.windows, self.words, self.rng = tokenizer, windows, words, rng
+        self.kinds = kinds or RETRIEVAL_RECIPE["kinds"]
+        self.eos = tokenizer.eos_token_id
+        self.dot = self._enc(".")
+
+    def _enc(self, s: str) -> list[int]:
+        return self.tok(s, add_special_tokens=False)["input_ids"]
+
+    def _corpus_filler(self, n: int) -> list[int]:
+        w = self.windows[self.rng.randrange(len(self.windows))].tolist()
+        s = self.rng.randrange(0, max(1, len(w) - n))
+        return w[s:s + n]
+
+    def _sentence_filler(self, n: int) -> list[int]:
+        rng, W = self.rng, self.words
+        sents = []
+        for _ in range(rng.randint(3, 6)):
+            a, b, c = rng.sample(W, 3)
+            sents.append(rng.choice((f" The {a} is {b}.", f" {a.capitalize()} and {b}.", f" A {a} {b} the {c}.",
+                                     f" {a.capitalize()} {rng.choice(RETRIEVAL_LINKS)} {b}.")))
+        cycle = self._enc("".join(sents))
+        out = cycle * (n // max(1, len(cycle)) + 1)
+        s = rng.randrange(len(cycle))
+        return out[s:s + n] if n <= len(out) - s else (out * 2)[s:s + n]
+
+    def _subject(self) -> tuple[str, str]:
+        rng = self.rng
+        det = rng.choice(RETRIEVAL_DETERMINERS)
+        phrase = " ".join(rng.sample(self.words, rng.choice((1, 2, 2, 3))))
+        return f"{det} {phrase}", rng.choice(RETRIEVAL_LINKS)
+
+    def facts(self, length: int):
+        rng = self.rng
+        n_facts = rng.randint(1, max(1, length // 40))
+        subjects = []
+        while len(subjects) < n_facts:
+            p, link = self._subject()
+            if all(p != q for q, _ in subjects):
+                subjects.append((p, link))
+        vals = [str(rng.randint(10 ** (d - 1), 10 ** d - 1)) for d in (rng.choice((4, 5, 5, 5, 6)) for _ in subjects)]
+
+        def fill(form, p, link, v):
+            s = f"{p} {link}"
+            return form.format(S=s[0].upper() + s[1:], s=s, p=p, l=link, v=v)
+
+        facts = [self._enc(" " + fill(rng.choice(RETRIEVAL_FACTS), p, link, v)) for (p, link), v in zip(subjects, vals)]
+        queries = [(self._enc(" " + fill(rng.choice(RETRIEVAL_QUERIES), *subjects[i], "")), self._enc(" " + vals[i]))
+                   for i in rng.sample(range(n_facts), rng.randint(1, n_facts))]
+        free = length - sum(map(len, facts)) - sum(len(q) + len(a) + len(self.dot) for q, a in queries)
+        if free < 4:
+            return None
+        filler = self._corpus_filler if rng.random() < 0.5 else self._sentence_filler
+        cuts = sorted(rng.randint(0, free) for _ in range(n_facts + 1))
+        sizes = [cuts[0]] + [cuts[i + 1] - cuts[i] for i in range(n_facts)] + [free - cuts[-1]]
+        ids: list[int] = []
+        lab: list[int] = []
+        for i, f in enumerate(facts):
+            fl = filler(sizes[i])
+            ids += fl + f
+            lab += [-100] * (len(fl) + len(f))
+        fl = filler(sizes[n_facts])
+        ids += fl
+        lab += [-100] * len(fl)
+        for q, a in queries:
+            ids += q + a + self.dot
+            lab += [-100] * len(q) + a + self.dot
+        fl = filler(sizes[-1])
+        ids += fl
+        lab += [-100] * len(fl)
+        return ids, lab
+
+    def copy(self, length: int):
+        rng, vocab = self.rng, len(self.tok)
+        ids: list[int] = []
+        lab: list[int] = []
+        while len(ids) < length:
+            span = [rng.randrange(3, vocab) for _ in range(rng.randint(4, max(5, length // 3)))]
+            gap = [rng.randrange(3, vocab) for _ in range(rng.randint(0, 8))]
+            ids += span + gap + span
+            lab += [-100] * (len(span) + len(gap)) + span
+        return ids, lab
+
+    def row(self, kind: str, length: int) -> tuple[list[int], list[int]]:
+        while True:
+            r = getattr(self, kind)(length)
+            if r is not None:
+                ids, lab = r[0][:length], r[1][:length]
+                pad = length - len(ids)
+                return ids + [self.eos] * pad, lab + [-100] * pad
+
+    def batch(self, length: int, n: int):
+        import torch
+
+        rows = []
+        for _ in range(n):
+            r, acc, kind = self.rng.random(), 0.0, self.kinds[-1][0]
+            for k, share in self.kinds:
+                acc += share
+                if r < acc:
+                    kind = k
+                    break
+            rows.append(self.row(kind, length))
+        return torch.tensor([a for a, _ in rows]), torch.tensor([b for _, b in rows])
+
+
+def syn_length(step: int, total_steps: int, schedule=None) -> int:
+    frac = step / max(1, total_steps)
+    return next(n for n, until in (schedule or RETRIEVAL_RECIPE["schedule"]) if frac < until)
+
+
+def row_mean_nll(model, x, y):
+    """Mean over rows of each row's mean NLL on its supervised tokens (every row weighs the same, however
+    few tokens it supervises: a fact row's answer is 4-8 tokens)."""
+    import torch
+
+    logits = model(input_ids=x, use_cache=False).logits[:, :-1]
+    tgt = y[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
+                                            ignore_index=-100, reduction="none").view(tgt.shape)
+    m = (tgt != -100).float()
+    return ((nll * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+
+
+def train_retrieval_phase(model, tok, windows, words, seed: int, recipe: dict, next_corpus_batch,
+                          on_step=None) -> dict:
+    """Phase 2 (see RETRIEVAL_RECIPE). `next_corpus_batch()` gives recipe["corpus_rows"] windows; `on_step(step,
+    info)` is called every 50 steps (the exploration script evaluates there)."""
+    import numpy as np
+    import torch
+
+    syn = RetrievalRows(tok, windows, words, random.Random(f"{seed}/retrieval"), kinds=recipe["kinds"])
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=recipe["peak_lr"], betas=(0.9, 0.95), eps=1e-8)
+    total, warmup, peak, lo = recipe["steps"], recipe["warmup_steps"], recipe["peak_lr"], recipe["min_lr_frac"]
+    w = recipe["synthetic_weight"]
+    corpus_losses, syn_losses = [], []
+    t0 = time.time()
+    model.train()
+    for step in range(total):
+        if step < warmup:
+            lr = peak * (step + 1) / warmup
+        else:
+            frac = min(1.0, (step - warmup) / max(1, total - warmup))
+            lr = peak * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac)))
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        length = syn_length(step, total, recipe["schedule"])
+        sx, sy = syn.batch(length, recipe["synthetic_tokens"] // length)
+        xb = next_corpus_batch()
+        corpus_loss = model(input_ids=xb, labels=xb, use_cache=False).loss
+        syn_loss = row_mean_nll(model, sx, sy)
+        loss = w * syn_loss + (1 - w) * corpus_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        corpus_losses.append(corpus_loss.item())
+        syn_losses.append(syn_loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == total:
+            info = {"step": step + 1, "corpus_loss": round(float(np.mean(corpus_losses[-50:])), 4),
+                    "synthetic_loss": round(float(np.mean(syn_losses[-50:])), 4), "rows_of": length,
+                    "lr": lr, "seconds": round(time.time() - t0, 1)}
+            log(f"  retrieval phase step {step + 1}/{total} corpus loss {info['corpus_loss']:.4f} synthetic loss "
+                f"{info['synthetic_loss']:.4f} (rows of {length}) lr {lr:.2e} {info['seconds']:.0f}s")
+            if on_step is not None:
+                on_step(step + 1, info)
+    model.eval()
+    return {"steps": total, "seconds": round(time.time() - t0, 1),
+            "corpus_tokens": total * recipe["corpus_rows"] * BASE_SEQ_LEN,
+            "synthetic_tokens": sum(recipe["synthetic_tokens"] // syn_length(s, total, recipe["schedule"])
+                                    * syn_length(s, total, recipe["schedule"]) for s in range(total)),
+            "final_corpus_loss_last50_mean": round(float(np.mean(corpus_losses[-50:])), 4),
+            "final_synthetic_loss_last50_mean": round(float(np.mean(syn_losses[-50:])), 4)}
+
+
+RETRIEVAL_CHECK_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def retrieval_checks(model, tok, trials: int = 10) -> dict:
+    """Passkey at 256 tokens with the real eval's template (seed 0) and with the "locker" template (seed 1),
+    whose wording, filler and question form are in neither the eval nor the retrieval rows."""
+    if str(REPO / "platform") not in sys.path:
+        sys.path.insert(0, str(REPO / "platform"))
+    from longctx.eval import passkey as pk
+
+    depths = list(RETRIEVAL_CHECK_DEPTHS)
+    real = pk.run_passkey(model, tok, pk.build_passkey_prompts(tok, [BASE_SEQ_LEN], depths, trials, seed=0), 10)
+    alt = pk.run_passkey(model, tok, pk.build_passkey_prompts(tok, [BASE_SEQ_LEN], depths, trials, seed=1,
+                                                              template="locker"), 10)
+    return {"passkey_256": round(real["overall"], 4),
+            "passkey_256_key_nll": round(real["key_nll_by_length"][str(BASE_SEQ_LEN)], 4),
+            "alt_template_256": round(alt["overall"], 4),
+            "alt_template_256_key_nll": round(alt["key_nll_by_length"][str(BASE_SEQ_LEN)], 4),
+            "trials": real["trials"]}
+
+
 def stage_model(seed: int, train_seconds: float, train_steps: int | None, threads: int = 2) -> None:
     import numpy as np
     import torch
@@ -727,15 +998,7 @@ def stage_model(seed: int, train_seconds: float, train_steps: int | None, thread
     loaded = LlamaForCausalLM.from_pretrained(str(MODEL_DIR))
     assert loaded.config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}, loaded.config.rope_parameters
     assert loaded.config.max_position_embeddings == BASE_SEQ_LEN
-    held = read_jsonl_gz(CORPUS_DIR / f"{HELDOUT}.jsonl.gz")
-    naive = eval_buckets(loaded, tok, held)
-    dcfg = LlamaConfig.from_pretrained(str(MODEL_DIR))
-    dcfg.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}
-    dyn_model = LlamaForCausalLM.from_pretrained(str(MODEL_DIR), config=dcfg)
-    assert dyn_model.model.rotary_emb.rope_type == "dynamic"
-    dyn = eval_buckets(dyn_model, tok, held)
-    log(f"  heldout NLL naive@{EVAL_LEN}: {naive}")
-    log(f"  heldout NLL dynamic-NTK x4@{EVAL_LEN}: {dyn}")
+    heldout = heldout_checks(MODEL_DIR, tok)
 
     info = load_build_info()
     info["model"] = {
@@ -748,9 +1011,74 @@ def stage_model(seed: int, train_seconds: float, train_steps: int | None, thread
                   "epochs": round(tokens_seen / len(stream), 2), "seconds": round(elapsed, 1),
                   "tokens_per_s": round(tokens_seen / elapsed), "final_loss_last50_mean": round(final_loss, 4),
                   "threads": threads, "train_seconds_arg": train_seconds},
-        "heldout_nll": {"naive_extrapolation": naive, "dynamic_ntk_factor4": dyn},
+        "heldout_nll": heldout,
         "size_bytes": sum(f.stat().st_size for f in MODEL_DIR.iterdir()),
     }
+    save_build_info(info)
+
+
+def heldout_checks(model_dir: Path, tok) -> dict:
+    """Held-out NLL by position at EVAL_LEN with naive extrapolation and with dynamic NTK (factor 4)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    loaded = LlamaForCausalLM.from_pretrained(str(model_dir))
+    held = read_jsonl_gz(CORPUS_DIR / f"{HELDOUT}.jsonl.gz")
+    naive = eval_buckets(loaded, tok, held)
+    dcfg = LlamaConfig.from_pretrained(str(model_dir))
+    dcfg.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}
+    dyn_model = LlamaForCausalLM.from_pretrained(str(model_dir), config=dcfg)
+    assert dyn_model.model.rotary_emb.rope_type == "dynamic"
+    dyn = eval_buckets(dyn_model, tok, held)
+    log(f"  heldout NLL naive@{EVAL_LEN}: {naive}")
+    log(f"  heldout NLL dynamic-NTK x4@{EVAL_LEN}: {dyn}")
+    return {"naive_extrapolation": naive, "dynamic_ntk_factor4": dyn}
+
+
+def stage_retrieval(seed: int, steps: int | None, threads: int = 2) -> None:
+    """Phase 2 of the base: RETRIEVAL_RECIPE on top of the phase-1 model in MODEL_DIR (written by the model
+    stage), then the held-out and retrieval checks."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    info = load_build_info()
+    if "model" not in info or not MODEL_DIR.exists():
+        raise SystemExit("retrieval stage: no phase-1 base in tiny-llama/ (run --only model first)")
+    if "retrieval" in info["model"]:
+        raise SystemExit("retrieval stage: tiny-llama/ already had its retrieval phase; run --only model first "
+                         "(the phase runs once, on the phase-1 base)")
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    recipe = dict(RETRIEVAL_RECIPE, **({"steps": steps} if steps is not None else {}))
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    docs = load_train_docs()
+    stream = packed_stream(tok, docs, random.Random(f"{seed}/pack"))
+    n_win = len(stream) // BASE_SEQ_LEN
+    windows = torch.from_numpy(stream[: n_win * BASE_SEQ_LEN].reshape(n_win, BASE_SEQ_LEN).copy())
+    words = retrieval_words(docs)
+    log(f"retrieval: phase 2 on the phase-1 base, {len(words):,} corpus words for subjects, recipe {recipe}")
+    model = LlamaForCausalLM.from_pretrained(str(MODEL_DIR))
+    g = torch.Generator().manual_seed(seed + 1)
+    summary = train_retrieval_phase(
+        model, tok, windows, words, seed, recipe,
+        lambda: windows[torch.randint(n_win, (recipe["corpus_rows"],), generator=g)])
+
+    tmp = fresh_tmp_dir(MODEL_DIR)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    for f in sorted(TOKENIZER_DIR.iterdir()):
+        shutil.copy2(f, tmp / f.name)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)
+    replace_dir(tmp, MODEL_DIR)
+    loaded = LlamaForCausalLM.from_pretrained(str(MODEL_DIR))
+    assert loaded.config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+    checks = retrieval_checks(loaded, tok)
+    log(f"  retrieval at {BASE_SEQ_LEN} tokens: {checks}")
+    m = info["model"]
+    m["phase1_heldout_nll"] = m["heldout_nll"]
+    m["heldout_nll"] = heldout_checks(MODEL_DIR, tok)
+    m["retrieval"] = {**checks, "threads": threads, **summary,
+                      "recipe": {k: (list(map(list, v)) if isinstance(v, tuple) else v) for k, v in recipe.items()}}
+    m["size_bytes"] = sum(f.stat().st_size for f in MODEL_DIR.iterdir())
     save_build_info(info)
 
 
@@ -799,6 +1127,25 @@ def render_generated(info: dict) -> str:
         for k, v in m["heldout_nll"].items():
             L.append(f"| {k} | {v['0-255']:.3f} | {v['256-511']:.3f} | {v['512-1023']:.3f} |")
         L.append("")
+        if "phase1_heldout_nll" in m:
+            L += ["The same after phase 1 only (before the retrieval phase):", "",
+                  "| method | 0-255 | 256-511 | 512-1023 |", "|---|---|---|---|"]
+            for k, v in m["phase1_heldout_nll"].items():
+                L.append(f"| {k} | {v['0-255']:.3f} | {v['256-511']:.3f} | {v['512-1023']:.3f} |")
+            L.append("")
+        if "retrieval" in m:
+            r, rc = m["retrieval"], m["retrieval"]["recipe"]
+            L += [f"Retrieval phase (phase 2, `--only retrieval`): {r['steps']} steps on {r['threads']} threads in "
+                  f"{r['seconds']} s, each of {rc['corpus_rows']} corpus windows + {rc['synthetic_tokens']:,} tokens of "
+                  f"synthetic retrieval rows (kinds {rc['kinds']}, row length schedule {rc['schedule']}, loss weight "
+                  f"{rc['synthetic_weight']}), peak LR {rc['peak_lr']}: {r['corpus_tokens']:,} corpus + "
+                  f"{r['synthetic_tokens']:,} synthetic tokens; final corpus loss {r['final_corpus_loss_last50_mean']}, "
+                  f"synthetic loss {r['final_synthetic_loss_last50_mean']}.",
+                  "",
+                  f"Retrieval at {BASE_SEQ_LEN} tokens (greedy, {r['trials']} prompts per template, depths 0.1-0.9): "
+                  f"passkey (`longctx.eval.passkey`) **{r['passkey_256']:.0%}** (key NLL {r['passkey_256_key_nll']}); "
+                  f"a second template, filler and question form in neither the eval nor training: "
+                  f"**{r['alt_template_256']:.0%}** (key NLL {r['alt_template_256_key_nll']}).", ""]
     L.append(END)
     return "\n".join(L)
 
@@ -821,7 +1168,7 @@ def update_readme() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[2] if __doc__ else None)
-    ap.add_argument("--only", choices=["corpus", "tokenizer", "model"], default=None,
+    ap.add_argument("--only", choices=["corpus", "tokenizer", "model", "retrieval"], default=None,
                     help="run a single stage (default: all, in order)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--base-train-seconds", type=float, default=420.0,
@@ -831,16 +1178,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads for base pretraining (2 = the laptop target; 1 is more robust on a "
                          "heavily shared CPU, where OpenMP barriers stall)")
+    ap.add_argument("--retrieval-steps", type=int, default=None,
+                    help=f"steps of the retrieval phase (default {RETRIEVAL_RECIPE['steps']})")
     args = ap.parse_args(argv)
-    stages = [args.only] if args.only else ["corpus", "tokenizer", "model"]
+    stages = [args.only] if args.only else ["corpus", "tokenizer", "model", "retrieval"]
     for s in stages:
         t = time.time()
         if s == "corpus":
             stage_corpus(args.seed)
         elif s == "tokenizer":
             stage_tokenizer(args.seed)
-        else:
+        elif s == "model":
             stage_model(args.seed, args.base_train_seconds, args.base_train_steps, args.threads)
+        else:
+            stage_retrieval(args.seed, args.retrieval_steps, args.threads)
         update_readme()
         log(f"stage {s} done in {time.time() - t:.1f}s")
     return 0
