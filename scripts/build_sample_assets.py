@@ -1135,7 +1135,7 @@ def render_generated(info: dict) -> str:
             L.append("")
         if "retrieval" in m:
             r, rc = m["retrieval"], m["retrieval"]["recipe"]
-            L += [f"Retrieval phase (phase 2, `--only retrieval`): {r['steps']} steps on {r['threads']} threads in "
+            L += [f"Retrieval phase (phase 2, `--only retrieval`): {r['steps']} steps on {r['threads']} thread(s) in "
                   f"{r['seconds']} s, each of {rc['corpus_rows']} corpus windows + {rc['synthetic_tokens']:,} tokens of "
                   f"synthetic retrieval rows (kinds {rc['kinds']}, row length schedule {rc['schedule']}, loss weight "
                   f"{rc['synthetic_weight']}), peak LR {rc['peak_lr']}: {r['corpus_tokens']:,} corpus + "
