@@ -41,7 +41,7 @@ def test_short_study_reports_verdicts_first_and_numbers_recomputable(ray_cluster
 
     out = tmp_path / "study"
     rc = _job_main()([
-        "--output", str(out), "--steps", "2", "--rope-factors", "1", "--corpus-max-documents", "20",
+        "--output", str(out), "--steps", "2", "--sft-steps", "1", "--rope-factors", "1", "--corpus-max-documents", "20",
         "--eval-documents", "3", "--set", "train.global_batch_tokens=4096", "--set", "eval.passkey.trials=1",
         "--set", "eval.passkey.depths=[0.5]", "--set", "eval.during_training.passkey_trials=1",
     ])

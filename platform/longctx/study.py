@@ -1,7 +1,7 @@
 """The papers' orderings, measured side by side on a laptop: `jobs/study.py` / `longctx study`.
 
     from longctx.study import run_study
-    report = run_study(load_config(None), "runs/study", steps=40)        # parts a, b, c, d, e
+    report = run_study(load_config(None), "runs/study", steps=10)        # parts a, b, c, d, e
 
 Parts (letters as in docs/study.md):
   a. training-free baselines (naive, PI, dynamic NTK, YaRN) vs Long-PT: NLL beyond base, passkey at 4x base;
@@ -535,16 +535,19 @@ def add_study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key for every trial (repeatable)")
     p.add_argument("--output", default="runs/study", help="study folder (local or s3://)")
-    p.add_argument("--steps", type=int, default=40, help="training steps per trial")
+    p.add_argument("--steps", type=int, default=10, help="training steps per trial (default 10: every part in "
+                   "about 15 minutes on 2 CPU cores)")
     p.add_argument("--parts", default="abcde", help="parts to run: a (baselines vs Long-PT), b (data strategies), "
                    "c (Long-PT + synthetic long-SFT, from part a's model), d (RoPE base sweep), e (retrieval vs "
                    "tokens trained, from part a's run)")
-    p.add_argument("--sft-steps", type=int, default=None, help="part c: Long-SFT steps (default: half of --steps)")
+    p.add_argument("--sft-steps", type=int, default=None, help="part c: Long-SFT steps (default: twice --steps)")
     p.add_argument("--rope-factors", default="0.1,1,10", help="RoPE bases of part d as multiples of the "
                    "`rope suggest` bound (part a's rope_theta is one more point)")
-    p.add_argument("--corpus-max-documents", type=int, default=None,
-                   help="part b: read only the first N documents per source of the shipped corpus (quick runs)")
-    p.add_argument("--eval-documents", type=int, default=None, help="held-out documents per evaluation")
+    p.add_argument("--corpus-max-documents", type=int, default=200,
+                   help="part b: read only the first N documents per source of the shipped corpus (default 200; "
+                   "0: all of it)")
+    p.add_argument("--eval-documents", type=int, default=8, help="held-out documents per evaluation (default 8; "
+                   "0: the config's eval.num_documents)")
     return p
 
 
@@ -553,8 +556,10 @@ def run_from_args(args) -> int:
     from longctx.config import ConfigError, load_config
 
     bad = set(args.parts) - set("abcde")
-    if bad or args.steps < 1 or (args.sft_steps is not None and args.sft_steps < 1):
-        print(f"study: --parts takes letters from 'abcde' (got {args.parts!r}); --steps and --sft-steps >= 1",
+    if bad or args.steps < 1 or (args.sft_steps is not None and args.sft_steps < 1) or args.eval_documents < 0 \
+            or args.corpus_max_documents < 0:
+        print(f"study: --parts takes letters from 'abcde' (got {args.parts!r}); --steps and --sft-steps >= 1; "
+              "--eval-documents and --corpus-max-documents >= 0",
               file=sys.stderr)
         return 2
     try:
@@ -564,8 +569,8 @@ def run_from_args(args) -> int:
         print(f"study: {e}", file=sys.stderr)
         return 2
     out = run_study(cfg, args.output, steps=args.steps, parts=args.parts, rope_factors=factors,
-                    corpus_max_documents=args.corpus_max_documents, eval_documents=args.eval_documents,
-                    sft_steps=args.sft_steps)
+                    corpus_max_documents=args.corpus_max_documents or None, eval_documents=args.eval_documents or None,
+                    sft_steps=args.sft_steps or 2 * args.steps)
     for v in out["verdicts"]:
         print(f"[study] {v['status'].upper()}: {v['target']} -- {v['detail']}")
     print(out["report"])
