@@ -605,6 +605,25 @@ def model_config(vocab_size: int, eos_id: int):
     )
 
 
+def warmup_cosine_lr(step: int, horizon: int, peak: float, warmup: int, min_frac: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine from `peak` down to `min_frac` x `peak` at `horizon`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, horizon - warmup))
+    return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def adamw(model, lr: float, weight_decay: float = 0.1):
+    """AdamW with weight decay on matrices only (not on norms)."""
+    import torch
+
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
 def packed_stream(tokenizer, docs: list[dict], rng: random.Random):
     import numpy as np
 
@@ -846,22 +865,14 @@ def train_retrieval_phase(model, tok, windows, words, seed: int, recipe: dict, n
     import torch
 
     syn = RetrievalRows(tok, windows, words, random.Random(f"{seed}/retrieval"), kinds=recipe["kinds"])
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        (no_decay if p.ndim < 2 else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=recipe["peak_lr"], betas=(0.9, 0.95), eps=1e-8)
+    opt = adamw(model, recipe["peak_lr"])
     total, warmup, peak, lo = recipe["steps"], recipe["warmup_steps"], recipe["peak_lr"], recipe["min_lr_frac"]
     w = recipe["synthetic_weight"]
     corpus_losses, syn_losses = [], []
     t0 = time.time()
     model.train()
     for step in range(total):
-        if step < warmup:
-            lr = peak * (step + 1) / warmup
-        else:
-            frac = min(1.0, (step - warmup) / max(1, total - warmup))
-            lr = peak * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = warmup_cosine_lr(step, total, peak, warmup, lo)
         for grp in opt.param_groups:
             grp["lr"] = lr
         length = syn_length(step, total, recipe["schedule"])
@@ -917,7 +928,7 @@ def retrieval_checks(model, tok, trials: int = 10) -> dict:
 def stage_model(seed: int, train_seconds: float, train_steps: int | None, threads: int = 2) -> None:
     import numpy as np
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -934,11 +945,7 @@ def stage_model(seed: int, train_seconds: float, train_steps: int | None, thread
     log(f"  params: {n_params:,}; rope_parameters={model.config.rope_parameters}")
 
     batch, peak_lr, min_lr_frac, warmup = 16, 3e-3, 0.1, 60
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        (no_decay if p.ndim < 2 else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=peak_lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = adamw(model, peak_lr)
     g = torch.Generator().manual_seed(seed)
     perm, perm_pos, epoch = torch.randperm(n_win, generator=g), 0, 0
 
@@ -961,11 +968,7 @@ def stage_model(seed: int, train_seconds: float, train_steps: int | None, thread
             total_steps = max(calib_steps + 1, int(train_seconds / per_step))
             log(f"  {per_step:.3f} s/step -> {total_steps} steps for {train_seconds:.0f} s")
         horizon = total_steps or 10**9
-        if step < warmup:
-            lr = peak_lr * (step + 1) / warmup
-        else:
-            frac = min(1.0, (step - warmup) / max(1, horizon - warmup))
-            lr = peak_lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = warmup_cosine_lr(step, horizon, peak_lr, warmup, min_lr_frac)
         for grp in opt.param_groups:
             grp["lr"] = lr
         xb = next_batch()
