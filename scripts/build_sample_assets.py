@@ -638,6 +638,26 @@ def packed_stream(tokenizer, docs: list[dict], rng: random.Random):
     return np.asarray(flat, dtype=np.int64)
 
 
+def training_windows(tokenizer, docs: list[dict], seed: int):
+    """The training corpus packed (seeded document order) and cut into BASE_SEQ_LEN windows: (windows, tokens)."""
+    import torch
+
+    stream = packed_stream(tokenizer, docs, random.Random(f"{seed}/pack"))
+    n_win = len(stream) // BASE_SEQ_LEN
+    return torch.from_numpy(stream[: n_win * BASE_SEQ_LEN].reshape(n_win, BASE_SEQ_LEN).copy()), len(stream)
+
+
+def save_model_dir(model) -> None:
+    """Write `model` plus the tokenizer files as MODEL_DIR (a complete HF folder), swapped in whole."""
+    tmp = fresh_tmp_dir(MODEL_DIR)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    for f in sorted(TOKENIZER_DIR.iterdir()):
+        shutil.copy2(f, tmp / f.name)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)  # safetensors are written 0600 by save_pretrained
+    replace_dir(tmp, MODEL_DIR)
+
+
 def eval_buckets(model, tokenizer, docs: list[dict], seq_len: int = EVAL_LEN, batch: int = 8) -> dict:
     """Mean next-token NLL by target position bucket on the first `seq_len` tokens of each doc."""
     import torch
@@ -868,7 +888,7 @@ def train_retrieval_phase(model, tok, windows, words, seed: int, recipe: dict, n
     opt = adamw(model, recipe["peak_lr"])
     total, warmup, peak, lo = recipe["steps"], recipe["warmup_steps"], recipe["peak_lr"], recipe["min_lr_frac"]
     w = recipe["synthetic_weight"]
-    corpus_losses, syn_losses = [], []
+    corpus_losses, syn_losses, synthetic_tokens = [], [], 0
     t0 = time.time()
     model.train()
     for step in range(total):
@@ -877,6 +897,7 @@ def train_retrieval_phase(model, tok, windows, words, seed: int, recipe: dict, n
             grp["lr"] = lr
         length = syn_length(step, total, recipe["schedule"])
         sx, sy = syn.batch(length, recipe["synthetic_tokens"] // length)
+        synthetic_tokens += sx.numel()
         xb = next_corpus_batch()
         corpus_loss = model(input_ids=xb, labels=xb, use_cache=False).loss
         syn_loss = row_mean_nll(model, sx, sy)
@@ -898,8 +919,7 @@ def train_retrieval_phase(model, tok, windows, words, seed: int, recipe: dict, n
     model.eval()
     return {"steps": total, "seconds": round(time.time() - t0, 1),
             "corpus_tokens": total * recipe["corpus_rows"] * BASE_SEQ_LEN,
-            "synthetic_tokens": sum(recipe["synthetic_tokens"] // syn_length(s, total, recipe["schedule"])
-                                    * syn_length(s, total, recipe["schedule"]) for s in range(total)),
+            "synthetic_tokens": synthetic_tokens,
             "final_corpus_loss_last50_mean": round(float(np.mean(corpus_losses[-50:])), 4),
             "final_synthetic_loss_last50_mean": round(float(np.mean(syn_losses[-50:])), 4)}
 
@@ -934,10 +954,9 @@ def stage_model(seed: int, train_seconds: float, train_steps: int | None, thread
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     docs = load_train_docs()
-    stream = packed_stream(tok, docs, random.Random(f"{seed}/pack"))
-    n_win = len(stream) // BASE_SEQ_LEN
-    windows = torch.from_numpy(stream[: n_win * BASE_SEQ_LEN].reshape(n_win, BASE_SEQ_LEN).copy())
-    log(f"model: {len(stream):,} training tokens -> {n_win:,} windows of {BASE_SEQ_LEN}")
+    windows, n_tokens = training_windows(tok, docs, seed)
+    n_win = len(windows)
+    log(f"model: {n_tokens:,} training tokens -> {n_win:,} windows of {BASE_SEQ_LEN}")
 
     cfg = model_config(len(tok), tok.eos_token_id)
     model = LlamaForCausalLM(cfg)
@@ -989,13 +1008,7 @@ def stage_model(seed: int, train_seconds: float, train_steps: int | None, thread
     tokens_seen = step * batch * BASE_SEQ_LEN
     log(f"  done: {step} steps, {tokens_seen:,} tokens, {elapsed:.0f}s, final loss (mean last 50) {final_loss:.4f}")
 
-    tmp = fresh_tmp_dir(MODEL_DIR)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    for f in sorted(TOKENIZER_DIR.iterdir()):
-        shutil.copy2(f, tmp / f.name)
-    for f in tmp.iterdir():
-        os.chmod(f, 0o644)  # safetensors are written 0600 by save_pretrained
-    replace_dir(tmp, MODEL_DIR)
+    save_model_dir(model)
 
     # reload + verify, and evaluate naive extrapolation vs dynamic NTK on the heldout docs
     loaded = LlamaForCausalLM.from_pretrained(str(MODEL_DIR))
@@ -1011,7 +1024,7 @@ def stage_model(seed: int, train_seconds: float, train_steps: int | None, thread
         "rope_parameters": loaded.config.rope_parameters,
         "train": {"seq_len": BASE_SEQ_LEN, "batch": batch, "peak_lr": peak_lr, "warmup_steps": warmup,
                   "min_lr_frac": min_lr_frac, "weight_decay": 0.1, "steps": step, "tokens_seen": tokens_seen,
-                  "epochs": round(tokens_seen / len(stream), 2), "seconds": round(elapsed, 1),
+                  "epochs": round(tokens_seen / n_tokens, 2), "seconds": round(elapsed, 1),
                   "tokens_per_s": round(tokens_seen / elapsed), "final_loss_last50_mean": round(final_loss, 4),
                   "threads": threads, "train_seconds_arg": train_seconds},
         "heldout_nll": heldout,
@@ -1054,9 +1067,8 @@ def stage_retrieval(seed: int, steps: int | None, threads: int = 2) -> None:
     recipe = dict(RETRIEVAL_RECIPE, **({"steps": steps} if steps is not None else {}))
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     docs = load_train_docs()
-    stream = packed_stream(tok, docs, random.Random(f"{seed}/pack"))
-    n_win = len(stream) // BASE_SEQ_LEN
-    windows = torch.from_numpy(stream[: n_win * BASE_SEQ_LEN].reshape(n_win, BASE_SEQ_LEN).copy())
+    windows, _ = training_windows(tok, docs, seed)
+    n_win = len(windows)
     words = retrieval_words(docs)
     log(f"retrieval: phase 2 on the phase-1 base, {len(words):,} corpus words for subjects, recipe {recipe}")
     model = LlamaForCausalLM.from_pretrained(str(MODEL_DIR))
@@ -1065,13 +1077,7 @@ def stage_retrieval(seed: int, steps: int | None, threads: int = 2) -> None:
         model, tok, windows, words, seed, recipe,
         lambda: windows[torch.randint(n_win, (recipe["corpus_rows"],), generator=g)])
 
-    tmp = fresh_tmp_dir(MODEL_DIR)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    for f in sorted(TOKENIZER_DIR.iterdir()):
-        shutil.copy2(f, tmp / f.name)
-    for f in tmp.iterdir():
-        os.chmod(f, 0o644)
-    replace_dir(tmp, MODEL_DIR)
+    save_model_dir(model)
     loaded = LlamaForCausalLM.from_pretrained(str(MODEL_DIR))
     assert loaded.config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
     checks = retrieval_checks(loaded, tok)

@@ -1,17 +1,17 @@
-"""Exploration of the base build's retrieval phase (phase 2 of `build_sample_assets.py --only model`).
+"""Exploration of the base build's retrieval phase (phase 2, `build_sample_assets.py --only retrieval`).
 
-Loads a phase-1 base (default: the shipped tiny-llama, which is phase 1 of the build when it was built with
-`--retrieval-steps 0`), runs `train_retrieval_phase` with recipe overrides, and every --eval-every steps measures
-passkey at 256 tokens on the real eval and on the "locker" template, plus held-out NLL at positions 0-255.
+Loads a phase-1 base (--init: a copy of tiny-llama/ as written by `--only model`, before `--only retrieval`; the
+shipped tiny-llama/ already had its retrieval phase), runs `train_retrieval_phase` with recipe overrides, and
+every --eval-every steps measures passkey at 256 tokens on the real eval and on the "locker" template, plus
+held-out NLL at positions 0-255.
 
-    python scripts/explore_retrieval.py --name r1 --set steps=600 peak_lr=2e-3 synthetic_weight=0.5
+    python scripts/explore_retrieval.py --init DIR --name r1 --set steps=600 peak_lr=2e-3 synthetic_weight=0.5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -26,7 +26,7 @@ import build_sample_assets as B  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", default="run")
-    ap.add_argument("--init", default=str(B.MODEL_DIR))
+    ap.add_argument("--init", required=True, help="phase-1 base model folder")
     ap.add_argument("--set", nargs="*", default=[], help="recipe overrides key=value (JSON values)")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--trials", type=int, default=6)
@@ -46,10 +46,8 @@ def main() -> int:
         recipe[k] = json.loads(v)
     tok = AutoTokenizer.from_pretrained(str(B.TOKENIZER_DIR))
     docs = B.load_train_docs()
-    stream = B.packed_stream(tok, docs, random.Random(f"{args.seed}/pack"))
-    L = B.BASE_SEQ_LEN
-    n_win = len(stream) // L
-    windows = torch.from_numpy(stream[: n_win * L].reshape(n_win, L).copy())
+    windows, _ = B.training_windows(tok, docs, args.seed)
+    L, n_win = B.BASE_SEQ_LEN, len(windows)
     words = B.retrieval_words(docs)
     held = B.read_jsonl_gz(B.CORPUS_DIR / "heldout.jsonl.gz")
     held_rows = torch.tensor([x[:L] for x in tok([d["text"] for d in held[:24]])["input_ids"]])
