@@ -219,7 +219,7 @@ def test_same_input_config_seed_give_byte_identical_shards(prepared):
     root = storage.committed_root(out2)
     assert storage.GENERATION.match(root.rsplit("/", 1)[1])
     assert [s["sha256"] for s in manifest3["shards"]] == [s["sha256"] for s in shards]
-    assert sorted(storage._listing(out2)[2]) == sorted(
+    assert sorted(storage.listing(out2)[2]) == sorted(
         [storage.COMMIT_MARKER] + [f"{root.rsplit('/', 1)[1]}/{k}" for k in storage.require_committed(out2)["files"]])
     ids = np.stack(prepared["rows"].column("input_ids").to_numpy(zero_copy_only=False))
     batches = list(read_packed(out2).iter_batches(batch_size=64, batch_format="numpy"))

@@ -1,7 +1,7 @@
 """`--overwrite` of a published S3 dataset is crash-safe (loopback moto S3 server, no mock of S3).
 
 An overwrite uploads the new files under a generation folder, switches readers with ONE PUT of `_COMMITTED`, then
-deletes the old files (storage._publish_s3). Checked here with the real readers (the training reader
+deletes the old files (storage.publish_dir). Checked here with the real readers (the training reader
 `packed_parquet_files` + `parquet_tables`, `load_manifest`, `expand`, `local_dir`):
 - a publish stopped at each stage (uploaded, switched: SIGKILLed in a child process, half the old files deleted)
   leaves exactly the old or exactly the new dataset committed, and the next publish or `longctx data clean --prefix` removes what it left;
@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import longctx
 from longctx import storage
 
 pytestmark = pytest.mark.s3
@@ -84,7 +85,7 @@ def version_of(table: pa.Table) -> int | None:
 
 
 def keys(uri: str) -> list[str]:
-    return sorted(storage._listing(uri)[2])
+    return sorted(storage.listing(uri)[2])
 
 
 def committed_keys(uri: str) -> list[str]:
@@ -143,7 +144,7 @@ def crashed_publish(dest: str, version: int, stage: str) -> None:
 def killed_publish(dest: str, version: int, stage: str) -> None:
     """Overwrite `dest` with `version` in a child process SIGKILLed when the publish reaches `stage`."""
     code = _KILL.format(tests=os.path.dirname(__file__), stage=stage, dest=dest, version=version)
-    platform = os.path.dirname(os.path.dirname(os.path.abspath(storage.__file__)))
+    platform = os.path.dirname(os.path.dirname(os.path.abspath(longctx.__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([platform, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
@@ -296,7 +297,7 @@ def test_negative_control_the_former_rm_then_upload_order_is_caught_by_the_polle
         poller.hold(2)
         storage.upload_dir(staging, dest)
         poller.hold(1)
-        storage.write_json(storage.join(dest, storage.COMMIT_MARKER), storage._manifest_of(staging))
+        storage.write_json(storage.join(dest, storage.COMMIT_MARKER), storage.manifest_of(staging))
         times["committed"] = time.monotonic()
     failed = [s for _, _, s in poller.polls if s not in (1, 2)]
     print(f"\nformer order: {poller.summary()} (no committed dataset for "

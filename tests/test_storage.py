@@ -315,7 +315,7 @@ def test_overwrite_is_never_without_a_visible_output(tmp_path, monkeypatch):
     with storage.publish_dir(str(dest), overwrite=True) as staging:
         open(os.path.join(staging, "v"), "w").write("2")
     assert open(dest / "v").read() == "2" and all(visible) and sorted(os.listdir(tmp_path)) == ["out"]
-    monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(storage.publish, "exchange", lambda a, b: False)
     with storage.publish_dir(str(dest), overwrite=True) as staging:
         open(os.path.join(staging, "v"), "w").write("3")
     assert open(dest / "v").read() == "3" and visible[-2:] == [False, True]
@@ -344,7 +344,7 @@ def test_require_private_refuses_folders_others_could_write(tmp_path):
         storage.require_private(str(exp), "resume")
     os.chmod(pkl, 0o644)
     os.chmod(exp, 0o775)
-    if storage._private_group(os.stat(exp).st_gid):  # umask-002 systems: the user's own group may write
+    if storage.private_group(os.stat(exp).st_gid):  # umask-002 systems: the user's own group may write
         storage.require_private(str(exp), "resume")
     if os.getuid() == 0:  # a shared group (root may give the folder to one)
         os.chown(exp, 0, 1)
