@@ -68,14 +68,21 @@ def _cmd_data_clean(args) -> int:
     for path in removed:
         print(f"removed {path}")
     print(f"removed {len(removed)} folders of dead runs (folders of running ones are kept)")
+    failed = 0
     if args.prefix:
         from longctx import storage
 
-        orphans = [u for prefix in args.prefix for u in storage.remove_orphans(prefix)]
+        orphans = []
+        for prefix in args.prefix:
+            try:
+                orphans += storage.remove_orphans(prefix)
+            except storage.StorageError as e:  # e.g. its committed generation is incomplete: nothing removed
+                print(f"longctx: {e}", file=sys.stderr)
+                failed += 1
         for uri in orphans:
             print(f"removed {uri}")
         print(f"removed {len(orphans)} objects left by interrupted S3 overwrites")
-    return 0
+    return 1 if failed else 0
 
 
 def _cmd_data_synth(args) -> int:

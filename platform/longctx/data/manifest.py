@@ -11,7 +11,7 @@ import longctx
 from longctx.handoff import fingerprint_of
 from longctx.resume import data_fingerprint, data_tree
 from longctx.data.mixture import MixturePlan
-from longctx.data.pack import PACKED_SCHEMA, PackStats
+from longctx.data.pack import PACKED_KIND, PACKED_SCHEMA, PackStats
 from longctx.data.stats import LengthAccumulator, describe_lengths
 
 SCHEMA_VERSION = 1
@@ -48,7 +48,7 @@ def build_manifest(cfg, tok, eos: int, pad: int, cache, plan: MixturePlan, in_st
     rows = pack.rows
     return {
         "schema_version": SCHEMA_VERSION,
-        "kind": "longctx.packed_sequences",
+        "kind": PACKED_KIND,
         "longctx_version": longctx.__version__,
         "tokenizer": {"uri": d.tokenizer, "vocab_size": tok.get_vocab_size(with_added_tokens=True), "eos_id": eos,
                       "pad_id": pad, "fingerprint": fingerprint_of(tok)},

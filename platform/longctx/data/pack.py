@@ -28,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 
 IGNORE_INDEX = -100
+PACKED_KIND = "longctx.packed_sequences"
+"""`kind` in the manifest.json of a packed dataset (an `--overwrite` replaces only a folder of this kind)."""
 
 PACKED_SCHEMA = pa.schema([
     ("row_id", pa.int64()),

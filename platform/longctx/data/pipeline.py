@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from longctx import cleanup, storage
 from longctx.data.mixture import MixturePlan, SourcePlan, plan_mixture
-from longctx.data.pack import BestFitPacker, ConcatPacker, PackStats, RowBuilder, Segment
+from longctx.data.pack import PACKED_KIND, BestFitPacker, ConcatPacker, PackStats, RowBuilder, Segment
 from longctx.data.stats import LengthAccumulator, format_length_table, plot_length_histogram, source_length_stats
 from longctx.data.token_cache import (  # noqa: F401 - re-exported: callers import these from the pipeline
     DataQualityError,
@@ -537,6 +537,7 @@ def prepare_data(cfg, output: str | None = None, overwrite: bool = False) -> dic
     if not overwrite and storage.is_committed(dest):  # found before pass 1 reads a single corpus file
         raise storage.StorageError(f"{storage.normalize(dest)}: already published (pass overwrite=True, choose a "
                                    f"fresh location, or name it as data.prepared to train on it)")
+    storage.check_destination(dest, overwrite, kind=PACKED_KIND)  # a foreign folder: refused before pass 1 too
     t0 = time.time()
     load_fast_tokenizer(d.tokenizer)  # fail fast on a bad tokenizer, before any Ray work
     work = cleanup.work_dir("tokens")  # removes those of dead runs; holds only the quarantine list
@@ -581,7 +582,7 @@ def pack_and_publish(cfg, cache: TokenCache, dest: str, overwrite: bool = False,
     if not quiet:
         print(format_length_table(in_stats, d.long_threshold), flush=True)
     plan = plan_mixture(in_lengths, d, cache.estimated_tokens or None)
-    with storage.publish_dir(dest, overwrite=overwrite, shared=True) as staging:
+    with storage.publish_dir(dest, overwrite=overwrite, shared=True, kind=PACKED_KIND) as staging:
         p2 = run_pass2(cfg, cache, plan, pad, staging)
         shards, pack_stats, out_stats = p2["shards"], p2["stats"], p2["out_stats"]
         small = cleanup.work_dir("publish-small")  # the driver's own files, copied into the staging location

@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import threading
 import time
 from typing import Any
@@ -112,16 +111,6 @@ def tune_metrics(records: list[dict]) -> dict[str, Any]:
     return {"ckpt_step": last["step"], "ckpt_tokens": last.get("tokens"), "ckpt_passkey": last.get("passkey"),
             "ckpt_needle": last.get("needle"), "ckpt_nll_beyond_base": nll,
             "ckpt_neg_nll_beyond_base": None if nll is None else -nll}
-
-
-def _remove(uri: str) -> None:
-    uri = storage.normalize(uri)
-    if storage.is_s3(uri):
-        fs, path = storage.fsspec_fs(uri)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-    else:
-        shutil.rmtree(uri, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------- actor
@@ -318,7 +307,7 @@ class CheckpointWatcher:
         for step, uri in committed_eval_snapshots(self.train_root):
             if step in done:
                 if not self.dt.keep_snapshots and step not in self._inflight:
-                    _remove(uri)
+                    storage.remove_tree(uri)  # by exact key (the run folder's name may hold `*?[`)
             else:
                 out.append((step, uri))
         return out

@@ -19,7 +19,7 @@ from longctx.storage.commit import (COMMIT_MARKER, GENERATION, committed_root, e
                                     published_path, read_committed, read_marker, recover_overwrite, require_committed)
 from longctx.storage.objects import (NotARegularFile, RetryingReader, StorageIOError, is_transient, read_bytes,
                                      read_text, retry_io, sha256_file, write_bytes, write_json, write_text)
-from longctx.storage.publish import PUBLISH_HOOKS, publish_dir, remove_orphans, upload_dir
+from longctx.storage.publish import PUBLISH_HOOKS, check_destination, publish_dir, remove_orphans, upload_dir
 from longctx.storage.uri import (StorageError, StorageNotFound, StorageOptions, assets_dir, configure, exists,
                                  fsspec_fs, is_s3, join, listing, normalize, options, private_group, pyarrow_fs,
                                  remove_tree, require_private, safe_relpath)
@@ -27,7 +27,7 @@ from longctx.storage.uri import (StorageError, StorageNotFound, StorageOptions, 
 __all__ = [
     "CACHE_MANIFEST", "COMMIT_MARKER", "GENERATION", "PUBLISH_HOOKS", "NotARegularFile", "RetryingReader",
     "StorageError", "StorageIOError", "StorageNotFound", "StorageOptions", "assets_dir", "cache_root",
-    "committed_root", "configure", "download_dir", "exists", "expand", "fsspec_fs", "is_committed", "is_s3",
+    "check_destination", "committed_root", "configure", "download_dir", "exists", "expand", "fsspec_fs", "is_committed", "is_s3",
     "is_transient", "join", "listing", "local_dir", "manifest_of", "normalize", "options", "private_group",
     "publish_dir", "published_path", "pyarrow_fs", "read_bytes", "read_committed", "read_marker", "read_text",
     "recover_overwrite", "remove_orphans", "remove_tree", "require_committed", "require_private", "retry_io",

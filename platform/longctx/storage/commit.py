@@ -83,6 +83,21 @@ def new_generation() -> str:
     return f"gen-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
 
+def committed_gaps(marker: dict, uri: str, entries: dict[str, dict]) -> list[str]:
+    """What the generation a marker commits lacks in a listing (`listing(uri)[2]`): each file it lists that is
+    missing or of another size than recorded, as "key: missing" / "key: N bytes, marker says M"; [] when
+    complete."""
+    gaps = []
+    for rel, key in committed_keys(marker, uri).items():
+        info = marker["files"][rel]
+        want = info.get("bytes") if isinstance(info, dict) else None
+        if key not in entries:
+            gaps.append(f"{key}: missing")
+        elif isinstance(want, int) and entries[key]["size"] != want:
+            gaps.append(f"{key}: {entries[key]['size']} bytes, marker says {want}")
+    return gaps
+
+
 def committed_root(uri: str, marker: dict | None = None) -> str:
     """The folder holding the committed files of published folder `uri`: `uri` itself, or `uri/gen-...` after an
     S3 overwrite. StorageError when `uri` is not committed."""

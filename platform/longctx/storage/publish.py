@@ -23,11 +23,11 @@ import uuid
 from typing import Iterator
 
 from longctx import cleanup
-from longctx.storage.commit import (COMMIT_MARKER, GENERATION, committed_keys, manifest_of, new_generation,
-                                    read_marker, recover_overwrite, root_of)
-from longctx.storage.objects import write_json
-from longctx.storage.uri import (StorageError, exists, fsspec_fs, is_s3, join, listing, normalize, remove_tree,
-                                 safe_relpath)
+from longctx.storage.commit import (COMMIT_MARKER, GENERATION, committed_gaps, committed_keys, committed_root,
+                                    manifest_of, new_generation, read_marker, recover_overwrite, root_of)
+from longctx.storage.objects import read_text, write_json
+from longctx.storage.uri import (StorageError, delete_keys, exists, fsspec_fs, is_s3, join, listing, normalize,
+                                 remove_tree, safe_relpath)
 
 PUBLISH_HOOKS: list = []
 """Callables `hook(stage, dest)` run at each stage of an S3 publish ("orphans_removed", "uploaded", "switched",
@@ -54,12 +54,58 @@ def upload_dir(local_dir: str, uri: str) -> None:
             fs.put_file(src, f"{path.rstrip('/')}/{rel}")
 
 
-def remove_orphans(uri: str, marker: dict | None = None) -> list[str]:
+def check_destination(dest: str, overwrite: bool = False, kind: str | None = None) -> None:
+    """Refuse a destination `publish_dir` must not write, naming it: publish_dir calls this before staging and
+    again just before the swap, and callers call it before any costly work (a corpus read) to fail early.
+
+    * committed (`_COMMITTED`) and `overwrite` off: "already published";
+    * committed and `kind` given, but the folder's manifest.json names another kind (or the folder has none, a
+      model for instance): refused, the other kind named (a dataset never replaces a model or another kind of
+      dataset);
+    * a local path that exists and is not committed (the user's own folder, a run folder, a file): refused even
+      with `overwrite`, which replaces only what longctx published (an empty folder is replaced);
+    * an s3:// prefix with objects but no marker: allowed; nothing there is deleted: the publish goes into a
+      generation folder beside them (`_publish_s3`)."""
+    dest = normalize(dest)
+    recover_overwrite(dest)
+    marker = read_marker(dest)
+    if marker is not None:
+        if not overwrite:
+            raise StorageError(f"{dest}: already published (pass overwrite=True or choose a fresh location)")
+        if kind is not None and (found := committed_kind(dest, marker)) != kind:
+            what = f"a committed {found}" if found else "a committed folder with no manifest.json kind (not a dataset)"
+            raise StorageError(f"{dest}: holds {what}, not a {kind}; refusing to replace it (remove it yourself or "
+                               "choose another path)")
+        return
+    if is_s3(dest) or not os.path.lexists(dest):
+        return
+    if overwrite and os.path.isdir(dest) and not os.path.islink(dest) and not os.listdir(dest):
+        return
+    what = "a folder" if os.path.isdir(dest) else "a file"
+    raise StorageError(f"{dest}: {what} that is not a committed output (no {COMMIT_MARKER}); longctx replaces only "
+                       "what it published, even with overwrite: remove it yourself or choose another path")
+
+
+def committed_kind(uri: str, marker: dict) -> str | None:
+    """The `kind` field of a committed folder's manifest.json (datasets carry one); None when there is none."""
+    try:
+        manifest = json.loads(read_text(join(committed_root(uri, marker), "manifest.json")))
+    except (FileNotFoundError, ValueError):
+        return None
+    return manifest.get("kind") if isinstance(manifest, dict) else None
+
+
+def remove_orphans(uri: str, marker: dict | None = None, damaged: str = "raise") -> list[str]:
     """Delete what crashed S3 overwrites left under a committed prefix: generation folders (`gen-*`) the marker
     does not commit (an upload that never switched) and files the marker lists as `retired` (a switch whose
-    deletions did not finish). Nothing else is touched (other objects may belong to someone else); a prefix
-    without a marker is left alone. Returns the URIs removed. Local folders have no orphans (an overwrite is
-    one rename)."""
+    deletions did not finish), each by exact key. Nothing else is touched (other objects may belong to someone
+    else); a prefix without a marker is left alone. Returns the URIs removed. Local folders have no orphans (an
+    overwrite is one rename).
+
+    Only when the generation the marker commits is there and complete (every file it lists, at its size): a
+    marker whose `root` names a missing or damaged generation would otherwise have the only real copy deleted.
+    Then nothing is removed and `damaged="raise"` raises StorageError naming the missing files (`longctx data
+    clean`), `damaged="keep"` logs it (a publish about to replace the damaged dataset)."""
     uri = normalize(uri)
     if not is_s3(uri):
         return []
@@ -72,11 +118,20 @@ def remove_orphans(uri: str, marker: dict | None = None) -> list[str]:
         safe_relpath(key, uri)
         retired.add(key)
     fs, prefix, entries = listing(uri)
+    gaps = committed_gaps(marker, uri, entries)
+    if gaps:
+        msg = (f"{uri}: the committed generation {root or '(files at the top of the prefix)'} is incomplete "
+               f"({len(gaps)} files: {'; '.join(gaps[:3])}); removing nothing, since other generations may hold "
+               "the only complete copy")
+        if damaged == "raise":
+            raise StorageError(msg)
+        log.warning("%s", msg)
+        return []
     live = set(committed_keys(marker, uri).values()) | {COMMIT_MARKER}
     orphans = sorted(k for k in entries if k not in live and (
         k in retired or (GENERATION.match(k.split("/", 1)[0]) and k.split("/", 1)[0] != root and "/" in k)))
     if orphans:
-        fs.rm([f"{prefix}/{k}" for k in orphans])
+        delete_keys(fs, prefix, orphans, uri)
         log.warning("%s: removed %d objects left by an interrupted overwrite", uri, len(orphans))
     return [f"{uri}/{k}" for k in orphans]
 
@@ -84,23 +139,27 @@ def remove_orphans(uri: str, marker: dict | None = None) -> list[str]:
 def _publish_s3(staging: str, dest: str, marker: dict, overwrite: bool) -> None:
     """Upload a staged folder to an S3 prefix. Fresh prefix: files at their names, marker last. Overwrite of a
     committed prefix: new files under a fresh generation folder, ONE PUT of the marker switches readers to it,
-    then the old files (listed in the new marker as `retired`) are deleted; a crash at any point leaves the old
-    or the new dataset committed, and what it leaves behind is removed by `remove_orphans`."""
+    then the old files (listed in the new marker as `retired`) are deleted by exact key; a crash at any point
+    leaves the old or the new dataset committed, and what it leaves behind is removed by `remove_orphans`. A
+    prefix that holds objects but no marker (not ours to delete) gets the new files in a generation folder
+    beside them."""
     fs, path = fsspec_fs(dest)
     path = path.rstrip("/")
     marker_uri = join(dest, COMMIT_MARKER)
     current = read_marker(dest)
     if current is None:
-        if overwrite and fs.exists(path):
-            fs.rm(path, recursive=True)  # not committed: nothing there that a reader may use
-        upload_dir(staging, dest)
+        root = new_generation() if fs.exists(path) else ""
+        if root:
+            log.warning("%s: holds objects that no %s marker lists; they are left as they are and the new files "
+                        "go to %s/", dest, COMMIT_MARKER, root)
+        upload_dir(staging, join(dest, root) if root else dest)
         _stage("uploaded", dest)
-        write_json(marker_uri, marker)  # last: the prefix is complete once this exists
+        write_json(marker_uri, {**marker, "root": root} if root else marker)  # last: complete once this exists
         _stage("done", dest)
         return
     if not overwrite:
         raise StorageError(f"{dest}: already published (pass overwrite=True or choose a fresh location)")
-    remove_orphans(dest, current)
+    remove_orphans(dest, current, damaged="keep")
     _stage("orphans_removed", dest)
     gen = new_generation()
     upload_dir(staging, join(dest, gen))
@@ -108,11 +167,10 @@ def _publish_s3(staging: str, dest: str, marker: dict, overwrite: bool) -> None:
     retired = list(committed_keys(current, dest).values())
     write_json(marker_uri, {**marker, "root": gen, "retired": retired})  # the switch: one atomic PUT
     _stage("switched", dest)
-    keys = [f"{path}/{k}" for k in retired]
-    half = len(keys) // 2
-    for i, chunk in enumerate((keys[:half], keys[half:])):
+    half = len(retired) // 2
+    for i, chunk in enumerate((retired[:half], retired[half:])):
         if chunk:
-            fs.rm(chunk)
+            delete_keys(fs, path, chunk, dest)
         if i == 0:
             _stage("retiring", dest)
     _stage("done", dest)
@@ -142,7 +200,7 @@ def _publish_s3_shared(dest: str, overwrite: bool) -> Iterator[str]:
     path = path.rstrip("/")
     current = read_marker(dest)
     if current is not None:
-        remove_orphans(dest, current)
+        remove_orphans(dest, current, damaged="keep")
     root = "" if current is None and not fs.exists(path) else new_generation()
     staging = join(dest, root) if root else dest
     try:
@@ -160,7 +218,7 @@ def _publish_s3_shared(dest: str, overwrite: bool) -> Iterator[str]:
                 marker["retired"] = retired
         write_json(join(dest, COMMIT_MARKER), marker)  # last: the switch (or the commit), one PUT
         if retired:
-            fs.rm([f"{path}/{k}" for k in retired])
+            delete_keys(fs, path, retired, dest)
     except BaseException:
         if not exists(join(dest, COMMIT_MARKER)) or read_marker(dest) == current:
             remove_tree(staging)
@@ -168,7 +226,7 @@ def _publish_s3_shared(dest: str, overwrite: bool) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def publish_dir(dest: str, overwrite: bool = False, shared: bool = False) -> Iterator[str]:
+def publish_dir(dest: str, overwrite: bool = False, shared: bool = False, kind: str | None = None) -> Iterator[str]:
     """Stage a directory, then publish it atomically at `dest` with a `_COMMITTED` marker.
 
     Yields a local staging folder. On normal exit the folder is published; on an exception nothing is
@@ -186,11 +244,13 @@ def publish_dir(dest: str, overwrite: bool = False, shared: bool = False) -> Ite
     shards there): for an s3:// destination it is then on S3 itself and yielded as a URI (`_publish_s3_shared`);
     a local destination stages next to itself as always (on a cluster, a local destination must be a shared
     folder).
+
+    What `overwrite` may replace is checked before staging and again before the swap (`check_destination`):
+    only a committed output (of the same `kind`, the manifest.json field of a dataset, when given); never a
+    local folder longctx did not publish, and never an object under an uncommitted S3 prefix.
     """
     dest = normalize(dest)
-    recover_overwrite(dest)
-    if exists(join(dest, COMMIT_MARKER)) and not overwrite:
-        raise StorageError(f"{dest}: already published (pass overwrite=True or choose a fresh location)")
+    check_destination(dest, overwrite, kind)
     if shared and is_s3(dest):
         with _publish_s3_shared(dest, overwrite) as staging:
             yield staging
@@ -211,9 +271,8 @@ def publish_dir(dest: str, overwrite: bool = False, shared: bool = False) -> Ite
         else:
             with open(os.path.join(staging, COMMIT_MARKER), "w") as f:
                 json.dump(marker, f, indent=2)
-            if os.path.exists(dest):
-                if not overwrite:
-                    raise StorageError(f"{dest}: exists but is not a committed output; remove it or choose another path")
+            check_destination(dest, overwrite, kind)  # again: the folder may have changed while we staged
+            if os.path.lexists(dest):
                 if not exchange(staging, dest):  # staging now holds the old copy and is removed below
                     trash = dest.rstrip("/") + f".old-{uuid.uuid4().hex[:8]}"
                     os.replace(dest, trash)

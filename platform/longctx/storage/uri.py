@@ -3,7 +3,8 @@
 The S3 endpoint is chosen here once: `storage.endpoint_url` from config, else AWS_ENDPOINT_URL_S3 /
 AWS_ENDPOINT_URL. (NOTE: pyarrow 26's `S3FileSystem()` ignores AWS_ENDPOINT_URL while `FileSystem.from_uri`
 honours it; we pass the endpoint explicitly to both pyarrow and s3fs.) Also here: listing a prefix, deleting
-objects by exact key, removing a folder or prefix, and the check that a local folder is private.
+objects by exact key (`delete_keys`: never a pattern), removing a folder or prefix, and the check that a local
+folder is private.
 """
 
 from __future__ import annotations
@@ -195,16 +196,35 @@ def listing(uri: str) -> tuple[object, str, dict[str, dict]]:
     return fs, prefix, entries
 
 
+def delete_keys(fs, prefix: str, keys: list[str], uri: str = "") -> None:
+    """Delete the objects `prefix/key` of an S3 filesystem by exact key, in batches of 1000 (one DeleteObjects
+    request each). Never by pattern: s3fs `rm` expands `*`, `?` and `[...]`, so a key like `*` or `part[1].bin`
+    handed to it deletes whatever matches (a live file, the marker just written). StorageError names the keys
+    the store refused."""
+    bucket, _, base = prefix.rstrip("/").partition("/")
+    full = [f"{base}/{k}" if base else k for k in keys]
+    for i in range(0, len(full), 1000):
+        out = fs.call_s3("delete_objects", Bucket=bucket,
+                         Delete={"Objects": [{"Key": k} for k in full[i:i + 1000]], "Quiet": True})
+        if out.get("Errors"):
+            bad = [f"{e.get('Key')}: {e.get('Code')} {e.get('Message', '')}".strip() for e in out["Errors"]]
+            raise StorageError(f"{uri or 's3://' + prefix}: could not delete {len(bad)} objects: {'; '.join(bad[:5])}")
+
+
 def remove_tree(uri: str) -> None:
-    """Remove a local folder or every object under an s3:// prefix (missing: nothing to do)."""
+    """Remove a local folder or every object under an s3:// prefix (`uri/...`, by exact key; the object named
+    exactly like the prefix, if any, is not under it and stays). Missing: nothing to do."""
     uri = normalize(uri)
     if not is_s3(uri):
         shutil.rmtree(uri, ignore_errors=True)
         return
     fs, path = fsspec_fs(uri)
+    prefix = path.rstrip("/")
     with contextlib.suppress(FileNotFoundError):
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        keys = [p[len(prefix) + 1:] for p, info in fs.find(prefix, detail=True).items()
+                if p.startswith(prefix + "/") and info.get("type") != "directory"]
+        if keys:
+            delete_keys(fs, prefix, keys, uri)
 
 
 # ---------------------------------------------------------------------------------------- local folders

@@ -223,13 +223,14 @@ def pack_chats(chats: list[TokenizedChat], seq_len: int, pad_id: int) -> pa.Tabl
 
 def prepare_sft_data(cfg, output: str, overwrite: bool = False) -> dict:
     """Read, mix, tokenize and pack the SFT sources of `cfg`; publish shards + manifest.json at `output`."""
-    from longctx.handoff import tokenizer_fingerprint
+    from longctx.handoff import SFT_KIND, tokenizer_fingerprint
     from longctx.model.load import load_tokenizer
     from longctx.resume import data_fingerprint, data_tree
 
     d = cfg.data
     if storage.is_committed(output) and not overwrite:  # found before any corpus is read
         raise storage.StorageError(f"{output}: already published (pass overwrite=True or choose a fresh location)")
+    storage.check_destination(output, overwrite, kind=SFT_KIND)  # a foreign folder: refused before any read
     stats = SftStats()
     by_source = {name: read_conversations(name, spec.uri if isinstance(spec.uri, str) else spec.uri[0],
                                           d.sft.messages_field, stats)
@@ -250,7 +251,7 @@ def prepare_sft_data(cfg, output: str, overwrite: bool = False) -> dict:
     loss_tokens = int(sum((c.labels != IGNORE_INDEX).sum() for c in chats))
     tokens = int(sum(len(c.input_ids) for c in chats))
     manifest = {
-        "kind": "sft", "seq_len": d.seq_len, "attention": "document", "tokenizer": d.tokenizer,
+        "kind": SFT_KIND, "seq_len": d.seq_len, "attention": "document", "tokenizer": d.tokenizer,
         "tokenizer_fingerprint": tokenizer_fingerprint(d.tokenizer), "vocab_size": len(tokenizer),
         "data_fingerprint": data_fingerprint(cfg), "data_config": data_tree(cfg),
         "conversations": {"read": stats.records, "used": stats.used, "repeated": stats.repeated,
@@ -260,7 +261,7 @@ def prepare_sft_data(cfg, output: str, overwrite: bool = False) -> dict:
                    "pad_fraction": 1 - tokens / max(1, table.num_rows * d.seq_len)},
         "shards": [],
     }
-    with storage.publish_dir(output, overwrite=overwrite) as staging:
+    with storage.publish_dir(output, overwrite=overwrite, kind=SFT_KIND) as staging:
         for i, start in enumerate(range(0, table.num_rows, d.rows_per_shard)):
             name = f"sft-{i:05d}.parquet"
             part = table.slice(start, d.rows_per_shard)

@@ -46,7 +46,7 @@ from longctx.data.cip import (  # noqa: F401 - the row rewrite, re-exported here
     interleave_row,
     is_cip_row,
 )
-from longctx.data.pack import PACKED_SCHEMA
+from longctx.data.pack import PACKED_KIND, PACKED_SCHEMA
 from longctx.data.synthetic.common import histogram
 
 
@@ -88,7 +88,7 @@ def _rewrite_packed(cfg, packed: str, output: str, k: int, fraction: float, over
     chunks: list[int] = []
     shards, rows, cip_rows = [], 0, 0
     try:
-        with storage.publish_dir(output, overwrite=overwrite) as staging:
+        with storage.publish_dir(output, overwrite=overwrite, kind=PACKED_KIND) as staging:
             for batch in ds.iter_batches(batch_size=cfg.data.rows_per_shard, batch_format="pyarrow"):
                 table = _to_parquet_form(batch)
                 for rid, ls, ids in zip(table.column("row_id").to_pylist(), table.column("seg_lengths").to_pylist(),

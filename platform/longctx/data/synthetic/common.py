@@ -168,7 +168,7 @@ def generate_sft_set(cfg, kind: str, generator_cls: type, ctor_kwargs: dict, n: 
     t0 = time.time()
     stats: list[dict] = []
     shards: list[dict] = []
-    with storage.publish_dir(dest, overwrite=overwrite) as staging:
+    with storage.publish_dir(dest, overwrite=overwrite, kind=f"longctx.synthetic.{kind}") as staging:
         out, written = None, 0
 
         def close():
