@@ -21,10 +21,23 @@ the outputs of earlier ones from disk; ``--only retrieval`` runs once on a phase
 steps); pass ``--base-train-steps N`` to reproduce an exact run (same N, seed and thread count give
 the same weights on the same CPU/torch build).
 
-Sources:
-* ``code``    Python stdlib of the local CPython 3.11 install (PSF license), one record per file,
-              test suites / generated tables / huge data modules excluded.
-* ``c``       C headers of the same install (PSF license), one record per header.
+The training pieces are the library's: packing is `longctx.data.pack.ConcatPacker` (concatenate, cut every
+256 tokens), the optimizer `longctx.train.optim.adamw`, the schedule `longctx.train.schedule.warmup_cosine_lr`, the
+model folder `longctx.train.checkpoint.save_hf_model`. They replaced the script's own copies, which gave the same
+bytes: the same windows, the same model.safetensors after phase 1 and phase 2 steps (checked on short builds; the
+LR values differ from the old formula in the last bit of a float64 on some steps, never in the float32 scalars
+AdamW applies), so the shipped weights are those of the build as described in the assets README.
+
+One file of ~1,200 lines on purpose: it is the recipe of the shipped bytes, run as one program and not imported by
+the package; the record generators and the retrieval rows sit next to the stages that use them so that
+`build_info.json` and the assets README point at one place.
+
+Sources (from a fresh clone: every stage after ``corpus`` reads the shipped corpus; the ``corpus`` stage needs
+CPython 3.11.7, the version the shipped ``code``/``c`` files come from):
+* ``code``    Python stdlib of CPython 3.11.7 (PSF license): the running interpreter's when it is 3.11.7, else
+              the installation given with ``--cpython PREFIX`` (``PREFIX/lib/python3.11``); one record per
+              file, test suites / generated tables / huge data modules excluded.
+* ``c``       C headers of the same CPython (``PREFIX/include/python3.11``, PSF license), one record per header.
 * ``records`` synthetic, generated from the seed: registries, ledgers, project logs and parts
               catalogs whose made-up entities (ids, names with numbers, hex keys, addresses) are
               defined early and referred back to much later, so long context helps prediction.
@@ -38,12 +51,20 @@ import io
 import json
 import math
 import os
+import platform
 import random
 import re
 import shutil
 import sys
+import sysconfig
 import time
 from pathlib import Path
+
+from longctx import storage
+from longctx.data.pack import ConcatPacker, Segment
+from longctx.train.checkpoint import save_hf_model
+from longctx.train.optim import adamw
+from longctx.train.schedule import warmup_cosine_lr
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "platform" / "longctx" / "assets"
@@ -53,9 +74,7 @@ MODEL_DIR = ASSETS / "tiny-llama"
 README = ASSETS / "README.md"
 BUILD_INFO = ASSETS / "build_info.json"
 
-PY_ROOT = Path("/root/.pyenv/versions/3.11.7")
-PY_LIB = PY_ROOT / "lib" / "python3.11"
-PY_INCLUDE = PY_ROOT / "include" / "python3.11"
+CPYTHON_VERSION = "3.11.7"  # the CPython whose stdlib and headers the shipped `code` and `c` files are
 
 TRAIN_SOURCES = ("code", "c", "records")
 HELDOUT = "heldout"
@@ -89,24 +108,25 @@ def log(msg: str) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    storage.write_bytes(str(path), data)  # temp file + rename
+    os.chmod(path, 0o644)  # shipped files are readable by everyone (the temp file was 0600)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def write_jsonl_gz(path: Path, records: list[dict]) -> None:
+def jsonl_gz_bytes(records: list[dict]) -> bytes:
     buf = io.BytesIO()
     # filename="" and mtime=0: the gzip header carries nothing machine- or time-dependent
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as gz:
         for r in records:
             gz.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_jsonl_gz(path: Path, records: list[dict]) -> None:
+    atomic_write_bytes(path, jsonl_gz_bytes(records))
 
 
 def read_jsonl_gz(path: Path) -> list[dict]:
@@ -149,9 +169,29 @@ def save_build_info(info: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 _CODE_EXCLUDE_DIRS = {
-    "test", "tests", "idle_test", "site-packages", "__pycache__", "pydoc_data", "encodings",
-    "config-3.11-x86_64-linux-gnu", "lib-dynload", "ensurepip",
+    "test", "tests", "idle_test", "site-packages", "__pycache__", "pydoc_data", "encodings", "lib-dynload",
+    "ensurepip",
 }
+_CODE_EXCLUDE_DIR = re.compile(r"^config-3\.\d+-")  # the build's Makefile/config folder (config-3.11-<platform>)
+
+
+def cpython_dirs(prefix: str | None) -> tuple[Path, Path]:
+    """(stdlib folder, include folder) of CPython CPYTHON_VERSION: under `prefix` (an installation, e.g.
+    `pyenv install 3.11.7`), else the running interpreter's; refused when the headers say another version (the
+    corpus would not be the shipped one)."""
+    if prefix is None:
+        paths = sysconfig.get_paths()
+        lib, include, where = Path(paths["stdlib"]), Path(paths["include"]), f"this Python ({sys.executable})"
+    else:
+        lib, include, where = Path(prefix) / "lib" / "python3.11", Path(prefix) / "include" / "python3.11", prefix
+    found = re.search(r'#define\s+PY_VERSION\s+"([^"]+)"', (include / "patchlevel.h").read_text()) if (
+        include / "patchlevel.h").is_file() else None
+    version = found.group(1) if found else None
+    if version != CPYTHON_VERSION or not lib.is_dir():
+        raise SystemExit(f"corpus stage: the code and c sources come from CPython {CPYTHON_VERSION}; {where} has "
+                         f"{version or 'no CPython headers'} ({lib}, {include}). Run with Python {CPYTHON_VERSION} or "
+                         f"pass --cpython PREFIX of such an installation (platform {platform.python_version()} here)")
+    return lib, include
 _CODE_EXCLUDE_FILES = re.compile(r"^(_sysconfigdata.*|__phello__.*|__hello__\.py|antigravity\.py|this\.py)$")
 
 
@@ -166,11 +206,11 @@ def _read_source(path: Path) -> str | None:
     return text
 
 
-def _python_files() -> list[tuple[str, str]]:
+def _python_files(lib: Path) -> list[tuple[str, str]]:
     out = []
-    for p in sorted(PY_LIB.rglob("*.py")):
-        rel = p.relative_to(PY_LIB)
-        if any(part in _CODE_EXCLUDE_DIRS for part in rel.parts[:-1]):
+    for p in sorted(lib.rglob("*.py")):
+        rel = p.relative_to(lib)
+        if any(part in _CODE_EXCLUDE_DIRS or _CODE_EXCLUDE_DIR.match(part) for part in rel.parts[:-1]):
             continue
         if _CODE_EXCLUDE_FILES.match(rel.name) or rel.name.startswith("test_"):
             continue
@@ -181,10 +221,10 @@ def _python_files() -> list[tuple[str, str]]:
     return out
 
 
-def _c_headers() -> list[tuple[str, str]]:
+def _c_headers(include: Path) -> list[tuple[str, str]]:
     out = []
-    for p in sorted(PY_INCLUDE.rglob("*.h")):
-        rel = p.relative_to(PY_INCLUDE).as_posix()
+    for p in sorted(include.rglob("*.h")):
+        rel = p.relative_to(include).as_posix()
         if rel == "pyconfig.h":  # configure output of this particular machine
             continue
         text = _read_source(p)
@@ -193,8 +233,9 @@ def _c_headers() -> list[tuple[str, str]]:
     return out
 
 
-def build_code_sources(rng: random.Random) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
-    py = _python_files()
+def build_code_sources(rng: random.Random, lib: Path, include: Path) -> tuple[list[dict], list[dict], list[dict],
+                                                                           list[dict]]:
+    py = _python_files(lib)
     # heldout: long files only (>= 12k chars ~ 3k+ tokens), chosen at random
     long_py = [x for x in py if 12_000 <= len(x[1]) <= 80_000]
     held_py = set(n for n, _ in rng.sample(long_py, CODE_HELDOUT_DOCS))
@@ -213,7 +254,7 @@ def build_code_sources(rng: random.Random) -> tuple[list[dict], list[dict], list
     code_train = [{"id": f"code/{rest[i][0]}", "source": "code", "text": rest[i][1]} for i in chosen]
     code_held = [{"id": f"code/{n}", "source": "code", "text": t} for n, t in py if n in held_py]
 
-    hs = _c_headers()
+    hs = _c_headers(include)
     long_h = [x for x in hs if len(x[1]) >= 9_000]
     held_h = set(n for n, _ in rng.sample(long_h, C_HELDOUT_DOCS))
     c_train = [{"id": f"c/{n}", "source": "c", "text": t} for n, t in hs if n not in held_h]
@@ -488,12 +529,13 @@ def build_records(rng: random.Random) -> tuple[list[dict], list[dict]]:
     return train, held
 
 
-def stage_corpus(seed: int) -> None:
-    log("corpus: collecting CPython sources and generating synthetic records")
+def stage_corpus(seed: int, cpython: str | None = None) -> None:
+    lib, include = cpython_dirs(cpython)
+    log(f"corpus: collecting CPython {CPYTHON_VERSION} sources from {lib} and {include}, generating synthetic records")
     rng_code = random.Random(f"{seed}/code")
     rng_rec = random.Random(f"{seed}/records")
     rng_mix = random.Random(f"{seed}/heldout")
-    code_train, code_held, c_train, c_held = build_code_sources(rng_code)
+    code_train, code_held, c_train, c_held = build_code_sources(rng_code, lib, include)
     rec_train, rec_held = build_records(rng_rec)
     heldout = code_held + c_held + rec_held
     rng_mix.shuffle(heldout)
@@ -502,7 +544,7 @@ def stage_corpus(seed: int) -> None:
         write_jsonl_gz(CORPUS_DIR / f"{name}.jsonl.gz", recs)
         log(f"  {name}: {len(recs)} docs, {sum(len(r['text']) for r in recs):,} chars, "
             f"{(CORPUS_DIR / f'{name}.jsonl.gz').stat().st_size:,} bytes gz")
-    atomic_write_bytes(CORPUS_DIR / "LICENSE-PSF.txt", (PY_LIB / "LICENSE.txt").read_bytes())
+    atomic_write_bytes(CORPUS_DIR / "LICENSE-PSF.txt", (lib / "LICENSE.txt").read_bytes())
     info = load_build_info()
     info["seed"] = seed
     info["corpus"] = {
@@ -605,54 +647,34 @@ def model_config(vocab_size: int, eos_id: int):
     )
 
 
-def warmup_cosine_lr(step: int, horizon: int, peak: float, warmup: int, min_frac: float) -> float:
-    """Linear warmup over `warmup` steps, then cosine from `peak` down to `min_frac` x `peak` at `horizon`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    frac = min(1.0, (step - warmup) / max(1, horizon - warmup))
-    return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def adamw(model, lr: float, weight_decay: float = 0.1):
-    """AdamW with weight decay on matrices only (not on norms)."""
-    import torch
-
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim < 2 else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-def packed_stream(tokenizer, docs: list[dict], rng: random.Random):
-    import numpy as np
-
-    order = list(range(len(docs)))
-    rng.shuffle(order)
-    ids = tokenizer([docs[i]["text"] for i in order])["input_ids"]
-    eos = tokenizer.eos_token_id
-    flat = []
-    for x in ids:
-        flat.extend(x)
-        flat.append(eos)
-    return np.asarray(flat, dtype=np.int64)
+WEIGHT_DECAY, ADAM_BETAS = 0.1, (0.9, 0.95)  # both phases (longctx.train.optim.adamw)
 
 
 def training_windows(tokenizer, docs: list[dict], seed: int):
-    """The training corpus packed (seeded document order) and cut into BASE_SEQ_LEN windows: (windows, tokens)."""
+    """The training corpus packed as the data engine's `concat` packing does (`ConcatPacker`: documents in a
+    seeded order, each followed by EOS, concatenated and cut every BASE_SEQ_LEN tokens, the tail dropped):
+    (windows [n, BASE_SEQ_LEN] int64, tokens in the stream)."""
+    import numpy as np
     import torch
 
-    stream = packed_stream(tokenizer, docs, random.Random(f"{seed}/pack"))
-    n_win = len(stream) // BASE_SEQ_LEN
-    return torch.from_numpy(stream[: n_win * BASE_SEQ_LEN].reshape(n_win, BASE_SEQ_LEN).copy()), len(stream)
+    order = list(range(len(docs)))
+    random.Random(f"{seed}/pack").shuffle(order)
+    ids = tokenizer([docs[i]["text"] for i in order])["input_ids"]
+    eos = tokenizer.eos_token_id
+    packer, rows, tokens = ConcatPacker(BASE_SEQ_LEN), [], 0
+    for i, x in zip(order, ids):
+        seg = Segment(np.asarray(x + [eos], dtype=np.int32), docs[i]["source"], docs[i]["id"], len(x) + 1)
+        tokens += len(seg.tokens)
+        rows += [np.concatenate([s.tokens for s in row]) for row in packer.add(seg)]
+    list(packer.finish())  # the tail after the last full window is dropped
+    return torch.from_numpy(np.stack(rows).astype(np.int64)), tokens
 
 
 def save_model_dir(model) -> None:
-    """Write `model` plus the tokenizer files as MODEL_DIR (a complete HF folder), swapped in whole."""
+    """Write `model` plus the tokenizer files as MODEL_DIR (a complete HF folder, `save_hf_model`), swapped in
+    whole."""
     tmp = fresh_tmp_dir(MODEL_DIR)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    for f in sorted(TOKENIZER_DIR.iterdir()):
-        shutil.copy2(f, tmp / f.name)
+    save_hf_model(model, model.state_dict(), str(tmp), [str(TOKENIZER_DIR)])
     for f in tmp.iterdir():
         os.chmod(f, 0o644)  # safetensors are written 0600 by save_pretrained
     replace_dir(tmp, MODEL_DIR)
@@ -885,14 +907,14 @@ def train_retrieval_phase(model, tok, windows, words, seed: int, recipe: dict, n
     import torch
 
     syn = RetrievalRows(tok, windows, words, random.Random(f"{seed}/retrieval"), kinds=recipe["kinds"])
-    opt = adamw(model, recipe["peak_lr"])
+    opt = adamw(model, lr=recipe["peak_lr"], weight_decay=WEIGHT_DECAY, betas=ADAM_BETAS)
     total, warmup, peak, lo = recipe["steps"], recipe["warmup_steps"], recipe["peak_lr"], recipe["min_lr_frac"]
     w = recipe["synthetic_weight"]
     corpus_losses, syn_losses, synthetic_tokens = [], [], 0
     t0 = time.time()
     model.train()
     for step in range(total):
-        lr = warmup_cosine_lr(step, total, peak, warmup, lo)
+        lr = warmup_cosine_lr(step, total_steps=total, warmup_steps=warmup, peak=peak, min_lr_ratio=lo)
         for grp in opt.param_groups:
             grp["lr"] = lr
         length = syn_length(step, total, recipe["schedule"])
@@ -930,8 +952,6 @@ RETRIEVAL_CHECK_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 def retrieval_checks(model, tok, trials: int = 10) -> dict:
     """Passkey at 256 tokens with the real eval's template (seed 0) and with the "locker" template (seed 1),
     whose wording, filler and question form are in neither the eval nor the retrieval rows."""
-    if str(REPO / "platform") not in sys.path:
-        sys.path.insert(0, str(REPO / "platform"))
     from longctx.eval import passkey as pk
 
     depths = list(RETRIEVAL_CHECK_DEPTHS)
@@ -964,7 +984,7 @@ def stage_model(seed: int, train_seconds: float, train_steps: int | None, thread
     log(f"  params: {n_params:,}; rope_parameters={model.config.rope_parameters}")
 
     batch, peak_lr, min_lr_frac, warmup = 16, 3e-3, 0.1, 60
-    opt = adamw(model, peak_lr)
+    opt = adamw(model, lr=peak_lr, weight_decay=WEIGHT_DECAY, betas=ADAM_BETAS)
     g = torch.Generator().manual_seed(seed)
     perm, perm_pos, epoch = torch.randperm(n_win, generator=g), 0, 0
 
@@ -987,7 +1007,7 @@ def stage_model(seed: int, train_seconds: float, train_steps: int | None, thread
             total_steps = max(calib_steps + 1, int(train_seconds / per_step))
             log(f"  {per_step:.3f} s/step -> {total_steps} steps for {train_seconds:.0f} s")
         horizon = total_steps or 10**9
-        lr = warmup_cosine_lr(step, horizon, peak_lr, warmup, min_lr_frac)
+        lr = warmup_cosine_lr(step, total_steps=horizon, warmup_steps=warmup, peak=peak_lr, min_lr_ratio=min_lr_frac)
         for grp in opt.param_groups:
             grp["lr"] = lr
         xb = next_batch()
@@ -1023,7 +1043,7 @@ def stage_model(seed: int, train_seconds: float, train_steps: int | None, thread
             "vocab_size", "max_position_embeddings", "tie_word_embeddings")},
         "rope_parameters": loaded.config.rope_parameters,
         "train": {"seq_len": BASE_SEQ_LEN, "batch": batch, "peak_lr": peak_lr, "warmup_steps": warmup,
-                  "min_lr_frac": min_lr_frac, "weight_decay": 0.1, "steps": step, "tokens_seen": tokens_seen,
+                  "min_lr_frac": min_lr_frac, "weight_decay": WEIGHT_DECAY, "steps": step, "tokens_seen": tokens_seen,
                   "epochs": round(tokens_seen / n_tokens, 2), "seconds": round(elapsed, 1),
                   "tokens_per_s": round(tokens_seen / elapsed), "final_loss_last50_mean": round(final_loss, 4),
                   "threads": threads, "train_seconds_arg": train_seconds},
@@ -1180,6 +1200,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=["corpus", "tokenizer", "model", "retrieval"], default=None,
                     help="run a single stage (default: all, in order)")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--cpython", default=None, metavar="PREFIX",
+                    help=f"corpus stage: a CPython {CPYTHON_VERSION} installation whose stdlib and headers are the code "
+                         f"and c sources (default: this interpreter, when it is {CPYTHON_VERSION})")
     ap.add_argument("--base-train-seconds", type=float, default=420.0,
                     help="wall-clock budget for base pretraining (converted to a step count after timing)")
     ap.add_argument("--base-train-steps", type=int, default=None,
@@ -1194,7 +1217,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in stages:
         t = time.time()
         if s == "corpus":
-            stage_corpus(args.seed)
+            stage_corpus(args.seed, args.cpython)
         elif s == "tokenizer":
             stage_tokenizer(args.seed)
         elif s == "model":

@@ -6,6 +6,9 @@ every --eval-every steps measures passkey at 256 tokens on the real eval and on 
 held-out NLL at positions 0-255.
 
     python scripts/explore_retrieval.py --init DIR --name r1 --set steps=600 peak_lr=2e-3 synthetic_weight=0.5
+
+Writes `<--out>/<name>.jsonl` (the recipe, then one line per evaluation) and `<--out>/<name>-model/` (an HF
+folder with the tokenizer files). Needs longctx installed (`pip install -e .`), like the build script.
 """
 
 from __future__ import annotations
@@ -16,11 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO / "platform"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the build script next to this one
 
 import build_sample_assets as B  # noqa: E402
+from longctx.train.checkpoint import save_hf_model  # noqa: E402
 
 
 def main() -> int:
@@ -32,7 +34,7 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="/tmp/explore")
+    ap.add_argument("--out", default="runs/explore-retrieval", help="folder for the log and the model")
     args = ap.parse_args()
 
     import torch
@@ -53,7 +55,9 @@ def main() -> int:
     held_rows = torch.tensor([x[:L] for x in tok([d["text"] for d in held[:24]])["input_ids"]])
     model = LlamaForCausalLM.from_pretrained(args.init)
     g = torch.Generator().manual_seed(args.seed)
-    log = open(Path(f"{args.out}-{args.name}.jsonl"), "w")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = open(out_dir / f"{args.name}.jsonl", "w")
     print(json.dumps({"recipe": recipe, "init": args.init, "words": len(words)}), file=log, flush=True)
 
     def evaluate(step, info):
@@ -75,7 +79,7 @@ def main() -> int:
                                       lambda: windows[torch.randint(n_win, (recipe["corpus_rows"],), generator=g)],
                                       on_step=evaluate)
     print(json.dumps({"summary": summary, "wall": round(time.time() - t0)}), file=log, flush=True)
-    model.save_pretrained(f"{args.out}-{args.name}-model")
+    save_hf_model(model, model.state_dict(), str(out_dir / f"{args.name}-model"), [str(B.TOKENIZER_DIR)])
     return 0
 
 

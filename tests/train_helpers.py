@@ -111,15 +111,14 @@ def reference_training(model_dir: str, cfg, table, steps: int, rows_per_step: in
     from longctx.model.attention import attention_inputs
     from longctx.model.load import load_causal_lm
     from longctx.train.batches import rows_from_table, collate
-    from longctx.train.loop import _param_groups
     from longctx.train.loss import CausalLMWithChunkedLoss, shift_targets
+    from longctx.train.optim import adamw
     from longctx.train.schedule import lr_lambda
 
     torch.manual_seed(cfg.train.seed)
     lm = load_causal_lm(model_dir, cfg.model, attn_implementation="sdpa", max_position_embeddings=cfg.data.seq_len)
     model = CausalLMWithChunkedLoss(lm, chunk_tokens=cfg.train.loss_chunk_tokens)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                            betas=tuple(cfg.train.adam_betas), eps=1e-8)
+    opt = adamw(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=cfg.train.adam_betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio))
     rows = list(rows_from_table(table, "test"))
     losses, grad_norms = [], []

@@ -31,6 +31,7 @@ from longctx.train.batches import Ledger, RowStream, collate, forward_inputs, pa
 from longctx.train.deepspeed import build_deepspeed_config
 from longctx.train.loss import CausalLMWithChunkedLoss, shift_targets
 from longctx.train.metrics import StepLog, count_params, device_peak_flops, memory_stats, step_flops
+from longctx.train.optim import adamw
 from longctx.train.schedule import lr_lambda
 from longctx.train.sequence_parallel import enable_ulysses, shard_for_rank
 from longctx.train.spec import LoopSpec
@@ -60,16 +61,6 @@ def _disable_deepspeed_shm_comm() -> None:
     # NOTE: `import deepspeed.comm.torch as m` would bind the torch library (deepspeed.comm imports torch).
     ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     ds_torch_comm.build_shm_op = lambda: None
-
-
-def _param_groups(model, weight_decay: float):
-    """AdamW groups: no weight decay on biases and norm weights (1-D tensors)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _all_sum(values: list[float], device) -> list[float]:
@@ -154,8 +145,7 @@ class LoopRunner:
         wrapped = CausalLMWithChunkedLoss(lm, chunk_tokens=tcfg.loss_chunk_tokens)
 
         # 2. DeepSpeed engine.
-        optimizer = torch.optim.AdamW(_param_groups(wrapped, tcfg.weight_decay), lr=tcfg.lr,
-                                      betas=tuple(tcfg.adam_betas), eps=1e-8)
+        optimizer = adamw(wrapped, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=tcfg.adam_betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(self.total_steps, tcfg.warmup_ratio, tcfg.min_lr_ratio))
         ds_config = build_deepspeed_config(tcfg, layout, use_gpu=tcfg.use_gpu, user_override=self.spec.ds_override)

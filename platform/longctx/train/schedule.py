@@ -114,7 +114,14 @@ def plan_steps(
 
 def cosine_lr(step: int, *, total_steps: int, peak: float, warmup_ratio: float, min_lr_ratio: float) -> float:
     """LR at optimizer step `step` (0-based): linear warmup to `peak`, cosine decay to peak x min_lr_ratio."""
-    warmup = int(math.ceil(warmup_ratio * total_steps))
+    return warmup_cosine_lr(step, total_steps=total_steps, warmup_steps=int(math.ceil(warmup_ratio * total_steps)),
+                            peak=peak, min_lr_ratio=min_lr_ratio)
+
+
+def warmup_cosine_lr(step: int, *, total_steps: int, warmup_steps: int, peak: float, min_lr_ratio: float) -> float:
+    """`cosine_lr` with the warmup given in steps (linear over `warmup_steps`, then cosine to the floor at
+    `total_steps`)."""
+    warmup = warmup_steps
     if warmup and step < warmup:
         return peak * (step + 1) / warmup
     decay_steps = max(1, total_steps - warmup)
