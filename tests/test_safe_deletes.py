@@ -20,6 +20,8 @@ import pytest
 
 from longctx import storage
 from longctx.cli import main
+from test_s3_overwrite import committed_keys as _committed
+from test_s3_overwrite import keys as _keys
 
 PACKED = "longctx.packed_sequences"
 
@@ -44,16 +46,6 @@ def _tree(folder) -> dict[str, bytes]:
             p = os.path.join(root, n)
             out[os.path.relpath(p, folder)] = open(p, "rb").read()
     return out
-
-
-def _keys(uri: str) -> list[str]:
-    return sorted(storage.listing(uri)[2])
-
-
-def _committed(uri: str) -> list[str]:
-    marker = storage.require_committed(uri)
-    root = marker.get("root")
-    return sorted([f"{root}/{k}" if root else k for k in marker["files"]] + [storage.COMMIT_MARKER])
 
 
 # ------------------------------------------------------------------------------------- 1. local overwrite
