@@ -362,6 +362,99 @@ class LongBenchConfig(_Section):
     python-Levenshtein / rapidfuzz ratio (differs for some pairs)."""
 
 
+RulerTask = Literal["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+                    "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2"]
+InfiniteBenchTask = Literal["passkey", "number_string", "kv_retrieval", "math_find", "code_debug",
+                            "longbook_choice_eng"]
+
+
+class RulerConfig(_Section):
+    enabled: bool = False
+    """Run RULER (NVIDIA/RULER's 13 synthetic tasks, `longctx.eval.ruler`): samples generated at each length
+    with the evaluated model's tokenizer, greedy answers, RULER's string-match scores, and RULER's table
+    (tasks x lengths, the average per length) in the report."""
+    lengths: list[int] = Field(default_factory=list)
+    """Sequence lengths in tokens (prompt + tokens to generate, as RULER counts them), e.g. [4096, 8192,
+    16384, 32768, 65536, 131072]. Default: the base model's length and eval.context_length."""
+    tasks: list[RulerTask] = Field(default_factory=list)
+    """Tasks to run. Default: all 13, except qa_1 / qa_2 when `squad` / `hotpotqa` is not set (the report
+    says so; the average is then over fewer tasks than RULER's). Naming qa_1 or qa_2 here without its file
+    is an error."""
+    num_samples: int = Field(500, ge=1)
+    """Samples per task and length (RULER's default 500)."""
+    seed: int = 42
+    """Random seed of every task and length (RULER's `--random_seed`, default 42)."""
+    essay: str = "builtin:haystack/default.txt"
+    """Text of the `essay` haystack (niah_single_2/3, multikey_1, multivalue, multiquery): a .txt file, or a
+    corpus whose `essay_text_field` is joined (RULER's PaulGrahamEssays.json, {"text": ...}, works as is).
+    Default: the shipped filler prose (Paul Graham's essays are not shipped)."""
+    essay_text_field: str = "text"
+    """Field holding the text when `essay` is a corpus / JSON file."""
+    squad: str | None = None
+    """SQuAD 2.0 dev JSON (dev-v2.0.json, RULER's squad.json) for qa_1; local or s3://."""
+    hotpotqa: str | None = None
+    """HotpotQA dev distractor JSON (hotpot_dev_distractor_v1.json, RULER's hotpotqa.json) for qa_2."""
+    cwe_words: str | None = None
+    """RULER's english_words.json (Git LFS in NVIDIA/RULER), needed by cwe only at lengths that need more
+    distinct words than the shipped lists hold (around 128K tokens for Llama-size vocabularies)."""
+    tokens_to_generate: dict[str, int] = Field(default_factory=dict)
+    """Generation budgets that replace RULER's (niah 128, variable_tracking 30, common_words_extraction 120,
+    freq_words_extraction 50, qa 32), by task (`niah_single_1`) or base task (`niah`). They count in the
+    length, so a smaller budget leaves room for more haystack; the report lists any change (not RULER's
+    standard settings)."""
+    haystack: dict[str, Literal["noise", "essay", "needle"]] = Field(default_factory=dict)
+    """Haystack per task instead of RULER's (niah_single_1 and vt: noise; multikey_2/3: needle; the other
+    niah tasks: essay); vt takes noise or essay."""
+    chat_template: bool = False
+    """Wrap each prompt in the tokenizer's chat template (RULER's model templates for chat models); the
+    answer prefix follows, in the assistant turn."""
+    remove_newline_tab: bool = False
+    """RULER's --remove_newline_tab: newlines and tabs become spaces."""
+    save_inputs: bool = False
+    """Keep each prompt's text in the prediction files (`input`; large at long lengths). Off: `input` is ""."""
+
+    @field_validator("tokens_to_generate")
+    @classmethod
+    def _known_budget_keys(cls, v: dict[str, int]) -> dict[str, int]:
+        known = set(RulerTask.__args__) | {"niah", "variable_tracking", "common_words_extraction",
+                                           "freq_words_extraction", "qa"}
+        bad = sorted(k for k in v if k not in known)
+        if bad:
+            raise ValueError(f"unknown task(s) {bad}; keys are tasks ({', '.join(RulerTask.__args__)}) or base "
+                             "tasks (niah, variable_tracking, common_words_extraction, freq_words_extraction, qa)")
+        if any(n < 1 for n in v.values()):
+            raise ValueError("tokens to generate must be >= 1")
+        return v
+
+    @field_validator("haystack")
+    @classmethod
+    def _haystack_tasks(cls, v: dict[str, str]) -> dict[str, str]:
+        allowed = [t for t in RulerTask.__args__ if t.startswith("niah")] + ["vt"]
+        bad = sorted(k for k in v if k not in allowed)
+        if bad:
+            raise ValueError(f"no haystack to choose for {bad}; tasks with one: {', '.join(allowed)}")
+        if v.get("vt") == "needle":
+            raise ValueError("vt takes the noise or essay haystack, not needle")
+        return v
+
+
+class InfiniteBenchConfig(_Section):
+    enabled: bool = False
+    """Run InfiniteBench's self-scored tasks (`longctx.eval.infinitebench`) from the user's files."""
+    data: str | None = None
+    """Folder, glob or s3:// prefix of InfiniteBench's JSONL files, named `<task>.jsonl` (passkey.jsonl,
+    kv_retrieval.jsonl, ...): {"id", "context", "input", "answer", "options"} as InfiniteBench ships them."""
+    tasks: list[InfiniteBenchTask] = Field(default_factory=list)
+    """Tasks to run. Default: each of the six whose file is found under `data`."""
+    max_seq_len: int | None = Field(None, ge=16)
+    """Context window: longer prompts keep their first and last (max_seq_len - max_new_tokens) // 2 tokens
+    (InfiniteBench middle-truncates to 128K). Default: eval.context_length."""
+    max_samples: int | None = Field(None, ge=1)
+    """At most this many samples per task (for quick runs)."""
+    chat_template: bool = False
+    """Wrap prompts in the tokenizer's chat template (chat/SFT models)."""
+
+
 class DuringTrainingConfig(_Section):
     enabled: bool = False
     """Evaluate every committed checkpoint while training runs (`longctx.eval.during_training`): the training
@@ -453,6 +546,10 @@ class EvalConfig(_Section):
     """LongBench/LEval-format task settings."""
     during_training: DuringTrainingConfig = Field(default_factory=DuringTrainingConfig)
     """Evaluation of every committed checkpoint while training runs (off by default)."""
+    ruler: RulerConfig = Field(default_factory=RulerConfig)
+    """RULER (13 synthetic tasks at chosen lengths; off by default)."""
+    infinitebench: InfiniteBenchConfig = Field(default_factory=InfiniteBenchConfig)
+    """InfiniteBench's self-scored tasks from the user's files (off by default)."""
 
 
 # ---------------------------------------------------------------------------------------------------- synth

@@ -17,6 +17,9 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from longctx import storage
+from longctx.eval.documents import iter_texts
+
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
 
 
@@ -136,3 +139,18 @@ def generate_haystack_text(n_sentences: int = 1500, seed: int = 7) -> str:
         if i % 12 == 11:
             out.append("\n\n")
     return " ".join(out).replace(" \n\n ", "\n\n").strip() + "\n"
+
+
+def load_haystack_text(uri: str, text_field: str = "text", min_chars: int = 200_000) -> str:
+    """Haystack text from a .txt file or the first texts of a corpus (joined until `min_chars`)."""
+    if uri.endswith(".txt") or uri.endswith(".md"):
+        return storage.read_text(uri)
+    parts, total = [], 0
+    for text in iter_texts(uri, text_field):
+        parts.append(text)
+        total += len(text)
+        if total >= min_chars:
+            break
+    if not parts:
+        raise ValueError(f"{uri}: no haystack text found")
+    return "\n\n".join(parts)

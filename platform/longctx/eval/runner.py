@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +26,13 @@ import numpy as np
 
 from longctx import storage
 from longctx.config import JobConfig, RopeScalingConfig
+from longctx.eval import infinitebench
 from longctx.eval.documents import iter_texts
 from longctx.eval.generate import greedy_generate
+from longctx.eval.haystack import load_haystack_text
 from longctx.eval.passkey import PasskeyPrompt, build_passkey_prompts, run_passkey_batch, score_passkey_rows
 from longctx.eval.perplexity import select_documents, summarize_position_nll
+from longctx.eval.ruler.suite import RulerWork, build_ruler_items, ruler_lengths, ruler_metrics
 from longctx.handoff import fingerprint_of
 
 log = logging.getLogger(__name__)
@@ -125,7 +128,7 @@ def default_model_specs(
     return specs
 
 
-def _tokenizer_uri(spec: ModelSpec, cfg: JobConfig) -> str:
+def tokenizer_uri(spec: ModelSpec, cfg: JobConfig) -> str:
     if spec.tokenizer:
         return spec.tokenizer
     from longctx.model.load import local_model_dir
@@ -231,21 +234,6 @@ def _pool_size(cfg: JobConfig, n_models: int, gpus_per_actor: float) -> int:
     return max(1, min(n_models, int(resources.get("CPU", 1))))
 
 
-def load_haystack_text(uri: str, text_field: str = "text", min_chars: int = 200_000) -> str:
-    """Haystack text from a .txt file or the first texts of a corpus (joined until `min_chars`)."""
-    if uri.endswith(".txt") or uri.endswith(".md"):
-        return storage.read_text(uri)
-    parts, total = [], 0
-    for text in iter_texts(uri, text_field):
-        parts.append(text)
-        total += len(text)
-        if total >= min_chars:
-            break
-    if not parts:
-        raise ValueError(f"{uri}: no haystack text found")
-    return "\n\n".join(parts)
-
-
 def _task_files(cfg: JobConfig) -> list[tuple[str, str]]:
     """(dataset, uri) of the LongBench/LEval files to run."""
     from longctx.eval.documents import SUFFIXES
@@ -265,8 +253,13 @@ def _task_files(cfg: JobConfig) -> list[tuple[str, str]]:
     return files
 
 
-def build_work_items(cfg: JobConfig, specs: dict[str, ModelSpec], tokenizers: dict[str, str]):
-    """Rows of work for every model and task, plus per-tokenizer side information for the driver."""
+def build_work_items(cfg: JobConfig, specs: dict[str, ModelSpec], tokenizers: dict[str, str],
+                     base_len: int | None = None):
+    """Rows of work for every model and task, plus per-tokenizer side information for the driver.
+
+    Generation rows ("gen") are numbered per model: needle prompts, LongBench-format samples, RULER samples,
+    InfiniteBench samples, in that order (`gen_offsets` in the info says where each starts).
+    """
     from longctx.eval.longbench import build_prompts, read_task_file
     from longctx.eval.needle import build_needle_prompts
     from longctx.model.load import load_tokenizer
@@ -284,7 +277,8 @@ def build_work_items(cfg: JobConfig, specs: dict[str, ModelSpec], tokenizers: di
         # the trained model usually ships the base's tokenizer: build its prompts once
         tok_uri = fingerprints.setdefault(tokenizers[name], fingerprint_of(tok))
         if tok_uri not in by_tok:
-            w: dict[str, Any] = {"docs": {}, "skipped": {}, "passkey": [], "needle": [], "tasks": []}
+            w: dict[str, Any] = {"docs": {}, "skipped": {}, "passkey": [], "needle": [], "tasks": [],
+                                 "ruler": RulerWork(), "infinitebench": []}
             if ev.perplexity:
                 for length in [context, *[n for n in ev.extra_context_lengths if n != context]]:
                     docs, skipped = select_documents(tok, iter_texts(ev.documents, ev.text_field), length, ev.num_documents)
@@ -304,10 +298,19 @@ def build_work_items(cfg: JobConfig, specs: dict[str, ModelSpec], tokenizers: di
                 _, records = read_task_file(uri)
                 w["tasks"] += build_prompts(tok, ds, records, max_seq, chat_template=ev.longbench.chat_template,
                                             max_samples=ev.longbench.max_samples)
+            if ev.ruler.enabled:
+                w["ruler"] = build_ruler_items(tok, ev.ruler, ruler_lengths(ev.ruler, context, base_len))
+            if ev.infinitebench.enabled:
+                w["infinitebench"] = infinitebench.build_prompts(tok, ev.infinitebench,
+                                                                 ev.infinitebench.max_seq_len or context)
             by_tok[tok_uri] = w
         w = by_tok[tok_uri]
+        offsets = {"needle": 0, "longbench": len(w["needle"])}
+        offsets["ruler"] = offsets["longbench"] + len(w["tasks"])
+        offsets["infinitebench"] = offsets["ruler"] + len(w["ruler"].items)
         info[name] = {"documents": {n: len(d) for n, d in w["docs"].items()}, "skipped_short": w["skipped"],
-                      "needle": w["needle"], "tasks": w["tasks"]}
+                      "needle": w["needle"], "tasks": w["tasks"], "ruler": w["ruler"],
+                      "infinitebench": w["infinitebench"], "gen_offsets": offsets}
         ids32 = lambda ids: np.asarray(ids, dtype=np.int32)  # noqa: E731
         for docs in w["docs"].values():
             for i, ids in enumerate(docs):
@@ -324,6 +327,11 @@ def build_work_items(cfg: JobConfig, specs: dict[str, ModelSpec], tokenizers: di
             # gen indices: needle prompts first, then the LongBench-format samples
             rows.append({"model": name, "task": "gen", "index": len(w["needle"]) + i, "ids": ids32(t.input_ids),
                          "meta": json.dumps(meta)})
+        extra = [("ruler", it.input_ids, it.max_new_tokens) for it in w["ruler"].items]
+        extra += [("infinitebench", s.input_ids, s.max_new_tokens) for s in w["infinitebench"]]
+        for i, (kind, ids, budget) in enumerate(extra):
+            rows.append({"model": name, "task": "gen", "index": offsets["ruler"] + i, "ids": ids32(ids),
+                         "meta": json.dumps({"kind": kind, "max_new_tokens": budget})})
     return rows, info, context
 
 
@@ -343,8 +351,8 @@ def evaluate_models(cfg: JobConfig, models: dict[str, ModelSpec], out_dir: str) 
     first = next(iter(models.values()))
     base_uri = next((s.uri for s in models.values() if s.role != "trained"), first.uri)
     _, base_len = eval_lengths(cfg, base_uri)
-    tokenizers = {name: _tokenizer_uri(spec, cfg) for name, spec in models.items()}
-    rows, info, context = build_work_items(cfg, models, tokenizers)
+    tokenizers = {name: tokenizer_uri(spec, cfg) for name, spec in models.items()}
+    rows, info, context = build_work_items(cfg, models, tokenizers, base_len)
     if not rows:
         raise ValueError("evaluate_models: every evaluation is disabled (eval.perplexity, eval.passkey.enabled, ...)")
     t_build = time.time() - t0
@@ -377,6 +385,8 @@ def evaluate_models(cfg: JobConfig, models: dict[str, ModelSpec], out_dir: str) 
     metrics = aggregate_results(results, models, info, context, cfg.eval.bucket_edges, base_len)
     if cfg.eval.longbench.enabled:
         score_longbench(cfg, results, models, info, metrics, out_dir)
+    if cfg.eval.ruler.enabled or cfg.eval.infinitebench.enabled:
+        score_ruler_infinitebench(cfg, results, models, info, metrics, out_dir)
     metrics["timing_s"] = {"build_prompts": round(t_build, 3), "ray_data": round(t_run, 3),
                            "total": round(time.time() - t0, 3), "actors": pool, "gpus_per_actor": gpus}
     storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
@@ -463,3 +473,34 @@ def score_longbench(cfg: JobConfig, results: list[dict], models: dict[str, Model
             "samples": {ds: len(rows) for ds, rows in by_ds.items()},
             "truncated": {ds: sum(r["truncated"] for r in rows) for ds, rows in by_ds.items()},
         }
+
+
+def _generations(results: list[dict], name: str) -> dict[int, str]:
+    """{gen index: decoded answer} of one model."""
+    return {int(r["index"]): json.loads(r["result"])["prediction"] for r in results
+            if str(r["model"]) == name and str(r["task"]) == "gen"}
+
+
+def score_ruler_infinitebench(cfg: JobConfig, results: list[dict], models: dict[str, ModelSpec], info: dict,
+                              metrics: dict, out_dir: str) -> None:
+    """RULER's table and InfiniteBench's scores per model; their prediction files go under out_dir."""
+    from longctx.report.markdown import slug
+
+    for name in models:
+        preds, off = _generations(results, name), info[name]["gen_offsets"]
+        work: RulerWork = info[name]["ruler"]
+        if cfg.eval.ruler.enabled:
+            answers = [preds.get(off["ruler"] + i, "") for i in range(len(work.items))]
+            metrics["models"][name]["ruler"] = ruler_metrics(work, answers, cfg.eval.ruler, out_dir, slug(name))
+        samples = info[name]["infinitebench"]
+        if cfg.eval.infinitebench.enabled and samples:
+            rows = [{"id": s.id, "prediction": preds.get(off["infinitebench"] + i, ""), "ground_truth": s.ground_truth,
+                     "task": s.task, "truncated": s.truncated} for i, s in enumerate(samples)]
+            for task in sorted({s.task for s in samples}):
+                text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if r["task"] == task)
+                storage.write_text(storage.join(out_dir, "infinitebench", slug(name), f"preds_{task}.jsonl"), text)
+            metrics["models"][name]["infinitebench"] = {
+                "scores": infinitebench.score_infinitebench_rows(rows),
+                "samples": dict(Counter(r["task"] for r in rows)),
+                "truncated": dict(Counter(r["task"] for r in rows if r["truncated"])),
+                "commit": infinitebench.INFINITEBENCH_COMMIT}
