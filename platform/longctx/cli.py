@@ -7,7 +7,8 @@
     longctx train        --config FILE            (same as jobs/long_pt.py; the same command again resumes the run)
     longctx sft          --config FILE            (same as jobs/long_sft.py)
     longctx eval run     --config FILE --set eval.model=URI
-    longctx eval score   --predictions preds.jsonl --output scores.json
+    longctx eval score   --predictions preds.jsonl --output scores.json   (LongBench, RULER or InfiniteBench rows)
+    longctx eval ruler generate --config FILE --set eval.ruler.lengths=[4096,8192] --output DIR
     longctx tune         --config jobs/configs/sweep-rope-budget.yaml   (same as jobs/sweep.py; resumes by name)
     longctx rope suggest --head-dim 128 --train-len 4096 --target-len 32768
     longctx config show|validate|schema --config FILE [--kind pt|sft|eval|prepare|sweep] [--output FILE]
@@ -133,9 +134,27 @@ def _cmd_eval_run(args) -> int:
 
 
 def _cmd_eval_score(args) -> int:
-    from longctx.eval.longbench import score_predictions
+    from longctx.eval.scoring import score_prediction_file
 
-    score_predictions(args.predictions, args.output)
+    score_prediction_file(args.predictions, args.output)
+    return 0
+
+
+def _cmd_eval_ruler_generate(args) -> int:
+    from longctx.eval.ruler.generate import generate_ruler, write_ruler_samples
+    from longctx.eval.ruler.suite import ruler_lengths
+    from longctx.eval.runner import ModelSpec, base_max_positions, tokenizer_uri
+    from longctx.model.load import load_tokenizer
+
+    cfg = _load(args)
+    model = cfg.eval.model or cfg.model.path
+    tok_uri = args.tokenizer or tokenizer_uri(ModelSpec(model), cfg)
+    lengths = ruler_lengths(cfg.eval.ruler, cfg.eval.context_length or cfg.data.seq_len,
+                            cfg.eval.base_context_length or base_max_positions(cfg.model.path))
+    samples = generate_ruler(load_tokenizer(tok_uri), cfg.eval.ruler, lengths)
+    files = write_ruler_samples(args.output, samples)
+    print(f"wrote {len(files)} RULER files ({len(lengths)} lengths x {len(files) // max(1, len(lengths))} tasks, "
+          f"{cfg.eval.ruler.num_samples} samples each, tokenizer {tok_uri}) under {args.output}")
     return 0
 
 
@@ -245,10 +264,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = ev_sub.add_parser("run", help="run the configured evaluations on eval.model")
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval_run)
-    p = ev_sub.add_parser("score", help="score a LongBench-format predictions JSONL")
-    p.add_argument("--predictions", required=True, help="JSONL with pred, answers, all_classes, dataset[, length]")
-    p.add_argument("--output", required=True, help="where to write {dataset: score} JSON")
+    p = ev_sub.add_parser("score", help="score a predictions JSONL: LongBench, RULER or InfiniteBench rows")
+    p.add_argument("--predictions", required=True,
+                   help="JSONL (file, folder or s3:// prefix): LongBench rows (pred, answers, all_classes, dataset), "
+                        "RULER rows (task, pred, outputs; RULER's <task>.jsonl files name their task) or InfiniteBench "
+                        "rows (task, prediction, ground_truth; or preds_<task>.jsonl files)")
+    p.add_argument("--output", required=True, help="where to write {dataset or task: score} JSON")
     p.set_defaults(func=_cmd_eval_score)
+    ruler = ev_sub.add_parser("ruler", help="RULER tools")
+    ruler_sub = ruler.add_subparsers(dest="ruler_action", required=True)
+    p = ruler_sub.add_parser("generate", help="write RULER's samples (<output>/<length>/<task>.jsonl) with the "
+                             "model's tokenizer")
+    _add_config_args(p)
+    p.add_argument("--output", required=True, help="folder (local or s3://) for <length>/<task>.jsonl")
+    p.add_argument("--tokenizer", default=None, help="tokenizer to fit lengths with (default: eval.model's, else "
+                   "model.path's, else data.tokenizer)")
+    p.set_defaults(func=_cmd_eval_ruler_generate)
 
     tn = verbs.add_parser("tune", help="Ray Tune sweep of the Long-PT chain (as jobs/sweep.py)")
     _add_config_args(tn)

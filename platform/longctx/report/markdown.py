@@ -1,12 +1,14 @@
 """Markdown tables and a one-line verdict for evaluation metrics; `write_report` assembles report.md + PNGs.
 
 Tables: NLL / perplexity per position bucket per model, passkey accuracy per length per model, needle
-grid means, LongBench-format scores. Buckets and lengths beyond the base model's training length are
+grid means, LongBench-format scores, RULER (tasks x lengths, averages as RULER takes them) and InfiniteBench
+scores. Buckets and lengths beyond the base model's training length are
 marked with a dagger (†), the region where training-free baselines and Long-PT differ.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Iterable, Sequence
 
@@ -185,6 +187,61 @@ def longbench_table(metrics: dict) -> str | None:
     return _table(header, rows) + "\n\n" + note
 
 
+def ruler_table(metrics: dict) -> str | None:
+    """RULER's tables: the average per length for every model (RULER's README layout), then tasks x models
+    at each length."""
+    models = {n: m["ruler"] for n, m in metrics.get("models", {}).items() if m.get("ruler")}
+    if not models:
+        return None
+    base_len = metrics.get("base_context_length") or 0
+    lengths = sorted({int(n) for r in models.values() for n in r["scores"]})
+    mark = lambda n: f"{n}{BEYOND if base_len and n > base_len else ''}"  # noqa: E731
+    header = ["model"] + [mark(n) for n in lengths] + ["Avg.", "wAvg. (inc)", "wAvg. (dec)", "effective"]
+    rows = [[name] + [_f(r["average"].get(str(n))) for n in lengths]
+            + [_f(r.get("avg")), _f(r.get("wavg_inc")), _f(r.get("wavg_dec")), str(r.get("effective_length") or "–")]
+            for name, r in models.items()]
+    out = [_table(header, rows)]
+    for n in lengths:
+        tasks = [t for t in next(iter(models.values()))["settings"]["tasks"]
+                 if any(t in r["scores"].get(str(n), {}) for r in models.values())]
+        rows = [[name] + [_f(r["scores"].get(str(n), {}).get(t)) for t in tasks] + [_f(r["average"].get(str(n)))]
+                for name, r in models.items()]
+        out.append(f"**{mark(n)} tokens**\n\n" + _table(["model"] + tasks + ["Avg."], rows))
+    st = next(iter(models.values()))["settings"]
+    n_tasks = len(st["tasks"])
+    note = (f"RULER (NVIDIA/RULER {st['ruler_commit'][:7]}): string-match scores (0-100) of greedy answers, "
+            f"{st['num_samples']} samples per task and length (seed {st['seed']}); Avg. is the mean over the "
+            f"{n_tasks} tasks run at each length, then over lengths plainly and with weights rising (inc) / falling "
+            f"(dec) with length; effective: the longest length up to which every length averages above 85.6 "
+            f"(Llama-2-7B at 4K). Lengths count prompt + tokens to generate; {BEYOND} longer than the base model's "
+            "training length.")
+    if st["skipped"]:
+        note += " Not run: " + "; ".join(f"{t} ({why})" for t, why in st["skipped"].items()) + \
+            f" - averages over {n_tasks} tasks are not comparable with RULER's 13-task averages."
+    changed = {k: v for k, v in st["changed_from_ruler"].items() if v}
+    if changed:
+        note += f" Changed from RULER's settings: {json.dumps(changed)}."
+    if st.get("essay") == "builtin:haystack/default.txt":
+        note += (" Essay haystack: the shipped filler prose, not Paul Graham's essays (niah_single_2/3, multikey_1, "
+                 "multivalue, multiquery differ from published runs).")
+    return "\n\n".join(out) + "\n\n" + note
+
+
+def infinitebench_table(metrics: dict) -> str | None:
+    models = {n: m["infinitebench"] for n, m in metrics.get("models", {}).items() if m.get("infinitebench")}
+    if not models:
+        return None
+    tasks = [t for t in ("passkey", "number_string", "kv_retrieval", "math_find", "code_debug", "longbook_choice_eng")
+             if any(t in ib["scores"] for ib in models.values())]
+    rows = [[name] + [_f(ib["scores"].get(t)) for t in tasks] for name, ib in models.items()]
+    first = next(iter(models.values()))
+    note = (f"InfiniteBench (OpenBMB/InfiniteBench {first.get('commit', '')[:7]}) scoring rules, percent correct; "
+            "samples: " + ", ".join(f"{t} {first['samples'].get(t, 0)}" for t in tasks)
+            + (("; middle-truncated prompts: " + ", ".join(f"{t} {v}" for t, v in sorted(first["truncated"].items())))
+               if first.get("truncated") else "") + ".")
+    return _table(["model"] + tasks, rows) + "\n\n" + note
+
+
 def verdict(metrics: dict) -> str | None:
     """One line comparing the trained model (or the best model) with naive extrapolation beyond the base length."""
     metrics = _eval_part(metrics)
@@ -265,6 +322,12 @@ def eval_markdown(metrics: dict, images: dict[str, str] | None = None, run_dir: 
     t = longbench_table(metrics)
     if t:
         out += ["### LongBench-format tasks\n", t + "\n"]
+    t = ruler_table(metrics)
+    if t:
+        out += ["### RULER\n", t + "\n"]
+    t = infinitebench_table(metrics)
+    if t:
+        out += ["### InfiniteBench\n", t + "\n"]
     for extra in metrics.get("extra_markdown", []):
         out.append(extra + "\n")
     timing = metrics.get("timing_s")
@@ -288,10 +351,14 @@ def _describe(spec: dict, run_dir: str | None = None) -> str:
     return s
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """A model name as a file name part ("base + PI x4" -> "base-pi-x4")."""
     import re
 
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "model"
+
+
+_slug = slug
 
 
 def write_report(run_dir: str, metrics: dict, sections: Sequence[tuple[str, str] | str] = (), *,
