@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +44,15 @@ def setup(tmp_path_factory):
         f.write(json.dumps({"input": "新闻：今天股市上涨。", "context": "新闻：球队赢了比赛。\n类别：体育", "answers": ["财经"],
                             "length": 50, "all_classes": ["体育", "财经"], "dataset": "lsht", "language": "zh"},
                            ensure_ascii=False) + "\n")
+    ibdir = root / "infinitebench"  # InfiniteBench's passkey format, short contexts
+    ibdir.mkdir()
+    noise = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+    with open(ibdir / "passkey.jsonl", "w") as f:
+        for i, key in enumerate(["71432", "69079"]):
+            f.write(json.dumps({"id": i, "context": noise * i + f"The pass key is {key}. Remember it. {key} is the pass "
+                                f"key.\n" + noise * 2, "input": "What is the pass key?", "answer": [key],
+                                "options": []}) + "\n")
+    ruler_data = Path(__file__).parent / "data" / "ruler"
     cfg = load_config(None, [
         f"eval.documents={docs}", "eval.context_length=128", "eval.bucket_edges=[0,64,128]",
         "eval.num_documents=5", "eval.baselines=[naive,pi,dynamic_ntk,yarn]", "eval.batch_size=2",
@@ -51,6 +61,10 @@ def setup(tmp_path_factory):
         "eval.needle.enabled=true", "eval.needle.lengths=[192]", "eval.needle.depths=[0.0,1.0]",
         "eval.needle.variants=[single,multi_reasoning]", "eval.needle.num_needles=2",
         "eval.extra_context_lengths=[96]", "eval.longbench.enabled=true", f"eval.longbench.data={lb}", "eval.longbench.max_seq_len=160",
+        "eval.ruler.enabled=true", "eval.ruler.lengths=[512]", "eval.ruler.tasks=[niah_single_1,cwe,fwe,qa_1]",
+        "eval.ruler.num_samples=2", f"eval.ruler.squad={ruler_data / 'squad.json'}",
+        "eval.ruler.tokens_to_generate={niah: 4, common_words_extraction: 4, freq_words_extraction: 4, qa: 4}",
+        "eval.infinitebench.enabled=true", f"eval.infinitebench.data={ibdir}", "eval.infinitebench.max_seq_len=160",
     ])
     return cfg, base, trained, str(docs)
 
@@ -108,14 +122,31 @@ def test_evaluate_models_through_ray_data(setup, ray_cluster, tmp_path):
         lb = entry["longbench"]
         assert set(lb["scores"]) == {"hotpotqa", "lsht"} and lb["samples"] == {"hotpotqa": 2, "lsht": 1}
         assert lb["truncated"]["hotpotqa"] == 2  # 160-token window: the long passages were middle-truncated
-    from longctx.report.markdown import _slug
-    preds = [json.loads(x) for x in open(f"{out}/longbench/{_slug('Long-PT')}/hotpotqa.jsonl")]
+    from longctx.report.markdown import slug
+    preds = [json.loads(x) for x in open(f"{out}/longbench/{slug('Long-PT')}/hotpotqa.jsonl")]
     assert len(preds) == 2 and all(set(p) >= {"pred", "answers", "all_classes", "dataset"} for p in preds)
+    from longctx.eval.scoring import score_prediction_file
+    for name, entry in m.items():  # RULER and InfiniteBench through the same actors, scorable from their files
+        ru = entry["ruler"]
+        assert list(ru["scores"]) == ["512"] and list(ru["scores"]["512"]) == ["niah_single_1", "cwe", "fwe", "qa_1"]
+        assert all(0 <= v <= 100 for v in ru["scores"]["512"].values()) and ru["samples"]["512"]["cwe"] == 2
+        assert ru["average"]["512"] == pytest.approx(sum(ru["scores"]["512"].values()) / 4, abs=0.01)
+        folder = f"{out}/ruler/{slug(name)}/512"
+        rows = [json.loads(x) for x in open(f"{folder}/niah_single_1.jsonl")]
+        assert [set(r) for r in rows] == [{"index", "pred", "input", "outputs", "others", "truncation", "length",
+                                          "task"}] * 2  # RULER's prediction fields (call_api.py) + the task
+        assert score_prediction_file(folder, print_table=False) == ru["scores"]["512"]
+        ibm = entry["infinitebench"]
+        assert ibm["samples"] == {"passkey": 2} and 0 <= ibm["scores"]["passkey"] <= 100
+        assert score_prediction_file(f"{out}/infinitebench/{slug(name)}/preds_passkey.jsonl",
+                                     print_table=False) == ibm["scores"]
 
     report = write_report(str(tmp_path / "run"), metrics, [("Training", "42 steps")])
     text = open(report).read()
     assert "| base + YaRN x2 |" in text and "64-127†" in text and "## Training" in text and "Verdict:" in text
     assert "### Needle in a haystack" in text and "### LongBench-format tasks" in text
+    assert "### RULER" in text and "| base + YaRN x2 | " in text and "**512† tokens**" in text
+    assert "### InfiniteBench" in text and '"tokens_to_generate": {"niah": 4' in text
     from longctx.report.markdown import needle_saturated, passkey_saturated
 
     pngs = ["nll_by_position.png"]

@@ -453,6 +453,26 @@ def _sources(st: _State, suffixes: tuple[str, ...]) -> None:
             _check_files(st, where, uri, suffixes)
 
 
+def _check_eval_suites(st: _State) -> None:
+    """RULER's QA and essay files and InfiniteBench's folder exist before Ray starts (`longctx.eval.ruler`)."""
+    ru, ib = st.cfg.eval.ruler, st.cfg.eval.infinitebench
+    if ru.enabled:
+        for task, field in (("qa_1", "squad"), ("qa_2", "hotpotqa")):
+            uri = getattr(ru, field)
+            if uri:
+                _check_files(st, f"eval.ruler.{field}", uri, (".json",))
+            elif task in ru.tasks:
+                st.add("eval.ruler.tasks", f"{task} needs RULER's {field}.json, and eval.ruler.{field} is not set",
+                       f"set eval.ruler.{field}=PATH, or leave {task} out of eval.ruler.tasks")
+        _check_files(st, "eval.ruler.essay", ru.essay, EVAL_SUFFIXES + (".txt", ".md"))
+    if ib.enabled:
+        if not ib.data:
+            st.add("eval.infinitebench.data", "not set (eval.infinitebench.enabled is true)",
+                   "point it at a folder of InfiniteBench's <task>.jsonl files")
+        else:
+            _check_files(st, "eval.infinitebench.data", ib.data, EVAL_SUFFIXES)
+
+
 def _check_sweep_grid(st: _State, limit: int = 512) -> None:
     """Layout, positions and backend of every grid point of a sweep (up to `limit`): a trial whose parameters do
     not divide would otherwise fail minutes into the sweep. Random axes (choice/uniform) are not enumerable."""
@@ -544,6 +564,7 @@ def _run(cfg: JobConfig, kind: str) -> _State:
             _check_model(st, "eval.model", cfg.eval.model, main=False)
         if cfg.eval.perplexity:
             _check_files(st, "eval.documents", cfg.eval.documents, EVAL_SUFFIXES)
+        _check_eval_suites(st)
     if "tokenizer" in checks:
         _check_tokenizer(st)
     if "sources" in checks and cfg.data.prepared and kind in ("pt", "sft"):

@@ -1,4 +1,5 @@
-"""Long-context evaluation: perplexity by position, passkey, needle grid, LongBench/LEval-format tasks.
+"""Long-context evaluation: perplexity by position, passkey, needle grid, LongBench/LEval-format tasks, RULER,
+InfiniteBench.
 
 Entry points (everything else is internal):
 
@@ -9,5 +10,6 @@ Entry points (everything else is internal):
     write_report(run_dir, metrics, [("Training", md)])                # report.md + PNGs
 
 Plain functions without Ray, for notebooks and tests: `perplexity.perplexity_by_position`,
-`passkey.build_passkey_prompts` / `passkey.run_passkey`, `generate.greedy_generate`.
+`passkey.build_passkey_prompts` / `passkey.run_passkey`, `generate.greedy_generate`,
+`ruler.evaluate.evaluate_ruler` (RULER at one length).
 """

@@ -77,6 +77,8 @@ def binary_search(gen: Callable[[int], tuple[str, object]], measure: Callable[[s
         mid = (lower + upper) // 2
         try:
             fits = measure(gen(mid)[0]) <= budget
+        except RulerLengthError:
+            raise
         except ValueError:
             if not tolerant:
                 raise
@@ -105,6 +107,8 @@ def fit_sample(gen, measure, start: int, incremental: int, budget: int, what: st
             length = measure(text)
             if length <= budget:
                 return text, answer, length
+        except RulerLengthError:
+            raise
         except ValueError:  # RULER's bare except: e.g. more needles than haystack sentences
             length = None
         if used > incremental:
