@@ -323,3 +323,29 @@ def test_cwe_asks_for_rulers_english_words_only_beyond_the_shipped_lists(tok, tm
     cwe = build_task("cwe", tok, 4096, RulerConfig(cwe_words=str(words)))
     _, common = cwe.get_example(8500)
     assert all(re.fullmatch(r"w\d+", w) for w in common)
+
+
+def test_report_table_and_tracked_scalars():
+    from longctx.eval.ruler.score import summarize
+    from longctx.eval.ruler.suite import settings_note
+    from longctx.report.markdown import eval_markdown
+    from longctx.tracking import eval_scalars
+
+    st = RulerConfig(tokens_to_generate={"niah": 16})
+    scores = {256: {t: 90.0 for t in TASK_NAMES[:11]}, 1024: {t: 10.0 for t in TASK_NAMES[:11]}}
+
+    def entry(s):
+        return {"scores": {str(n): v for n, v in s.items()}, **summarize(s), "settings": settings_note(st)}
+
+    metrics = {"base_context_length": 256, "models": {
+        "base (naive)": {"spec": {"uri": "m", "role": "naive"}, "ruler": entry(scores)},
+        "Long-PT": {"spec": {"uri": "t", "role": "trained"}, "ruler": entry({n: {t: 95.0 for t in s} for n, s in scores.items()})}}}
+    md = eval_markdown(metrics)
+    assert "| model | 256 | 1024† | Avg. | wAvg. (inc) | wAvg. (dec) | effective |" in md
+    assert "| base (naive) | 90.00 | 10.00 | 50.00 | 36.67 | 63.33 | 256 |" in md
+    assert "| Long-PT | 95.00 | 95.00 | 95.00 | 95.00 | 95.00 | 1024 |" in md
+    assert "**1024† tokens**" in md and "| model | niah_single_1 |" in md and "| vt | cwe | fwe | Avg. |" in md
+    assert "Not run: qa_1 (no eval.ruler.squad file); qa_2 (no eval.ruler.hotpotqa file)" in md
+    assert "averages over 11 tasks are not comparable with RULER's 13-task averages" in md
+    assert 'Changed from RULER\'s settings: {"tokens_to_generate": {"niah": 16}}' in md
+    assert eval_scalars(metrics)["eval/Long-PT/ruler_1024"] == 95.0

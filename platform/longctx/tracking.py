@@ -44,7 +44,8 @@ def step_scalars(record: dict) -> dict[str, float]:
 
 
 def eval_scalars(metrics: dict) -> dict[str, float]:
-    """Scalars of an evaluation (`evaluate_models`' result): `eval/<model>/<metric>` for NLL, passkey, needle."""
+    """Scalars of an evaluation (`evaluate_models`' result): `eval/<model>/<metric>` for NLL, passkey, needle,
+    RULER's average per length."""
     ev = metrics.get("eval", metrics) if isinstance(metrics, dict) else {}
     out: dict[str, float] = {}
     for name, m in (ev.get("models") or {}).items():
@@ -58,6 +59,9 @@ def eval_scalars(metrics: dict) -> dict[str, float]:
         for variant, v in (m.get("needle") or {}).items():
             if _is_number(v.get("mean")):
                 out[f"eval/{name}/needle_{variant}"] = float(v["mean"])
+        for length, avg in ((m.get("ruler") or {}).get("average") or {}).items():
+            if _is_number(avg):
+                out[f"eval/{name}/ruler_{length}"] = float(avg)
     return out
 
 

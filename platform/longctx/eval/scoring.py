@@ -63,7 +63,8 @@ def score_prediction_file(uri: str, output: str | None = None, *, print_table: b
         r = score_ruler_rows(ruler, with_nulls=True)
         scores.update({t: v["score"] for t, v in r.items()})
         lines += [f"{t:24s} {v['score']:6.2f}  (nulls {v['nulls']})" for t, v in r.items()]
-        lines.append(f"-- RULER average over {len(r)} task(s): {length_average({t: v['score'] for t, v in r.items()}):.2f}"
+        avg = length_average({t: v["score"] for t, v in r.items()})
+        lines.append(f"-- RULER average over {len(r)} task(s): {avg:.2f}"
                      + ("" if len(r) == len(RULER_TASKS) else f" (RULER's tables average all {len(RULER_TASKS)})"))
     if ib:
         i = infinitebench.score_infinitebench_rows(ib)

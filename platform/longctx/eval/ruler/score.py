@@ -6,7 +6,8 @@ arithmetic is kept expression for expression so scores round as RULER's do). Add
 carry their task (`score_ruler_rows`), and the table averages RULER's README reports (mean over tasks per
 length; over lengths the plain mean and the weighted means with weights rising / falling with length).
 
-    score_ruler_rows([{"task": "niah_single_1", "pred": " 1234567.", "outputs": ["1234567"]}])  # {"niah_single_1": 100.0}
+    score_ruler_rows([{"task": "niah_single_1", "pred": " 1234567.", "outputs": ["1234567"]}])
+    # -> {"niah_single_1": 100.0}
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ def build_ruler_items(tokenizer, settings, lengths: list[int]) -> RulerWork:
         for task, rows in by_task.items():
             budget = tokens_to_generate(settings, task)
             for row in rows:
-                work.items.append(RulerItem(task, length, row, prompt_ids(tokenizer, row, settings.chat_template), budget))
+                ids = prompt_ids(tokenizer, row, settings.chat_template)
+                work.items.append(RulerItem(task, length, row, ids, budget))
     return work
 
 
