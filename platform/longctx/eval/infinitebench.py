@@ -107,24 +107,33 @@ def score_passkey(pred: str, label) -> bool:
 score_number_string = score_passkey
 
 
+def _blank(pred: str, chars: Sequence[str]) -> str:
+    """Each of `chars` becomes a space, then runs of spaces one space (InfiniteBench's clean-up)."""
+    for c in chars:
+        pred = pred.replace(c, " ")
+    while "  " in pred:
+        pred = pred.replace("  ", " ")
+    return pred
+
+
+def _after_prefix(pred: str, prefixes: Sequence[str]) -> str | None:
+    """Text after the first of `prefixes` found in order ("" when the prediction ends there), else None."""
+    for prefix in prefixes:
+        idx = pred.find(prefix)
+        if idx == -1:
+            continue
+        return "" if len(pred) < idx + len(prefix) + 1 else pred[idx + len(prefix) + 1:]
+    return None
+
+
 def score_code_debug(pred: str, label) -> bool:
     pred = pred.strip()
     label_c, fn_name = label[1], label[0]
     if pred[:2] in [f"{label_c}.", f"{label_c}:"]:
         return True
-    for c in ["\n", "`", "'", '"', "-", "*", "Option", "option"]:
-        pred = pred.replace(c, " ")
-    while "  " in pred:
-        pred = pred.replace("  ", " ")
-    for prefix in ["answer is:", "is:", "answer:", "correct option is:"]:
-        idx = pred.find(prefix)
-        if idx == -1:
-            continue
-        if len(pred) < idx + len(prefix) + 1:  # the prediction ends with this prefix
-            return False
-        pred = pred[idx + len(prefix) + 1:]
-        return any(pred.startswith(s) for s in (label_c, fn_name))
-    return False
+    after = _after_prefix(_blank(pred, ["\n", "`", "'", '"', "-", "*", "Option", "option"]),
+                          ["answer is:", "is:", "answer:", "correct option is:"])
+    return after is not None and any(after.startswith(s) for s in (label_c, fn_name))
 
 
 def score_math_find(pred: str, label) -> bool:
@@ -151,17 +160,9 @@ def score_longbook_choice_eng(pred: str, label) -> bool:
         return pred[0] in label
     if pred in label:
         return True
-    for c in ["\n", '"', "'", ".", ",", "?", "!", "{", "}"]:
-        pred = pred.replace(c, " ")
-    while "  " in pred:
-        pred = pred.replace("  ", " ")
-    for prefix in ["answer is:", "answer:", "answer is", "option is"]:
-        idx = pred.find(prefix)
-        if idx == -1:
-            continue
-        if len(pred) < idx + len(prefix) + 1:
-            return False
-        after = pred[idx + len(prefix) + 1:]
+    pred = _blank(pred, ["\n", '"', "'", ".", ",", "?", "!", "{", "}"])
+    after = _after_prefix(pred, ["answer is:", "answer:", "answer is", "option is"])
+    if after is not None:
         return any(after.startswith(s) for s in label)
     for word in pred.split():
         if word in "ABCD":

@@ -131,6 +131,13 @@ def answer_split(text: str, base_task: str) -> tuple[str, str]:
     return text[:at], text[at:]
 
 
+def essay_words(essay: str | None, task: str) -> list[str]:
+    """The essay haystack as RULER holds it: whitespace runs to one space, split on spaces."""
+    if not essay:
+        raise ValueError(f"{task}: the essay haystack needs text (eval.ruler.essay)")
+    return re.sub(r"\s+", " ", essay).split(" ")
+
+
 def remove_newline_tab(text: str) -> str:
     return " ".join(text.replace("\n", " ").replace("\t", " ").strip().split())
 
@@ -171,9 +178,7 @@ class NIAH(_Task):
         self.num_needle_k = max(num_needle_k, num_needle_q)
         self.num_needle_v, self.num_needle_q = num_needle_v, num_needle_q
         if type_haystack == "essay":
-            if not essay:
-                raise ValueError(f"{self.name}: the essay haystack needs text (eval.ruler.essay)")
-            self.haystack: str | list[str] = re.sub(r"\s+", " ", essay).split(" ")
+            self.haystack: str | list[str] = essay_words(essay, self.name)
         elif type_haystack == "noise":
             self.haystack = NOISE
         elif type_haystack == "needle":
@@ -271,9 +276,7 @@ class VariableTracking(_Task):
         super().__init__(**kw)
         self.type_haystack, self.num_chains, self.num_hops = type_haystack, num_chains, num_hops
         if type_haystack == "essay":
-            if not essay:
-                raise ValueError(f"{self.name}: the essay haystack needs text (eval.ruler.essay)")
-            self.haystack: str | list[str] = re.sub(r"\s+", " ", essay).split(" ")
+            self.haystack: str | list[str] = essay_words(essay, self.name)
         elif type_haystack == "noise":
             self.haystack = NOISE
         else:
