@@ -1,9 +1,11 @@
 """RULER: samples in RULER's templates and formats, string for string what RULER's own scripts write; scoring
-equal to RULER's evaluate.py; the shipped tiny model retrieving on niah_single_1 at its own 256 tokens.
+equal to RULER's evaluate.py on the same predictions; the shipped tiny model retrieving on niah_single_1 at its
+own 256 tokens.
 
 Expected strings are RULER's (NVIDIA/RULER c3f5e3b4f87f97e048793bb510a3a6b19a46bf3a, scripts/data/synthetic/
 constants.py and niah.py, scripts/eval/synthetic/constants.py); tests/data/ruler/reference.jsonl.gz holds rows
-RULER's own prepare.py wrote at that commit (scripts/ruler_reference.py says how).
+RULER's own prepare.py wrote at that commit, reference_scores.json what its evaluate.py scored for seeded
+predictions on them (scripts/ruler_reference.py says how).
 """
 
 from __future__ import annotations
@@ -172,6 +174,19 @@ def test_samples_equal_what_rulers_own_scripts_write(samples):
             if task.startswith("niah"):  # RULER's niah.py overwrites `index` with the answer's offset (a bug)
                 r["index"] = o["index"]
             assert o == r, (task, length)
+
+
+def test_scores_equal_rulers_evaluate_py_on_the_same_predictions():
+    """reference_scores.json: RULER's evaluate.py (summary.csv) on seeded predictions for the reference rows."""
+    with gzip.open(DATA / "reference.jsonl.gz", "rt") as f:
+        ref = [json.loads(x) for x in f]
+    for run in json.loads((DATA / "reference_scores.json").read_text()):
+        rows = [dict(r, pred=p) for r, p in zip([r for r in ref if r["max_seq_length"] == run["length"]],
+                                                run["predictions"])]
+        ours = score_ruler_rows(rows, with_nulls=True)
+        assert {t: v["score"] for t, v in ours.items()} == run["scores"]
+        assert {t: v["nulls"] for t, v in ours.items()} == run["nulls"]
+        assert 0 < sum(run["scores"].values()) < 100 * len(run["scores"])  # neither all right nor all wrong
 
 
 def test_adjective_noun_words_index_like_the_sorted_list():
