@@ -259,6 +259,10 @@ def test_qa_needs_its_file_and_short_lengths_say_so(tok):
         generate_ruler(tok, RulerConfig(squad=str(DATA / "hotpotqa.json")), [2048], tasks=["qa_1"], num_samples=1)
     with pytest.raises(RulerLengthError, match="no sample fits max_seq_length 256.*tokens_to_generate"):
         generate_ruler(tok, RulerConfig(), [256], tasks=["niah_single_1"], num_samples=1)
+    skipped: dict[str, str] = {}  # inside `eval run`: the cell is left out and said why, the rest runs
+    out = generate_ruler(tok, RulerConfig(), [256, 1024], tasks=["niah_single_1"], num_samples=1, skipped=skipped)
+    assert list(out[256]) == [] and list(out[1024]) == ["niah_single_1"]
+    assert list(skipped) == ["niah_single_1 at 256"] and "no sample fits" in skipped["niah_single_1 at 256"]
     with pytest.raises(ValueError, match="eval.ruler.tokens_to_generate"):
         load_config(None, ["eval.ruler.tokens_to_generate={niahh: 8}"])
 
@@ -361,6 +365,6 @@ def test_report_table_and_tracked_scalars():
     assert "| Long-PT | 95.00 | 95.00 | 95.00 | 95.00 | 95.00 | 1024 |" in md
     assert "**1024† tokens**" in md and "| model | niah_single_1 |" in md and "| vt | cwe | fwe | Avg. |" in md
     assert "Not run: qa_1 (no eval.ruler.squad file); qa_2 (no eval.ruler.hotpotqa file)" in md
-    assert "averages over 11 tasks are not comparable with RULER's 13-task averages" in md
+    assert "averages over the tasks run at a length are not comparable with RULER's 13-task averages" in md
     assert 'Changed from RULER\'s settings: {"tokens_to_generate": {"niah": 16}}' in md
     assert eval_scalars(metrics)["eval/Long-PT/ruler_1024"] == 95.0

@@ -217,7 +217,7 @@ def ruler_table(metrics: dict) -> str | None:
             "training length.")
     if st["skipped"]:
         note += " Not run: " + "; ".join(f"{t} ({why})" for t, why in st["skipped"].items()) + \
-            f" - averages over {n_tasks} tasks are not comparable with RULER's 13-task averages."
+            " - averages over the tasks run at a length are not comparable with RULER's 13-task averages."
     changed = {k: v for k, v in st["changed_from_ruler"].items() if v}
     if changed:
         note += f" Changed from RULER's settings: {json.dumps(changed)}."

@@ -23,7 +23,7 @@ from longctx.eval.haystack import load_haystack_text
 from longctx.eval.ruler.aggregation import CommonWords, FrequentWords
 from longctx.eval.ruler.constants import BASE_TASKS, TASK_NAMES, TASKS
 from longctx.eval.ruler.qa import READERS, QA
-from longctx.eval.ruler.synthetic import NIAH, Template, VariableTracking
+from longctx.eval.ruler.synthetic import NIAH, RulerLengthError, Template, VariableTracking
 
 log = logging.getLogger(__name__)
 _CLASSES = {"niah": NIAH, "variable_tracking": VariableTracking, "common_words_extraction": CommonWords,
@@ -121,8 +121,13 @@ def build_task(name: str, tokenizer, length: int, settings, resources: _Resource
 
 
 def generate_ruler(tokenizer, settings, lengths: list[int], tasks: list[str] | None = None,
-                   num_samples: int | None = None) -> dict[int, dict[str, list[dict]]]:
-    """{length: {task: rows}} for every task and length (RULER's data rows, see the module docstring)."""
+                   num_samples: int | None = None,
+                   skipped: dict[str, str] | None = None) -> dict[int, dict[str, list[dict]]]:
+    """{length: {task: rows}} for every task and length (RULER's data rows, see the module docstring).
+
+    A task that cannot fit a length raises `RulerLengthError`, or, given a `skipped` dict, is left out at that
+    length with the reason recorded under "<task> at <length>".
+    """
     tasks = tasks if tasks is not None else resolve_tasks(settings)[0]
     n = settings.num_samples if num_samples is None else num_samples
     wrapper = chat_wrapper(tokenizer) if settings.chat_template else ("", "")
@@ -132,7 +137,14 @@ def generate_ruler(tokenizer, settings, lengths: list[int], tasks: list[str] | N
         out[int(length)] = {}
         for name in tasks:
             t0 = time.perf_counter()
-            rows = build_task(name, tokenizer, length, settings, resources, wrapper).generate(n)
+            try:
+                rows = build_task(name, tokenizer, length, settings, resources, wrapper).generate(n)
+            except RulerLengthError as e:
+                if skipped is None:
+                    raise
+                skipped[f"{name} at {length}"] = str(e)
+                log.warning("RULER: %s", e)
+                continue
             out[int(length)][name] = rows
             log.info("RULER %s at %d tokens: %d samples in %.1f s", name, length, len(rows), time.perf_counter() - t0)
     return out

@@ -44,7 +44,7 @@ def build_ruler_items(tokenizer, settings, lengths: list[int]) -> RulerWork:
     """Every sample of every task and length, with its prompt ids."""
     tasks, skipped = resolve_tasks(settings)
     work = RulerWork(skipped=skipped)
-    for length, by_task in generate_ruler(tokenizer, settings, lengths, tasks=tasks).items():
+    for length, by_task in generate_ruler(tokenizer, settings, lengths, tasks=tasks, skipped=work.skipped).items():
         for task, rows in by_task.items():
             budget = tokens_to_generate(settings, task)
             for row in rows:
@@ -87,6 +87,8 @@ def ruler_metrics(work: RulerWork, preds: list[str], settings, out_dir: str | No
             storage.write_text(storage.join(out_dir, "ruler", model_slug, str(length), f"{task}.jsonl"), text)
     examples = [{"task": it.task, "length": it.length, "outputs": it.row["outputs"], "pred": p[:200]}
                 for it, p in list(zip(work.items, preds))[:3]]
+    note = settings_note(settings)
+    note["skipped"] = {**note["skipped"], **work.skipped}  # tasks that did not fit a length, beside QA without files
     return {"scores": {str(n): s for n, s in scores.items()}, **summarize(scores), "nulls": nulls,
             "samples": {str(n): {t: len(by[(n, t)]) for t in s} for n, s in scores.items()},
-            "settings": settings_note(settings), "examples": examples}
+            "settings": note, "examples": examples}
