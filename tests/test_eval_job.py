@@ -30,6 +30,7 @@ def test_eval_long_recipe_loads():
                       ["eval.longbench.enabled=true", "eval.longbench.data=s3://bucket/longbench/"])
     assert cfg.eval.needle.enabled and cfg.eval.baselines == ["naive", "pi", "dynamic_ntk", "yarn"]
     assert cfg.eval.longbench.data == "s3://bucket/longbench/" and cfg.eval.scaling_factor == 8.0
+    assert cfg.eval.ruler.enabled and cfg.eval.ruler.lengths == [4096, 8192, 16384, 32768]
 
 
 @pytest.mark.slow
