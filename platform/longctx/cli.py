@@ -141,7 +141,7 @@ def _cmd_eval_score(args) -> int:
 
 
 def _cmd_eval_ruler_generate(args) -> int:
-    from longctx.eval.ruler.generate import generate_ruler, write_ruler_samples
+    from longctx.eval.ruler.generate import iter_ruler, write_ruler_samples
     from longctx.eval.ruler.suite import ruler_lengths
     from longctx.eval.runner import ModelSpec, base_max_positions, tokenizer_uri
     from longctx.model.load import load_tokenizer
@@ -151,8 +151,7 @@ def _cmd_eval_ruler_generate(args) -> int:
     tok_uri = args.tokenizer or tokenizer_uri(ModelSpec(model), cfg)
     lengths = ruler_lengths(cfg.eval.ruler, cfg.eval.context_length or cfg.data.seq_len,
                             cfg.eval.base_context_length or base_max_positions(cfg.model.path))
-    samples = generate_ruler(load_tokenizer(tok_uri), cfg.eval.ruler, lengths)
-    files = write_ruler_samples(args.output, samples)
+    files = write_ruler_samples(args.output, iter_ruler(load_tokenizer(tok_uri), cfg.eval.ruler, lengths))
     print(f"wrote {len(files)} RULER files ({len(lengths)} lengths x {len(files) // max(1, len(lengths))} tasks, "
           f"{cfg.eval.ruler.num_samples} samples each, tokenizer {tok_uri}) under {args.output}")
     return 0

@@ -2,6 +2,7 @@
 
     samples = generate_ruler(tokenizer, cfg.eval.ruler, lengths=[4096, 8192])   # {length: {task: [row, ...]}}
     write_ruler_samples("out/", samples)                                        # out/<length>/<task>.jsonl
+    write_ruler_samples("out/", iter_ruler(tokenizer, cfg.eval.ruler, [131072]))  # one task at a time
 
 Every (task, length) starts from RULER's seed (default 42) as RULER's prepare.py does, so the rows are
 RULER's for the same tokenizer (see `synthetic.py` for the two places we differ). Rows are RULER's data
@@ -120,21 +121,22 @@ def build_task(name: str, tokenizer, length: int, settings, resources: _Resource
     return _CLASSES[base](**args, **kw)
 
 
-def generate_ruler(tokenizer, settings, lengths: list[int], tasks: list[str] | None = None,
-                   num_samples: int | None = None,
-                   skipped: dict[str, str] | None = None) -> dict[int, dict[str, list[dict]]]:
-    """{length: {task: rows}} for every task and length (RULER's data rows, see the module docstring).
+def iter_ruler(tokenizer, settings, lengths: list[int], tasks: list[str] | None = None,
+               num_samples: int | None = None, skipped: dict[str, str] | None = None):
+    """(length, task, rows) for every length and task in turn, with a progress line (counts, rate, ETA).
 
     A task that cannot fit a length raises `RulerLengthError`, or, given a `skipped` dict, is left out at that
     length with the reason recorded under "<task> at <length>".
     """
+    from longctx.progress import Progress
+
     tasks = tasks if tasks is not None else resolve_tasks(settings)[0]
     n = settings.num_samples if num_samples is None else num_samples
     wrapper = chat_wrapper(tokenizer) if settings.chat_template else ("", "")
     resources = _Resources(settings)
-    out: dict[int, dict[str, list[dict]]] = {}
+    bar = Progress("RULER samples", total=n * len(tasks) * sum(int(x) for x in lengths), unit="sample tokens")
+    done = 0
     for length in lengths:
-        out[int(length)] = {}
         for name in tasks:
             t0 = time.perf_counter()
             try:
@@ -144,9 +146,22 @@ def generate_ruler(tokenizer, settings, lengths: list[int], tasks: list[str] | N
                     raise
                 skipped[f"{name} at {length}"] = str(e)
                 log.warning("RULER: %s", e)
-                continue
-            out[int(length)][name] = rows
-            log.info("RULER %s at %d tokens: %d samples in %.1f s", name, length, len(rows), time.perf_counter() - t0)
+                rows = None
+            done += n * int(length)
+            bar.update(done)
+            if rows is not None:
+                log.info("RULER %s at %d tokens: %d samples in %.1f s", name, length, len(rows),
+                         time.perf_counter() - t0)
+                yield int(length), name, rows
+
+
+def generate_ruler(tokenizer, settings, lengths: list[int], tasks: list[str] | None = None,
+                   num_samples: int | None = None,
+                   skipped: dict[str, str] | None = None) -> dict[int, dict[str, list[dict]]]:
+    """{length: {task: rows}} for every task and length (RULER's data rows, see the module docstring)."""
+    out: dict[int, dict[str, list[dict]]] = {int(n): {} for n in lengths}
+    for length, name, rows in iter_ruler(tokenizer, settings, lengths, tasks, num_samples, skipped):
+        out[length][name] = rows
     return out
 
 
@@ -167,12 +182,16 @@ def dump_jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
-def write_ruler_samples(out_dir: str, samples: dict[int, dict[str, list[dict]]]) -> list[str]:
-    """Write `<out_dir>/<length>/<task>.jsonl` (RULER's data JSONL); returns the files written."""
+def write_ruler_samples(out_dir: str, samples) -> list[str]:
+    """Write `<out_dir>/<length>/<task>.jsonl` (RULER's data JSONL); returns the files written.
+
+    `samples`: {length: {task: rows}}, or `iter_ruler`'s (length, task, rows), written as they come.
+    """
+    items = ((n, t, rows) for n, by_task in samples.items() for t, rows in by_task.items()) \
+        if isinstance(samples, dict) else samples
     written = []
-    for length, by_task in samples.items():
-        for task, rows in by_task.items():
-            uri = storage.join(out_dir, str(length), f"{task}.jsonl")
-            storage.write_text(uri, dump_jsonl(rows))
-            written.append(uri)
+    for length, task, rows in items:
+        uri = storage.join(out_dir, str(length), f"{task}.jsonl")
+        storage.write_text(uri, dump_jsonl(rows))
+        written.append(uri)
     return written
