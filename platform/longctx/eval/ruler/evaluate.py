@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from longctx.config import RulerConfig
 from longctx.eval.generate import greedy_generate
 from longctx.eval.ruler.generate import generate_ruler, prompt_ids, tokens_to_generate
 from longctx.eval.ruler.score import score_ruler_rows
@@ -43,8 +44,6 @@ def answer_rows(model, tokenizer, rows_by_task: dict[str, list[dict]], settings,
 def evaluate_ruler(model, tokenizer, length: int, settings=None, *, tasks: list[str] | None = None,
                    num_samples: int | None = None, prefill_chunk: int = 4096, batch_size: int = 1) -> dict[str, float]:
     """{task: score} of RULER at one length for one loaded model (scores 0-100 as RULER's)."""
-    from longctx.config import RulerConfig
-
     settings = settings or RulerConfig()
     samples = generate_ruler(tokenizer, settings, [int(length)], tasks=tasks, num_samples=num_samples)[int(length)]
     rows = answer_rows(model, tokenizer, samples, settings, prefill_chunk=prefill_chunk, batch_size=batch_size)

@@ -25,6 +25,7 @@ from longctx.eval.ruler.aggregation import CommonWords, FrequentWords
 from longctx.eval.ruler.constants import BASE_TASKS, TASK_NAMES, TASKS
 from longctx.eval.ruler.qa import READERS, QA
 from longctx.eval.ruler.synthetic import NIAH, RulerLengthError, Template, VariableTracking
+from longctx.progress import Progress
 
 log = logging.getLogger(__name__)
 _CLASSES = {"niah": NIAH, "variable_tracking": VariableTracking, "common_words_extraction": CommonWords,
@@ -128,8 +129,6 @@ def iter_ruler(tokenizer, settings, lengths: list[int], tasks: list[str] | None 
     A task that cannot fit a length raises `RulerLengthError`, or, given a `skipped` dict, is left out at that
     length with the reason recorded under "<task> at <length>".
     """
-    from longctx.progress import Progress
-
     tasks = tasks if tasks is not None else resolve_tasks(settings)[0]
     n = settings.num_samples if num_samples is None else num_samples
     wrapper = chat_wrapper(tokenizer) if settings.chat_template else ("", "")

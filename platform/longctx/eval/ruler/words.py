@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 
+from longctx import storage
 from longctx.eval.haystack import split_sentences
 
 
@@ -92,8 +93,6 @@ def cwe_words() -> list[str]:
 
 def read_english_words(uri: str) -> list[str]:
     """The values of RULER's `english_words.json` (a JSON object), used by cwe when it needs more words."""
-    from longctx import storage
-
     try:
         data = json.loads(storage.read_text(uri))
     except (OSError, ValueError) as e:
