@@ -97,14 +97,16 @@ def test_prompts_use_infinitebenchs_templates(tmp_path):
         ib.build_prompts(tok, st, 512)
 
 
-def test_eval_score_scores_infinitebench_and_ruler_files(tmp_path, capsys):
+def test_eval_score_scores_each_row_by_its_benchmark(tmp_path, capsys):
     (tmp_path / "preds_passkey.jsonl").write_text(
         json.dumps({"id": 0, "prediction": "71432.", "ground_truth": "71432"}) + "\n"
         + json.dumps({"id": 1, "prediction": "99", "ground_truth": "71432"}) + "\n")
     (tmp_path / "niah_single_1.jsonl").write_text(  # RULER's own prediction file: the task is the file name
         json.dumps({"index": 0, "pred": " 1234567", "input": "", "outputs": ["1234567"], "others": {},
                     "truncation": -1, "length": 300}) + "\n")
+    (tmp_path / "longbench.jsonl").write_text(  # LongBench rows beside them keep LongBench's rules
+        json.dumps({"pred": "east", "answers": ["east"], "all_classes": None, "dataset": "hotpotqa"}) + "\n")
     out = tmp_path / "scores.json"
     assert main(["eval", "score", "--predictions", str(tmp_path), "--output", str(out)]) == 0
-    assert json.loads(out.read_text()) == {"niah_single_1": 100.0, "passkey": 50.0}
+    assert json.loads(out.read_text()) == {"hotpotqa": 100.0, "niah_single_1": 100.0, "passkey": 50.0}
     assert "RULER average over 1 task(s): 100.00 (RULER's tables average all 13)" in capsys.readouterr().out
