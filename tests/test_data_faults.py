@@ -92,6 +92,45 @@ def test_flipped_bytes_in_a_gz_count_at_least_the_records_lost(tmp_path):
     assert sum(r["records"] for r in bad) >= 20000 - len(good) > 0
 
 
+def _with_trailing_garbage(member: bytes) -> bytes:
+    # ends in 4 bytes that, read as a gzip trailer, claim 1.38 GB of text
+    return member + b"garbage!" * 8 + bytes([0x10, 0x20, 0x50, 0x52])
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_trailing_garbage_after_the_end_marker_loses_nothing(tmp_path, members):
+    lines = _lines(2 * members)
+    packed = b"".join(gzip.compress(b"\n".join(lines[2 * i:2 * i + 2]) + b"\n") for i in range(members))
+    path = tmp_path / "garbage.jsonl.gz"
+    path.write_bytes(_with_trailing_garbage(packed))
+    good, bad = _read(path, id_field="id")
+    assert [r["doc_id"] for r in good] == [f"d{i}" for i in range(2 * members)]
+    assert [(r["reason"], r["records"]) for r in bad] == [("corrupt_file", 0)], bad
+    assert "68 bytes of trailing garbage" in bad[0]["detail"] and "0 records lost" in bad[0]["detail"]
+    check_bad_fraction(_cache_of(good, bad), 0.0)  # nothing was lost: even a zero gate passes
+
+
+def test_a_damaged_member_after_a_good_one_is_estimated_within_what_its_bytes_can_hold(tmp_path):
+    # the bytes after the first member claim to be a second member (gzip magic) but are garbage: records may be
+    # lost, but never more than those bytes could hold
+    tail = b"\x1f\x8b" + b"garbage!" * 8 + bytes([0x10, 0x20, 0x50, 0x52])
+    path = tmp_path / "damaged.jsonl.gz"
+    path.write_bytes(gzip.compress(b"\n".join(_lines(2)) + b"\n") + tail)
+    good, bad = _read(path, id_field="id")
+    assert [r["doc_id"] for r in good] == ["d0", "d1"]
+    assert [r["reason"] for r in bad] == ["corrupt_file"]
+    assert 1 <= bad[0]["records"] <= 1032 * len(tail) // 3, bad[0]["detail"]
+
+
+def test_trailing_garbage_after_a_zstd_frame_loses_nothing(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    path = tmp_path / "garbage.jsonl.zst"
+    path.write_bytes(_with_trailing_garbage(zstandard.ZstdCompressor().compress(b"\n".join(_lines(2)) + b"\n")))
+    good, bad = _read(path, id_field="id")
+    assert [r["doc_id"] for r in good] == ["d0", "d1"]
+    assert [(r["reason"], r["records"]) for r in bad] == [("corrupt_file", 0)], bad
+
+
 def test_parquet_invalid_utf8_value_quarantines_only_its_row(tmp_path):
     table = pa.table({"text": [f"good parquet doc {i} XXYY" if i != 5 else "bad value XXYY" for i in range(10)]})
     path = tmp_path / "p.parquet"
@@ -286,6 +325,9 @@ def _write_hostile_folder(folder) -> set[str]:
         f.write(_lines(1, prefix="h")[0] + b"\n" + b'{"id": "huge", "text": "' + b"w " * (25 << 20) + b'"}\n'
                 + _lines(1, 1, prefix="h")[0] + b"\n")
     good |= {"h0", "h1"}
+    with open(os.path.join(str(folder), "garbage.jsonl.gz"), "wb") as f:  # both records read: nothing lost
+        f.write(_with_trailing_garbage(gzip.compress(b"\n".join(_lines(2, prefix="g")) + b"\n")))
+    good |= {"g0", "g1"}
     put(b"bad\xffname.jsonl", _lines(5, prefix="badname"))
     put(b"notes.txt", [b"not a corpus file"])
     os.mkfifo(os.path.join(str(folder), "pipe.jsonl"))
@@ -311,7 +353,8 @@ def test_hostile_folder_publishes_every_good_record_once_in_bounded_memory(ray_c
     assert sorted(ids) == sorted(good_ids)  # every good record, exactly once
     by_reason = manifest["quarantine"]["by_reason"]
     assert by_reason == {"bad_json": 1, "invalid_utf8": 1, "record_too_large": 1, "bad_file_name": 1,
-                         "not_a_regular_file": 2, "skipped_file": 1}, by_reason
+                         "not_a_regular_file": 2, "skipped_file": 1, "corrupt_file": 0}, by_reason
+    assert manifest["quarantine"]["records"] == 7  # the trailing garbage is listed, not counted as lost records
     q = [json.loads(l) for l in open(tmp_path / "out" / "_quarantine" / "records.jsonl")]
     assert {r["location"].rsplit("/", 1)[-1] for r in q if r["reason"] == "not_a_regular_file"} == {
         "pipe.jsonl", "zero.jsonl"}

@@ -263,13 +263,28 @@ def _validate(obj: Any, rec_idx: int, task: FileTask, out: _Batcher, has_escape:
     out.good(rec_idx, source, doc_id, text)
 
 
+# NOTE: a member/frame starts with its magic bytes; what follows the end marker of the last one without them is
+# trailing garbage (padding, an appended log, a torn copy), which `gzip -d` and `zstd -d` also ignore.
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# deflate's largest expansion is ~1032:1 (zstd's RLE blocks go further, which _ZSTD_STEP bounds differently), and
+# the shortest JSONL record is `{}` plus its newline: what a damaged tail can have held is at most this many
+# records per compressed byte.
+_MAX_RATIO = 1032
+_MIN_RECORD_BYTES = 3
+
+
 class _Decompressed:
     """Decompressed bytes of a file object, with `consumed`: the compressed bytes the decoder has taken so far
     (to 64 KiB), so the size of an unreadable tail is known. Iterating raises EOFError when a .gz/.zst stream is
-    cut short and the decoder's own error when it is corrupt."""
+    cut short and the decoder's own error when it is corrupt. `members` counts the members (frames) read to
+    their end marker, `member_start` / `member_produced` say where the current one began and what it yielded,
+    and `garbage_at` is the offset of trailing garbage after the last end marker (None: there was none)."""
 
     def __init__(self, f, uri: str):
         self.f, self.uri, self.consumed, self.produced = f, uri.lower(), 0, 0
+        self.members, self.member_start, self.member_produced = 0, 0, 0
+        self.garbage_at: int | None = None
 
     def _new(self):
         if self.uri.endswith(".gz"):
@@ -277,6 +292,13 @@ class _Decompressed:
         import zstandard
 
         return zstandard.ZstdDecompressor().decompressobj()
+
+    def _is_member_start(self, head: bytes) -> bool:
+        if self.uri.endswith(".gz"):
+            return head[:2] == _GZIP_MAGIC
+        # a zstd frame, or a skippable frame (magic 0x184D2A50..5F, little-endian)
+        return head[:4] == _ZSTD_MAGIC or (len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18"
+                                           and 0x50 <= head[0] <= 0x5F)
 
     def __iter__(self) -> Iterator[bytes]:
         if not self.uri.endswith((".gz", ".zst")):
@@ -301,6 +323,7 @@ class _Decompressed:
                 while True:
                     if out:
                         self.produced += len(out)
+                        self.member_produced += len(out)
                         yield out
                     if not d.unconsumed_tail:
                         break
@@ -309,13 +332,20 @@ class _Decompressed:
                 out = d.decompress(piece)
                 if out:
                     self.produced += len(out)
+                    self.member_produced += len(out)
                     yield out
             if d.eof:  # multi-member gzip / multi-frame zstd: start again on what is left
                 rest = d.unused_data
                 self.consumed -= len(rest)
-                if rest:
-                    buf, off = rest + bytes(memoryview(buf)[off:]), 0
+                self.members += 1
+                buf, off = rest + bytes(memoryview(buf)[off:]), 0
+                while len(buf) < 4 and (more := self.f.read(_CHUNK)):
+                    buf += more
+                if buf and not self._is_member_start(buf):
+                    self.garbage_at = self.consumed  # the stream ended at its end marker: nothing was lost
+                    return
                 d, fed = self._new(), False
+                self.member_start, self.member_produced = self.consumed, 0
         if fed and not d.eof:
             raise EOFError("compressed stream ended before its end marker (truncated file)")
 
@@ -333,7 +363,10 @@ def _gzip_isize(f, size: int) -> int | None:
 
 
 def _lost_tail(e: Exception, lines: int, line_bytes: int, dec: _Decompressed, f, size: int) -> tuple[str, int, str]:
-    """(reason, estimated lost records, how) for a stream that failed after `lines` lines of `line_bytes` bytes."""
+    """(reason, estimated lost records, how) for a stream that failed after `lines` lines of `line_bytes` bytes.
+
+    Every estimate is bounded by what the unread part of the file can hold (`_MAX_RATIO` uncompressed bytes per
+    compressed byte, records of at least `_MIN_RECORD_BYTES`)."""
     if isinstance(e, EOFError):
         # NOTE: what followed a cut is gone and its size unknown; with the cut equally likely anywhere the median
         # loss equals what was read, so a cut file counts as losing as many records as it yielded.
@@ -342,12 +375,18 @@ def _lost_tail(e: Exception, lines: int, line_bytes: int, dec: _Decompressed, f,
     est = -(-lines * left // dec.consumed) if dec.consumed and lines else left // 512
     how = f"{left} compressed bytes after the damage"
     # deflate often notices damage only at the final checksum, after decoding garbage: the trailer's size of the
-    # whole text then tells how much of it never came out
+    # member being read then tells how much of it never came out; a trailer larger than its member could hold
+    # is not a trailer (garbage where one should be) and is not believed
+    member_bytes = size - dec.member_start
+    in_lines = max(0, line_bytes - (dec.produced - dec.member_produced))  # this member's bytes in whole lines
     isize = _gzip_isize(f, size) if dec.uri.endswith(".gz") and lines and line_bytes else None
-    if isize and isize > line_bytes:
-        by_size = -(-lines * (isize - line_bytes) // line_bytes)
+    if isize and in_lines < isize <= _MAX_RATIO * member_bytes:
+        by_size = -(-lines * (isize - in_lines) // line_bytes)
         if by_size > est:
-            est, how = by_size, f"{isize - line_bytes} of {isize} uncompressed bytes (gzip trailer) not in whole lines"
+            est, how = by_size, f"{isize - in_lines} of {isize} uncompressed bytes (gzip trailer) not in whole lines"
+    room = max(1, _MAX_RATIO * member_bytes // _MIN_RECORD_BYTES)
+    if est > room:
+        est, how = room, f"{how}; at most what the damaged {member_bytes} compressed bytes can hold"
     est = max(1, est)
     return CORRUPT_FILE, est, f"{how}: ~{est} records estimated from the sizes"
 
@@ -390,6 +429,10 @@ def _read_jsonl(task: FileTask, f, out: _Batcher, size: int, max_bytes: int) -> 
     elif tail.strip():
         line_no += 1
         yield from _parse_line(task, tail, line_no, out, max_bytes)
+    if dec.garbage_at is not None:  # listed, but every member was read to its end marker: no record lost
+        out.bad(-1, CORRUPT_FILE, f"after line {line_no}: {size - dec.garbage_at} bytes of trailing garbage after "
+                                  f"the end marker of the last of {dec.members} compressed member(s), ignored: "
+                                  "0 records lost", records=0)
 
 
 def _big_int(digits: str):
