@@ -20,13 +20,30 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from longctx.redact import CREDENTIALS_HELP, credential_fields, redact
+
 
 class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message names the key and what is allowed."""
+    """A configuration file or override is invalid; the message names the key and what is allowed (URL
+    credentials in it are masked: `longctx.redact`)."""
+
+    def __init__(self, message: str = "", *args):
+        super().__init__(redact(str(message)), *args)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    # NOTE: inputs stay out of pydantic's own messages (a value may be a secret); ours name the key
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              hide_input_in_errors=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _refuse_credentials(cls, value, info):
+        """No field of any section holds a URL with userinfo (`user:password@`): see longctx.redact."""
+        found = credential_fields(value, info.field_name)
+        if found:
+            raise ValueError(f"{', '.join(found)}: {CREDENTIALS_HELP}")
+        return value
 
 
 # ----------------------------------------------------------------------------------------------- storage / ray
@@ -848,10 +865,11 @@ def apply_override(tree: dict, assignment: str) -> None:
     key, _, raw = assignment.partition("=")
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
-        raise ConfigError(f"override {assignment!r} has an empty key")
+        raise ConfigError("an override has an empty key (the form is key.path=value)")
     if parts[:2] == ["tune", "params"] and len(parts) > 3:  # tune.params.train.lr=[...]: the key is a dotted path
         parts = [*parts[:2], ".".join(parts[2:])]
-    set_dotted(tree, parts, _parse_value(raw), f"override {assignment!r}")
+    # NOTE: errors name the key, never the value (it may be a secret)
+    set_dotted(tree, parts, _parse_value(raw), f"override {key.strip()!r}")
 
 
 def set_dotted(tree: dict, parts: list[str], value: Any, what: str) -> None:
@@ -949,8 +967,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         origin = p
     for assignment in overrides or []:
         apply_override(tree, assignment)
-    if overrides:
-        origin += " + --set " + " ".join(overrides)
+    if overrides:  # the keys only: a value may be a secret
+        origin += " + --set " + " ".join(a.partition("=")[0].strip() for a in overrides)
     return config_from_dict(tree, origin)
 
 
