@@ -297,8 +297,18 @@ class TrainConfig(_Section):
     storage_path: str | None = None
     """Where checkpoints and the final model go (local or s3://): `<storage_path>/<run id>/train/`. Default:
     the run folder (`<output_dir>/<run id>/train/`). A relative path is resolved like `output_dir`."""
-    max_failures: int = Field(0, ge=0)
-    """Worker-group restarts Ray Train allows; each resumes from the last checkpoint."""
+    max_failures: int | None = Field(None, ge=0)
+    """Worker-group restarts Ray Train allows; each resumes from the newest intact checkpoint. Default: 3 with
+    GPUs (a spot node that goes away is retried; node preemptions Ray announces do not count against it), 0 on
+    CPU."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient norm on any rank: `stop` ends the run naming the step and its rows (exit
+    code 4; the model is not published); `skip` passes over the step's rows (not counted as consumed) without
+    advancing the step or the LR schedule, and stops when more than 8 come in a row."""
+    preemption_grace_s: float = Field(110.0, gt=0)
+    """After SIGTERM/SIGINT the driver asks for a checkpoint at the next step boundary and waits this long for it
+    before stopping anyway; then it exits with code 75 ("preempted, rerun to resume"). Keep it under the time
+    your platform allows between its SIGTERM and its SIGKILL."""
     seed: int = 0
     """Seed for initialisation and data order."""
     sequence_parallel: int = Field(1, ge=1)

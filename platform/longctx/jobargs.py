@@ -6,7 +6,9 @@
 
 Exit codes: 0 done (or already finished), 2 the configuration or the inputs it names are wrong (including a rerun
 whose settings differ from the run it would continue, and prepared data that does not fit the job), 3 the input
-data failed its quality gate (or, for a sweep, not every trial finished).
+data failed its quality gate (or, for a sweep, not every trial finished), 4 training stopped on purpose (a
+non-finite loss or gradient norm, non-finite weights, no intact checkpoint), 75 preempted: SIGTERM/SIGINT while
+training checkpointed at a step boundary, rerun the same command to resume (`longctx.train.stops`).
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ def exit_code(e: BaseException) -> int | None:
     """The exit code of an error a job reports in one line, None for the others (they keep their traceback)."""
     from longctx.data.token_cache import DataQualityError
     from longctx.handoff import PreparedDataMismatch
+    from longctx.train.stops import TrainingStopped
 
     if isinstance(e, (ConfigError, PreparedDataMismatch)):
         return 2
     if isinstance(e, DataQualityError):
         return 3
+    if isinstance(e, TrainingStopped):
+        return e.exit_code
     return None
 
 

@@ -23,7 +23,7 @@ NON_RESULT_KEYS: tuple[str, ...] = (
     "run_name", "output_dir", "storage", "ray",
     "data.output", "data.num_tokenize_actors", "data.tokenize_batch_size",
     "train.storage_path", "train.cpus_per_worker", "train.resources_per_worker", "train.max_failures",
-    "train.log_every", "train.checkpoint_every",
+    "train.log_every", "train.checkpoint_every", "train.nonfinite", "train.preemption_grace_s",
     "eval.num_actors", "eval.gpus_per_actor",
     "tune.max_concurrent_trials", "tune.trial_resources", "tune.max_failures",
 )

@@ -45,24 +45,33 @@ class PackedRow:
 
 @dataclass
 class Ledger:
-    """Row ids consumed so far by this run, per epoch (what makes resume exact)."""
+    """Row ids consumed so far by this run, per epoch (what makes resume exact), and those passed over without
+    training on them (a step skipped for a non-finite loss, `train.nonfinite=skip`): a resume skips both."""
 
     consumed: dict[int, set[int]] = field(default_factory=dict)
+    skipped: dict[int, set[int]] = field(default_factory=dict)
 
     def add(self, epoch: int, row_id: int) -> None:
         self.consumed.setdefault(epoch, set()).add(int(row_id))
 
+    def skip(self, epoch: int, row_id: int) -> None:
+        self.skipped.setdefault(epoch, set()).add(int(row_id))
+
     def contains(self, epoch: int, row_id: int) -> bool:
-        return int(row_id) in self.consumed.get(epoch, ())
+        return int(row_id) in self.consumed.get(epoch, ()) or int(row_id) in self.skipped.get(epoch, ())
 
     def to_json(self) -> dict:
-        return {"consumed": {str(e): sorted(ids) for e, ids in sorted(self.consumed.items())}}
+        out = {"consumed": {str(e): sorted(ids) for e, ids in sorted(self.consumed.items())}}
+        if self.skipped:
+            out["skipped"] = {str(e): sorted(ids) for e, ids in sorted(self.skipped.items())}
+        return out
 
     @classmethod
     def from_json(cls, data: dict | None) -> "Ledger":
         if not data:
             return cls()
-        return cls({int(e): set(int(i) for i in ids) for e, ids in data.get("consumed", {}).items()})
+        return cls({int(e): set(int(i) for i in ids) for e, ids in data.get("consumed", {}).items()},
+                   {int(e): set(int(i) for i in ids) for e, ids in data.get("skipped", {}).items()})
 
     @classmethod
     def merge(cls, parts: list["Ledger"]) -> "Ledger":
@@ -70,6 +79,8 @@ class Ledger:
         for part in parts:
             for e, ids in part.consumed.items():
                 out.consumed.setdefault(e, set()).update(ids)
+            for e, ids in part.skipped.items():
+                out.skipped.setdefault(e, set()).update(ids)
         return out
 
     def total(self) -> int:

@@ -8,10 +8,18 @@ DeepSpeed's own 1/grad_accum and 1/dp averaging leave exactly sum / N_global.
 Entry point: `train_loop_per_worker(loop_config)`; `longctx.train.trainer.run_training` builds the config, a
 `longctx.train.spec.LoopSpec`. The steps are `LoopRunner`'s methods: `build_engine`, `restore`, `train_step`,
 `validate`, `checkpoint`, `early_stop`, `finish`, composed by `run`.
+
+Faults (docs/faults.md, section 5): `restore` takes the newest checkpoint whose manifests verify
+(`longctx.train.integrity`); `train_step` finds a non-finite loss or gradient norm on any rank and stops or skips
+the step (`train.nonfinite`); no checkpoint or final model with non-finite weights is written; a preemption
+request checkpoints at the step boundary. A deliberate stop is reported, not raised (`longctx.train.stops`).
 """
+
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import tempfile
 import time
@@ -27,14 +35,20 @@ from longctx.model.load import load_causal_lm, local_model_dir, pick_attn_implem
 from longctx.progress import emit
 from longctx.tracking import Tracker, run_id_for
 from longctx.train import checkpoint as ckpt
+from longctx.train import fault_injection as inject
+from longctx.train import integrity, stops
 from longctx.train.batches import Ledger, RowStream, collate, forward_inputs, parquet_tables, ray_data_tables
 from longctx.train.deepspeed import build_deepspeed_config
 from longctx.train.loss import CausalLMWithChunkedLoss, shift_targets
 from longctx.train.metrics import StepLog, count_params, device_peak_flops, memory_stats, step_flops
 from longctx.train.optim import adamw
+from longctx.train.preemption import PreemptionPoller, ray_preemption_notice
 from longctx.train.schedule import lr_lambda
 from longctx.train.sequence_parallel import enable_ulysses, shard_for_rank
 from longctx.train.spec import LoopSpec
+
+_MAX_SKIPS_IN_A_ROW = 8
+"""train.nonfinite=skip: more non-finite steps in a row than this stop the run (the model or the data is broken)."""
 
 # Set before DeepSpeed is imported (it picks its accelerator at import time).
 _DS_ACCEL_ENV = "DS_ACCELERATOR"
@@ -69,14 +83,17 @@ def _all_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """The loop Ray Train runs on every worker; `loop_config` is a `LoopSpec` as a dict (`LoopSpec.to_dict`)."""
-    LoopRunner(LoopSpec.from_dict(loop_config)).run()
+def train_loop_per_worker(loop_config: dict) -> dict | None:
+    """The loop Ray Train runs on every worker; `loop_config` is a `LoopSpec` as a dict (`LoopSpec.to_dict`).
+    Returns the stop reason (`longctx.train.stops`), None when the run finished: rank 0's is the `Result`'s
+    `return_value`."""
+    return LoopRunner(LoopSpec.from_dict(loop_config)).run()
 
 
 class LoopRunner:
     """One worker's training run: `build_engine`, `restore`, then `train_step` / `validate` / `checkpoint` until
-    `total_steps` (or the data or early stop ends it), then the final checkpoint and model (`run` composes them)."""
+    `total_steps` (or the data or early stop ends it), then the final checkpoint and model (`run` composes them);
+    a stop reason (non-finite, no intact checkpoint, preempted) is reported instead of finishing."""
 
     def __init__(self, spec: LoopSpec):
         self.t_start = time.perf_counter()
@@ -96,10 +113,25 @@ class LoopRunner:
         self.is_rank0 = self.rank == 0
         self.device = _device(self.tcfg.use_gpu)
         self.sp, self.sp_rank = self.layout.sequence_parallel, self.rank % self.layout.sequence_parallel
+        self.stop_reason: dict | None = None  # stops.stop_reason: returned instead of finishing
+        self.last_checkpoint_step: int | None = None
+        self.last_checkpoint_name: str | None = None
+        self.preempt_requested = False  # the driver asked for a checkpoint (SIGTERM/SIGINT)
+        self.ray_notice = None  # Ray Train's node-preemption notice, once acted on
+        self.skipped_steps: list[dict] = []
+        self.poller = PreemptionPoller(self.train_root, self.is_rank0)
+        self.inject_nan = inject.NanOnce(spec.nan_at, self.rank, lambda: self.step + 1)
 
-    def run(self) -> None:
+    def run(self) -> dict | None:
         self.build_engine()
-        self.restore()
+        if self.restore():
+            self.train()
+        if self.stop_reason is not None:
+            self.report_stop()
+        return self.stop_reason
+
+    def train(self) -> None:
+        """Steps until `total_steps` (or the data, an early stop or a stop reason ends them), then `finish`."""
         while self.step < self.total_steps:
             if not self.train_step():
                 break
@@ -114,10 +146,27 @@ class LoopRunner:
                     ray.train.report({"step": step, "val_loss": val_loss, "loss": last_loss})
             if checkpoint_now and self.early_stop():
                 break  # the final checkpoint below is saved at this step
-            if checkpoint_now:
+            if checkpoint_now or self.preempt_requested or self.ray_notice == "new":
                 self.checkpoint()
-            _maybe_inject_failure(self.spec, step, self.rank)
-        self.finish()
+                if self.ray_notice == "new":  # Ray Train restarts us when the node goes; until then, train on
+                    self.ray_notice = "saved"
+            if self.stop_reason is not None:
+                return
+            if self.preempt_requested:
+                self.stop_reason = stops.stop_reason(
+                    "preempted", f"preempted at step {step} of {self.total_steps}: checkpoint saved; rerun the same "
+                                 "command to resume", step=step, checkpoint=self.last_checkpoint_name)
+                return
+            inject.failure(self.spec, step, self.rank)
+        if self.stop_reason is None:
+            self.finish()
+
+    def report_stop(self) -> None:
+        """Say why the run stops (rank 0) and flush the step log; `run` returns the reason to the driver."""
+        if self.is_rank0:
+            emit(f"[train] stopped: {self.stop_reason[stops.STOP_KEY]['message']}")
+            if getattr(self, "log", None) is not None:
+                self.log.close()
 
     def build_engine(self) -> None:
         """Distributed init, the model (RoPE changes from config, trained at the new length), the DeepSpeed engine
@@ -167,21 +216,21 @@ class LoopRunner:
         _write_engine_info(self.engine, self.train_root, self.rank, self.world, self.n_params, attn_impl, ds_config,
                            self.startup)
 
-    def restore(self) -> None:
-        """3. Resume: DeepSpeed state + the data ledger + the metrics history so far (Ray Train's checkpoint);
-        then the step log, the row stream positioned after the rows already consumed, the validation rows."""
+    def restore(self) -> bool:
+        """3. Resume from the newest intact checkpoint: DeepSpeed state + the data ledger + tokens + the metrics
+        history so far; then the step log, the row stream positioned after the rows already consumed, the
+        validation rows. False (with a stop reason) when checkpoints exist but none is intact."""
         cfg, tcfg, layout = self.cfg, self.tcfg, self.layout
-        start_step, ledger, history = 0, Ledger(), []
-        resume = ray.train.get_checkpoint()
-        if resume is not None:
-            with resume.as_directory() as folder:
-                state = ckpt.read_trainer_state(folder)
-                with ckpt.safe_deepspeed_load():
-                    self.engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag="state")
-                if self.is_rank0 and self.during.enabled:
-                    ckpt.ensure_eval_snapshot(folder, self.train_root, int(state["step"]),
-                                              int(state["history"][-1]["tokens"]) if state["history"] else 0)
+        state = self.load_newest_intact()
+        if self.stop_reason is not None:
+            return False
+        start_step, ledger, history, tokens = 0, Ledger(), [], 0
+        if state is not None:
             start_step, ledger, history = int(state["step"]), Ledger.from_json(state["ledger"]), state["history"]
+            # NOTE: older checkpoints have no `tokens`: the last logged step's count is all they have
+            tokens = int(state.get("tokens", history[-1]["tokens"] if history else 0))
+            self.skipped_steps = list(state.get("skipped_steps", []))
+            self.last_checkpoint_step = start_step
             if self.is_rank0:
                 emit(f"[train] resumed at step {start_step} ({ledger.total()} rows already consumed)")
         self.start_step, self.step, self.ledger = start_step, start_step, ledger
@@ -205,11 +254,59 @@ class LoopRunner:
         model_dir = local_model_dir(cfg.model.path)
         self.tokenizer_dirs = [model_dir, local_model_dir(cfg.data.tokenizer)]
         self.val_rows = _validation_rows(cfg, self.dp_rank, layout.data_parallel) if tcfg.val_every else None
-        self.tokens_seen = int(history[-1]["tokens"]) if history else 0
+        self.tokens_seen = tokens
+        self.skips_in_a_row, self.isolation_checked = 0, False
+        return True
+
+    def load_newest_intact(self) -> dict | None:
+        """The trainer state of the newest checkpoint under the train root whose manifests verify (every rank
+        checks its share of the files), with the DeepSpeed state loaded; damaged ones are skipped with one line
+        each. None when there is no checkpoint; a `damaged` stop reason when none is intact."""
+        refs = [integrity.list_checkpoints(self.train_root) if self.is_rank0 else None]
+        dist.broadcast_object_list(refs, src=0)
+        damaged = []
+        for ref in refs[0]:
+            with contextlib.ExitStack() as stack:
+                try:
+                    folder = stack.enter_context(integrity.local_copy(ref.uri))
+                    problems = integrity.verify_checkpoint(folder, self.rank, self.world)
+                except storage.StorageError as e:  # a folder that vanished or cannot be read is not a checkpoint
+                    problems = [f"unreadable ({e})"]
+                parts = [None] * self.world
+                dist.all_gather_object(parts, problems)
+                problems = list(dict.fromkeys(p for part in parts for p in part))
+                if not problems:
+                    state = integrity.read_state(folder)
+                    with ckpt.safe_deepspeed_load():
+                        self.engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag="state")
+                    if self.is_rank0 and self.during.enabled:
+                        ckpt.ensure_eval_snapshot(folder, self.train_root, int(state["step"]),
+                                                  int(state.get("tokens", 0)))
+                    self.last_checkpoint_name = ref.name
+                    return state
+            damaged.append((ref, problems))
+            if self.is_rank0:
+                emit(f"[train] {ref.name} is damaged ({integrity.describe(problems)}): skipped, trying the one "
+                     "before it")
+        if damaged:
+            lines = "; ".join(f"{ref.name}: {integrity.describe(p)}" for ref, p in damaged)
+            self.stop_reason = stops.stop_reason(
+                "damaged", f"no intact checkpoint under {self.train_root} to resume from ({lines}). Restore one "
+                           "of them, or move them away to start over")
+        return None
 
     def train_step(self) -> bool:
         """4. One optimizer step over grad_accum micro-batches (the packing-isolation proof before the first one);
-        logs it. False (and no step) when the data ran out on any rank."""
+        logs it. A non-finite loss or gradient norm on any rank stops the run or, with train.nonfinite=skip,
+        passes over the step's rows and takes the next ones. False (and no step) when the data ran out on any
+        rank or the run is to stop."""
+        while True:
+            outcome = self._attempt_step()
+            if outcome != "skipped":
+                return outcome == "stepped"
+
+    def _attempt_step(self) -> str:
+        """"stepped", "skipped" (non-finite, train.nonfinite=skip), "ran_out" or "stopped" (stop_reason set)."""
         cfg, tcfg, layout, device, engine, lm = self.cfg, self.tcfg, self.layout, self.device, self.engine, self.lm
         sp, sp_rank = self.sp, self.sp_rank
         t0 = time.perf_counter()
@@ -218,11 +315,12 @@ class LoopRunner:
         if ran_out:
             if self.is_rank0:
                 emit(f"[train] data exhausted after {self.step} steps (planned {self.total_steps})")
-            return False
+            return "ran_out"
         micro = [collate([r for _, r in rows[i : i + layout.micro_batch_size]], cfg.data.attention)
                  for i in range(0, len(rows), layout.micro_batch_size)]
-        if self.step == self.start_step and tcfg.isolation_check and cfg.data.attention == "document":
+        if not self.isolation_checked and tcfg.isolation_check and cfg.data.attention == "document":
             _prove_isolation(lm, micro[0], self.attn_impl, cfg, device, sp, sp_rank, self.mpu, self.is_rank0)
+        self.isolation_checked = True
         targets = [shift_targets(m.labels, m.doc_ids if cfg.data.attention == "document" else None) for m in micro]
         if sp > 1:
             local_valid = float(sum(int((shard_for_rank(t, sp_rank, sp) != -100).sum()) for t in targets))
@@ -241,21 +339,38 @@ class LoopRunner:
                 input_ids, tgt, kwargs = forward_inputs(m, tgt, attn_implementation=self.attn_impl, device=device,
                                                         attention=cfg.data.attention, dtype=lm.dtype)
             loss_sum, _ = engine(input_ids.to(device), tgt.to(device), **kwargs)
+            loss_sum = self.inject_nan(loss_sum)
             engine.backward(loss_sum * scale)
             engine.step()
             loss_sum_local += float(loss_sum.detach())
-        for epoch, r in rows:
-            self.ledger.add(epoch, r.row_id)
-        self.step += 1
-        step = self.step
-        loss_total, tokens_step, nonpad, sumsq = _all_sum(
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        # NOTE: under fp16 loss scaling an overflowing gradient is the scaler's business (DeepSpeed skips the step
+        # and lowers the scale); only the loss itself counts there
+        bad = not math.isfinite(loss_sum_local) or (not stops.is_finite(grad_norm) and not engine.fp16_enabled())
+        loss_total, tokens_step, nonpad, sumsq, n_bad, applied, preempt, ask_ray = _all_sum(
             [loss_sum_local, float(sum(m.tokens for m in micro)), float(sum(m.non_pad_tokens for m in micro)),
-             float(sum(m.sum_sq_doc_lengths for m in micro))], device)
+             float(sum(m.sum_sq_doc_lengths for m in micro)), float(bad), float(engine.was_step_applied()),
+             *self.poller.flags()], device)
+        self.preempt_requested = self.preempt_requested or preempt > 0
+        if ask_ray and self.ray_notice is None and ray_preemption_notice() is not None:
+            self.ray_notice = "new"
+            if self.is_rank0:
+                emit(f"[train] Ray Train reports a node of this run being preempted: checkpointing at step "
+                     f"{self.step + 1}")
         if layout.sequence_parallel > 1:  # every SP rank of a group counted the same rows
             tokens_step, nonpad, sumsq = (x / layout.sequence_parallel for x in (tokens_step, nonpad, sumsq))
         step_rows = [None] * self.world  # which rows made this step (audit trail for exactly-once data)
         dist.all_gather_object(step_rows,
                                [r.row_id for _, r in rows] if self.rank % layout.sequence_parallel == 0 else [])
+        row_ids = sorted(i for part in step_rows for i in part)
+        if n_bad:
+            return self._nonfinite(rows, row_ids, loss_total / max(n_global, 1.0), grad_norm, applied > 0)
+        self.skips_in_a_row = 0
+        for epoch, r in rows:
+            self.ledger.add(epoch, r.row_id)
+        self.step += 1
+        step = self.step
         dt = time.perf_counter() - t0
         self.tokens_seen += int(tokens_step)
         if self.is_rank0 and (step % tcfg.log_every == 0 or step == self.total_steps):
@@ -263,18 +378,41 @@ class LoopRunner:
             flops = step_flops(matmul_params=n_params["matmul"], tokens=int(nonpad),
                                num_layers=lm.config.num_hidden_layers, hidden_size=lm.config.hidden_size,
                                sum_sq_doc_lengths=int(sumsq))
-            grad_norm = engine.get_global_grad_norm()
             record = {
                 "step": step, "total_steps": self.total_steps, "loss": loss_total / max(n_global, 1.0),
-                "lr": lr_used,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "lr": lr_used, "grad_norm": grad_norm,
                 "tokens": self.tokens_seen, "step_tokens": int(tokens_step), "loss_tokens": int(n_global),
                 "step_time_s": dt, "tokens_per_s": tokens_step / dt, "tflops_per_s": flops / dt / 1e12 / world,
                 "mfu": (flops / dt / world / self.peak) if self.peak else None, **memory_stats(str(device)),
-                "epoch": rows[-1][0], "row_ids": sorted(i for part in step_rows for i in part),
+                "epoch": rows[-1][0], "row_ids": row_ids,
             }
             self.log.add(record)
-        return True
+        return "stepped"
+
+    def _nonfinite(self, rows, row_ids: list[int], loss: float, grad_norm: float | None, applied: bool) -> str:
+        """A non-finite loss or gradient norm at the step being taken: stop (train.nonfinite=stop, or when the
+        update was applied anyway, or after too many in a row), or pass over its rows (skip): not counted as
+        consumed, the step counter and the LR schedule stay (DeepSpeed applied no update)."""
+        at = self.step + 1
+        what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} (loss {loss}, grad_norm " \
+               f"{grad_norm}) at step {at} (rows {row_ids})"
+        self.skips_in_a_row += 1
+        if self.tcfg.nonfinite == "stop" or applied or self.skips_in_a_row > _MAX_SKIPS_IN_A_ROW:
+            why = ("train.nonfinite=stop" if self.tcfg.nonfinite == "stop" else
+                   "the update was applied anyway (the weights are damaged)" if applied else
+                   f"{self.skips_in_a_row} non-finite steps in a row")
+            last = f"step {self.last_checkpoint_step}" if self.last_checkpoint_step is not None else "none yet"
+            self.stop_reason = stops.stop_reason(
+                "nonfinite", f"{what}: {why}; the run stops and its model is not published (last checkpoint: "
+                             f"{last}). Set train.nonfinite=skip to pass over such steps", step=self.step)
+            return "stopped"
+        for epoch, r in rows:
+            self.ledger.skip(epoch, r.row_id)
+        self.skipped_steps.append({"at_step": at, "rows": row_ids, "loss": str(loss)})
+        if self.is_rank0:
+            emit(f"[train] {what}: skipped (train.nonfinite=skip): its rows are not counted as trained on, the step "
+                 "and the LR schedule do not advance")
+        return "skipped"
 
     def validate(self) -> float:
         """Mean next-token NLL over the validation documents (every rank runs the same number of forwards)."""
@@ -301,29 +439,50 @@ class LoopRunner:
             self.log.annotate(step, val_loss=val_loss)
 
     def checkpoint(self) -> dict | None:
-        """Report a checkpoint of the current step to Ray Train (collective), then publish its eval snapshot
-        (rank 0, eval.during_training); returns the gathered HF state dict (rank 0)."""
+        """Report a checkpoint of the current step to Ray Train (collective; each rank's files hashed into its
+        manifest first), then publish its eval snapshot (rank 0, eval.during_training); returns the gathered HF
+        state dict (rank 0). Weights with NaN/inf are never written: a `nonfinite` stop reason instead."""
         step, log, engine, is_rank0 = self.step, self.log, self.engine, self.is_rank0
         parts = [None] * self.world
         dist.all_gather_object(parts, self.ledger.to_json())
         merged = Ledger.merge([Ledger.from_json(p) for p in parts])
-        hf_sd = ckpt.gather_hf_state_dict(engine, self.tcfg.zero_stage)
+        hf_sd = self.gather_finite_state_dict()
+        if hf_sd is None and self.stop_reason is not None:
+            return None
+        name = integrity.fresh_dir_name(self.train_root, step) if is_rank0 else f"checkpoint_{step:08d}"
         with tempfile.TemporaryDirectory(prefix="longctx-ckpt-") as folder:
             engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag="state")
             if is_rank0:
-                ckpt.write_trainer_state(folder, {"step": step, "ledger": merged.to_json(), "history": log.history,
+                ckpt.write_trainer_state(folder, {"format": integrity.FORMAT, "step": step, "tokens": self.tokens_seen,
+                                                  "ledger": merged.to_json(), "history": log.history,
+                                                  "skipped_steps": self.skipped_steps,
                                                   "layout": self.layout.as_dict()})
                 ckpt.save_hf_model(self.lm, hf_sd, os.path.join(folder, "hf_model"), self.tokenizer_dirs)
                 log.flush()
+            integrity.write_manifest(folder, self.rank, self.world, step)
             last = log.history[-1] if (is_rank0 and log.history) else {}
             metrics = {k: last.get(k) for k in ("loss", "val_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu")}
             if is_rank0 and self.during.enabled:  # the latest evaluated checkpoint's values, for Ray Tune
                 metrics.update(tune_metrics(read_ledger(ledger_uri(self.train_root))))
             ray.train.report({"step": step, **metrics},
                              checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"checkpoint_{step:08d}")
+                             checkpoint_dir_name=name)
+        self.last_checkpoint_step, self.last_checkpoint_name = step, name
         if is_rank0 and self.during.enabled:  # persisted: now the evaluator may see it (eval/during_training.py)
             ckpt.publish_eval_snapshot(self.lm, hf_sd, self.train_root, step, self.tokens_seen, self.tokenizer_dirs)
+        return hf_sd
+
+    def gather_finite_state_dict(self) -> dict | None:
+        """The HF state dict (collective; on rank 0), or None with a `nonfinite` stop reason when a weight holds
+        NaN/inf (rank 0 checks, every rank learns it)."""
+        hf_sd = ckpt.gather_hf_state_dict(self.engine, self.tcfg.zero_stage)
+        bad = stops.nonfinite_tensors(hf_sd) if self.is_rank0 else []
+        if _all_sum([float(len(bad))], self.device)[0]:
+            names = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+            self.stop_reason = stops.stop_reason(
+                "nonfinite", f"non-finite weights after step {self.step} ({names}): not saved, the model is not "
+                             "published", step=self.step)
+            return None
         return hf_sd
 
     def early_stop(self) -> bool:
@@ -339,10 +498,15 @@ class LoopRunner:
         return _all_sum([1.0 if stop else 0.0], self.device)[0] > 0
 
     def finish(self) -> None:
-        """5. Final validation + checkpoint + the published HF model."""
+        """5. Final validation + checkpoint + the published HF model (only with finite weights)."""
         if self.val_rows is not None:
             self.record_validation(self.step, self.validate())
-        hf_sd = self.checkpoint()
+        if self.last_checkpoint_step == self.step:  # resumed from the final checkpoint: it is there already
+            hf_sd = self.gather_finite_state_dict()
+        else:
+            hf_sd = self.checkpoint()
+        if self.stop_reason is not None:
+            return
         if self.is_rank0:
             final_uri = storage.join(self.train_root, "final_model")
             with storage.publish_dir(final_uri, overwrite=True) as staging:
@@ -410,18 +574,3 @@ def _write_engine_info(engine, train_root: str, rank: int, world: int, n_params:
             "zero_stage": ds_config["zero_optimization"]["stage"], "ranks": parts, "deepspeed_config": ds_config,
             "startup_s": {k: round(v, 2) for k, v in startup.items()},
         })
-
-
-def _maybe_inject_failure(spec, step: int, rank: int) -> None:
-    """Fault injection for tests: a hard process exit (no cleanup, like an OOM kill) once, at a given step.
-
-    The trigger file makes it happen on the first attempt only: it is removed before exiting.
-    """
-    fail = spec.fail_at
-    if not fail or step != fail["step"] or rank != fail.get("rank", 0):
-        return
-    trigger = fail["trigger_file"]
-    if os.path.exists(trigger):
-        os.remove(trigger)
-        print(f"[train] injected failure: rank {rank} exits at step {step}", flush=True)
-        os._exit(1)

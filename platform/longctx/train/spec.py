@@ -26,6 +26,8 @@ class LoopSpec:
     """Keys of a user DeepSpeed JSON that override the generated config."""
     fail_at: dict | None = None
     """Fault injection for tests: {"step", "rank", "trigger_file"} (one hard worker exit)."""
+    nan_at: dict | None = None
+    """Fault injection for tests: {"step", "rank"} (that rank's loss is NaN at that step, once)."""
     parquet_files: list[str] | None = None
     """Packed shards read directly in row_id order (exact resume); None: Ray Train's dataset shard."""
 

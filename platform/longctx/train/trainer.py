@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from longctx import storage
+from longctx.train import integrity, stops
+from longctx.train.preemption import PreemptionGuard
 from longctx.train.schedule import BatchLayout, derive_layout, plan_steps
 
 log = logging.getLogger(__name__)
@@ -58,35 +60,10 @@ def train_root_for(cfg, run_dir: str | None) -> tuple[str, str]:
 
 
 def latest_checkpoint_step(train_root: str) -> int | None:
-    """Step of the checkpoint a rerun resumes from (None when there is none): the latest one Ray Train's checkpoint
-    manager recorded in its snapshot, else the newest complete checkpoint folder."""
-    snap_uri = storage.join(train_root, RAY_TRAIN_SNAPSHOT)
-    if storage.exists(snap_uri):
-        try:
-            latest = (json.loads(storage.read_text(snap_uri)).get("latest_checkpoint_result") or {})
-            name = latest.get("checkpoint_dir_name") or ""
-            if name.startswith("checkpoint_"):
-                return int(name[len("checkpoint_"):])
-        except (ValueError, AttributeError):
-            pass
-    try:
-        found = storage.expand(storage.join(train_root, f"checkpoint_*/{TRAINER_STATE_NAME}"))
-    except storage.StorageError:
-        return None
-    steps = []
-    for uri in found:
-        parent = uri.rstrip("/").rsplit("/", 2)
-        if len(parent) == 3 and parent[1].startswith("checkpoint_") and parent[2] == TRAINER_STATE_NAME:
-            try:
-                steps.append(int(parent[1][len("checkpoint_"):]))
-            except ValueError:
-                continue
-    return max(steps) if steps else None
-
-
-TRAINER_STATE_NAME = "trainer_state.json"
-RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
-"""Ray Train V2's record of the run's checkpoints (what it restores from)."""
+    """Step of the checkpoint a rerun most likely resumes from (None when there is none): the newest checkpoint
+    folder that looks complete (`longctx.train.integrity.latest_intact_step`; the workers verify its files and
+    fall back to an older one when they do not match)."""
+    return integrity.latest_intact_step(train_root)
 
 
 def packed_parquet_files(uri: str) -> tuple[list[str], int]:
@@ -139,10 +116,19 @@ def _layout(cfg) -> BatchLayout:
     )
 
 
+def max_failures(cfg) -> int:
+    """train.max_failures, else 3 with GPUs (spot nodes come and go) and 0 on CPU."""
+    if cfg.train.max_failures is not None:
+        return cfg.train.max_failures
+    return 3 if cfg.train.use_gpu else 0
+
+
 def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict | None = None,
-                  callbacks: list | None = None):
+                  nan_at: dict | None = None, callbacks: list | None = None):
     """(TorchTrainer, train_root, plan): everything `run_training` runs. `callbacks`: Ray Train user callbacks
-    (a sweep passes `TuneReportCallback` so the workers' reports reach Ray Tune)."""
+    (a sweep passes `TuneReportCallback` so the workers' reports reach Ray Tune). A checkpoint snapshot Ray Train
+    could not load is moved aside first (`integrity.repair_ray_snapshot`): the workers find the checkpoints by
+    listing the train folder."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -166,6 +152,9 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
                       rows_available=rows, epochs=cfg.train.epochs)
     storage_path, name = train_root_for(cfg, run_dir)
     train_root = storage.join(storage_path, name)
+    note = integrity.repair_ray_snapshot(train_root)
+    if note:
+        print(note, flush=True)
     resources = {"CPU": cfg.train.cpus_per_worker, **cfg.train.resources_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
@@ -176,6 +165,7 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
         train_root=train_root,
         ds_override=load_user_deepspeed_json(cfg.train.deepspeed_config) if cfg.train.deepspeed_config else None,
         fail_at=fail_at,
+        nan_at=nan_at,
         parquet_files=files,
     )
     trainer = TorchTrainer(
@@ -186,7 +176,7 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures(cfg)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks or []),
         ),
@@ -196,28 +186,43 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
 
 
 def run_training(cfg, train_data, run_dir: str | None = None, *, fail_at: dict | None = None,
-                 callbacks: list | None = None, eval_hold_s: float | None = None) -> TrainOutcome:
+                 nan_at: dict | None = None, callbacks: list | None = None,
+                 eval_hold_s: float | None = None) -> TrainOutcome:
     """Run Long-PT/Long-SFT training under Ray Train; returns where the model and metrics are.
 
     `train_data`: a committed packed-Parquet prefix (local or s3://; workers read the shards directly, in a fixed
-    order: exact resume) or a `ray.data.Dataset` with the packed-row columns (Ray Train's streaming split). `fail_at` ({"step", "rank", "trigger_file"}) injects one hard worker exit, for fault tests;
-    `eval_hold_s` keeps the first checkpoint evaluation open until a later checkpoint is committed (at most that
-    many seconds), for the test that training never waits for evaluation.
+    order: exact resume) or a `ray.data.Dataset` with the packed-row columns (Ray Train's streaming split).
+    Raises `longctx.train.stops.TrainingStopped` when the workers stopped on purpose: `TrainingPreempted`
+    (SIGTERM/SIGINT to this process while training: checkpointed at a step boundary), `NonFiniteTraining`,
+    `NoIntactCheckpoint`. Fault injection for tests: `fail_at` ({"step", "rank", "trigger_file"}) one hard worker
+    exit, `nan_at` ({"step", "rank"}) one NaN loss; `eval_hold_s` keeps the first checkpoint evaluation open until
+    a later checkpoint is committed (at most that many seconds), for the test that training never waits for it.
     """
     from longctx.eval.during_training import start_watcher
 
-    trainer, train_root, plan = build_trainer(cfg, train_data, run_dir, fail_at=fail_at, callbacks=callbacks)
+    trainer, train_root, plan = build_trainer(cfg, train_data, run_dir, fail_at=fail_at, nan_at=nan_at,
+                                              callbacks=callbacks)
     log.info("training %d steps (limited by %s) into %s", plan.total, plan.limited_by, train_root)
     watcher = start_watcher(cfg, train_root, hold_s=eval_hold_s)  # eval.during_training: evaluates checkpoints beside the workers
+    guard = PreemptionGuard(train_root, cfg.train.preemption_grace_s)
     try:
-        result = trainer.fit()
-    except BaseException:
+        with guard:
+            result = trainer.fit()
+    except BaseException as e:
         if watcher is not None:  # a failed run keeps its pending snapshots for the resumed run
             watcher.finish(drain=False)
+        if guard.requested and isinstance(e, KeyboardInterrupt):
+            raise stops.TrainingPreempted(f"preempted ({guard.signal}) before a checkpoint was saved: rerun the same "
+                                          "command to resume from the last checkpoint") from None
         raise
-    checkpoint_evals = watcher.finish(drain=result.error is None) if watcher is not None else []
+    stop = getattr(result, "return_value", None)  # rank 0's stop reason (longctx.train.stops), None: finished
+    checkpoint_evals = watcher.finish(drain=result.error is None and not stop) if watcher is not None else []
     if result.error is not None:
         raise result.error
+    stops.raise_for_stop(stop)
+    if guard.requested:  # the signal came after the last step boundary: training is complete
+        raise stops.TrainingPreempted(f"preempted ({guard.signal}) after training finished: rerun the same command "
+                                      "to continue with what follows it", step=plan.total)
     return read_outcome(cfg, train_root, result.checkpoint.path if result.checkpoint is not None else None,
                         checkpoint_evals)
 
