@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from longctx.config import ConfigError, JobConfig, dump_config, load_config
-from longctx.redact import has_credentials, redact
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-Pa55"
@@ -102,6 +101,8 @@ def test_assignment_after_validation_is_refused_too():
 
 
 def test_redact_masks_userinfo_only():
+    from longctx.redact import has_credentials, redact
+
     assert has_credentials(f"http://u:{SECRET}@h:1/x") and has_credentials("https://tok@h")
     assert not has_credentials("s3://bucket/key@v2.jsonl")  # '@' in a key, not in the authority
     assert not has_credentials("mailto:a@b.c") and not has_credentials("sqlite:////tmp/mlflow.db")

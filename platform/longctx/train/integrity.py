@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -101,12 +100,20 @@ def list_checkpoints(train_root: str) -> list[CheckpointRef]:
 
 @contextlib.contextmanager
 def local_copy(uri: str) -> Iterator[str]:
-    """The checkpoint folder as a local path: itself when local, else downloaded for the duration."""
+    """The checkpoint folder as a local path: itself when local, else downloaded for the duration (by Ray
+    Train's `Checkpoint.as_directory`, which workers on one node share)."""
     if not storage.is_s3(uri):
         yield uri
         return
-    with tempfile.TemporaryDirectory(prefix="longctx-restore-") as tmp:
-        yield storage.download_dir(uri, tmp)
+    import ray.train  # deferred: the driver-side helpers of this module need no Ray
+
+    fs, path = storage.pyarrow_fs(uri)
+    with contextlib.ExitStack() as stack:
+        try:
+            folder = stack.enter_context(ray.train.Checkpoint(path=path, filesystem=fs).as_directory())
+        except (OSError, ValueError) as e:  # gone or unreadable: not a checkpoint to restore
+            raise storage.StorageError(f"{uri}: {type(e).__name__}: {e}") from None
+        yield folder
 
 
 # ----------------------------------------------------------------------------------------------- verifying

@@ -9,12 +9,11 @@ Entry point: `train_loop_per_worker(loop_config)`; `longctx.train.trainer.run_tr
 `longctx.train.spec.LoopSpec`. The steps are `LoopRunner`'s methods: `build_engine`, `restore`, `train_step`,
 `validate`, `checkpoint`, `early_stop`, `finish`, composed by `run`.
 
-Faults (docs/faults.md, section 5): `restore` takes the newest checkpoint whose manifests verify
+Faults (docs/faults.md, section 6): `restore` takes the newest checkpoint whose manifests verify
 (`longctx.train.integrity`); `train_step` finds a non-finite loss or gradient norm on any rank and stops or skips
 the step (`train.nonfinite`); no checkpoint or final model with non-finite weights is written; a preemption
 request checkpoints at the step boundary. A deliberate stop is reported, not raised (`longctx.train.stops`).
 """
-
 
 from __future__ import annotations
 
