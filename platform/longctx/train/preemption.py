@@ -44,10 +44,17 @@ def _remove(uri: str) -> None:
         os.remove(uri)
 
 
+def _in_ray_actor() -> bool:
+    """True inside a Ray actor (a Ray Tune trial): Ray and Tune stop those themselves."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
 class PreemptionGuard:
     """SIGTERM/SIGINT during `trainer.fit()` ask the workers for a checkpoint at the next step boundary (see the
-    module docstring). Installs its handlers only in the main thread (a Ray Tune trial runs elsewhere and is
-    stopped by Tune); restores the previous ones on exit."""
+    module docstring). Installs its handlers only in a driver's main thread (a Ray Tune trial runs in an actor
+    and is stopped by Tune); restores the previous ones on exit."""
 
     def __init__(self, train_root: str, grace_s: float):
         self.marker, self.grace_s = marker_uri(train_root), float(grace_s)
@@ -58,7 +65,7 @@ class PreemptionGuard:
 
     def __enter__(self) -> "PreemptionGuard":
         _remove(self.marker)  # a request of an earlier attempt is not one of this attempt
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and not _in_ray_actor():
             self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
