@@ -32,7 +32,7 @@ TRAINER_STATE = "trainer_state.json"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 """Ray Train V2's record of the run's checkpoints (what `ray.train.get_checkpoint` restores)."""
 _MANIFEST = re.compile(r"^manifest\.rank(\d{5})\.json$")
-_CHECKPOINT = re.compile(r"^checkpoint_(\d{8})(?:-(\d+))?$")
+_CHECKPOINT = re.compile(r"^checkpoint_(\d{8,})(?:-(\d+))?$")
 
 
 def manifest_name(rank: int) -> str:
