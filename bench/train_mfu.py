@@ -5,8 +5,9 @@ attention + chunked loss), and the longest row that trains on one device.
     python bench/train_mfu.py --preset 8b --find-max-len --offload              # GPU: longest trainable row
     python bench/train_mfu.py --preset tiny --seq-lens 256,512 --device cpu     # CPU smoke run (proves the path)
 
-Prints one JSON line per measurement and a table. FLOPs per step = 6*N*T + 6*L*H*sum(doc_len^2) (Megatron-style,
-causal attention counted once; see longctx.train.metrics); MFU = achieved FLOP/s / the device's dense bf16 peak.
+Prints one JSON line per measurement and a table. FLOPs per step = 6*N*T + c*L*A*sum(doc_len^2) with A = heads x
+head_dim; MFU in both conventions (longctx.train.metrics): `mfu` counts causal attention once (c=6), `mfu_full_square`
+the full square as Megatron-LM / NeMo / PaLM do (c=12). MFU = achieved FLOP/s / the device's dense bf16 peak.
 Attention backend: flash_attention_2 if installed, else flex_attention (document BlockMask) on GPU, SDPA with a
 per-document mask on CPU (override with --attn). Activation checkpointing is on by default for rows >= 8K.
 The longest-row search runs each attempt in a fresh subprocess (an OOM leaves CUDA state unusable) and doubles,
@@ -60,7 +61,7 @@ def measure(preset: str, seq_len: int, *, device: str, attn: str, steps: int, do
     from longctx.model.load import pick_attn_implementation
     from longctx.train.deepspeed import build_deepspeed_config
     from longctx.train.loss import CausalLMWithChunkedLoss, shift_targets
-    from longctx.train.metrics import count_params, device_peak_flops, step_flops
+    from longctx.train.metrics import count_params, device_peak_flops, model_step_flops
     from longctx.train.schedule import derive_layout
 
     _init_single_process_dist(device)
@@ -106,14 +107,15 @@ def measure(preset: str, seq_len: int, *, device: str, attn: str, steps: int, do
     if gpu:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    flops = step_flops(matmul_params=n["matmul"], tokens=seq_len, num_layers=cfg.num_hidden_layers,
-                       hidden_size=cfg.hidden_size, sum_sq_doc_lengths=sum(k * k for k in lengths))
+    flops = model_step_flops(cfg, matmul_params=n["matmul"], tokens=seq_len,
+                             sum_sq_doc_lengths=sum(k * k for k in lengths))
     peak = device_peak_flops(device)
     return {
         "preset": preset, "params": n["total"], "seq_len": seq_len, "docs_per_row": docs_per_row, "attn": attn_impl,
         "device": torch.cuda.get_device_name() if gpu else "cpu", "zero": zero, "offload": offload,
         "activation_checkpointing": use_ckpt, "step_s": dt, "tokens_per_s": seq_len / dt,
-        "tflops_per_s": flops / dt / 1e12, "mfu": flops / dt / peak if peak else None,
+        "tflops_per_s": flops["causal"] / dt / 1e12, "mfu": flops["causal"] / dt / peak if peak else None,
+        "mfu_full_square": flops["full_square"] / dt / peak if peak else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
     }
 
@@ -191,11 +193,14 @@ def main(argv=None) -> int:
         rows.append(r)
         print(json.dumps(r), flush=True)
     if not args.json_only:
-        print(f"\n| preset | seq_len | attn | tokens/s | TFLOP/s | MFU | peak GiB |\n|---|---|---|---|---|---|---|")
+        print("\n| preset | seq_len | attn | tokens/s | TFLOP/s | MFU (causal) | MFU (full square) | peak GiB |\n"
+              "|---|---|---|---|---|---|---|---|")
         for r in rows:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+            mfu_fs = f"{100 * r['mfu_full_square']:.1f}%" if r["mfu_full_square"] else "n/a"
             mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] else "n/a"
-            print(f"| {r['preset']} | {r['seq_len']} | {r['attn']} | {r['tokens_per_s']:.0f} | {r['tflops_per_s']:.3f} | {mfu} | {mem} |")
+            print(f"| {r['preset']} | {r['seq_len']} | {r['attn']} | {r['tokens_per_s']:.0f} | "
+                  f"{r['tflops_per_s']:.3f} | {mfu} | {mfu_fs} | {mem} |")
     return 0
 
 

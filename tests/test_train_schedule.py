@@ -110,17 +110,12 @@ def test_paper_presets_have_the_papers_numbers_and_a_valid_layout(name, grad_acc
         assert cfg.train.epochs == 2
 
 
-def test_step_flops_and_param_counts():
+def test_param_counts():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from longctx.train.metrics import count_params, step_flops
+    from longctx.train.metrics import count_params
 
-    # 6*N*T plus causal attention 6*L*H*sum(len^2): one 32K document costs 32x the attention of 32 1K documents.
-    one = step_flops(matmul_params=10**9, tokens=32768, num_layers=16, hidden_size=2048, sum_sq_doc_lengths=32768**2)
-    many = step_flops(matmul_params=10**9, tokens=32768, num_layers=16, hidden_size=2048, sum_sq_doc_lengths=32 * 1024**2)
-    assert many == pytest.approx(6e9 * 32768 + 6 * 16 * 2048 * 32 * 1024**2)
-    assert (one - 6e9 * 32768) == pytest.approx(32 * (many - 6e9 * 32768))
     for tie in (False, True):
         m = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie))

@@ -39,7 +39,7 @@ from longctx.train import integrity, stops
 from longctx.train.batches import Ledger, RowStream, collate, forward_inputs, parquet_tables, ray_data_tables
 from longctx.train.deepspeed import build_deepspeed_config
 from longctx.train.loss import CausalLMWithChunkedLoss, shift_targets
-from longctx.train.metrics import StepLog, count_params, device_peak_flops, memory_stats, step_flops
+from longctx.train.metrics import StepLog, count_params, device_peak_flops, memory_stats, model_step_flops
 from longctx.train.optim import adamw
 from longctx.train.preemption import PreemptionPoller, ray_preemption_notice
 from longctx.train.schedule import lr_lambda
@@ -374,15 +374,17 @@ class LoopRunner:
         self.tokens_seen += int(tokens_step)
         if self.is_rank0 and (step % tcfg.log_every == 0 or step == self.total_steps):
             world, n_params = self.world, self.n_params
-            flops = step_flops(matmul_params=n_params["matmul"], tokens=int(nonpad),
-                               num_layers=lm.config.num_hidden_layers, hidden_size=lm.config.hidden_size,
-                               sum_sq_doc_lengths=int(sumsq))
+            flops = model_step_flops(lm.config, matmul_params=n_params["matmul"], tokens=int(nonpad),
+                                     sum_sq_doc_lengths=int(sumsq))
             record = {
                 "step": step, "total_steps": self.total_steps, "loss": loss_total / max(n_global, 1.0),
                 "lr": lr_used, "grad_norm": grad_norm,
                 "tokens": self.tokens_seen, "step_tokens": int(tokens_step), "loss_tokens": int(n_global),
-                "step_time_s": dt, "tokens_per_s": tokens_step / dt, "tflops_per_s": flops / dt / 1e12 / world,
-                "mfu": (flops / dt / world / self.peak) if self.peak else None, **memory_stats(str(device)),
+                "step_time_s": dt, "tokens_per_s": tokens_step / dt,
+                "tflops_per_s": flops["causal"] / dt / 1e12 / world,
+                "mfu": (flops["causal"] / dt / world / self.peak) if self.peak else None,
+                "mfu_full_square": (flops["full_square"] / dt / world / self.peak) if self.peak else None,
+                **memory_stats(str(device)),
                 "epoch": rows[-1][0], "row_ids": row_ids,
             }
             self.log.add(record)

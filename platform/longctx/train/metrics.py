@@ -1,12 +1,21 @@
 """Training metrics: FLOPs / MFU estimate, memory, and the per-step log (rank 0: console + JSONL + CSV).
 
-FLOPs per optimizer step (Megatron-LM style, forward + backward = 3 x forward):
+FLOPs per optimizer step (forward + backward = 3 x forward; activation-checkpointing recompute not counted):
     6 * N * T                                   dense matmuls (N = non-embedding params + LM head, T = tokens)
-  + 6 * L * H * sum_over_documents(len^2)       causal attention (QK^T and AV: 2 matmuls x 2 FLOPs x L x H x
-                                                len^2 / 2 for causality, x 3 for fwd+bwd), padding excluded
-with H the hidden size (heads x head_dim). Packed documents only attend within themselves, so the attention
-term uses the sum of squared document lengths rather than seq_len^2.
-MFU = achieved FLOP/s / peak FLOP/s of the device (dense bf16 tensor-core peak on GPU).
+  + c * L * A * sum_over_documents(len^2)       attention (QK^T and AV), padding excluded
+with A = num_attention_heads x head_dim (the width of q, which is NOT hidden_size in Qwen3, Gemma and other
+models whose heads x head_dim differs from the hidden size) and c the convention:
+
+- `causal` (c = 6): 2 matmuls x 2 FLOPs x L x A x len^2 x 3 (fwd+bwd), halved because a causal kernel skips the
+  masked upper triangle. The work flash-attention does; our `mfu`.
+- `full_square` (c = 12): the same without halving, as Megatron-LM, NeMo and PaLM (arXiv 2204.02311, appendix B)
+  count it; `torch.utils.flop_counter.FlopCounterMode` counts the same for an explicit QK^T / AV (eager) step.
+  Our `mfu_full_square`; compare it with their published MFU (for Llama-3.1-8B on one-document rows it reads
+  1.36x our `mfu` at 32K, 1.70x at 128K, 1.95x at 1M).
+
+Packed documents only attend within themselves, so the attention term uses the sum of squared document lengths
+rather than seq_len^2. Sliding-window layers are counted as full attention (an upper bound).
+MFU = achieved FLOP/s / the device's dense bf16 tensor-core peak (`longctx.train.gpus`, exact device names).
 """
 
 from __future__ import annotations
@@ -19,8 +28,8 @@ import resource
 import time
 from typing import Any
 
-# Dense bf16 peak FLOP/s (no sparsity) per device, by substring of torch.cuda.get_device_name().
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+ATTENTION_CONVENTIONS = {"causal": 6.0, "full_square": 12.0}
+"""FLOPs per (layer x attention width x squared document length) of fwd+bwd attention, by counting convention."""
 
 
 def count_params(model) -> dict[str, int]:
@@ -38,23 +47,43 @@ def count_params(model) -> dict[str, int]:
     return {"total": int(total), "matmul": int(matmul)}
 
 
-def step_flops(*, matmul_params: int, tokens: int, num_layers: int, hidden_size: int, sum_sq_doc_lengths: int) -> float:
-    """Training FLOPs of one step (forward + backward) for `tokens` tokens in documents with the given sum of
-    squared lengths."""
-    return 6.0 * matmul_params * tokens + 6.0 * num_layers * hidden_size * sum_sq_doc_lengths
+def attention_width(hf_config) -> int:
+    """num_attention_heads x head_dim of a HF config (the q projection's width; hidden_size only when they agree)."""
+    cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    heads = int(cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return heads * int(head_dim)
+
+
+def step_flops(*, matmul_params: int, tokens: int, num_layers: int, attention_dim: int, sum_sq_doc_lengths: int,
+               convention: str = "causal") -> float:
+    """Model FLOPs of one step (forward + backward) for `tokens` tokens in documents with the given sum of squared
+    lengths; `attention_dim` = heads x head_dim (`attention_width`); `convention` in ATTENTION_CONVENTIONS."""
+    if convention not in ATTENTION_CONVENTIONS:
+        raise ValueError(f"convention must be one of {sorted(ATTENTION_CONVENTIONS)}, got {convention!r}")
+    return (6.0 * matmul_params * tokens
+            + ATTENTION_CONVENTIONS[convention] * num_layers * attention_dim * sum_sq_doc_lengths)
+
+
+def model_step_flops(hf_config, *, matmul_params: int, tokens: int, sum_sq_doc_lengths: int) -> dict[str, float]:
+    """`step_flops` of a HF model config in both conventions: {"causal": ..., "full_square": ...}."""
+    cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    return {c: step_flops(matmul_params=matmul_params, tokens=tokens, num_layers=int(cfg.num_hidden_layers),
+                          attention_dim=attention_width(cfg), sum_sq_doc_lengths=sum_sq_doc_lengths, convention=c)
+            for c in ATTENTION_CONVENTIONS}
 
 
 def device_peak_flops(device: str = "cpu") -> float | None:
-    """Dense bf16 peak of the current GPU, or None on CPU / unknown GPUs (MFU then not reported)."""
+    """Dense bf16 peak of the current GPU (exact device name, `longctx.train.gpus`), or None on CPU and on GPUs
+    not listed there (MFU then not reported)."""
     if not str(device).startswith("cuda"):
         return None
     import torch
 
-    name = torch.cuda.get_device_name()
-    for key, peak in GPU_PEAK_BF16.items():
-        if key in name:
-            return peak
-    return None
+    from longctx.train.gpus import gpu_by_name
+
+    spec = gpu_by_name(torch.cuda.get_device_name())
+    return spec.peak_bf16_flops if spec else None
 
 
 def memory_stats(device: str = "cpu") -> dict[str, float]:
@@ -187,6 +216,8 @@ def format_step(r: dict) -> str:
     parts.append(f"tok/s {r['tokens_per_s']:.0f}")
     if r.get("mfu") is not None:
         parts.append(f"mfu {100 * r['mfu']:.1f}%")
+        if r.get("mfu_full_square") is not None:
+            parts.append(f"(full-square {100 * r['mfu_full_square']:.1f}%)")
     if r.get("elapsed_s") is not None:
         from longctx.progress import format_duration
 
