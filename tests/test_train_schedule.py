@@ -111,7 +111,6 @@ def test_paper_presets_have_the_papers_numbers_and_a_valid_layout(name, grad_acc
 
 
 def test_param_counts():
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from longctx.train.metrics import count_params

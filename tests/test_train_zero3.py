@@ -1,6 +1,7 @@
-"""ZeRO-3 (parameters partitioned too) with optimizer offload to CPU and activation checkpointing, on 2 gloo
-workers: the same losses, gradient norms and final weights as a single-process run, and the HF export gathers the
-partitioned parameters into a complete model."""
+"""ZeRO-3 (parameters partitioned too) with optimizer and parameter offload to CPU, activation checkpointing with
+the checkpointed layer inputs offloaded and tiled MLPs (ALST's memory savers), on 2 gloo workers: the same losses,
+gradient norms and final weights as a plain single-process run, and the HF export gathers the partitioned
+parameters into a complete model."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 SEQ, STEPS = 64, 2
 
 
-def test_zero3_offload_activation_checkpointing_equals_single_process(ray_cluster, tmp_path):
+def test_zero3_offloads_and_memory_savers_equal_single_process(ray_cluster, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from longctx.train.trainer import run_training
@@ -29,13 +30,15 @@ def test_zero3_offload_activation_checkpointing_equals_single_process(ray_cluste
     cfg = load_config(None, [
         f"model.path={model_dir}", "data.seq_len=64", "model.rope_theta=40000",
         "train.zero_stage=3", "train.offload_optimizer=true", "train.activation_checkpointing=true",
+        "train.offload_params=true", "train.activation_offload=true", "train.tiled_mlp=true",
         "train.global_batch_tokens=256", f"train.max_steps={STEPS}", "train.lr=3e-3", "train.warmup_ratio=0.5",
         "train.loss_chunk_tokens=50",
     ])
     out = run_training(cfg, data_uri, str(tmp_path / "run"))
 
     info = json.loads(storage.read_text(str(tmp_path / "run" / "train" / "engine_info.json")))
-    assert info["zero_stage"] == 3 and info["deepspeed_config"]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    zero = info["deepspeed_config"]["zero_optimization"]
+    assert info["zero_stage"] == 3 and zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
     total = info["params"]["total"]
     assert all(r["optimizer_state_numel"] <= 0.55 * total for r in info["ranks"]), info["ranks"]
 

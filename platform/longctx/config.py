@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from longctx.redact import CREDENTIALS_HELP, credential_fields, redact
+from longctx.train.gpus import PLAN_KINDS
 
 
 class ConfigError(ValueError):
@@ -331,6 +332,35 @@ class TrainConfig(_Section):
     """Held-out documents for the validation loss (any corpus format, local or s3://). Default: eval.documents."""
     val_num_documents: int = Field(8, ge=1)
     """Validation documents: the first N with at least data.seq_len tokens, each cut to data.seq_len, one per row."""
+
+    # -- memory: ALST's savers (longctx.train.memory_savers) and the GPU the plan checks against (longctx.plan)
+    tiled_mlp: bool = False
+    """Run each decoder layer's MLP over tiles of ~hidden_size tokens (DeepSpeed's TiledMLP, each tile recomputed
+    in backward): the [tokens, intermediate_size] temporaries shrink about tokens/hidden_size-fold (ALST). Costs
+    one more MLP forward per step."""
+    activation_offload: bool = False
+    """Keep the checkpointed input of every decoder layer in (pinned) CPU memory instead of on the GPU (ALST);
+    needs activation_checkpointing. Each GPU then holds layers x tokens x hidden_size x 2 bytes of host memory:
+    `longctx plan` prints the CPU memory per node."""
+    offload_params: bool = False
+    """ZeRO-3 parameter offload: the bf16 parameter partition lives in CPU memory and is gathered layer by layer;
+    needs zero_stage: 3."""
+    gpu_type: Literal[PLAN_KINDS] | None = None
+    """GPU model of the workers, for the memory check before the job starts (`longctx plan`, preflight). Default:
+    from a resource marker in resources_per_worker (gpu_h100 -> h100, gpu_a100 -> a100-40gb), else unknown (then
+    the check needs gpu_memory_gib)."""
+    gpu_memory_gib: float | None = Field(None, gt=0)
+    """Memory of one GPU in GiB (as CUDA reports it, e.g. 79.1 for an H100 80GB); overrides gpu_type's."""
+
+    @model_validator(mode="after")
+    def _memory_savers(self) -> "TrainConfig":
+        if self.activation_offload and not self.activation_checkpointing:
+            raise ValueError("train.activation_offload moves the checkpointed layer inputs to CPU memory: set "
+                             "train.activation_checkpointing=true with it")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"train.offload_params is ZeRO-3 parameter offload: set train.zero_stage=3 "
+                             f"(it is {self.zero_stage})")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------------- eval

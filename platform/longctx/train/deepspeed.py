@@ -65,6 +65,10 @@ def build_deepspeed_config(train_cfg, layout: BatchLayout, *, use_gpu: bool, use
         if stage == 0:
             raise ValueError("train.offload_optimizer needs train.zero_stage >= 1")
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(use_gpu)}
+    if getattr(train_cfg, "offload_params", False):
+        if stage != 3:
+            raise ValueError("train.offload_params needs train.zero_stage=3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": bool(use_gpu)}
     config: dict[str, Any] = {
         # DeepSpeed's train_batch_size counts rows over data-parallel ranks only; with sequence parallelism the
         # other ranks of a group hold pieces of the same rows.

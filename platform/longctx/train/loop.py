@@ -38,7 +38,8 @@ from longctx.train import fault_injection as inject
 from longctx.train import integrity, stops
 from longctx.train.batches import Ledger, RowStream, collate, forward_inputs, parquet_tables, ray_data_tables
 from longctx.train.deepspeed import build_deepspeed_config
-from longctx.train.loss import CausalLMWithChunkedLoss, shift_targets
+from longctx.train.loss import shift_targets
+from longctx.train.memory_savers import prepare_for_training
 from longctx.train.metrics import StepLog, count_params, device_peak_flops, memory_stats, model_step_flops
 from longctx.train.optim import adamw
 from longctx.train.preemption import PreemptionPoller, ray_preemption_notice
@@ -185,12 +186,10 @@ class LoopRunner:
         max_pos = cfg.model.max_position_embeddings or cfg.data.seq_len
         self.lm = lm = load_causal_lm(cfg.model.path, cfg.model, device=self.device, attn_implementation=attn_impl,
                                       max_position_embeddings=max_pos)
-        if tcfg.activation_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        lm.config.use_cache = False
+        # checkpointing (+ activation offload), tiled MLP, chunked loss: the same call the planner traces
+        wrapped = prepare_for_training(lm, tcfg, use_gpu=tcfg.use_gpu)
         self.n_params = count_params(lm)
         self.startup["model_loaded"] = time.perf_counter() - self.t_start
-        wrapped = CausalLMWithChunkedLoss(lm, chunk_tokens=tcfg.loss_chunk_tokens)
 
         # 2. DeepSpeed engine.
         optimizer = adamw(wrapped, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=tcfg.adam_betas)
@@ -209,6 +208,8 @@ class LoopRunner:
                  f"micro_batch={layout.micro_batch_size} grad_accum={layout.grad_accum} "
                  f"tokens/step={layout.tokens_per_step:,} steps={self.total_steps} attn={attn_impl} "
                  f"zero={tcfg.zero_stage} params={self.n_params['total']:,} "
+                 + "".join(f"{k}=on " for k in ("activation_checkpointing", "activation_offload", "tiled_mlp",
+                                                "offload_optimizer", "offload_params") if getattr(tcfg, k))
                  + " ".join(f"{k}={v}" for k, v in (lm.config.rope_parameters or {}).items()))
 
         self.startup["engine_ready"] = time.perf_counter() - self.t_start

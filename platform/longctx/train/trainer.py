@@ -135,6 +135,7 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
 
     from longctx.train.deepspeed import load_user_deepspeed_json
     from longctx.train.loop import train_loop_per_worker
+    from longctx.train.memory_savers import worker_env
     from longctx.train.spec import LoopSpec
 
     layout = _layout(cfg)
@@ -179,6 +180,7 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
             failure_config=ray.train.FailureConfig(max_failures=max_failures(cfg)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks or []),
+            worker_runtime_env={"env_vars": worker_env(cfg.train)},  # expandable segments on GPU workers
         ),
         datasets=datasets,
     )
