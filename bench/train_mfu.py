@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -34,22 +33,6 @@ PRESETS = {
 }
 
 
-def _init_single_process_dist(device: str) -> None:
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    from longctx.train.loop import _disable_deepspeed_shm_comm
-
-    _disable_deepspeed_shm_comm()
-    deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
-
-
 def measure(preset: str, seq_len: int, *, device: str, attn: str, steps: int, docs_per_row: int, zero: int,
             offload: bool, checkpointing: bool | None, loss_chunk: int) -> dict:
     import deepspeed
@@ -59,12 +42,12 @@ def measure(preset: str, seq_len: int, *, device: str, attn: str, steps: int, do
     from longctx.config import TrainConfig
     from longctx.model.attention import attention_inputs, document_ids_from_seg_lengths
     from longctx.model.load import pick_attn_implementation
-    from longctx.train.deepspeed import build_deepspeed_config
+    from longctx.train.deepspeed import build_deepspeed_config, init_single_process
     from longctx.train.loss import CausalLMWithChunkedLoss, shift_targets
     from longctx.train.metrics import count_params, device_peak_flops, model_step_flops
     from longctx.train.schedule import derive_layout
 
-    _init_single_process_dist(device)
+    init_single_process(device)
     attn_impl = pick_attn_implementation(attn, device)
     gpu = device.startswith("cuda")
     dtype = torch.bfloat16 if gpu else torch.float32

@@ -11,6 +11,7 @@
     longctx eval ruler generate --config FILE --set eval.ruler.lengths=[4096,8192] --output DIR
     longctx tune         --config jobs/configs/sweep-rope-budget.yaml   (same as jobs/sweep.py; resumes by name)
     longctx rope suggest --head-dim 128 --train-len 4096 --target-len 32768
+    longctx plan         --config FILE [--gpu h100] [--max-seq-len] [--json]   (memory per GPU, FLOPs, step time)
     longctx config show|validate|schema --config FILE [--kind pt|sft|eval|prepare|sweep] [--output FILE]
 """
 
@@ -183,6 +184,31 @@ def _cmd_rope_suggest(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    import time
+
+    from longctx.plan.planner import Planner
+    from longctx.plan.report import render
+
+    t0 = time.perf_counter()
+    cfg = _load(args)
+    planner = Planner(cfg, gpu=args.gpu, mfu=args.mfu, gpus_per_node=args.gpus_per_node)
+    plan = planner.max_seq_len() if args.max_seq_len else planner.plan()
+    if plan is None:
+        print(f"longctx plan: not even {planner.granularity():,} tokens per row fit this layout", file=sys.stderr)
+        return 2
+    nearest = planner.nearest_fit() if plan.fits is False else None
+    if args.json:
+        out = plan.as_json()
+        if nearest:
+            out["nearest_fit"] = {"changes": nearest[0], "total_gib": round(nearest[1].per_gpu_gib["total"], 3)}
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+        print(json.dumps(out))
+    else:
+        print(render(plan, cfg.model.path, cfg.train.num_workers, nearest))
+    return 0
+
+
 def _cmd_config(args) -> int:
     from longctx.config import dump_config, job_config_schema
 
@@ -217,6 +243,8 @@ def _cmd_config(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from longctx import __version__
+    from longctx.plan.planner import DEFAULT_MFU
+    from longctx.train.gpus import PLAN_KINDS
 
     parser = argparse.ArgumentParser(prog="longctx", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"longctx {__version__}",
@@ -298,6 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-len", type=int, required=True, help="context length the model was pretrained at (tokens)")
     p.add_argument("--target-len", type=int, required=True, help="context length to extend to (tokens)")
     p.set_defaults(func=_cmd_rope_suggest)
+
+    pl = verbs.add_parser("plan", help="will it fit? memory per GPU, CPU memory per node, FLOPs and step time of "
+                          "the configured training job, from the model's config.json (no GPU, no weights, no Ray)")
+    _add_config_args(pl)
+    pl.add_argument("--gpu", choices=list(PLAN_KINDS), default=None,
+                    help="GPU to plan for (default: train.gpu_type, a gpu_* marker in train.resources_per_worker, or "
+                    "train.gpu_memory_gib); implies a GPU job")
+    pl.add_argument("--max-seq-len", action="store_true", help="search the longest data.seq_len that fits this layout")
+    pl.add_argument("--json", action="store_true", help="one JSON line instead of the table")
+    pl.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="assumed MFU for step times (default %(default)s)")
+    pl.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, for CPU memory per node (default 8)")
+    pl.set_defaults(func=_cmd_plan)
 
     conf = verbs.add_parser("config", help="show, validate or export the job config schema")
     conf.add_argument("action", choices=["show", "validate", "schema"],

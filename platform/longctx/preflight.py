@@ -78,6 +78,8 @@ class _State:
     """Why S3 cannot be used at all (no credentials, endpoint unreachable): later S3 checks are skipped."""
     model_config: dict | None = None
     """The model's config.json (text part), when it could be read."""
+    model_config_full: dict | None = None
+    """The whole config.json (what the memory plan builds the model from)."""
     model_dir: str | None = None
     """Local folder of the model (S3 models are not downloaded for the checks)."""
 
@@ -281,7 +283,8 @@ def _check_model(st: _State, where: str, uri: str, *, main: bool) -> None:
             try:
                 bucket, _, key = norm[len("s3://"):].partition("/")
                 body = _s3_client().get_object(Bucket=bucket, Key=f"{key.rstrip('/')}/config.json")["Body"].read()
-                st.model_config = _text_config(json.loads(body))
+                st.model_config_full = json.loads(body)
+                st.model_config = _text_config(st.model_config_full)
             except Exception as e:  # noqa: BLE001
                 st.add(where, f"{raw}/config.json cannot be read: {type(e).__name__}: {e}", "re-upload config.json")
     else:
@@ -301,7 +304,8 @@ def _check_model(st: _State, where: str, uri: str, *, main: bool) -> None:
             if "config.json" in names:
                 try:
                     with open(os.path.join(norm, "config.json")) as f:
-                        st.model_config = _text_config(json.load(f))
+                        st.model_config_full = json.load(f)
+                    st.model_config = _text_config(st.model_config_full)
                 except (OSError, ValueError) as e:
                     st.add(where, f"{norm}/config.json is not valid JSON: {e}", "replace config.json")
     if "config.json" not in names:
@@ -444,6 +448,32 @@ def _check_backend(st: _State) -> None:
                    f"(train.sequence_parallel={sp})", "set train.val_every=0 or train.sequence_parallel=1")
 
 
+def _check_memory(st: _State) -> None:
+    """A GPU job whose layout does not fit the GPU's memory (longctx.plan): refused with predicted vs usable GiB,
+    the dominant term and the nearest layout that fits. Needs the model's config.json and a known GPU memory."""
+    cfg = st.cfg
+    if not cfg.train.use_gpu or not isinstance(st.model_config_full, dict) or st.problems:
+        return  # nothing to plan, or the job is refused already (a plan of a broken config would mislead)
+    from longctx.plan.planner import Planner, resolve_gpu
+    from longctx.plan.report import refusal
+
+    kind, memory, _ = resolve_gpu(cfg)
+    if memory is None:
+        st.warn("train.gpu_type", "the workers' GPU is not known, so whether this layout fits its memory was not "
+                "checked", "set train.gpu_type (h100, h200, a100-80gb, a100-40gb, l40s) or train.gpu_memory_gib")
+        return
+    try:
+        planner = Planner(cfg, model_config=st.model_config_full)
+        plan = planner.plan()
+    except Exception as e:  # noqa: BLE001 - a plan that cannot be made is a warning, never a crash of the checks
+        st.warn("train", f"the memory plan could not be made ({type(e).__name__}: {str(e)[:200]})",
+                "run `longctx plan` to see why")
+        return
+    if plan.fits is False:
+        what, fix = refusal(plan, planner.nearest_fit())
+        st.add("train (GPU memory)", what, fix + "; `longctx plan` shows the breakdown")
+
+
 # ------------------------------------------------------------------------------------------------------ run
 def _sources(st: _State, suffixes: tuple[str, ...]) -> None:
     for name, spec in sorted(st.cfg.data.source_specs().items()):
@@ -583,6 +613,8 @@ def _run(cfg: JobConfig, kind: str) -> _State:
         _check_backend(st)
     if kind == "sweep":
         _check_sweep_grid(st)
+    if "backend" in checks:
+        _check_memory(st)  # last: only a job that is otherwise right is planned
     if kind in ("pt", "sft", "sweep"):  # logging.wandb / logging.mlflow need their package (longctx.tracking)
         from longctx.tracking import missing_packages
 

@@ -29,6 +29,7 @@ import pyarrow as pa
 import torch
 
 from longctx.model.attention import attention_inputs, document_ids_from_position_ids
+from longctx.train.sequence_parallel import shard_for_rank
 
 REQUIRED_COLUMNS = ("input_ids", "position_ids", "labels", "seg_lengths", "row_id")
 
@@ -241,3 +242,17 @@ def forward_inputs(m: MicroBatch, targets: torch.Tensor | None, *, attn_implemen
     kwargs = attention_inputs(pos.to(device), attn_implementation=attn_implementation, attention=attention,
                               doc_ids=doc_ids, dtype=dtype)
     return input_ids.to(device), (tgt.to(device) if tgt is not None else None), kwargs
+
+
+def rank_forward_inputs(m: MicroBatch, targets: torch.Tensor, *, sequence_parallel: int, sp_rank: int,
+                        attn_implementation: str, attention: str, device,
+                        dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(input_ids, targets, keyword arguments) of THIS rank's forward of one micro-batch: with sequence
+    parallelism its contiguous shard of every row (the attention layers all-to-all the rest and rebuild the
+    document mask from the gathered position ids), else `forward_inputs`."""
+    if sequence_parallel > 1:
+        input_ids, pos, tgt = (shard_for_rank(t, sp_rank, sequence_parallel)
+                               for t in (m.input_ids, m.position_ids, targets))
+        return input_ids.to(device), tgt.to(device), {"position_ids": pos.to(device), "use_cache": False}
+    return forward_inputs(m, targets, attn_implementation=attn_implementation, attention=attention, device=device,
+                          dtype=dtype)

@@ -21,6 +21,9 @@ from longctx.train.schedule import BatchLayout
 
 log = logging.getLogger(__name__)
 
+REDUCE_BUCKET_ELEMENTS = int(5e8)
+"""ZeRO reduce / all-gather bucket size (elements) of the generated config (the planner counts these buffers)."""
+
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
@@ -55,8 +58,8 @@ def build_deepspeed_config(train_cfg, layout: BatchLayout, *, use_gpu: bool, use
                 "overlap_comm": bool(use_gpu),
                 "contiguous_gradients": True,
                 "reduce_scatter": True,
-                "allgather_bucket_size": int(5e8),
-                "reduce_bucket_size": int(5e8),
+                "allgather_bucket_size": REDUCE_BUCKET_ELEMENTS,
+                "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS,
             }
         )
     if stage == 3:
@@ -100,3 +103,33 @@ def build_deepspeed_config(train_cfg, layout: BatchLayout, *, use_gpu: bool, use
         config = _deep_merge(config, user_override)
         log.info("DeepSpeed config overridden by user JSON keys: %s", sorted(user_override))
     return config
+
+
+def disable_deepspeed_shm_comm() -> None:
+    """Keep DeepSpeed on plain torch.distributed collectives (gloo on CPU).
+
+    NOTE: on CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op (`deepspeed_shm_comm`) the
+    first time it starts: a C++ build of ~1 min per machine, serialised by a file lock under
+    ~/.cache/torch_extensions that stays behind if a worker is killed mid-build and then blocks every later run.
+    Gloo is what we test and is enough for CPU runs; GPU runs use nccl and never build it.
+    """
+    import importlib
+
+    # NOTE: `import deepspeed.comm.torch as m` would bind the torch library (deepspeed.comm imports torch).
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    ds_torch_comm.build_shm_op = lambda: None
+
+
+def init_single_process(device: str) -> None:
+    """A one-rank process group for DeepSpeed outside Ray Train (benchmarks: nccl on GPU, gloo on CPU)."""
+    import os
+
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(29500 + os.getpid() % 1000)),
+                       ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    if not str(device).startswith("cuda"):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # deferred: after DS_ACCELERATOR, which DeepSpeed reads at import
+
+    disable_deepspeed_shm_comm()
+    deepspeed.init_distributed(dist_backend="nccl" if str(device).startswith("cuda") else "gloo")

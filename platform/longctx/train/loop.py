@@ -36,8 +36,8 @@ from longctx.tracking import Tracker, run_id_for
 from longctx.train import checkpoint as ckpt
 from longctx.train import fault_injection as inject
 from longctx.train import integrity, stops
-from longctx.train.batches import Ledger, RowStream, collate, forward_inputs, parquet_tables, ray_data_tables
-from longctx.train.deepspeed import build_deepspeed_config
+from longctx.train.batches import Ledger, RowStream, collate, parquet_tables, rank_forward_inputs, ray_data_tables
+from longctx.train.deepspeed import build_deepspeed_config, disable_deepspeed_shm_comm
 from longctx.train.loss import shift_targets
 from longctx.train.memory_savers import prepare_for_training
 from longctx.train.metrics import StepLog, count_params, device_peak_flops, memory_stats, model_step_flops
@@ -60,21 +60,6 @@ def _device(use_gpu: bool) -> torch.device:
 
         return ray.train.torch.get_device()
     return torch.device("cpu")
-
-
-def _disable_deepspeed_shm_comm() -> None:
-    """Keep DeepSpeed on plain torch.distributed collectives (gloo on CPU).
-
-    NOTE: on CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op (`deepspeed_shm_comm`) the
-    first time it starts: a C++ build of ~1 min per machine, serialised by a file lock under
-    ~/.cache/torch_extensions that stays behind if a worker is killed mid-build and then blocks every later run.
-    Gloo is what we test and is enough for CPU runs; GPU runs use nccl and never build it.
-    """
-    import importlib
-
-    # NOTE: `import deepspeed.comm.torch as m` would bind the torch library (deepspeed.comm imports torch).
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-    ds_torch_comm.build_shm_op = lambda: None
 
 
 def _all_sum(values: list[float], device) -> list[float]:
@@ -176,7 +161,7 @@ class LoopRunner:
             os.environ.setdefault(_DS_ACCEL_ENV, "cpu")
         import deepspeed  # after DS_ACCELERATOR is set
 
-        _disable_deepspeed_shm_comm()
+        disable_deepspeed_shm_comm()
         deepspeed.init_distributed(dist_backend="nccl" if tcfg.use_gpu else "gloo")
         torch.manual_seed(tcfg.seed)
         self.startup["imports_and_dist"] = time.perf_counter() - self.t_start
@@ -331,14 +316,10 @@ class LoopRunner:
         lr_used = float(engine.get_lr()[0])
         loss_sum_local = 0.0
         for m, tgt in zip(micro, targets):
-            input_ids, pos = m.input_ids, m.position_ids
-            if sp > 1:  # this rank's shard of every row; the attention layers all-to-all the rest
-                input_ids, pos, tgt = (shard_for_rank(t, sp_rank, sp) for t in (input_ids, pos, tgt))
-                kwargs = {"position_ids": pos.to(device), "use_cache": False}
-            else:
-                input_ids, tgt, kwargs = forward_inputs(m, tgt, attn_implementation=self.attn_impl, device=device,
-                                                        attention=cfg.data.attention, dtype=lm.dtype)
-            loss_sum, _ = engine(input_ids.to(device), tgt.to(device), **kwargs)
+            input_ids, tgt, kwargs = rank_forward_inputs(m, tgt, sequence_parallel=sp, sp_rank=sp_rank,
+                                                         attn_implementation=self.attn_impl,
+                                                         attention=cfg.data.attention, device=device, dtype=lm.dtype)
+            loss_sum, _ = engine(input_ids, tgt, **kwargs)
             loss_sum = self.inject_nan(loss_sum)
             engine.backward(loss_sum * scale)
             engine.step()
