@@ -80,7 +80,7 @@ def test_each_term_responds_to_its_setting():
 
 def test_max_seq_len_is_the_boundary_of_fitting():
     cfg = load_config(None, [f"model.path={SHAPES}/index-1.9b", "data.seq_len=4096", "train.num_workers=8",
-                             "train.global_batch_tokens=32768", "train.gpu_memory_gib=24", *GPU_JOB])
+                             "train.global_batch_tokens=32768", "train.gpu_memory_gib=12", *GPU_JOB])
     planner = Planner(cfg)
     best = planner.max_seq_len()
     s = best.extra["max_seq_len"]
