@@ -48,6 +48,7 @@ def measure(args, seq_len: int) -> dict:
     from longctx.train.deepspeed import build_deepspeed_config, init_single_process
     from longctx.train.loss import shift_targets
     from longctx.train.memory_savers import prepare_for_training
+    from longctx.train.optim import adamw
     from longctx.train.schedule import derive_layout
 
     cfg = _one_config(args, seq_len)
@@ -69,7 +70,7 @@ def measure(args, seq_len: int) -> dict:
         with torch.device(args.device):
             lm = AutoModelForCausalLM.from_config(hf, attn_implementation=attn, dtype=dtype)
         wrapped = prepare_for_training(lm, t, use_gpu=gpu)
-        optimizer = torch.optim.AdamW(wrapped.parameters(), lr=t.lr)
+        optimizer = adamw(wrapped, lr=t.lr, weight_decay=t.weight_decay, betas=t.adam_betas)  # the loop's AdamW
         engine, *_ = deepspeed.initialize(model=wrapped, optimizer=optimizer,
                                           config=build_deepspeed_config(t, layout, use_gpu=gpu))
         m = one_document_rows(t.micro_batch_size, seq_len, hf.get_text_config().vocab_size)
