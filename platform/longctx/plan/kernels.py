@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from transformers.integrations import flex_attention as hf_flex
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 _LSE = torch.float32
 
@@ -83,9 +85,6 @@ def _flash_attention_2(module, query, key, value, attention_mask, **kwargs):
 def gpu_attention_kernels():
     """While active: F.scaled_dot_product_attention, transformers' FlexAttention call and its flash_attention_2
     function are the stand-ins above (restored on exit)."""
-    from transformers.integrations import flex_attention as hf_flex
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     saved = (ALL_ATTENTION_FUNCTIONS["flash_attention_2"], hf_flex.compile_friendly_flex_attention,
              torch.nn.functional.scaled_dot_product_attention)
     # NOTE: module attributes, not a TorchFunctionMode: a mode is switched off while it handles a call, and the

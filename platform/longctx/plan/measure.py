@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+from transformers import AutoModelForCausalLM
 
 from longctx.plan.trace import StepShape, drop_gradients, one_document_rows
 from longctx.train.batches import rank_forward_inputs
@@ -37,8 +38,6 @@ def peak_allocated(fn) -> int:
 
 def measure_cpu_step(shape: StepShape, seed: int = 0) -> int:
     """Peak bytes of one real forward + backward of `shape` on the CPU (sequence_parallel must be 1)."""
-    from transformers import AutoModelForCausalLM
-
     if shape.sequence_parallel != 1:
         raise ValueError("a CPU measurement runs one process: sequence_parallel must be 1")
     torch.manual_seed(seed)

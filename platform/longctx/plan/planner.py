@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 
 from longctx import storage
 from longctx.config import ConfigError, JobConfig, config_from_dict
+from longctx.model.rope import apply_rope_changes
+from longctx.plan.states import model_states
 from longctx.train.gpus import RESOURCE_MARKERS, gpu_by_kind
+from longctx.train.metrics import count_params, model_step_flops
 
 GIB = 2**30
 RESERVE_GIB = 2.0
@@ -92,9 +95,7 @@ class Plan:
 def read_model_config(cfg: JobConfig, config_dict: dict | None = None):
     """The model's HF config (RoPE changes applied, max_position_embeddings = data.seq_len unless set) from
     `config_dict` or `<model.path>/config.json` (local, builtin: or s3://; nothing else is read)."""
-    from transformers import AutoConfig
-
-    from longctx.model.rope import apply_rope_changes
+    from transformers import AutoConfig  # deferred: transformers takes seconds; `longctx --help` imports this module
 
     if config_dict is None:
         uri = storage.join(cfg.model.path, "config.json")
@@ -146,7 +147,7 @@ class Planner:
 
     def __init__(self, cfg: JobConfig, *, gpu: str | None = None, mfu: float = DEFAULT_MFU, gpus_per_node: int = 8,
                  model_config: dict | None = None):
-        import torch
+        import torch  # deferred (here and below): torch and transformers take seconds; the CLI imports this module
 
         from longctx.model.load import pick_attn_implementation
 
@@ -169,8 +170,6 @@ class Planner:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from longctx.train.metrics import count_params
-
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(self.hf_config, attn_implementation="sdpa", dtype=self.dtype)
         n = count_params(lm)
@@ -178,7 +177,7 @@ class Planner:
         return n["total"], n["matmul"], int(largest)
 
     def _trace(self, cfg: JobConfig):
-        from longctx.plan.trace import StepShape, trace_step
+        from longctx.plan.trace import StepShape, trace_step  # deferred: imports torch and transformers
 
         t = cfg.train
         key = (cfg.data.seq_len, t.micro_batch_size, t.sequence_parallel, t.activation_checkpointing,
@@ -192,9 +191,6 @@ class Planner:
         return self._traces[key]
 
     def plan(self, **changes) -> Plan:
-        from longctx.plan.states import model_states
-        from longctx.train.metrics import model_step_flops
-
         cfg = with_layout(self.cfg, changes) if changes else self.cfg
         t = cfg.train
         tr = self._trace(cfg)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import time
 import weakref
 from collections import defaultdict
@@ -42,15 +43,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from longctx.model.attention import document_ids_from_position_ids
+from longctx.plan.kernels import gpu_attention_kernels
 from longctx.train.batches import MicroBatch, rank_forward_inputs
+from longctx.train.deepspeed import disable_deepspeed_shm_comm
 from longctx.train.loss import shift_targets
 from longctx.train.memory_savers import prepare_for_training
+from longctx.train.sequence_parallel import enable_ulysses
 
 HOST = "meta"
 """Where offloaded activations go in a trace (their bytes are host memory)."""
@@ -96,8 +103,6 @@ class StepTrace:
 
 def _fake_model(hf_config, layers: int, attn_implementation: str, dtype: torch.dtype):
     """A HF causal LM of `layers` decoder layers on the meta device (no memory, no weights)."""
-    from transformers import AutoModelForCausalLM
-
     cfg = copy.deepcopy(hf_config)
     text = cfg.get_text_config()
     text.num_hidden_layers = layers
@@ -116,27 +121,19 @@ def _fake_model(hf_config, layers: int, attn_implementation: str, dtype: torch.d
 @contextlib.contextmanager
 def _fake_process_group(size: int):
     """A fake process group of `size` ranks (this is rank 0) with DeepSpeed's comm on top; torn down after."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     if dist.is_initialized():
         raise RuntimeError("longctx plan: cannot trace sequence parallelism in a process that already has a "
                            "torch.distributed process group")
-    import os
-
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed  # deferred: only sequence-parallel traces need DeepSpeed's comm
+    import deepspeed  # deferred: only sequence-parallel traces need DeepSpeed's comm (and it reads DS_ACCELERATOR)
+    import deepspeed.comm as ds_dist
 
-    from longctx.train.deepspeed import disable_deepspeed_shm_comm
-
-    dist.init_process_group("fake", rank=0, world_size=size, store=FakeStore())
+    dist.init_process_group("fake", rank=0, world_size=size, store=dist.HashStore())
     disable_deepspeed_shm_comm()
     deepspeed.init_distributed(dist_backend="fake")
     try:
         yield
     finally:
-        import deepspeed.comm as ds_dist
-
         ds_dist.destroy_process_group()
 
 
@@ -144,8 +141,7 @@ def _fake_process_group(size: int):
 def _attention_functions_restored():
     """transformers' attention registry as it was: Ulysses (and the kernel stand-ins) override entries of it, and
     an override left behind would be wrapped again by the next trace's Ulysses."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as fns
-
+    fns = ALL_ATTENTION_FUNCTIONS
     before = {k: fns[k] for k in fns}
     try:
         yield
@@ -221,14 +217,10 @@ def _trace(shape: StepShape, layers: int) -> dict:
     with contextlib.ExitStack() as stack:
         stack.enter_context(_attention_functions_restored())
         if shape.gpu_kernels:
-            from longctx.plan.kernels import gpu_attention_kernels
-
             stack.enter_context(gpu_attention_kernels())
         lm = _fake_model(cfg, layers, shape.attn_implementation, shape.dtype)
         wrapped = prepare_for_training(lm, shape.train, use_gpu=shape.gpu_kernels, offload_host=HOST)
         if sp > 1:
-            from longctx.train.sequence_parallel import enable_ulysses
-
             stack.enter_context(_fake_process_group(sp))
             enable_ulysses(lm, sp, shape.micro_batch_size, core=shape.attn_implementation, attention=shape.attention)
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
