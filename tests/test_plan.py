@@ -87,6 +87,10 @@ def test_max_seq_len_is_the_boundary_of_fitting():
     assert best.fits and s % 1024 == 0 and s > 4096
     assert not planner.plan(seq_len=s + 1024).fits
     assert best.extra["probes"] <= 10
+    from longctx.plan.report import render
+
+    table = render(best, cfg.model.path, cfg.train.num_workers)
+    assert f"longest data.seq_len that fits this layout: {s:,}" in table and "FITS" in table
 
 
 def test_zero_states_beside_deepspeeds_estimators():

@@ -108,7 +108,11 @@ def read_model_config(cfg: JobConfig, config_dict: dict | None = None):
     model_type = config_dict.pop("model_type", None)
     if not model_type:
         raise ConfigError(f"model.path={cfg.model.path}: config.json has no model_type")
-    hf = AutoConfig.for_model(model_type, **config_dict)
+    try:
+        hf = AutoConfig.for_model(model_type, **config_dict)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"model.path={cfg.model.path}: config.json of model_type {model_type!r} cannot be built by "
+                          f"transformers here ({e}); plans need an architecture transformers implements") from None
     apply_rope_changes(hf, rope_theta=cfg.model.rope_theta, scaling=cfg.model.rope_scaling,
                        max_position_embeddings=cfg.model.max_position_embeddings or cfg.data.seq_len)
     return hf
