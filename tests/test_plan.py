@@ -152,8 +152,8 @@ def test_preflight_refuses_a_gpu_job_that_cannot_fit_with_the_nearest_layout(tmp
 def test_preflight_refusal_exits_2_before_ray_in_one_line(tmp_path):
     model = _gpu_job_folder(tmp_path)
     cmd = [sys.executable, "-m", "longctx.cli", "config", "validate", "--kind", "pt",
-           "--set", f"model.path={model}", "--set", "data.seq_len=16384", "--set", "model.max_position_embeddings=16384",
-           "--set", "train.num_workers=1", "--set", "train.global_batch_tokens=16384", "--set", "train.use_gpu=true",
+           "--set", f"model.path={model}", "--set", "data.seq_len=4096", "--set", "model.max_position_embeddings=4096",
+           "--set", "train.num_workers=1", "--set", "train.global_batch_tokens=4096", "--set", "train.use_gpu=true",
            "--set", "train.gpu_type=l40s", "--set", "model.attn_implementation=flash_attention_2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -44,14 +44,18 @@ def _offloaded_checkpoint(function, *args, host: str, pin_memory: bool, **kwargs
 def enable_activation_checkpointing(lm, *, offload: bool = False, host: str = "cpu", pin_memory: bool = False) -> int:
     """Checkpoint every decoder layer of a HF model (non-reentrant); with `offload`, keep the checkpointed layer
     inputs in `host` memory (`pin_memory` on GPU runs). Returns the number of layers whose inputs are offloaded."""
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(lm, "activation_checkpointing_enable", None)  # transformers >= 5.x; the old name warns
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not offload:
         return 0
     fn = functools.partial(_offloaded_checkpoint, host=host, pin_memory=pin_memory, use_reentrant=False)
     layers = 0
     for module in lm.modules():
         # NOTE: transformers calls `module._gradient_checkpointing_func` for each layer with checkpointing on
-        # (`gradient_checkpointing_enable` has just set it to torch's checkpoint); we wrap that call.
+        # (just set to torch's checkpoint above); ours replaces it.
         if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
             module._gradient_checkpointing_func = fn
             layers += 1

@@ -316,9 +316,31 @@ class Planner:
         return rungs
 
     def nearest_fit(self) -> tuple[dict, Plan] | None:
-        """(changes, plan) of the first rung of `ladder` that fits; None when not even the last one does."""
+        """(changes, plan) of the first rung of `ladder` that fits, then without every change it does not need
+        (tried most expensive first; a sequence-parallel degree as low as it can go); None when not even the
+        last rung fits."""
         for rung in self.ladder():
             p = self.plan(**rung)
             if p.fits:
-                return rung, p
-        return None
+                break
+        else:
+            return None
+        t = self.cfg.train
+        for key in reversed(list(rung)):
+            if key == "sequence_parallel":
+                lower = [sp for sp in range(t.sequence_parallel, rung[key]) if t.num_workers % sp == 0
+                         and self.text_config.num_attention_heads % sp == 0 and self.cfg.data.seq_len % sp == 0]
+                candidates = [{**rung, key: sp} for sp in lower]
+            else:
+                candidates = [{k: v for k, v in rung.items() if k != key}]
+            for cand in candidates:
+                if cand.get("sequence_parallel") == t.sequence_parallel:
+                    cand.pop("sequence_parallel")
+                try:
+                    q = self.plan(**cand)
+                except ConfigError:  # e.g. activation offload without checkpointing: not a layout
+                    continue
+                if q.fits:
+                    rung, p = cand, q
+                    break
+        return rung, p

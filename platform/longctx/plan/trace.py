@@ -124,8 +124,7 @@ def _fake_process_group(size: int):
     if dist.is_initialized():
         raise RuntimeError("longctx plan: cannot trace sequence parallelism in a process that already has a "
                            "torch.distributed process group")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed  # deferred: only sequence-parallel traces need DeepSpeed's comm (and it reads DS_ACCELERATOR)
+    import deepspeed  # deferred: only sequence-parallel traces need DeepSpeed's comm (imported by _deepspeed_on_cpu)
     import deepspeed.comm as ds_dist
 
     dist.init_process_group("fake", rank=0, world_size=size, store=dist.HashStore())
@@ -135,6 +134,24 @@ def _fake_process_group(size: int):
         yield
     finally:
         ds_dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _deepspeed_on_cpu():
+    """DeepSpeed imported with its CPU accelerator (Ulysses and TiledMLP are traced on the CPU), without leaving
+    DS_ACCELERATOR in the environment: preflight runs in the job's driver, whose environment a local Ray cluster
+    and its GPU workers inherit."""
+    before = os.environ.get("DS_ACCELERATOR")
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        import deepspeed  # noqa: F401  deferred: heavy, and only traces with SP or tiled MLP need it
+
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("DS_ACCELERATOR", None)
+        else:
+            os.environ["DS_ACCELERATOR"] = before
 
 
 @contextlib.contextmanager
@@ -216,6 +233,8 @@ def _trace(shape: StepShape, layers: int) -> dict:
     sp = shape.sequence_parallel
     with contextlib.ExitStack() as stack:
         stack.enter_context(_attention_functions_restored())
+        if sp > 1 or shape.train.tiled_mlp:
+            stack.enter_context(_deepspeed_on_cpu())
         if shape.gpu_kernels:
             stack.enter_context(gpu_attention_kernels())
         lm = _fake_model(cfg, layers, shape.attn_implementation, shape.dtype)
