@@ -64,6 +64,28 @@ def test_bad_keys_and_values_name_the_key_and_the_allowed(override, must_say):
         assert part in msg, f"{part!r} missing from: {msg}"
 
 
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("train.lrr=1", "did you mean 'lr'?"),
+        ("tarin.lr=1", "did you mean 'train'?"),
+        ("data.sources.web.text_feild=content", "did you mean 'text_field'?"),
+        ("data.strategy=per_source", "did you mean 'per-source'?"),
+        ("model.rope_scaling={type: dynamc, factor: 2}", "did you mean 'dynamic'?"),
+    ],
+)
+def test_unknown_keys_and_values_get_a_did_you_mean(override, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert hint in str(err.value)
+
+
+def test_no_did_you_mean_when_nothing_is_close():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.attention=sliding"])
+    assert "did you mean" not in str(err.value)
+
+
 def test_inconsistent_parallel_layout_says_the_numbers():
     with pytest.raises(ConfigError, match=r"num_workers=3 .*sequence_parallel=2"):
         load_config(None, ["train.num_workers=3", "train.sequence_parallel=2"])

@@ -936,11 +936,27 @@ def _format_error(err: ValidationError, origin: str) -> str:
         if e["type"] == "extra_forbidden":
             parent = _model_at(JobConfig, e["loc"][:-1])
             allowed = sorted(parent.model_fields) if parent else []
-            msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
+            msg = f"unknown key{did_you_mean(e['loc'][-1], allowed)}; allowed keys here: {', '.join(allowed)}"
         elif e["type"] == "literal_error":
-            msg = f"{msg}; got {e.get('input')!r}"
+            msg = f"{msg}; got {e.get('input')!r}{did_you_mean(e.get('input'), _literal_choices(e))}"
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
+
+
+def did_you_mean(given: Any, choices: list[str]) -> str:
+    """` (did you mean 'x'?)` when `given` is close to one of `choices` (difflib), else ``."""
+    import difflib
+
+    if not isinstance(given, str) or not choices:
+        return ""
+    by_lower = {str(c).lower(): str(c) for c in choices}
+    close = difflib.get_close_matches(given.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
+
+
+def _literal_choices(e: dict) -> list[str]:
+    """The allowed values of a pydantic literal_error (its ctx lists them as `'a', 'b' or 'c'`)."""
+    return re.findall(r"'([^']*)'", str((e.get("ctx") or {}).get("expected", "")))
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
@@ -968,9 +984,11 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
 def config_from_dict(tree: dict, origin: str = "<dict>") -> JobConfig:
     unknown = set(tree) - _SECTIONS - set(JobConfig.model_fields)
     if unknown:
+        allowed = sorted(JobConfig.model_fields)
+        hints = "".join(did_you_mean(k, allowed) for k in sorted(unknown))
         raise ConfigError(
-            f"invalid configuration ({origin}): unknown top-level key(s) {sorted(unknown)}; "
-            f"allowed: {sorted(JobConfig.model_fields)}"
+            f"invalid configuration ({origin}): unknown top-level key(s) {sorted(unknown)}{hints}; "
+            f"allowed: {allowed}"
         )
     try:
         return JobConfig.model_validate(tree)
