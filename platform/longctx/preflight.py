@@ -11,7 +11,9 @@ where (the config key), what is wrong, and the fix. What is checked (per job kin
   (`meta-llama/Llama-2-7b-hf`) gets "download it first";
 - the tokenizer loads, and its vocabulary fits the model's embedding (and equals the tokenizer shipped with the
   model, when it ships one);
-- every data source (and the evaluation documents) resolves to at least one file of a readable format;
+- every data source (and the evaluation documents) resolves to at least one file of a readable format, and its
+  first records hold what the job reads: text in `text_field` (Long-PT), chats in `messages` (Long-SFT); a miss
+  names the field found and the setting that fixes it (`longctx.probe`);
 - S3: credentials exist and work (one line naming the missing variable or role; never a botocore traceback);
 - the batch layout divides for the configured workers (with the nearest valid values);
 - data.seq_len against the model's positions after the configured RoPE changes;
@@ -20,7 +22,8 @@ where (the config key), what is wrong, and the fix. What is checked (per job kin
 Warnings (printed, not fatal) cover things that are legal but rarely meant, e.g. training past the model's
 positions with RoPE unchanged. `LONGCTX_PREFLIGHT=0` skips the checks (for an emergency; the job then fails
 wherever the first mistake bites). Cost: about a second plus the tokenizer load (imports included), S3 listings
-are bounded (one LIST of up to 1,000 keys per URI, 3 s connect timeout).
+are bounded (one LIST of up to 1,000 keys per URI, 3 s connect timeout). The module is a little over 600 lines
+on purpose: every check a job runs before Ray starts is listed here, per job kind, in one place.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 
 from longctx import storage
 from longctx.config import ConfigError, JobConfig
+from longctx.probe import probe_source, probe_text_source
 
 KINDS = ("pt", "sft", "eval", "prepare", "sweep")
 CORPUS_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz", ".jsonl.zst", ".json.zst",
@@ -251,15 +255,22 @@ def _files(st: _State, where: str, uri: str) -> list[str] | None:
         return None
 
 
-def _check_files(st: _State, where: str, uri: str, suffixes: tuple[str, ...]) -> None:
+def _check_files(st: _State, where: str, uri: str, suffixes: tuple[str, ...]) -> list[str]:
+    """The readable files under `uri` (sorted); [] after recording a problem."""
     files = _files(st, where, uri)
     if files is None:
-        return
+        return []
     readable = [f for f in files if f.lower().endswith(suffixes) and not os.path.basename(f).startswith(("_", "."))]
     if not readable:
         seen = f" ({len(files)} other file{'s' if len(files) != 1 else ''}, e.g. {os.path.basename(files[0])})" \
             if files else " (empty)"
         st.add(where, f"{uri} holds no readable files{seen}", f"point it at {', '.join(suffixes)} files")
+    return sorted(readable)
+
+
+def _probe(st: _State, findings) -> None:
+    for f in findings:  # what longctx.probe found in a source's first records: fatal ones are problems
+        (st.add if f.fatal else st.warn)(f.where, f.what, f.fix)
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -476,11 +487,12 @@ def _check_memory(st: _State) -> None:
 
 # ------------------------------------------------------------------------------------------------------ run
 def _sources(st: _State, suffixes: tuple[str, ...]) -> None:
+    """Every source resolves to readable files, and its first records fit the job (`longctx.probe`)."""
     for name, spec in sorted(st.cfg.data.source_specs().items()):
         uris = [spec.uri] if isinstance(spec.uri, str) else list(spec.uri)
         for i, uri in enumerate(uris):
             where = f"data.sources.{name}" + (f"[{i}]" if len(uris) > 1 else "")
-            _check_files(st, where, uri, suffixes)
+            _probe(st, probe_source(st.cfg, st.kind, name, where, uri, _check_files(st, where, uri, suffixes)))
 
 
 def _check_eval_suites(st: _State) -> None:
@@ -592,8 +604,8 @@ def _run(cfg: JobConfig, kind: str) -> _State:
     if "eval_inputs" in checks and (kind == "eval" or cfg.eval.enabled):
         if cfg.eval.model:
             _check_model(st, "eval.model", cfg.eval.model, main=False)
-        if cfg.eval.perplexity:
-            _check_files(st, "eval.documents", cfg.eval.documents, EVAL_SUFFIXES)
+        if cfg.eval.perplexity and (docs := _check_files(st, "eval.documents", cfg.eval.documents, EVAL_SUFFIXES)):
+            _probe(st, probe_text_source("eval.documents", docs[0], cfg.eval.text_field, "eval.text_field"))
         _check_eval_suites(st)
     if "tokenizer" in checks:
         _check_tokenizer(st)
