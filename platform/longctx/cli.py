@@ -12,7 +12,9 @@
     longctx tune         --config jobs/configs/sweep-rope-budget.yaml   (same as jobs/sweep.py; resumes by name)
     longctx rope suggest --head-dim 128 --train-len 4096 --target-len 32768
     longctx plan         --config FILE [--gpu h100] [--max-seq-len] [--json]   (memory per GPU, FLOPs, step time)
-    longctx config show|validate|schema --config FILE [--kind pt|sft|eval|prepare|sweep] [--output FILE]
+    longctx config show     --config FILE
+    longctx config validate --config FILE [--kind pt|sft|eval|prepare|sweep]   (the job's checks before Ray)
+    longctx config schema   [--output FILE]
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import json
 import sys
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, default_config: str | None = None) -> None:
+    from longctx.config import EMBEDDED_DEFAULT
     from longctx.jobargs import add_config_args
 
-    add_config_args(p)
+    add_config_args(p, default_config or EMBEDDED_DEFAULT)
 
 
 def _load(args, kind: str | None = None):
@@ -222,6 +225,10 @@ def _cmd_config(args) -> int:
         else:
             sys.stdout.write(text)
         return 0
+    if args.config is None:  # validate without --config: the embedded recipe of the job kind checked
+        from longctx.config import EMBEDDED_DEFAULT, EMBEDDED_SFT_DEFAULT
+
+        args.config = EMBEDDED_SFT_DEFAULT if args.kind == "sft" else EMBEDDED_DEFAULT
     cfg = _load(args)
     if args.action == "show":
         sys.stdout.write(dump_config(cfg))
@@ -243,6 +250,8 @@ def _cmd_config(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from longctx import __version__
+    from longctx.config import EMBEDDED_SFT_DEFAULT
+    from longctx.jobargs import add_config_args
     from longctx.plan.planner import DEFAULT_MFU
     from longctx.train.gpus import PLAN_KINDS
 
@@ -283,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     sft = verbs.add_parser("sft", help="Long-SFT: chat data, loss on answers, from a Long-PT model (as jobs/long_sft.py)")
-    _add_config_args(sft)
+    _add_config_args(sft, EMBEDDED_SFT_DEFAULT)
     sft.set_defaults(func=_cmd_sft)
 
     ev = verbs.add_parser("eval", help="long-context evaluation")
@@ -340,16 +349,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_cmd_plan)
 
     conf = verbs.add_parser("config", help="show, validate or export the job config schema")
-    conf.add_argument("action", choices=["show", "validate", "schema"],
-                      help="show: the resolved config; validate: check it; schema: the JSON schema of job configs")
-    _add_config_args(conf)
-    conf.add_argument("--output", default=None, help="schema: write here instead of stdout")
-    conf.add_argument("--kind", choices=["pt", "sft", "eval", "prepare", "sweep"], default=None,
-                      help="validate: the job to check for (default: sweep when tune.params is set, else pt); "
-                      "checks files, S3 access, batch layout, positions and attention backend, as the job does "
-                      "before Ray starts")
-    conf.add_argument("--schema-only", action="store_true", help="validate: check keys and values only")
-    conf.set_defaults(func=_cmd_config)
+    conf_sub = conf.add_subparsers(dest="action", required=True)
+    p = conf_sub.add_parser("show", help="print the resolved config (recipe + --set overrides, every default filled in)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_config)
+    p = conf_sub.add_parser("validate", help="check a config as the job does before Ray starts: keys and values, "
+                            "files and their first records, S3 access, batch layout, positions, attention backend")
+    add_config_args(p, None, default_help="the embedded recipe of --kind: Long-SFT for sft, else Long-PT")
+    p.add_argument("--kind", choices=["pt", "sft", "eval", "prepare", "sweep"], default=None,
+                   help="the job to check for (default: sweep when tune.params is set, else pt); without --config "
+                   "the embedded recipe of that kind is checked (the Long-SFT one for sft)")
+    p.add_argument("--schema-only", action="store_true", help="check keys and values only")
+    p.set_defaults(func=_cmd_config)
+    p = conf_sub.add_parser("schema", help="export the JSON Schema of job configs")
+    p.add_argument("--output", default=None, help="write here (local or s3://) instead of stdout")
+    p.set_defaults(func=_cmd_config)
     return parser
 
 

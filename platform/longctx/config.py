@@ -998,6 +998,8 @@ def config_from_dict(tree: dict, origin: str = "<dict>") -> JobConfig:
 
 EMBEDDED_DEFAULT = "builtin:recipes/tiny-long-pt.yaml"
 """The embedded default recipe: shipped corpus and tiny model, local Ray, CPU, a few minutes."""
+EMBEDDED_SFT_DEFAULT = "builtin:recipes/tiny-long-sft.yaml"
+"""The embedded Long-SFT default: shipped chat data (synthetic long + general instructions), tiny model, CPU."""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:

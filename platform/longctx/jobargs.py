@@ -17,14 +17,15 @@ import argparse
 import sys
 from typing import Callable
 
-from longctx.config import EMBEDDED_DEFAULT, ConfigError, load_config
+from longctx.config import EMBEDDED_DEFAULT, EMBEDDED_SFT_DEFAULT, ConfigError, load_config
 
 
 def add_config_args(p: argparse.ArgumentParser, default_config: str | None = EMBEDDED_DEFAULT,
-                    example: str = "train.lr=2e-5") -> None:
-    """--config and --set, as every job and verb takes them."""
-    what = "the embedded default recipe, shipped corpus + tiny model on CPU" if default_config == EMBEDDED_DEFAULT \
-        else (default_config or "the built-in defaults")
+                    example: str = "train.lr=2e-5", default_help: str | None = None) -> None:
+    """--config and --set, as every job and verb takes them (`default_help` says what the default is)."""
+    what = default_help or {EMBEDDED_DEFAULT: "the embedded default recipe, shipped corpus + tiny model on CPU",
+                            EMBEDDED_SFT_DEFAULT: "the embedded Long-SFT recipe, shipped chat data + tiny model on "
+                                                  "CPU"}.get(default_config, default_config or "the built-in defaults")
     p.add_argument("--config", default=default_config,
                    help=f"YAML job config: local, builtin: or s3:// (default: {what})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
