@@ -1,4 +1,5 @@
-"""Markdown tables and a one-line verdict for evaluation metrics; `write_report` assembles report.md + PNGs.
+"""Markdown tables and the verdict (`report.verdict`) for evaluation metrics; `write_report` assembles report.md +
+PNGs.
 
 Tables: NLL / perplexity per position bucket per model, passkey accuracy per length per model, needle
 grid means, LongBench-format scores, RULER (tasks x lengths, averages as RULER takes them) and InfiniteBench
@@ -14,6 +15,7 @@ from typing import Iterable, Sequence
 
 from longctx import storage
 from longctx.report.plots import plot_needle_heatmap, plot_nll_by_position, plot_passkey_accuracy
+from longctx.report.verdict import verdict
 
 BEYOND = "†"
 
@@ -32,10 +34,6 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], text_columns: i
 
 def _eval_part(metrics: dict) -> dict:
     return metrics.get("eval", metrics) if isinstance(metrics, dict) else {}
-
-
-def _role_of(name: str, entry: dict) -> str:
-    return (entry.get("spec") or {}).get("role", "")
 
 
 def perplexity_table(metrics: dict) -> str | None:
@@ -240,37 +238,6 @@ def infinitebench_table(metrics: dict) -> str | None:
             + (("; middle-truncated prompts: " + ", ".join(f"{t} {v}" for t, v in sorted(first["truncated"].items())))
                if first.get("truncated") else "") + ".")
     return _table(["model"] + tasks, rows) + "\n\n" + note
-
-
-def verdict(metrics: dict) -> str | None:
-    """One line comparing the trained model (or the best model) with naive extrapolation beyond the base length."""
-    metrics = _eval_part(metrics)
-    models = {n: m for n, m in metrics.get("models", {}).items() if (m.get("perplexity") or {}).get("nll_beyond_base") is not None}
-    if not models:
-        return None
-    base_len = metrics.get("base_context_length")
-    beyond = {n: m["perplexity"]["nll_beyond_base"] for n, m in models.items()}
-    naive = next((n for n, m in models.items() if _role_of(n, m) == "naive"), None)
-    trained = next((n for n, m in models.items() if _role_of(n, m) == "trained"), None)
-    subject = trained or min(beyond, key=beyond.get)
-    parts = [f"beyond {base_len} tokens {subject} NLL {beyond[subject]:.2f}"]
-    if naive and naive != subject:
-        parts.append(f"vs naive {beyond[naive]:.2f}")
-    others = {n: v for n, v in beyond.items() if n not in (subject, naive)}
-    if others:
-        best = min(others, key=others.get)
-        parts.append(f"(best other: {best} {others[best]:.2f})")
-    line = " ".join(parts)
-    pk = (models.get(subject) or {}).get("passkey")
-    flat = passkey_saturated(metrics)
-    if pk and flat:
-        line += f"; passkey cannot discriminate (all models at {flat})"
-    elif pk:
-        longest = max(pk["accuracy_by_length"], key=int)
-        line += f"; passkey at {longest} tokens {100 * pk['accuracy_by_length'][longest]:.0f}%"
-        if naive and (models[naive].get("passkey") or {}).get("accuracy_by_length", {}).get(longest) is not None:
-            line += f" vs naive {100 * models[naive]['passkey']['accuracy_by_length'][longest]:.0f}%"
-    return line[0].upper() + line[1:] + "."
 
 
 def eval_markdown(metrics: dict, images: dict[str, str] | None = None, run_dir: str | None = None) -> str:
