@@ -292,3 +292,16 @@ def test_progress_lines_have_counts_rate_and_eta(capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and out[0].startswith("[longctx] eval: 1/4 items | ") and out[0].endswith("eta ?")
     assert out[1].startswith("[longctx] eval: 4/4 items") and out[1].endswith("eta 0s")
+
+
+def test_model_labels_become_legal_tag_names_without_a_rename_log(tmp_path, caplog):
+    from longctx.tracking import log_evaluation
+
+    ev = {"models": {"base + dynamic NTK x4": {"perplexity": {"overall_nll": 3.3}},
+                     "base (naive)": {"perplexity": {"overall_nll": 3.7}}}}
+    with caplog.at_level("INFO"):
+        scalars = log_evaluation(_cfg(), str(tmp_path / "run"), "t", ev, step=1)
+    assert scalars == {"eval/base_dynamic_NTK_x4/overall_nll": 3.3, "eval/base_naive/overall_nll": 3.7}
+    assert not [r for r in caplog.records if "is illegal" in r.getMessage()]
+    events, _ = _read_events(str(tmp_path / "run" / "eval" / "tensorboard"))
+    assert set(events) == set(scalars)

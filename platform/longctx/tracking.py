@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -45,10 +46,11 @@ def step_scalars(record: dict) -> dict[str, float]:
 
 def eval_scalars(metrics: dict) -> dict[str, float]:
     """Scalars of an evaluation (`evaluate_models`' result): `eval/<model>/<metric>` for NLL, passkey, needle,
-    RULER's average per length."""
+    RULER's average per length (`<model>` as `tag_name` spells it)."""
     ev = metrics.get("eval", metrics) if isinstance(metrics, dict) else {}
     out: dict[str, float] = {}
-    for name, m in (ev.get("models") or {}).items():
+    for label, m in (ev.get("models") or {}).items():
+        name = tag_name(label)
         p = m.get("perplexity") or {}
         for key in ("overall_nll", "nll_beyond_base"):
             if _is_number(p.get(key)):
@@ -63,6 +65,12 @@ def eval_scalars(metrics: dict) -> dict[str, float]:
             if _is_number(avg):
                 out[f"eval/{name}/ruler_{length}"] = float(avg)
     return out
+
+
+def tag_name(label: str) -> str:
+    """A model label as a scalar-name segment TensorBoard and MLflow accept as is (letters, digits, `_ - .`):
+    `base + dynamic NTK x4` -> `base_dynamic_NTK_x4` (tensorboardX would rename it with a log line per tag)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "model"
 
 
 def _is_number(v: Any) -> bool:
