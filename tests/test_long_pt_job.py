@@ -53,6 +53,7 @@ def _session_alive(session: str) -> list[int]:
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.s3
+@pytest.mark.ray
 def test_long_pt_job_killed_and_resubmitted_on_s3(s3_bucket, tmp_path):
     from longctx import storage
 

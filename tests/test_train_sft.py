@@ -105,6 +105,7 @@ def test_packing_keeps_conversations_whole_and_positions_restart(tok):
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.s3
+@pytest.mark.ray
 def test_long_sft_job_end_to_end_on_s3(s3_bucket, tmp_path):
     from transformers import AutoModelForCausalLM
 
