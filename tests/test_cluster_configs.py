@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 import ray.autoscaler
-from longctx.config import EMBEDDED_DEFAULT, load_config
+from longctx.config import EMBEDDED_DEFAULT, EMBEDDED_SFT_DEFAULT, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -286,7 +286,7 @@ def job_fits(cfg, node_types: dict[str, tuple[dict, int]]) -> tuple[bool, str]:
 
 
 def _configs_for(cluster: str) -> list[str]:
-    configs = [EMBEDDED_DEFAULT, *JOB_CONFIGS]
+    configs = [EMBEDDED_DEFAULT, EMBEDDED_SFT_DEFAULT, *JOB_CONFIGS]
     if cluster == "infra/local":  # the one-machine dev stack has no GPUs: CPU recipes only
         configs = [c for c in configs if not load_config(ROOT / c if c in JOB_CONFIGS else c).train.use_gpu]
     return configs

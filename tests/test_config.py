@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from longctx.config import EMBEDDED_DEFAULT, ConfigError, JobConfig, job_config_schema, load_config
+from longctx.config import EMBEDDED_DEFAULT, EMBEDDED_SFT_DEFAULT, ConfigError, JobConfig, job_config_schema, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_bad_files(tmp_path):
         load_config(None, ["train.lr"])
 
 
-SHIPPED = sorted(glob.glob(str(ROOT / "jobs" / "configs" / "*.yaml"))) + [EMBEDDED_DEFAULT]
+SHIPPED = sorted(glob.glob(str(ROOT / "jobs" / "configs" / "*.yaml"))) + [EMBEDDED_DEFAULT, EMBEDDED_SFT_DEFAULT]
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: Path(p).name)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from longctx import preflight, storage
-from longctx.config import EMBEDDED_DEFAULT, load_config
+from longctx.config import EMBEDDED_DEFAULT, EMBEDDED_SFT_DEFAULT, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = storage.normalize("builtin:tiny-llama")
@@ -239,3 +239,88 @@ def test_sweep_grid_points_are_checked():
                                      "train.global_batch_tokens"]
     assert any(w.endswith("-> model.max_position_embeddings") for w in found)
     assert _problems(load_config(EMBEDDED_DEFAULT, ["tune.params.train.lr=[1e-3, 1e-4]"]), "sweep") == {}
+
+
+# ------------------------------------------------------------------------ the records themselves (longctx.probe)
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_a_content_corpus_is_refused_in_seconds_with_the_fix_named(tmp_path):
+    corpus = _jsonl(tmp_path / "web.jsonl", [{"id": i, "content": f"def f{i}():\n    return {i}\n" * 40,
+                                              "meta": {"lang": "py"}} for i in range(20)])
+    proc, wall = _run_job("long_pt.py", ["--set", f"data.sources.web={corpus}"], tmp_path)
+    print(f"long_pt.py on a `content` corpus: exit {proc.returncode} in {wall:.1f}s\n{proc.stderr}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stderr.splitlines() if "data.sources.web:" in ln)
+    assert "no text in field 'text'" in line and "(fields: id, content, meta, meta.lang)" in line
+    assert "fix: set data.sources.web.text_field=content" in line
+    assert "1 problem found" in proc.stderr  # the three shipped sources pass
+    assert not (tmp_path / "ray-tmp").exists() and not (tmp_path / "runs").exists()
+    assert wall < 20
+    # the fix it names is the fix
+    assert _problems(load_config(EMBEDDED_DEFAULT, [f"data.sources.web={corpus}",
+                                                    "data.sources.web.text_field=content"])) == {}
+
+
+def test_long_sft_on_plain_text_is_refused_and_its_default_passes(tmp_path):
+    proc, wall = _run_job("long_sft.py", ["--config", EMBEDDED_DEFAULT], tmp_path)  # the Long-PT recipe's corpus
+    assert proc.returncode == 2 and "3 problems" in proc.stderr, proc.stderr[-3000:]
+    assert "data.sources.code: the first 5 records of" in proc.stderr and "hold plain text ('text')" in proc.stderr
+    assert not (tmp_path / "ray-tmp").exists() and wall < 20
+    assert _problems(load_config(EMBEDDED_SFT_DEFAULT), "sft") == {}
+
+
+def test_probe_names_the_fix_for_chats_in_other_shapes(tmp_path):
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    other = _jsonl(tmp_path / "conv.jsonl", [{"conversations": turns}] * 6)
+    sharegpt = _jsonl(tmp_path / "sg.jsonl", [{"conversations": [{"from": "human", "value": "q"},
+                                                                  {"from": "gpt", "value": "a"}]}] * 6)
+    no_answer = _jsonl(tmp_path / "noans.jsonl", [{"messages": turns[:1]}] * 6)
+    found = _problems(load_config(EMBEDDED_SFT_DEFAULT, [f"data.sources.conv={other}", f"data.sources.sg={sharegpt}",
+                                                         f"data.sources.noans={no_answer}"]), "sft")
+    assert set(found) == {"data.sources.conv", "data.sources.sg", "data.sources.noans"}
+    assert "fix: set data.sft.messages_field=conversations" in found["data.sources.conv"]
+    assert "from/value (ShareGPT" in found["data.sources.sg"]
+    assert "no assistant turn" in found["data.sources.noans"]
+    # chats given to Long-PT: named as chats, with the job that reads them
+    found = _problems(load_config(EMBEDDED_DEFAULT, [f"data.sources.conv={other}"]))
+    assert "these records are chats ('conversations'" in found["data.sources.conv"]
+    assert "longctx sft" in found["data.sources.conv"]
+
+
+def test_probe_reads_compressed_and_parquet_samples_and_only_warns_on_some_bad_records(tmp_path, capsys):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    recs = [{"body": "x" * 500, "title": "t"} for _ in range(8)]
+    data = "".join(json.dumps(r) + "\n" for r in recs).encode()
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(data))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "c.parquet")
+    overrides = [f"data.sources.{k}={tmp_path / n}" for k, n in (("gz", "a.jsonl.gz"), ("zst", "b.jsonl.zst"),
+                                                                 ("pq", "c.parquet"))]
+    found = _problems(load_config(EMBEDDED_DEFAULT, overrides))
+    assert set(found) == {"data.sources.gz", "data.sources.zst", "data.sources.pq"}
+    assert all("set data.sources." in v and ".text_field=body" in v for v in found.values())
+    # some records without text among good ones: a warning (the data engine quarantines them), not a problem
+    mixed = _jsonl(tmp_path / "mixed.jsonl", [{"text": "hello world"}, {"body": "no text"}] * 4)
+    preflight.require(load_config(EMBEDDED_DEFAULT, [f"data.sources.mixed={mixed}"]), "pt")  # no PreflightError
+    assert "[preflight] warning: data.sources.mixed: 2 of the first 5 records" in capsys.readouterr().err
+    # a source_field that no record has is named
+    found = _problems(load_config(EMBEDDED_DEFAULT, [f"data.sources.mixed={mixed}",
+                                                     "data.sources.mixed.source_field=meta.set"]))
+    assert "no field 'meta.set'" in found["data.sources.mixed.source_field"]
+
+
+@pytest.mark.s3
+def test_probe_reads_a_sample_from_s3(s3_bucket):
+    storage.write_bytes(f"{s3_bucket}/web/part-0.jsonl", b"".join(
+        json.dumps({"content": "some text " * 50}).encode() + b"\n" for _ in range(10)))
+    found = _problems(load_config(EMBEDDED_DEFAULT, [f"data.sources.web={s3_bucket}/web/"]), limit_s=30)
+    assert f"of {s3_bucket}/web/part-0.jsonl" in found["data.sources.web"]
+    assert "fix: set data.sources.web.text_field=content" in found["data.sources.web"]
