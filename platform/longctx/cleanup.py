@@ -24,7 +24,7 @@ STAGING_PREFIX = ".staging-"
 _OWNER = re.compile(r"^(?P<prefix>.*?-)(?P<pid>\d+)\.(?P<start>\d+)-[0-9a-f]+$")
 
 
-def _start_time(pid: int) -> int | None:
+def start_time(pid: int) -> int | None:
     """Start time of a live process (clock ticks since boot, /proc/PID/stat field 22); None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -44,7 +44,7 @@ def _start_time(pid: int) -> int | None:
 def owner_tag() -> str:
     """`<pid>.<start time>` of this process."""
     pid = os.getpid()
-    return f"{pid}.{_start_time(pid) or 0}"
+    return f"{pid}.{start_time(pid) or 0}"
 
 
 def owned_name(prefix: str) -> str:
@@ -56,7 +56,7 @@ def is_dead(name: str) -> bool:
     m = _OWNER.match(name)
     if not m:
         return False
-    start = _start_time(int(m["pid"]))
+    start = start_time(int(m["pid"]))
     return start is None or (start != 0 and int(m["start"]) not in (0, start))
 
 

@@ -23,6 +23,8 @@ import argparse
 import json
 import sys
 
+from longctx import quiet
+
 
 def _add_config_args(p: argparse.ArgumentParser, default_config: str | None = None) -> None:
     from longctx.config import EMBEDDED_DEFAULT
@@ -371,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     from longctx.jobargs import exit_code
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        quiet.set_verbose()
     try:
         return args.func(args)
     except Exception as e:  # noqa: BLE001 - one line and an exit code for what the user must fix

@@ -17,6 +17,7 @@ import argparse
 import sys
 from typing import Callable
 
+from longctx import quiet
 from longctx.config import EMBEDDED_DEFAULT, EMBEDDED_SFT_DEFAULT, ConfigError, load_config
 
 
@@ -30,6 +31,9 @@ def add_config_args(p: argparse.ArgumentParser, default_config: str | None = EMB
                    help=f"YAML job config: local, builtin: or s3:// (default: {what})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a config key by dotted path, e.g. --set {example} (repeatable)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print everything Ray, Ray Data, Ray Train, DeepSpeed and transformers print (default: "
+                   "longctx's own lines; same as LONGCTX_LOG_LEVEL=debug)")
 
 
 def job_parser(doc: str, default_config: str | None = EMBEDDED_DEFAULT, example: str = "train.lr=2e-5"):
@@ -63,6 +67,8 @@ def run_job(prog: str, doc: str, fn: Callable, argv: list[str] | None = None, *,
     if add_args:
         add_args(parser)
     args = parser.parse_args(argv)
+    if args.verbose:
+        quiet.set_verbose()
     try:
         cfg = load_config(args.config, args.overrides)
         if kind is not None:

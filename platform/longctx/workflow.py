@@ -25,7 +25,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from longctx import raycluster, storage
+from longctx import quiet, raycluster, storage
 from longctx.config import JobConfig, dump_config, load_config, slug
 
 log = logging.getLogger("longctx")
@@ -128,7 +128,7 @@ class _Phase:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("LONGCTX_LOG_LEVEL", "INFO"),
+    logging.basicConfig(level=quiet.log_level(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 

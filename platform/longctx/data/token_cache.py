@@ -138,7 +138,7 @@ def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True,
     # blocks one large file would be tokenized by one actor while the others idle. Small blocks spread it.
     ctx.target_max_block_size = PASS1_BLOCK_BYTES
     actors = cfg.data.num_tokenize_actors
-    readers = max(2, actors)
+    readers = max(1, min(max(2, actors), len(tasks)))  # never more read tasks than files (Ray Data warns)
     # Blocks in flight are bounded too (16 per stage worker): the stream stays flat however large the corpus.
     old_limits = ctx.execution_options.resource_limits
     ctx.execution_options.resource_limits = old_limits.copy(

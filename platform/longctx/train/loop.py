@@ -27,7 +27,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from longctx import storage
+from longctx import quiet, storage
 from longctx.eval.during_training import ledger_uri, read_ledger, should_stop, tune_metrics
 from longctx.model.attention import attention_inputs
 from longctx.model.load import load_causal_lm, local_model_dir, pick_attn_implementation
@@ -72,6 +72,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     """The loop Ray Train runs on every worker; `loop_config` is a `LoopSpec` as a dict (`LoopSpec.to_dict`).
     Returns the stop reason (`longctx.train.stops`), None when the run finished: rank 0's is the `Result`'s
     `return_value`."""
+    quiet.configure_worker()  # Ray Train's per-report INFO lines only with --verbose
     return LoopRunner(LoopSpec.from_dict(loop_config)).run()
 
 
@@ -509,7 +510,7 @@ def _prove_isolation(lm, micro, attn_impl: str, cfg, device, sp: int, sp_rank: i
                                      sp_group=mpu.get_sequence_parallel_group() if mpu is not None else None,
                                      tolerance=cfg.train.isolation_tolerance)
     if is_rank0:
-        print(f"[train] {result.line()}", flush=True)
+        emit(f"[train] {result.line()}")
 
 
 def _validation_rows(cfg, dp_rank: int, data_parallel: int) -> list[tuple[list[int], float]]:

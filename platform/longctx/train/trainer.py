@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from longctx import storage
+from longctx import quiet, storage
 from longctx.train import integrity, stops
 from longctx.train.preemption import PreemptionGuard
 from longctx.train.schedule import BatchLayout, derive_layout, plan_steps
@@ -181,6 +181,7 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks or []),
             worker_runtime_env={"env_vars": worker_env(cfg.train)},  # expandable segments on GPU workers
+            logging_config=quiet.train_logging_config(),  # Ray Train's bookkeeping lines only with --verbose
         ),
         datasets=datasets,
     )
