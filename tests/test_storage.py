@@ -258,7 +258,7 @@ def _dead_owner_tag() -> str:
     from longctx import cleanup
 
     proc = subprocess.Popen(["sleep", "30"])
-    start = cleanup._start_time(proc.pid)
+    start = cleanup.start_time(proc.pid)
     proc.kill()
     proc.wait()
     return f"{proc.pid}.{start}"

@@ -241,7 +241,7 @@ def _seal(folder: str, node) -> None:
     os.makedirs(marker, mode=0o700, exist_ok=True)
     with open(os.path.join(marker, "ray_current_cluster"), "w") as f:
         f.write(node.gcs_address)
-    for path in (marker, node.get_session_dir_path()):
+    for path in (folder, marker, node.get_session_dir_path()):  # Ray makes its temp folders 0777 (shared)
         os.chmod(path, 0o700)
 
 
