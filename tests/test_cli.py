@@ -99,3 +99,32 @@ def test_readme_command_table_lists_every_verb():
     assert not missing, f"README.md's command table lacks: {missing}"
     unknown = sorted(v for v in expanded if v not in verbs)
     assert not unknown, f"README.md's command table lists verbs the CLI does not have: {unknown}"
+
+
+@pytest.mark.parametrize("action, own", [("show", "--config"), ("validate", "--kind"), ("schema", "--output")])
+def test_config_actions_print_their_own_help(action, own, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["config", action, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"usage: longctx config {action}") and own in out
+    assert "{show,validate,schema}" not in out  # not the parent's help
+
+
+def test_rope_suggest_warns_when_the_target_is_not_longer(capsys):
+    assert main(["rope", "suggest", "--head-dim", "32", "--train-len", "1024", "--target-len", "256"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --target-len 256 is not longer than --train-len 1024" in err
+    assert main(["rope", "suggest", "--head-dim", "32", "--train-len", "256", "--target-len", "1024"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_eval_run_without_a_model_says_only_baselines_are_evaluated(capsys):
+    from longctx import preflight
+    from longctx.config import EMBEDDED_DEFAULT, load_config
+
+    preflight.require(load_config(EMBEDDED_DEFAULT), "eval")
+    err = capsys.readouterr().err
+    assert ("[preflight] warning: eval.model: not set: only the base model builtin:tiny-llama and its training-free "
+            "baselines (naive, dynamic_ntk) are evaluated") in err
+    preflight.require(load_config(EMBEDDED_DEFAULT, ["eval.model=builtin:tiny-llama"]), "eval")
+    assert "eval.model: not set" not in capsys.readouterr().err

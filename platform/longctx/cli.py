@@ -183,6 +183,10 @@ def _cmd_rope_suggest(args) -> int:
     from longctx.model.rope import suggest_rope_base
 
     r = suggest_rope_base(args.head_dim, args.train_len, args.target_len)
+    if args.target_len <= args.train_len:
+        print(f"longctx: warning: --target-len {args.target_len} is not longer than --train-len {args.train_len}: "
+              "nothing to extend, the model's own base already covers these positions; the bound below is only "
+              "the formula's value (did you swap the two?)", file=sys.stderr)
     print(f"head_dim={r['head_dim']} train_len={r['train_len']} target_len={r['target_len']}")
     print(f"critical dimension d_c = {r['critical_dim']}")
     print(f"RoPE base lower bound (Liu et al. 2023, arXiv 2310.05209): {r['base_lower_bound']:.4g}")

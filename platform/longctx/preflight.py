@@ -604,6 +604,10 @@ def _run(cfg: JobConfig, kind: str) -> _State:
     if "eval_inputs" in checks and (kind == "eval" or cfg.eval.enabled):
         if cfg.eval.model:
             _check_model(st, "eval.model", cfg.eval.model, main=False)
+        elif kind == "eval":
+            st.warn("eval.model", f"not set: only the base model {cfg.model.path} and its training-free baselines "
+                    f"({', '.join(cfg.eval.baselines) or 'none'}) are evaluated", "set eval.model=URI to evaluate a "
+                    "trained model beside them")
         if cfg.eval.perplexity and (docs := _check_files(st, "eval.documents", cfg.eval.documents, EVAL_SUFFIXES)):
             _probe(st, probe_text_source("eval.documents", docs[0], cfg.eval.text_field, "eval.text_field"))
         _check_eval_suites(st)
