@@ -77,7 +77,7 @@ def test_train_section_has_the_loss_curve_and_relative_paths(tmp_path):
     md = train_section(JobConfig(), out, {"data": 1.0, "train": 2.0}, run)
     s = loss_summary(out.history)
     assert f"loss {s['first']:.3f} (mean of the first 4 steps) -> {s['last']:.3f} (mean of the last 4)" in md
-    assert "validation loss 3.600 (step 10) -> 2.700 (step 40), 4 measurements" in md
+    assert "validation loss 3.600 (step 10) -> 2.700 (step 40), 4 measurements on held-out documents" in md
     assert "![training loss](loss_curve.png)" in md
     assert (tmp_path / "runs" / "r1" / "loss_curve.png").read_bytes()[:8] == PNG
     assert str(tmp_path) not in md and "`train/final_model`" in md and "`train/metrics.jsonl`" in md
@@ -156,3 +156,28 @@ def test_histogram_has_no_axis_offset(tmp_path, monkeypatch):
     plot_length_histogram(big, str(tmp_path / "h.png"), seq_len=1024, long_threshold=4096)
     assert seen["offset"] == ""
     assert "1K-2K" in seen["ticks"] and any(t.startswith(">=") for t in seen["ticks"])
+
+
+def test_curve_summary_says_when_the_second_half_does_not_improve(tmp_path):
+    from longctx.report.sections import curve_lines, halves
+
+    # the default run's shape: down to 2.65 by step 15, back up to ~2.95 with spikes
+    down_up = [{"step": s, "loss": 3.0 - 0.025 * s if s <= 15 else 2.65 + 0.02 * (s - 15) + (0.2 if s % 7 == 0 else 0)}
+               for s in range(1, 41)]
+    for h in down_up:
+        if h["step"] % 10 == 0:
+            h["val_loss"] = {10: 3.10, 20: 3.02, 30: 3.06, 40: 3.08}[h["step"]]
+    h = halves(down_up)
+    assert h["first_steps"] == (1, 20) and h["second_steps"] == (21, 40) and not h["improved"]
+    lines = curve_lines(down_up)
+    assert lines[0].startswith(f"- loss curve: mean {h['second']:.3f} over steps 21-40 (second half) vs "
+                               f"{h['first']:.3f} over steps 1-20: the second half **did not improve**")
+    assert lines[1] == ("- validation loss was lowest at step 20 (3.020); the last measurement (step 40) is 3.080")
+    # negative control: a curve that keeps falling says so, and a val loss lowest at the end adds no line
+    falling = _history()
+    lines = curve_lines(falling)
+    assert "the second half improved by" in lines[0] and len(lines) == 1
+    run = str(tmp_path / "r")
+    out = _Outcome(steps=40, tokens=1, final_loss=2.9, final_model_uri=f"{run}/m", metrics_log_uri=f"{run}/l",
+                   history=down_up)
+    assert "**did not improve**" in train_section(JobConfig(), out, {}, run)

@@ -1,6 +1,7 @@
 """Report sections of a job (data, training) that read true: loss as means over the first and last 10% of steps
-with a loss-curve PNG, the batch layout as a small table, the lengths histogram linked, and every path relative
-to the run folder (a report moved or downloaded with its folder keeps working links).
+with a loss-curve PNG (validation loss on it), whether the second half of the curve improved on the first and
+where the validation loss was lowest, the batch layout as a small table, the lengths histogram linked, and every
+path relative to the run folder (a report moved or downloaded with its folder keeps working links).
 
     md = train_section(cfg, outcome, timings, run_root)     # writes run_root/loss_curve.png
     md = data_section(manifest, run_root, data_uri)
@@ -34,6 +35,39 @@ def loss_summary(history: list[dict], fraction: float = 0.1) -> dict | None:
     k = max(1, math.ceil(len(losses) * fraction))
     return {"steps": len(losses), "window": k, "first": sum(losses[:k]) / k, "last": sum(losses[-k:]) / k,
             "final": losses[-1]}
+
+
+def halves(history: list[dict]) -> dict | None:
+    """Mean loss over the first and the second half of the logged steps (None with fewer than 4 steps), and
+    whether the second half improved on the first (lower mean)."""
+    pts = [(h["step"], h["loss"]) for h in history if isinstance(h.get("loss"), (int, float)) and math.isfinite(h["loss"])]
+    if len(pts) < 4:
+        return None
+    k = len(pts) // 2
+    first, second = pts[:k], pts[k:]
+    a, b = sum(x for _, x in first) / len(first), sum(x for _, x in second) / len(second)
+    return {"first": a, "second": b, "first_steps": (first[0][0], first[-1][0]),
+            "second_steps": (second[0][0], second[-1][0]), "improved": b < a}
+
+
+def curve_lines(history: list[dict]) -> list[str]:
+    """What the loss curve says that two means do not: whether the second half improved on the first, and where
+    the validation loss was lowest when that was not at the end."""
+    out = []
+    h = halves(history)
+    if h:
+        (a0, a1), (b0, b1) = h["first_steps"], h["second_steps"]
+        verdict = (f"improved by {h['first'] - h['second']:.3f}" if h["improved"] else
+                   f"**did not improve** on the first half (+{h['second'] - h['first']:.3f})")
+        out.append(f"- loss curve: mean {h['second']:.3f} over steps {b0}-{b1} (second half) vs {h['first']:.3f} "
+                   f"over steps {a0}-{a1}: the second half {verdict}")
+    val = [x for x in history if isinstance(x.get("val_loss"), (int, float)) and math.isfinite(x["val_loss"])]
+    if len(val) >= 2:
+        best = min(val, key=lambda x: x["val_loss"])
+        if best is not val[-1] and val[-1]["val_loss"] > best["val_loss"]:
+            out.append(f"- validation loss was lowest at step {best['step']} ({best['val_loss']:.3f}); the last "
+                       f"measurement (step {val[-1]['step']}) is {val[-1]['val_loss']:.3f}")
+    return out
 
 
 _LAYOUT_COLUMNS = [("world_size", "workers"), ("data_parallel", "data parallel"),
@@ -77,7 +111,9 @@ def train_section(cfg, outcome, timings: dict, run_root: str) -> str:
     val = [h for h in hist if isinstance(h.get("val_loss"), (int, float))]
     if val:
         lines.append(f"- validation loss {val[0]['val_loss']:.3f} (step {val[0]['step']}) -> "
-                     f"{val[-1]['val_loss']:.3f} (step {val[-1]['step']}), {len(val)} measurements")
+                     f"{val[-1]['val_loss']:.3f} (step {val[-1]['step']}), {len(val)} measurements on held-out "
+                     "documents")
+    lines += curve_lines(hist)
     lines += [
         f"- final model: `{relative(outcome.final_model_uri, run_root)}`; per-step log: "
         f"`{relative(outcome.metrics_log_uri, run_root)}` (and `.csv`); TensorBoard: "
