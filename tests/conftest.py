@@ -2,6 +2,10 @@
 
 The S3 server starts before Ray so Ray's workers inherit the AWS_* variables that point at it, exactly as
 a user's cluster would see a real endpoint. Nothing here talks to any address but 127.0.0.1.
+
+The quick lane, `python -m pytest -m "not ray and not slow"`, starts no Ray: a test that uses the `ray_cluster`
+fixture is marked `ray` here, and a test not marked `ray` that starts Ray in this process fails (one that starts
+it in a subprocess, e.g. by running a job, must carry the mark itself).
 """
 
 from __future__ import annotations
@@ -79,3 +83,24 @@ def ray_cluster(s3_endpoint):
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:  # the fixture that starts Ray marks its users (the quick lane deselects them)
+        if "ray_cluster" in getattr(item, "fixturenames", ()) and item.get_closest_marker("ray") is None:
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _unmarked_tests_start_no_ray(request):
+    """A test not marked `ray` must not start Ray (joining the session's cluster started earlier is fine)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    before = bool(ray and ray.is_initialized())
+    yield
+    if request.node.get_closest_marker("ray") is None and not before:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+            pytest.fail(f"{request.node.nodeid} started Ray but is not marked @pytest.mark.ray", pytrace=False)

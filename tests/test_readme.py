@@ -1,13 +1,172 @@
-"""The README's two commands are the ones CI runs: install line and test command must agree with .ci/run."""
+"""Every command the README shows works as written.
 
+The README's commands are: every line of a ```bash block (a `&&` chain is one command, a `# comment` is not part of
+it, `\\` continuations are joined), the first code span of every row of the "Command line" table, and every inline
+code span elsewhere that is a `longctx` or `python` command with an option (`--...`). `README_COMMANDS` maps each
+one to how it is checked, one line per command:
+
+- `Run(cmd)`: run here, exit 0. `cmd` is the README's command with tiny settings appended (or placeholders such as
+  FILE filled in); `{...}` names something the shared environment provides (see `_env_values`).
+- `Run(cmd, ray=True)`: the same, against one Ray head that the README's own laptop flow starts (`ray start --head
+  --block`, then `ray job submit ... python jobs/long_pt.py`): the tiny Long-PT run it submits is shared, so
+  `python jobs/long_pt.py` and `longctx train` with the same settings find it finished, and `longctx eval run`
+  evaluates its model. These commands join the head through RAY_ADDRESS instead of each starting a local cluster
+  (that path has its own tests: tests/test_local_ray.py, tests/test_long_pt_job.py).
+- `Covered(test)`: run by that test (CI's install line, the sweep and the study, which take minutes even
+  shortened); the test must exist.
+
+A README command missing from `README_COMMANDS` fails `test_every_readme_command_has_a_check` (add its line), and
+so does an entry whose command the README no longer shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Run:
+    cmd: str
+    ray: bool = False
+    background: bool = False
+    """Started and left running (the head); stopped with Ctrl-C (SIGINT) at the end."""
+
+
+@dataclass(frozen=True)
+class Covered:
+    test: str
+    """`tests/test_x.py::test_name` that runs the command."""
+
+
+TINY_PT = ("--set train.global_batch_tokens=2048 --set 'data.sources={{c: builtin:corpus/c.jsonl.gz}}' "
+           "--set eval.num_documents=2 --set eval.passkey.trials=1 --set 'eval.passkey.lengths=[256, 1024]' "
+           "--set 'eval.passkey.depths=[0.5]' --set train.val_num_documents=2")
+TINY_SFT = "--set train.max_steps=2 --set train.global_batch_tokens=2048 --set train.checkpoint_every=0"
+HEAD = "ray start --head --block --port={gcs_port} --dashboard-port={dashboard_port} --num-cpus=4"
+SUBMIT = "ray job submit --address http://127.0.0.1:{dashboard_port} --working-dir . --"
+
+README_COMMANDS: dict[str, Run | Covered] = {
+    # ---- ```bash blocks
+    'python3 -m venv .venv && . .venv/bin/activate && pip install -c constraints-ci.txt -e ".[test]" && '
+    'python jobs/long_pt.py': Run(f"python jobs/long_pt.py --set train.max_steps=2 {TINY_PT}", ray=True),
+    'python3 -m venv .venv && . .venv/bin/activate && pip install -c constraints-ci.txt -e ".[test]" && '
+    'python -m pytest': Covered("tests/test_readme.py::test_ci_runs_the_readme_install_and_test_commands"),
+    'python -m pytest -m "not ray and not slow"': Run('python -m pytest -m "not ray and not slow" --collect-only -q'),
+    "python jobs/long_sft.py": Run(f"python jobs/long_sft.py {TINY_SFT}", ray=True),
+    "python jobs/long_pt.py --config jobs/configs/index-1.9b-32k-pt.yaml --set model.path=s3://my-bucket/models/my-1.9b/ "
+    "--set data.sources.web=s3://my-bucket/corpus/web/ --set data.sources.code='s3://my-bucket/corpus/github/*.jsonl.zst' "
+    "--set output_dir=s3://my-bucket/runs/":  # a 1.9B model on 32 GPUs: its config is what can be checked here
+    Run("longctx config validate --schema-only --config jobs/configs/index-1.9b-32k-pt.yaml "
+        "--set model.path=s3://my-bucket/models/my-1.9b/ --set data.sources.web=s3://my-bucket/corpus/web/ "
+        "--set data.sources.code='s3://my-bucket/corpus/github/*.jsonl.zst' --set output_dir=s3://my-bucket/runs/"),
+    "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/long_pt.py --config "
+    "jobs/configs/index-1.9b-32k-pt.yaml": Run("longctx config validate --schema-only --config "
+                                               "jobs/configs/index-1.9b-32k-pt.yaml"),
+    "ray get-auth-token --generate >/dev/null && export RAY_AUTH_MODE=token":
+    Run("ray get-auth-token --generate >/dev/null && export RAY_AUTH_MODE=token", ray=True),
+    "ray start --head --block": Run(HEAD, ray=True, background=True),
+    "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/long_pt.py --set train.max_steps=2":
+    Run(f"{SUBMIT} python jobs/long_pt.py --set train.max_steps=2 {TINY_PT}", ray=True),
+    "python jobs/sweep.py --config jobs/configs/sweep-rope-budget.yaml":
+    Covered("tests/test_sweep.py::test_sweep_interrupted_and_resumed_runs_every_trial_once"),
+    "python jobs/study.py --output runs/study":
+    Covered("tests/test_study.py::test_short_study_reports_verdicts_first_and_numbers_recomputable"),
+    # ---- the "Command line" table
+    "longctx data prepare --config FILE": Run("longctx data prepare --config {tiny_yaml} --set data.output={packed}",
+                                              ray=True),
+    "longctx data stats --config FILE": Run("longctx data stats --config {tiny_yaml}", ray=True),
+    "longctx data synth cip|tables|retrieval --config FILE [--output URI] [--packed URI]":
+    Run("longctx data synth tables --config {tiny_yaml} --output {tmp}/synth/tables && "
+        "longctx data synth retrieval --config {tiny_yaml} --output {tmp}/synth/retrieval && "
+        "longctx data synth cip --config {tiny_yaml} --output {tmp}/synth/cip --packed {packed}", ray=True),
+    "longctx data clean [--path FOLDER] [--prefix S3_URI]": Run("longctx data clean --tmp {tmp} --path {tmp}"),
+    "longctx train --config FILE": Run(f"longctx train --set train.max_steps=2 {TINY_PT}", ray=True),
+    "longctx sft --config FILE": Run(f"longctx sft {TINY_SFT}", ray=True),
+    "longctx eval run --config FILE --set eval.model=URI":
+    Run(f"longctx eval run --set eval.model={{final_model}} {TINY_PT}", ray=True),
+    "longctx eval score --predictions FILE --output FILE":
+    Run("longctx eval score --predictions {predictions} --output {tmp}/scores.json"),
+    "longctx tune --config FILE [--fresh]":
+    Covered("tests/test_sweep.py::test_sweep_interrupted_and_resumed_runs_every_trial_once"),
+    "longctx study [--output DIR] [--steps N] [--parts abcde]":
+    Covered("tests/test_study.py::test_short_study_reports_verdicts_first_and_numbers_recomputable"),
+    "longctx rope suggest --head-dim N --train-len N --target-len N":
+    Run("longctx rope suggest --head-dim 32 --train-len 256 --target-len 1024"),
+    "longctx config show|validate|schema --config FILE [--output FILE]":
+    Run("longctx config show --config {tiny_yaml} && longctx config validate --config {tiny_yaml} && "
+        "longctx config schema --output {tmp}/schema.json"),
+    # ---- inline commands
+    "longctx rope suggest --head-dim 128 --train-len 4096 --target-len 32768":
+    Run("longctx rope suggest --head-dim 128 --train-len 4096 --target-len 32768"),
+    "longctx config validate --kind pt|sft|eval|prepare|sweep":
+    Run("for k in pt sft eval prepare sweep; do longctx config validate --kind $k || exit 1; done"),
+    "python jobs/long_pt.py --config .../best_config.yaml":
+    Covered("tests/test_sweep.py::test_write_results_table_plots_and_best_recipe"),
+    "longctx --version": Run("longctx --version"),
+}
+
+
+# ------------------------------------------------------------------------------------------- reading README
+def _norm(cmd: str) -> str:
+    return re.sub(r"\s+", " ", cmd.replace("\\|", "|")).strip()
 
 
 def _readme_blocks():
     text = (ROOT / "README.md").read_text()
     return [b.split("```", 1)[0].strip() for b in text.split("```bash")[1:]]
+
+
+def readme_commands() -> list[str]:
+    """Every command the README shows (see the module docstring), normalised."""
+    text = (ROOT / "README.md").read_text()
+    out = []
+    for block in _readme_blocks():
+        for line in block.replace("\\\n", " ").splitlines():
+            cmd = _norm(re.sub(r"\s#.*$", "", line))
+            if cmd:
+                out.append(cmd)
+    table = text.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    out += [_norm(m.group(1)) for m in re.finditer(r"^\|\s*`([^`]+)`", table, re.M)]
+    prose = re.sub(r"```.*?```", "", re.sub(r"^\|.*$", "", text, flags=re.M), flags=re.S)
+    for span in re.findall(r"`([^`]+)`", prose):
+        span = _norm(span)
+        if span.startswith(("longctx ", "python ")) and " --" in f" {span}":
+            out.append(span)
+    return list(dict.fromkeys(out))
+
+
+def test_every_readme_command_has_a_check():
+    shown = readme_commands()
+    missing = [c for c in shown if c not in README_COMMANDS]
+    assert not missing, "README commands without a line in README_COMMANDS (tests/test_readme.py): " + "; ".join(
+        repr(c) for c in missing)
+    stale = [c for c in README_COMMANDS if c not in shown]
+    assert not stale, f"README_COMMANDS lists commands the README no longer shows: {stale}"
+
+
+def test_the_command_check_sees_a_new_command(monkeypatch, tmp_path):
+    """Negative control: a command added to the README without a line here is found."""
+    readme = tmp_path / "README.md"
+    readme.write_text((ROOT / "README.md").read_text() + "\n```bash\nlongctx plan --config FILE\n```\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert "longctx plan --config FILE" in readme_commands()
+    assert "longctx plan --config FILE" not in README_COMMANDS
 
 
 def test_readme_starts_with_the_two_commands():
@@ -23,3 +182,121 @@ def test_ci_runs_the_readme_install_and_test_commands():
     ci_lines = [line.strip() for line in ci.splitlines() if line.strip() and not line.strip().startswith("#")]
     assert install in ci_lines
     assert "python -m pytest" in ci_lines
+
+
+@pytest.mark.parametrize("command", [c for c, v in README_COMMANDS.items() if isinstance(v, Covered)])
+def test_commands_covered_elsewhere_have_their_test(command):
+    path, name = README_COMMANDS[command].test.split("::")
+    assert re.search(rf"^def {re.escape(name)}\(", (ROOT / path).read_text(), re.M), README_COMMANDS[command]
+
+
+# ---------------------------------------------------------------------------------------------- running them
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _environment(tmp: Path, ray_tmp: str) -> dict[str, str]:
+    """What every README command runs with: a home, run folder and caches of its own, in the repository root."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "LONGCTX_"))}
+    env.update(HOME=str(tmp / "home"), LONGCTX_HOME=str(tmp / "home" / "longctx"), RAY_TMPDIR=ray_tmp,
+               LONGCTX_CACHE=str(tmp / "cache"), PYTHONPATH=str(ROOT / "platform"))
+    (tmp / "home").mkdir(exist_ok=True)
+    return env
+
+
+def _shell(cmd: str, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _env_values(tmp: Path) -> dict[str, str]:
+    tiny = tmp / "tiny.yaml"
+    tiny.write_text("ray: {num_cpus: 2}\ndata: {seq_len: 512, long_threshold: 256, sources: "
+                    "{c: 'builtin:corpus/c.jsonl.gz'}}\nmodel: {max_position_embeddings: 512}\n"
+                    "synth: {tables: {num_samples: 2, max_tokens: 512}, retrieval: {num_samples: 2, max_tokens: 512, "
+                    "haystack_max_chars: 100000}}\n")
+    preds = tmp / "preds.jsonl"
+    preds.write_text(json.dumps({"pred": "Paris", "answers": ["Paris"], "all_classes": None,
+                                 "dataset": "multifieldqa_en"}) + "\n")
+    return {"tmp": str(tmp), "tiny_yaml": str(tiny), "predictions": str(preds), "packed": str(tmp / "packed")}
+
+
+QUICK = [c for c, v in README_COMMANDS.items() if isinstance(v, Run) and not v.ray]
+LAPTOP_FLOW = ["ray get-auth-token --generate >/dev/null && export RAY_AUTH_MODE=token", "ray start --head --block",
+               "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/long_pt.py --set "
+               "train.max_steps=2"]
+"""Run first, in this order (the README's laptop flow); the other commands with Ray follow in README order."""
+WITH_RAY = LAPTOP_FLOW + [c for c, v in README_COMMANDS.items() if isinstance(v, Run) and v.ray and c not in LAPTOP_FLOW]
+
+
+@pytest.mark.parametrize("command", QUICK)
+def test_readme_command_runs(command, tmp_path):
+    values = _env_values(tmp_path)
+    proc = _shell(README_COMMANDS[command].cmd.format(**values), _environment(tmp_path, str(tmp_path / "ray")))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def laptop_flow(tmp_path_factory):
+    """The README's laptop flow and every command that needs Ray, in README order, against one head; yields
+    {command: CompletedProcess}. The head is stopped as the README says: Ctrl-C on `ray start --head --block`."""
+    tmp = tmp_path_factory.mktemp("readme")
+    ray_tmp = tempfile.mkdtemp(prefix="lcx", dir="/tmp")  # short: Ray's socket paths live under it
+    env = _environment(tmp, ray_tmp)
+    values = {**_env_values(tmp), "gcs_port": str(_free_port()), "dashboard_port": str(_free_port())}
+    results: dict[str, subprocess.CompletedProcess] = {}
+    head = None
+    try:
+        for command in WITH_RAY:
+            run = README_COMMANDS[command]
+            if "{final_model}" in run.cmd:  # the model the submitted Long-PT run trained
+                done = sorted(Path(env["LONGCTX_HOME"], "runs").glob("long-pt-*/final_model.txt"))
+                values["final_model"] = done[0].read_text().strip() if done else "no-final-model"
+            cmd = run.cmd.format(**values)
+            t0 = time.time()
+            if run.background:
+                head = subprocess.Popen(["bash", "-c", f"exec {cmd}"], cwd=ROOT, env=env, start_new_session=True,
+                                        stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT)
+                deadline = time.time() + 180
+                while not Path(ray_tmp, "ray", "ray_current_cluster").exists() and time.time() < deadline:
+                    assert head.poll() is None, (tmp / "head.log").read_text()[-3000:]
+                    time.sleep(0.5)
+                status = subprocess.run(["ray", "status", f"--address=127.0.0.1:{values['gcs_port']}"], env=env,
+                                        capture_output=True, text=True, timeout=120)
+                results[command] = subprocess.CompletedProcess(cmd, 0 if head.poll() is None else 1,
+                                                               status.stdout, status.stderr)
+                env = {**env, "RAY_ADDRESS": f"127.0.0.1:{values['gcs_port']}"}
+                continue
+            if "export RAY_AUTH_MODE=token" in cmd:
+                env = {**env, "RAY_AUTH_MODE": "token"}
+            results[command] = _shell(cmd, env)
+            with open(tmp / "commands.log", "a") as log:  # what ran, how long, how it ended (for a failure's reader)
+                log.write(f"rc={results[command].returncode} {time.time() - t0:.1f}s {cmd}\n")
+        yield results
+    finally:
+        if head is not None and head.poll() is None:
+            os.killpg(head.pid, signal.SIGINT)  # Ctrl-C: the README's way to stop this head (and only it)
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("command", WITH_RAY)
+def test_readme_command_runs_with_ray(command, laptop_flow):
+    proc = laptop_flow[command]
+    out = (proc.stdout or "") + (proc.stderr or "")
+    assert proc.returncode == 0, out[-5000:]
+    assert "Traceback" not in out, out[-5000:]
+    if "jobs/long_pt.py" in command and "ray job submit" in command:
+        # the job's last line is the final model's URI; Ray's own status lines follow it (the README says so)
+        job = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+        uri = next(ln for ln in reversed(job) if ln.endswith("/train/final_model"))
+        assert Path(uri).is_dir() and "succeeded" in proc.stdout.split(uri, 1)[1]
+    if command.startswith(("python jobs/long_pt.py", "longctx train", "longctx sft")) and "submit" not in command:
+        assert proc.stdout.strip().splitlines()[-1].endswith("/train/final_model")

@@ -4,6 +4,8 @@
   (`data.cip.fraction` mixes them into `prepare_data`; `cip_dataset` is the Ray Data stage).
 - `tables`: SynL, synthetic lengthy tables with computed answers, as chat JSONL for Long-SFT.
 - `retrieval`: passkey / key-value / multi-needle instructions over corpus haystacks, as chat JSONL.
+- `general`: short general instructions with computed answers (the general part of the embedded Long-SFT
+  default's mix; `scripts/build_sft_sample.py` ships them with small retrieval and table sets).
 
 Everything is a function of `synth.seed` (or `data.seed`) and sized in tokens of `data.tokenizer`:
 
