@@ -24,10 +24,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct ports free on 127.0.0.1 (held open together, so none is returned twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_ports(1)[0]
+
+
+@pytest.fixture(scope="session")
+def free_ports():
+    """`free_ports(n)`: n distinct free ports on 127.0.0.1 (for a `ray start --head` beside other tests' Ray)."""
+    return _free_ports
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -104,12 +103,6 @@ def test_local_cluster_is_private_and_loopback_only():
     assert [x for x in out["control"] if x[1] not in ("127.0.0.1", "::ffff:127.0.0.1")], out["control"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 JOB = ["train.max_steps=2", "train.num_workers=1", "train.global_batch_tokens=1024", "data.seq_len=512",
        "model.max_position_embeddings=512", "eval.enabled=false", "ray.num_cpus=2",
        "data.sources={c: builtin:corpus/c.jsonl.gz}"]
@@ -117,7 +110,7 @@ JOB = ["train.max_steps=2", "train.num_workers=1", "train.global_batch_tokens=10
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_local_jobs_and_a_head_node_each_finish_with_their_own_clean_up(tmp_path):
+def test_two_local_jobs_and_a_head_node_each_finish_with_their_own_clean_up(tmp_path, free_ports):
     from longctx.raycluster import session_processes
 
     shared = _short_tmp()  # Ray's temp folder for everyone here: the head records itself in <shared>/ray/
@@ -125,8 +118,9 @@ def test_two_local_jobs_and_a_head_node_each_finish_with_their_own_clean_up(tmp_
     token.write_text("0" * 64)
     token.chmod(0o600)
     head_env = _env(shared, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
-    head = subprocess.Popen(["ray", "start", "--head", f"--port={_free_port()}", "--num-cpus=1",
-                             f"--dashboard-port={_free_port()}", "--dashboard-host=127.0.0.1", "--block"],
+    gcs, dashboard = free_ports(2)  # (its agent and client server keep Ray's fixed defaults, as a user's head)
+    head = subprocess.Popen(["ray", "start", "--head", f"--port={gcs}", "--num-cpus=1",
+                             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--block"],
                             env=head_env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     jobs = {}

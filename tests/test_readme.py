@@ -27,7 +27,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from longctx.config import EMBEDDED_DEFAULT, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,11 +55,12 @@ class Covered:
     """`tests/test_x.py::test_name` that runs the command."""
 
 
-TINY_PT = ("--set train.global_batch_tokens=2048 --set 'data.sources={{c: builtin:corpus/c.jsonl.gz}}' "
+TINY_PT = ("--set train.global_batch_tokens=2048 --set 'data.sources={{c: {corpus}}}' "
            "--set eval.num_documents=2 --set eval.passkey.trials=1 --set 'eval.passkey.lengths=[256, 1024]' "
            "--set 'eval.passkey.depths=[0.5]' --set train.val_num_documents=2")
 TINY_SFT = "--set train.max_steps=2 --set train.global_batch_tokens=2048 --set train.checkpoint_every=0"
-HEAD = "ray start --head --block --port={gcs_port} --dashboard-port={dashboard_port} --num-cpus=4"
+HEAD = ("ray start --head --block --num-cpus=4 --port={gcs_port} --dashboard-port={dashboard_port} "
+        "--dashboard-agent-listen-port={agent_port} --ray-client-server-port={client_port}")  # ports: tests run beside others
 SUBMIT = "ray job submit --address http://127.0.0.1:{dashboard_port} --working-dir . --"
 
 README_COMMANDS: dict[str, Run | Covered] = {
@@ -89,7 +91,7 @@ README_COMMANDS: dict[str, Run | Covered] = {
     Covered("tests/test_study.py::test_short_study_reports_verdicts_first_and_numbers_recomputable"),
     # ---- the "Command line" table
     "longctx data prepare --config FILE": Run("longctx data prepare --config {tiny_yaml} --set data.output={packed}",
-                                              ray=True),
+                                              ray=True),  # (the submitted run's data settings: its data is reused)
     "longctx data stats --config FILE": Run("longctx data stats --config {tiny_yaml}", ray=True),
     "longctx data synth cip|tables|retrieval --config FILE [--output URI] [--packed URI]":
     Run("longctx data synth tables --config {tiny_yaml} --output {tmp}/synth/tables && "
@@ -99,7 +101,7 @@ README_COMMANDS: dict[str, Run | Covered] = {
     "longctx train --config FILE": Run(f"longctx train --set train.max_steps=2 {TINY_PT}", ray=True),
     "longctx sft --config FILE": Run(f"longctx sft {TINY_SFT}", ray=True),
     "longctx eval run --config FILE --set eval.model=URI":
-    Run(f"longctx eval run --set eval.model={{final_model}} {TINY_PT}", ray=True),
+    Run(f"longctx eval run --set eval.model={{final_model}} {TINY_PT} --set 'eval.baselines=[naive]'", ray=True),
     "longctx eval score --predictions FILE --output FILE":
     Run("longctx eval score --predictions {predictions} --output {tmp}/scores.json"),
     "longctx tune --config FILE [--fresh]":
@@ -191,12 +193,6 @@ def test_commands_covered_elsewhere_have_their_test(command):
 
 
 # ---------------------------------------------------------------------------------------------- running them
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _environment(tmp: Path, ray_tmp: str) -> dict[str, str]:
     """What every README command runs with: a home, run folder and caches of its own, in the repository root."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "LONGCTX_"))}
@@ -211,15 +207,22 @@ def _shell(cmd: str, env: dict, timeout: int = 900) -> subprocess.CompletedProce
 
 
 def _env_values(tmp: Path) -> dict[str, str]:
+    """Files the commands name: a tiny corpus (the first 24 records of the shipped C headers), a tiny recipe with the
+    data settings of the tiny Long-PT run (so `data prepare` into that run's data folder reuses it), predictions."""
+    import gzip
+
+    corpus = tmp / "corpus.jsonl"
+    with gzip.open(ROOT / "platform" / "longctx" / "assets" / "corpus" / "c.jsonl.gz", "rt") as f:
+        corpus.write_text("".join(line for _, line in zip(range(24), f)))
     tiny = tmp / "tiny.yaml"
-    tiny.write_text("ray: {num_cpus: 2}\ndata: {seq_len: 512, long_threshold: 256, sources: "
-                    "{c: 'builtin:corpus/c.jsonl.gz'}}\nmodel: {max_position_embeddings: 512}\n"
-                    "synth: {tables: {num_samples: 2, max_tokens: 512}, retrieval: {num_samples: 2, max_tokens: 512, "
-                    "haystack_max_chars: 100000}}\n")
+    tiny.write_text(dump_config(load_config(EMBEDDED_DEFAULT, [
+        "ray.num_cpus=2", f"data.sources={{c: '{corpus}'}}", "synth.tables.num_samples=2", "synth.tables.max_tokens=512",
+        "synth.retrieval.num_samples=2", "synth.retrieval.max_tokens=512", "synth.retrieval.haystack_max_chars=100000"])))
     preds = tmp / "preds.jsonl"
     preds.write_text(json.dumps({"pred": "Paris", "answers": ["Paris"], "all_classes": None,
                                  "dataset": "multifieldqa_en"}) + "\n")
-    return {"tmp": str(tmp), "tiny_yaml": str(tiny), "predictions": str(preds), "packed": str(tmp / "packed")}
+    return {"tmp": str(tmp), "tiny_yaml": str(tiny), "predictions": str(preds), "corpus": str(corpus),
+            "packed": str(tmp / "packed")}
 
 
 QUICK = [c for c, v in README_COMMANDS.items() if isinstance(v, Run) and not v.ray]
@@ -239,21 +242,22 @@ def test_readme_command_runs(command, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def laptop_flow(tmp_path_factory):
+def laptop_flow(tmp_path_factory, free_ports):
     """The README's laptop flow and every command that needs Ray, in README order, against one head; yields
     {command: CompletedProcess}. The head is stopped as the README says: Ctrl-C on `ray start --head --block`."""
     tmp = tmp_path_factory.mktemp("readme")
     ray_tmp = tempfile.mkdtemp(prefix="lcx", dir="/tmp")  # short: Ray's socket paths live under it
     env = _environment(tmp, ray_tmp)
-    values = {**_env_values(tmp), "gcs_port": str(_free_port()), "dashboard_port": str(_free_port())}
+    ports = dict(zip(("gcs_port", "dashboard_port", "agent_port", "client_port"), free_ports(4)))
+    values = {**_env_values(tmp), **{k: str(v) for k, v in ports.items()}}
     results: dict[str, subprocess.CompletedProcess] = {}
     head = None
     try:
         for command in WITH_RAY:
             run = README_COMMANDS[command]
-            if "{final_model}" in run.cmd:  # the model the submitted Long-PT run trained
-                done = sorted(Path(env["LONGCTX_HOME"], "runs").glob("long-pt-*/final_model.txt"))
-                values["final_model"] = done[0].read_text().strip() if done else "no-final-model"
+            done = sorted(Path(env["LONGCTX_HOME"], "runs").glob("long-pt-*/final_model.txt"))
+            if done:  # the submitted Long-PT run: its model, and its data (prepared with the tiny recipe's settings)
+                values.update(final_model=done[0].read_text().strip(), packed=str(done[0].parent / "data"))
             cmd = run.cmd.format(**values)
             t0 = time.time()
             if run.background:

@@ -6,19 +6,21 @@
     raycluster.shutdown()        # ends a cluster this process started (a no-op on a cluster it only joined)
 
 A local cluster started here is private to the job, so that several jobs and a `ray start --head` live side by
-side on one machine, and so that nobody else on a shared host reaches it:
+side on one machine, and so that nobody else on a shared host reaches it (`start_head`, then `ray.init` joins it):
 - its own temp folder: `<tmp>/longctx-ray-<uid>/<pid>/` (0700, the per-user root 0700 and owned by the user),
-  Ray's temp folder, with the session folder inside (0700). Every process of the cluster gets `RAY_TMPDIR` pointing
-  there and the folder's `ray/ray_current_cluster` names this cluster's GCS, so a Ray process that looks for "the" local
-  cluster (Ray Train's placement-group cleaner queries the State API without an address) finds this one, never
-  another job's or the one `ray start` recorded in Ray's shared temp folder;
+  Ray's temp folder for it, with the session folder inside (0700);
 - its own token: token authentication on, the token in `auth_token` (0600) in that folder
   (`RAY_AUTH_TOKEN_PATH`), never written to ~/.ray/auth_token;
 - loopback only: the node's address is 127.0.0.1 (Ray's single-machine mode, `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`,
-  as on macOS and Windows), so GCS, raylet, workers, agents and the metrics exporter listen on 127.0.0.1; the
-  dashboard on 127.0.0.1 at a port the OS picks (never 8265, the port `ray start --head` and
-  `ray job submit --address http://127.0.0.1:8265` use). Ray Train's placement-group cleaner polls the State API
-  it serves: without it the worker group of a killed Train controller is never released;
+  as on macOS and Windows), so GCS, raylet, workers, agents and the metrics exporter listen on 127.0.0.1;
+- its own ports: GCS, dashboard, dashboard agent and client server at ports picked here, never Ray's fixed
+  defaults (6379, 8265, 52365, 10001) that a `ray start --head` on the machine uses. Ray Train's placement-group
+  cleaner polls the State API the dashboard serves: without it the worker group of a killed Train controller is
+  never released;
+- found by its own processes only: they get `RAY_ADDRESS` naming its GCS (and `RAY_TMPDIR` its folder, whose
+  `ray/ray_current_cluster` names it too), so Ray code in them that looks for "the" local cluster (the State API
+  client of that cleaner) reaches this one, never another job's or the head `ray start` recorded in Ray's shared
+  temp folder ("Found multiple active Ray instances", a token that does not match, a timed-out GCS);
 - it ends with the driver: `shutdown()` stops it and removes its folder; a small watchdog process
   (`python -m longctx.raycluster --watch ...`, in its own session so a Ctrl-C or a kill of the driver's process
   group does not take it along) waits for the driver to exit, however it exits (SIGKILL included), then
@@ -80,35 +82,25 @@ def connect(cfg=None, *, num_cpus: int | None = None):
     folder = private_folder()
     _state["dir"], _state["env"] = folder, _private_env(folder)
     cpus = num_cpus if num_cpus is not None else (cfg.ray.num_cpus if cfg else None)
-    for attempt in (1, 2):  # the GCS port is picked here, so that every process of the cluster can be told it
-        port = _free_port()
-        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        gcs, dashboard = start_head(folder, cpus)
         # NOTE: RAY_ADDRESS in the job's processes: Ray code in them that looks for "the" cluster (the State API
         # of Ray Train's placement-group cleaner) goes straight to this one instead of scanning the machine's GCS
-        # processes (several jobs: "Found multiple active Ray instances" every second) or reading a
-        # ray_current_cluster file. address="local" always starts a fresh cluster; a bare ray.init() would
-        # attach to the latest `ray start` cluster on this machine.
-        runtime_env["env_vars"]["RAY_ADDRESS"] = f"127.0.0.1:{port}"
-        try:
-            ray.init(address=LOCAL, num_cpus=cpus, _temp_dir=folder, _node_ip_address="127.0.0.1",
-                     include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=0, runtime_env=runtime_env,
-                     **quiet.ray_init_kwargs())
-            break
-        except Exception:
-            if ray.is_initialized():
-                ray.shutdown()
-            if attempt == 2:  # (1: the port was taken between picking and binding it)
-                _restore_env()
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
+        # processes (several jobs: "Found multiple active Ray instances" every second) or reading the
+        # ray_current_cluster file a `ray start` wrote in Ray's shared temp folder.
+        runtime_env["env_vars"]["RAY_ADDRESS"] = gcs
+        ray.init(address=gcs, runtime_env=runtime_env, **quiet.ray_init_kwargs())
+    except BaseException:
+        _abandon(folder)
+        raise
     _state["owned"] = True
-    node = ray._private.worker._global_node  # NOTE: the session name and GCS address are only on the node object
+    node = ray._private.worker._global_node  # NOTE: the session name is only exposed on the node object
     _state["session"] = node.session_name
     _seal(folder, node)
     quiet.configure_driver()
     start_watchdog(os.getpid(), node.session_name)
-    print(f"[longctx] local Ray cluster session_name={node.session_name} dashboard http://{node.webui_url or '-'} "
-          f"(private to this job, ends with it; Ray logs: {node.get_session_dir_path()}/logs)", flush=True)
+    print(f"[longctx] local Ray cluster session_name={node.session_name} dashboard http://{dashboard} (private to "
+          f"this job, ends with it; Ray logs: {node.get_session_dir_path()}/logs)", flush=True)
     return ray
 
 
@@ -126,7 +118,7 @@ def shutdown() -> None:
         ray.shutdown()
         _state["owned"] = False
         if _state["session"]:
-            end_session(_state["session"], grace_s=2.0)  # what ray.shutdown left (agents, the dashboard's children)
+            end_session(_state["session"])  # the cluster `start_head` started (ray.shutdown only disconnects)
         _restore_env()
         if _state["dir"]:
             shutil.rmtree(_state["dir"], ignore_errors=True)
@@ -134,6 +126,39 @@ def shutdown() -> None:
 
 
 # ------------------------------------------------------------------------------------------ private cluster
+def start_head(folder: str, num_cpus: int | None = None, attempts: int = 2) -> tuple[str, str]:
+    """`ray start --head` of a private cluster in `folder` (this process's environment: `_private_env`), every
+    port on 127.0.0.1 and picked here: Ray's fixed defaults (GCS 6379, dashboard 8265, its agent 52365, the client
+    server 10001) would collide with a `ray start --head` or another job on this machine. Returns (GCS address,
+    dashboard address). Its output goes to `<folder>/ray_start.log`."""
+    log = os.path.join(folder, "ray_start.log")
+    for attempt in range(1, attempts + 1):
+        flags = ("port", "dashboard-port", "dashboard-agent-listen-port", "ray-client-server-port")
+        ports = dict(zip(flags, _free_ports(len(flags))))
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--temp-dir={folder}",
+               "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+               "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()],
+               *([f"--num-cpus={num_cpus}"] if num_cpus is not None else [])]
+        with open(log, "a") as out:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        if proc.returncode == 0:
+            return f"127.0.0.1:{ports['port']}", f"127.0.0.1:{ports['dashboard-port']}"
+        # (a port picked above can be taken before Ray binds it: once more with others)
+    with open(log) as f:
+        tail = "".join(f.readlines()[-20:])
+    raise RuntimeError(f"starting the local Ray cluster failed {attempts} times (`ray start --head`, log "
+                       f"{log}):\n{tail}")
+
+
+def _abandon(folder: str) -> None:
+    """A start that failed: end what it started, restore the environment, remove the folder."""
+    for session in os.listdir(folder) if os.path.isdir(folder) else []:
+        if session.startswith("session_2"):
+            end_session(session, grace_s=2.0)
+    _restore_env()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def user_root() -> str:
     """`<tmp>/longctx-ray-<uid>`: created 0700; refused when another user owns it or others can enter it. `<tmp>`
     is RAY_TMPDIR when set, else /tmp (Ray's own choice, short enough for its socket paths)."""
@@ -175,10 +200,16 @@ def private_folder() -> str:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct ports free on 127.0.0.1 right now (held open together, so none is returned twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def _dead_owner(folder: str) -> bool:
@@ -198,7 +229,7 @@ def _private_env(folder: str) -> dict[str, str | None]:
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))  # 256 bits, as `ray get-auth-token --generate`
     env = {"RAY_TMPDIR": folder, "RAY_AUTH_TOKEN_PATH": token, "RAY_AUTH_TOKEN": None,
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_GCS_SERVER_PORT": None}
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     if os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled":  # an explicit opt-out is the user's to make
         env["RAY_AUTH_MODE"] = "token"
     old = {k: os.environ.get(k) for k in env}
