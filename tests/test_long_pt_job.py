@@ -143,6 +143,12 @@ def test_long_pt_job_killed_and_resubmitted_on_s3(s3_bucket, tmp_path):
         assert log.count(f"[train] step {step}/3 |") == 1, log[-4000:]
     assert re.search(r"\[train\] step 3/3 \|.*\| elapsed \S+ \| eta 0s", log)
     assert "[longctx] eval:" in log and "[longctx] tokenize:" in first and "[longctx] tokenize:" not in log
+    # quiet by default: our lines, not Ray Data's progress blocks, Ray Train's bookkeeping, progress bars or warnings
+    # we cause (--verbose shows them); the packing-isolation line once
+    for noise in ("logging_progress", "Reporting training result", "Loading weights", "Writing model shards",
+                  "is illegal", "FutureWarning", "Started a local Ray instance", "Traceback"):
+        assert noise not in first + log, noise
+    assert first.count("[train] packing isolation") == 1, first[-4000:]
     # TensorBoard event files in the run folder hold the same scalars as metrics.jsonl
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
