@@ -311,6 +311,10 @@ def test_probe_reads_compressed_and_parquet_samples_and_only_warns_on_some_bad_r
     mixed = _jsonl(tmp_path / "mixed.jsonl", [{"text": "hello world"}, {"body": "no text"}] * 4)
     preflight.require(load_config(EMBEDDED_DEFAULT, [f"data.sources.mixed={mixed}"]), "pt")  # no PreflightError
     assert "[preflight] warning: data.sources.mixed: 2 of the first 5 records" in capsys.readouterr().err
+    # a first record longer than what the probe reads is not mistaken for bad JSON
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"text": "x" * (5 << 20)}) + "\n" + json.dumps({"text": "y"}) + "\n")
+    assert _problems(load_config(EMBEDDED_DEFAULT, [f"data.sources.big={big}"])) == {}
     # a source_field that no record has is named
     found = _problems(load_config(EMBEDDED_DEFAULT, [f"data.sources.mixed={mixed}",
                                                      "data.sources.mixed.source_field=meta.set"]))

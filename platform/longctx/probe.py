@@ -61,12 +61,13 @@ def _lines(raw: io.BufferedIOBase, name: str) -> Iterator[bytes]:
     else:
         stream = raw
     seen = 0
-    buf = stream
     while seen < _MAX_BYTES:
-        line = buf.readline(_MAX_BYTES - seen)
+        line = stream.readline(_MAX_BYTES - seen)
         if not line:
             return
         seen += len(line)
+        if not line.endswith(b"\n") and seen >= _MAX_BYTES:
+            return  # cut by our read limit, not by the data: not looked at
         yield line
 
 
