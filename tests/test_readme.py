@@ -104,6 +104,9 @@ README_COMMANDS: dict[str, Run | Covered] = {
     Run(f"longctx eval run --set eval.model={{final_model}} {TINY_PT} --set 'eval.baselines=[naive]'", ray=True),
     "longctx eval score --predictions FILE --output FILE":
     Run("longctx eval score --predictions {predictions} --output {tmp}/scores.json"),
+    "longctx eval ruler generate --config FILE --set eval.ruler.lengths=[4096,8192] --output DIR":
+    Run("longctx eval ruler generate --config {tiny_yaml} --set eval.ruler.lengths=[4096,8192] --set "
+        "eval.ruler.num_samples=2 --set 'eval.ruler.tasks=[niah_single_1, vt]' --output {tmp}/ruler"),
     "longctx tune --config FILE [--fresh]":
     Covered("tests/test_sweep.py::test_sweep_interrupted_and_resumed_runs_every_trial_once"),
     "longctx study [--output DIR] [--steps N] [--parts abcde]":

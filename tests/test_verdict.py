@@ -59,3 +59,12 @@ def test_without_a_trained_model_the_subject_is_the_best_on_nll_beyond_base():
     text = verdict({"base_context_length": 256, "models": models})
     assert text.startswith("base + dynamic NTK x4: best on NLL beyond 256 tokens")
     assert "best other: base (naive)" in text
+
+
+def test_ruler_average_at_the_longest_length_is_a_verdict_metric():
+    models = _metrics()["eval"]["models"]
+    for name, avg in (("base (naive)", 10.0), ("base + dynamic NTK x4", 61.5), ("Long-PT", 48.0)):
+        models[name]["ruler"] = {"average": {"512": 90.0, "1024": avg}}
+    text = verdict({"base_context_length": 256, "models": models})
+    assert "RULER average at 1024 tokens (48% vs 62% for base + dynamic NTK x4)" in text
+    assert "- RULER average at 1024 tokens (higher is better): Long-PT 48%; best other: base + dynamic NTK x4 62%; naive 10%." in text

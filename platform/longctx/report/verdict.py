@@ -1,13 +1,15 @@
 """The report's verdict: the subject model (the trained one) against the best *other* model on every metric shown,
 and first of all where it loses.
 
-    text = verdict(metrics)   # "Long-PT loses on passkey at 1024 tokens (58% vs 83% for base + dynamic NTK x4) ..."
+    text = verdict(metrics)   # "Long-PT: best on NLL beyond 256 tokens; loses on passkey at 1024 tokens (58% vs 83%
+                              #  for base + dynamic NTK x4)." and one line per metric
 
 A verdict that compares the trained model only with naive extrapolation flatters it: training-free dynamic NTK or
 YaRN often score close, and sometimes better. So for each metric (NLL beyond and within the base length, passkey
-accuracy at the longest prompt, the needle score of each variant) the verdict names the best of the other models,
-with naive extrapolation beside it as the floor; a metric every model scores 0% or 100% on is left out (it cannot
-discriminate). Values are compared as shown (NLL to 2 decimals, percentages to whole points): equal is a tie.
+accuracy at the longest prompt, RULER's average at its longest length, the needle score of each variant) the
+verdict names the best of the other models, with naive extrapolation beside it as the floor; a metric every model
+scores 0% or 100% on is left out (it cannot discriminate). Values are compared as shown (NLL to 2 decimals,
+percentages to whole points): equal is a tie.
 """
 
 from __future__ import annotations
@@ -58,6 +60,13 @@ def metrics_of(ev: dict) -> list[Metric]:
         all_vals = [v for acc in pk.values() for v in acc.values()]
         if vals and not (_all_same(all_vals, 0.0) or _all_same(all_vals, 1.0)):
             out.append(Metric(f"passkey at {longest} tokens", vals, higher_is_better=True, percent=True))
+    ruler = {n: m["ruler"]["average"] for n, m in models.items() if ((m.get("ruler") or {}).get("average"))}
+    if ruler:
+        longest = max(int(x) for avg in ruler.values() for x in avg)
+        vals = {n: avg[str(longest)] / 100 for n, avg in ruler.items()
+                if isinstance(avg.get(str(longest)), (int, float))}
+        if vals and not (_all_same(list(vals.values()), 0.0) or _all_same(list(vals.values()), 1.0)):
+            out.append(Metric(f"RULER average at {longest} tokens", vals, higher_is_better=True, percent=True))
     variants = sorted({v for m in models.values() for v in (m.get("needle") or {})})
     for variant in variants:
         vals = {n: m["needle"][variant]["mean"] for n, m in models.items()
