@@ -11,10 +11,11 @@ it in a subprocess, e.g. by running a job, must carry the mark itself).
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
+
+from longctx.raycluster import free_ports
 
 # Keep tests off any real account and any real endpoint, whatever the machine's environment says.
 for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
@@ -24,26 +25,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
-def _free_ports(n: int) -> list[int]:
-    """`n` distinct ports free on 127.0.0.1 (held open together, so none is returned twice)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _free_port() -> int:
-    return _free_ports(1)[0]
+    return free_ports(1)[0]
 
 
-@pytest.fixture(scope="session")
-def free_ports():
+@pytest.fixture(scope="session", name="free_ports")
+def free_ports_fixture():
     """`free_ports(n)`: n distinct free ports on 127.0.0.1 (for a `ray start --head` beside other tests' Ray)."""
-    return _free_ports
+    return free_ports
 
 
 @pytest.fixture(scope="session")

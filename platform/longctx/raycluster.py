@@ -134,7 +134,7 @@ def start_head(folder: str, num_cpus: int | None = None, attempts: int = 2) -> t
     log = os.path.join(folder, "ray_start.log")
     for attempt in range(1, attempts + 1):
         flags = ("port", "dashboard-port", "dashboard-agent-listen-port", "ray-client-server-port")
-        ports = dict(zip(flags, _free_ports(len(flags))))
+        ports = dict(zip(flags, free_ports(len(flags))))
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--temp-dir={folder}",
                "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
                "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()],
@@ -200,7 +200,7 @@ def private_folder() -> str:
     return folder
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     """`n` distinct ports free on 127.0.0.1 right now (held open together, so none is returned twice)."""
     socks = [socket.socket() for _ in range(n)]
     try:
