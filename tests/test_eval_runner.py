@@ -174,5 +174,6 @@ def test_report_to_s3(s3_bucket):
             "overall_nll": 1.75, "nll_beyond_base": 1.7, "documents": 1, "skipped_short": 0}}}}
     uri = write_report(f"{s3_bucket}/runs/r1", metrics)
     text = storage.read_text(uri)
-    assert "Beyond 64 tokens Long-PT NLL 1.70 vs naive 3.20." in text
+    assert "**Verdict:** Long-PT: best on NLL beyond 64 tokens; loses on none of them." in text
+    assert "- NLL beyond 64 tokens (lower is better): Long-PT 1.70; best other: base (naive) 3.20." in text
     assert storage.read_bytes(f"{s3_bucket}/runs/r1/nll_by_position.png")[:4] == b"\x89PNG"
