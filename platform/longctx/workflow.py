@@ -344,7 +344,8 @@ def run_long_sft(cfg: JobConfig) -> dict:
                   "tokens_per_s": outcome.tokens_per_s, "layout": outcome.layout},
     }
     print(f"[longctx] SFT: {totals.get('rows')} rows, {totals.get('loss_tokens')} loss tokens, "
-          f"{outcome.steps} steps, final loss {outcome.final_loss}", flush=True)
+          f"{outcome.steps} steps, final loss " + (f"{outcome.final_loss:.4f}" if outcome.final_loss is not None else "-"),
+          flush=True)
     return finish(run, metrics, [("Training", train_section(cfg, outcome, run.timings, run.root))],
                   title=f"Long-SFT run {run.run_id}", final_model=outcome.final_model_uri)
 
