@@ -47,6 +47,8 @@ class Run:
     ray: bool = False
     background: bool = False
     """Started and left running (the head); stopped with Ctrl-C (SIGINT) at the end."""
+    slow: bool = False
+    """Over ~30 s without Ray: marked slow (out of the quick lane)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,11 @@ README_COMMANDS: dict[str, Run | Covered] = {
     "ray start --head --block": Run(HEAD, ray=True, background=True),
     "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/long_pt.py --set train.max_steps=2":
     Run(f"{SUBMIT} python jobs/long_pt.py --set train.max_steps=2 {TINY_PT}", ray=True),
+    "longctx plan --config jobs/configs/llama2-7b-80k-per-source.yaml --set model.path=builtin:model-shapes/llama-2-7b":
+    Run("longctx plan --config jobs/configs/llama2-7b-80k-per-source.yaml --set model.path=builtin:model-shapes/llama-2-7b"),
+    "longctx plan --config jobs/configs/llama2-7b-80k-per-source.yaml --set model.path=builtin:model-shapes/llama-2-7b "
+    "--max-seq-len --json": Run("longctx plan --config jobs/configs/llama2-7b-80k-per-source.yaml --set "
+                                "model.path=builtin:model-shapes/llama-2-7b --max-seq-len --json", slow=True),
     "python jobs/sweep.py --config jobs/configs/sweep-rope-budget.yaml":
     Covered("tests/test_sweep.py::test_sweep_interrupted_and_resumed_runs_every_trial_once"),
     "python jobs/study.py --output runs/study":
@@ -113,6 +120,9 @@ README_COMMANDS: dict[str, Run | Covered] = {
     Covered("tests/test_study.py::test_short_study_reports_verdicts_first_and_numbers_recomputable"),
     "longctx rope suggest --head-dim N --train-len N --target-len N":
     Run("longctx rope suggest --head-dim 32 --train-len 256 --target-len 1024"),
+    "longctx plan --config FILE [--gpu h100] [--max-seq-len] [--json]":
+    Run("longctx plan --config jobs/configs/llama2-7b-80k-per-source.yaml --set "
+        "model.path=builtin:model-shapes/llama-2-7b --gpu h100 --json"),
     "longctx config show|validate|schema --config FILE [--output FILE]":
     Run("longctx config show --config {tiny_yaml} && longctx config validate --config {tiny_yaml} && "
         "longctx config schema --output {tmp}/schema.json"),
@@ -236,7 +246,8 @@ LAPTOP_FLOW = ["ray get-auth-token --generate >/dev/null && export RAY_AUTH_MODE
 WITH_RAY = LAPTOP_FLOW + [c for c, v in README_COMMANDS.items() if isinstance(v, Run) and v.ray and c not in LAPTOP_FLOW]
 
 
-@pytest.mark.parametrize("command", QUICK)
+@pytest.mark.parametrize("command", [pytest.param(c, marks=[pytest.mark.slow] if README_COMMANDS[c].slow else [])
+                                     for c in QUICK])
 def test_readme_command_runs(command, tmp_path):
     values = _env_values(tmp_path)
     proc = _shell(README_COMMANDS[command].cmd.format(**values), _environment(tmp_path, str(tmp_path / "ray")))
