@@ -10,9 +10,11 @@ connection and refuse new ones for N seconds (an outage), optionally once a numb
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
+import urllib.parse
 
 
 class FaultProxy:
@@ -52,6 +54,9 @@ class FaultProxy:
         self._cut_all()
 
     # ------------------------------------------------------------------------------------------ internals
+    def _observe(self, src: socket.socket, dst: socket.socket, downstream: bool, data: bytes) -> None:
+        """Called with every chunk before it is relayed (CountingProxy counts them)."""
+
     def _maybe_start(self) -> None:
         with self._lock:
             if self._arm is None or self.bytes_down < self._arm[1]:
@@ -99,6 +104,7 @@ class FaultProxy:
                 data = src.recv(65536)
                 if not data or self.down:
                     break
+                self._observe(src, dst, downstream, data)
                 dst.sendall(data)
                 if downstream:
                     with self._lock:
@@ -116,3 +122,40 @@ class FaultProxy:
             with self._lock:
                 self._conns.discard(src)
                 self._conns.discard(dst)
+
+
+class CountingProxy(FaultProxy):
+    """A FaultProxy that counts, per (HTTP method, object path), the response bytes relayed to clients (headers
+    included) and the requests: what the server sent for each object, measured on the wire.
+
+        proxy = CountingProxy(upstream_port)
+        ...                                          # point storage.endpoint_url at proxy.endpoint
+        proxy.bytes_of("GET", "part-00000.parquet")  # response bytes of GETs whose path ends so
+    """
+
+    _REQUEST = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.[01]\r\n")
+
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1"):
+        self.current: dict[socket.socket, tuple[str, str]] = {}  # upstream socket -> request it is answering
+        self.bytes: dict[tuple[str, str], int] = {}
+        self.requests: dict[tuple[str, str], int] = {}
+        super().__init__(upstream_port, upstream_host)
+
+    def _observe(self, src, dst, downstream, data):
+        with self._lock:
+            if not downstream:  # client -> server: a new request on this connection (no pipelining in HTTP/1.1 clients)
+                for m in self._REQUEST.finditer(data):
+                    key = (m.group(1).decode(), urllib.parse.unquote(m.group(2).decode().split("?", 1)[0]))
+                    self.current[dst] = key
+                    self.requests[key] = self.requests.get(key, 0) + 1
+            elif src in self.current:
+                key = self.current[src]
+                self.bytes[key] = self.bytes.get(key, 0) + len(data)
+
+    def bytes_of(self, method: str, suffix: str) -> int:
+        with self._lock:
+            return sum(n for (m, path), n in self.bytes.items() if m == method and path.endswith(suffix))
+
+    def requests_of(self, method: str, suffix: str) -> int:
+        with self._lock:
+            return sum(n for (m, path), n in self.requests.items() if m == method and path.endswith(suffix))

@@ -36,7 +36,7 @@ def test_ulysses_sp2_equals_single_process_training(ray_cluster, tmp_path):
     assert [h["row_ids"] for h in out.history] == [[0, 1], [2, 3]]
     assert all(h["step_tokens"] == 2 * SEQ for h in out.history)
 
-    ref_weights, ref_losses, ref_norms = reference_training(model_dir, cfg, table, STEPS, rows_per_step=2)
+    ref_weights, ref_losses, ref_norms = reference_training(model_dir, cfg, table, STEPS, rows_per_step=2, data_parallel=1)
     assert [h["loss"] for h in out.history] == pytest.approx(ref_losses, rel=1e-5)
     assert [h["grad_norm"] for h in out.history] == pytest.approx(ref_norms, rel=1e-4)
     got = AutoModelForCausalLM.from_pretrained(out.final_model_uri).state_dict()

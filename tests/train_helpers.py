@@ -101,16 +101,17 @@ def write_packed_shards(uri: str, table: pa.Table, rows_per_shard: int = 16) -> 
     return uri
 
 
-def reference_training(model_dir: str, cfg, table, steps: int, rows_per_step: int = 4):
+def reference_training(model_dir: str, cfg, table, steps: int, rows_per_step: int = 4, data_parallel: int = 2):
     """The same training in one process with plain PyTorch (no Ray, no DeepSpeed): (final weights, losses,
     pre-clip global gradient norms).
 
-    Step s uses rows [s*rows_per_step, (s+1)*rows_per_step) (with dp ranks keeping row_id % dp, those are exactly
-    the rows the distributed run uses when rows_per_step is a multiple of dp x micro x grad_accum).
+    Step s uses the rows the distributed run uses: rows_per_step / data_parallel rows of every rank's lane
+    (`lane_step_rows`; the table's row i has row_id i). Which rank computes which row (batch balancing) does not
+    change the step's loss or gradient.
     """
     from longctx.model.attention import attention_inputs
     from longctx.model.load import load_causal_lm
-    from longctx.train.batches import rows_from_table, collate
+    from longctx.train.batches import collate, lane_step_rows, rows_from_table
     from longctx.train.loss import CausalLMWithChunkedLoss, shift_targets
     from longctx.train.optim import adamw
     from longctx.train.schedule import lr_lambda
@@ -121,9 +122,10 @@ def reference_training(model_dir: str, cfg, table, steps: int, rows_per_step: in
     opt = adamw(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=cfg.train.adam_betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio))
     rows = list(rows_from_table(table, "test"))
+    order = lane_step_rows(len(rows), data_parallel, rows_per_step // data_parallel, steps)
     losses, grad_norms = [], []
     for step in range(steps):
-        batch = collate(rows[rows_per_step * step : rows_per_step * (step + 1)], "document")  # dp=2 x grad_accum=2 x micro=1 rows
+        batch = collate([rows[i] for i in order[step]], "document")  # dp=2 x grad_accum=2 x micro=1 rows
         tgt = shift_targets(batch.labels, batch.doc_ids)
         loss_sum, n = model(batch.input_ids, tgt, **attention_inputs(batch.position_ids, attn_implementation="sdpa",
                                                                       doc_ids=batch.doc_ids))

@@ -332,6 +332,11 @@ class TrainConfig(_Section):
     """Held-out documents for the validation loss (any corpus format, local or s3://). Default: eval.documents."""
     val_num_documents: int = Field(8, ge=1)
     """Validation documents: the first N with at least data.seq_len tokens, each cut to data.seq_len, one per row."""
+    balance_batches: bool = True
+    """Within each optimizer step, move rows between data-parallel ranks (and micro-steps) so every rank's share
+    of attention cost (sum of squared document lengths, plus the per-token cost) is about equal: a step waits for
+    its slowest rank. The step's rows, loss and gradient stay the same; metrics.jsonl records the step's
+    max/mean rank cost before and after (`cost_max_over_mean[_unbalanced]`)."""
 
     # -- memory: ALST's savers (longctx.train.memory_savers) and the GPU the plan checks against (longctx.plan)
     tiled_mlp: bool = False

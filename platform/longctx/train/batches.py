@@ -2,15 +2,21 @@
 
 Two sources of rows:
 
-- Committed Parquet shards (the usual case): every worker reads the shard files itself with pyarrow, in sorted
-  file / row-group order, and keeps the rows whose `row_id % data_parallel == dp_rank`. Each rank's stream is a
-  fixed sequence, the ledger records the row ids consumed per epoch, and after a restart the stream skips exactly
-  those: every row is used once per epoch across failures, and the batches after a resume are the ones an
-  uninterrupted run would have seen. Cost: every worker reads every row's bytes (Parquet columns, not compute),
-  small next to a training step on long rows.
+- Committed Parquet shards (the usual case): the shards, concatenated in manifest order, hold rows 0..N-1; data-
+  parallel rank r owns the contiguous stretch [r N / dp, (r + 1) N / dp) (its *lane*, `lane_bounds`) and reads
+  only the row groups that hold it (`lane_tables`, row-group sizes from the manifest, else from the footers):
+  a rank reads about 1/dp of the bytes, plus the rest of at most one row group at each end of its stretch. Every
+  lane is a stretch of the engine's mixed row order, so every lane carries the configured mix. A rank's stream is
+  a fixed sequence, the ledger records the row ids consumed per epoch, and after a restart the stream skips
+  exactly those (a row group whose rows were all consumed is skipped after reading its row_id column alone):
+  every row is used once per epoch across failures and resubmits, and the batches after a resume are the ones an
+  uninterrupted run would have seen. Step s of rank r uses lane positions [s k, (s + 1) k), k = micro x
+  grad_accum rows (`lane_step_rows` gives the whole run's order).
 - A `ray.data.Dataset` (streamed from the data engine): Ray Train's streaming split gives each worker its own
   rows; the ledger still makes a resume skip what was consumed (no row lost or doubled), but Ray Data's split
   makes no ordering promise, so the batches after a resume may differ from an uninterrupted run's.
+
+Within each global batch, rows may then move between ranks to even out attention cost (train/balance.py).
 
 NOTE: Ray Data with `DataConfig(datasets_to_split=[])` (each worker executing the whole dataset) hangs after a
 worker-group restart in Ray 2.60: the killed executions keep their CPU reservations and the new ones get a budget
@@ -22,7 +28,7 @@ Sequence-parallel ranks of one group share a dp_rank and therefore read the same
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -126,6 +132,82 @@ def parquet_tables(files: list[str], read_batch_rows: int = 64) -> Iterator[pa.T
                 yield pa.Table.from_batches([batch])
 
 
+@dataclass(frozen=True)
+class ShardRows:
+    """One committed shard and the rows of each of its row groups, in file order (the manifest's `row_groups`,
+    else the Parquet footer's)."""
+
+    uri: str
+    row_groups: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.row_groups)
+
+
+def lane_bounds(total_rows: int, data_parallel: int, dp_rank: int) -> tuple[int, int]:
+    """[start, stop) positions (in manifest row order) of data-parallel rank `dp_rank`'s rows: contiguous stretches
+    whose sizes differ by at most one row."""
+    return total_rows * dp_rank // data_parallel, total_rows * (dp_rank + 1) // data_parallel
+
+
+def lane_step_rows(total_rows: int, data_parallel: int, rows_per_rank_step: int, steps: int) -> list[list[int]]:
+    """Row positions each optimizer step uses (all ranks, one epoch, nothing skipped): step s takes positions
+    [s k, (s + 1) k) of every rank's lane. With the data engine's shards a position is the row_id."""
+    lanes = [lane_bounds(total_rows, data_parallel, r) for r in range(data_parallel)]
+    k = rows_per_rank_step
+    return [[p for start, stop in lanes for p in range(start + s * k, min(start + (s + 1) * k, stop))]
+            for s in range(steps)]
+
+
+def lane_tables(shards: list[ShardRows], start: int, stop: int, read_batch_rows: int = 64,
+                columns: Iterable[str] = (*REQUIRED_COLUMNS, "seg_doc_ids"),
+                skip_group: Callable[[np.ndarray], bool] | None = None) -> Iterator[pa.Table]:
+    """Rows at positions [start, stop) of the shards taken in order, as small tables, opening only the shards and
+    reading only the row groups that hold them. `skip_group(row_ids)`: read a row group's row_id column first and
+    skip the group when it returns True (a resume skipping what was consumed)."""
+    import pyarrow.parquet as pq
+
+    from longctx import storage
+
+    pos = 0
+    for shard in shards:
+        n = shard.rows
+        if pos + n <= start:
+            pos += n
+            continue
+        if pos >= stop:
+            return
+        fs, path = storage.pyarrow_fs(shard.uri)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            sizes = tuple(pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups))
+            if sizes != tuple(shard.row_groups):
+                raise ValueError(f"{shard.uri}: row groups {list(sizes)[:8]} differ from the manifest's "
+                                 f"{list(shard.row_groups)[:8]} (the shard changed after it was published)")
+            cols = [c for c in columns if c in pf.schema_arrow.names]
+            for g, size in enumerate(sizes):
+                lo, hi = max(start, pos), min(stop, pos + size)  # our part of this group, in positions
+                if lo < hi:
+                    off = lo - pos
+                    if skip_group is not None:
+                        ids = pf.read_row_group(g, columns=["row_id"]).column("row_id").to_numpy()
+                        if skip_group(ids[off:off + hi - lo]):
+                            pos += size
+                            continue
+                    seen = 0
+                    for batch in pf.iter_batches(batch_size=read_batch_rows, row_groups=[g], columns=cols):
+                        a, b = max(off - seen, 0), min(hi - pos - seen, batch.num_rows)
+                        if a < b:
+                            yield pa.Table.from_batches([batch.slice(a, b - a)])
+                        seen += batch.num_rows
+                        if pos + seen >= hi:
+                            break
+                pos += size
+                if pos >= stop:
+                    return
+
+
 def ray_data_tables(data_iterator, read_batch_rows: int = 64) -> Iterator[pa.Table]:
     yield from data_iterator.iter_batches(batch_size=read_batch_rows, batch_format="pyarrow", prefetch_batches=1)
 
@@ -133,30 +215,21 @@ def ray_data_tables(data_iterator, read_batch_rows: int = 64) -> Iterator[pa.Tab
 class RowStream:
     """This rank's rows, epoch after epoch, skipping rows the ledger already holds.
 
-    `tables()` returns one epoch's tables; `shard_by_row_id` keeps only row_id % data_parallel == dp_rank (off
-    when the source already gives each worker its own rows).
+    `tables(epoch)` returns one epoch's tables of this rank's rows (`lane_tables` over the shards, or Ray Train's
+    dataset shard).
     """
 
-    def __init__(self, tables, *, dp_rank: int, data_parallel: int, epochs: int, ledger: Ledger,
-                 shard_by_row_id: bool = True):
+    def __init__(self, tables: Callable[[int], Iterable[pa.Table]], *, epochs: int, ledger: Ledger):
         self.tables = tables
-        self.dp_rank, self.dp = dp_rank, data_parallel
         self.epochs = epochs
         self.ledger = ledger
-        self.shard_by_row_id = shard_by_row_id
         self._gen = self._rows()
 
     def _rows(self) -> Iterator[tuple[int, PackedRow]]:
         for epoch in range(self.epochs):
-            for table in self.tables():
+            for table in self.tables(epoch):
                 if "row_id" not in table.column_names:
                     raise ValueError("packed rows lack the row_id column (needed for exact resume)")
-                if self.shard_by_row_id:
-                    ids = table.column("row_id").to_numpy()
-                    mine = np.nonzero(ids % self.dp == self.dp_rank)[0]
-                    if mine.size == 0:
-                        continue
-                    table = table.take(pa.array(mine))
                 for row in rows_from_table(table, "training data"):
                     if not self.ledger.contains(epoch, row.row_id):
                         yield epoch, row
@@ -170,6 +243,20 @@ class RowStream:
                 return None
             out.append(nxt)
         return out
+
+
+def lane_row_stream(shards: list[ShardRows], *, dp_rank: int, data_parallel: int, epochs: int,
+                    ledger: Ledger) -> RowStream:
+    """Data-parallel rank `dp_rank`'s row stream over committed shards: its lane, epoch after epoch, minus the
+    ledger (row groups wholly consumed are skipped after reading their row ids)."""
+    start, stop = lane_bounds(sum(s.rows for s in shards), data_parallel, dp_rank)
+
+    def tables(epoch: int) -> Iterator[pa.Table]:
+        done = ledger.consumed.get(epoch)
+        skip = (lambda ids: all(int(i) in done for i in ids)) if done else None
+        return lane_tables(shards, start, stop, skip_group=skip)
+
+    return RowStream(tables, epochs=epochs, ledger=ledger)
 
 
 @dataclass

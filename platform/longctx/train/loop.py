@@ -36,7 +36,9 @@ from longctx.tracking import Tracker, run_id_for
 from longctx.train import checkpoint as ckpt
 from longctx.train import fault_injection as inject
 from longctx.train import integrity, stops
-from longctx.train.batches import Ledger, RowStream, collate, parquet_tables, rank_forward_inputs, ray_data_tables
+from longctx.train.balance import CostModel, RowBalancer
+from longctx.train.batches import (Ledger, RowStream, ShardRows, collate, lane_row_stream, rank_forward_inputs,
+                                   ray_data_tables)
 from longctx.train.deepspeed import build_deepspeed_config, disable_deepspeed_shm_comm
 from longctx.train.loss import shift_targets
 from longctx.train.memory_savers import prepare_for_training
@@ -227,15 +229,20 @@ class LoopRunner:
                                    run_id=run_id_for(cfg, self.train_root), resume_step=start_step)
         self.log = StepLog(storage.join(self.train_root, "metrics.jsonl") if self.is_rank0 else None, history,
                            echo=self.is_rank0, tracker=tracker, flush_every_s=cfg.logging.flush_every_s)
-        if self.spec.parquet_files:
-            files = self.spec.parquet_files
-            self.stream = RowStream(lambda: parquet_tables(files), dp_rank=self.dp_rank,
-                                    data_parallel=layout.data_parallel, epochs=tcfg.epochs, ledger=ledger)
+        if self.spec.parquet_files:  # this rank's lane of the committed shards (train/batches.py)
+            shards = [ShardRows(f, tuple(g)) for f, g in zip(self.spec.parquet_files, self.spec.parquet_row_groups)]
+            self.stream = lane_row_stream(shards, dp_rank=self.dp_rank, data_parallel=layout.data_parallel,
+                                          epochs=tcfg.epochs, ledger=ledger)
         else:  # a ray.data.Dataset, split by Ray Train across the data-parallel ranks
             shard = ray.train.get_dataset_shard("train")
-            self.stream = RowStream(lambda: ray_data_tables(shard), dp_rank=self.dp_rank,
-                                    data_parallel=layout.data_parallel, epochs=tcfg.epochs, ledger=ledger,
-                                    shard_by_row_id=False)
+            self.stream = RowStream(lambda epoch: ray_data_tables(shard), epochs=tcfg.epochs, ledger=ledger)
+        self.balancer = None  # train.balance_batches: rows change ranks to even out attention cost per step
+        if tcfg.balance_batches and layout.data_parallel > 1:
+            self.balancer = RowBalancer(
+                data_parallel=layout.data_parallel, sequence_parallel=layout.sequence_parallel,
+                micro_batch=layout.micro_batch_size, grad_accum=layout.grad_accum, attention=cfg.data.attention,
+                model=CostModel.of(self.lm.config, self.n_params["matmul"]),
+                device=self.device)
         self.peak = device_peak_flops(str(self.device))
         model_dir = local_model_dir(cfg.model.path)
         self.tokenizer_dirs = [model_dir, local_model_dir(cfg.data.tokenizer)]
@@ -302,8 +309,12 @@ class LoopRunner:
             if self.is_rank0:
                 emit(f"[train] data exhausted after {self.step} steps (planned {self.total_steps})")
             return "ran_out"
-        micro = [collate([r for _, r in rows[i : i + layout.micro_batch_size]], cfg.data.attention)
-                 for i in range(0, len(rows), layout.micro_batch_size)]
+        balance = {}
+        if self.balancer is not None:
+            micro_rows, balance = self.balancer.assign(rows)
+        else:
+            micro_rows = [rows[i : i + layout.micro_batch_size] for i in range(0, len(rows), layout.micro_batch_size)]
+        micro = [collate([r for _, r in mr], cfg.data.attention) for mr in micro_rows]
         if not self.isolation_checked and tcfg.isolation_check and cfg.data.attention == "document":
             _prove_isolation(lm, micro[0], self.attn_impl, cfg, device, sp, sp_rank, self.mpu, self.is_rank0)
         self.isolation_checked = True
@@ -368,7 +379,7 @@ class LoopRunner:
                 "mfu": (flops["causal"] / dt / world / self.peak) if self.peak else None,
                 "mfu_full_square": (flops["full_square"] / dt / world / self.peak) if self.peak else None,
                 **memory_stats(str(device)),
-                "epoch": rows[-1][0], "row_ids": row_ids,
+                "epoch": rows[-1][0], "row_ids": row_ids, **balance,
             }
             self.log.add(record)
         return "stepped"

@@ -30,6 +30,8 @@ class LoopSpec:
     """Fault injection for tests: {"step", "rank"} (that rank's loss is NaN at that step, once)."""
     parquet_files: list[str] | None = None
     """Packed shards read directly in row_id order (exact resume); None: Ray Train's dataset shard."""
+    parquet_row_groups: list[list[int]] | None = None
+    """Rows of each row group of every shard in `parquet_files` (each rank reads only the groups of its rows)."""
 
     def to_dict(self) -> dict:
         return asdict(self)

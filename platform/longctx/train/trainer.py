@@ -21,6 +21,7 @@ from typing import Any
 
 from longctx import quiet, storage
 from longctx.train import integrity, stops
+from longctx.train.batches import REQUIRED_COLUMNS, ShardRows
 from longctx.train.preemption import PreemptionGuard
 from longctx.train.schedule import BatchLayout, derive_layout, plan_steps
 
@@ -67,20 +68,28 @@ def latest_checkpoint_step(train_root: str) -> int | None:
 
 
 def packed_parquet_files(uri: str) -> tuple[list[str], int]:
-    """(shard URIs, total rows) of a committed packed-Parquet prefix; row counts from Parquet footers only.
+    """(shard URIs, total rows) of a committed packed-Parquet prefix (`packed_shard_rows`)."""
+    shards = packed_shard_rows(uri)
+    return [s.uri for s in shards], sum(s.rows for s in shards)
+
+
+def packed_shard_rows(uri: str) -> list[ShardRows]:
+    """Every shard of a committed packed-Parquet prefix with the rows of each of its row groups, in row order.
     File names come from the committed manifest (under the committed generation after an S3 overwrite, never a
-    listing); a plain folder of shards without a marker or manifest is listed."""
+    listing); a plain folder of shards without a marker or manifest is listed. Row-group sizes come from the
+    manifest's `row_groups` (no shard opened); a manifest written before it had them, or a plain folder, gives
+    them from the Parquet footers."""
     uri = storage.normalize(str(uri))
     storage.recover_overwrite(uri)
     marker = storage.read_marker(uri)
     if marker is not None:
-        return storage.read_committed(uri, lambda root: _shard_files(uri, root), marker=marker)
+        return storage.read_committed(uri, lambda root: _shard_rows(uri, root), marker=marker)
     if storage.exists(storage.join(uri, "manifest.json")):
         raise storage.StorageError(f"{uri}: packed data has a manifest but no {storage.COMMIT_MARKER} marker (incomplete)")
-    return _shard_files(uri, uri)
+    return _shard_rows(uri, uri)
 
 
-def _shard_files(uri: str, root: str) -> tuple[list[str], int]:
+def _shard_rows(uri: str, root: str) -> list[ShardRows]:
     import pyarrow.parquet as pq
 
     try:
@@ -93,17 +102,21 @@ def _shard_files(uri: str, root: str) -> tuple[list[str], int]:
         files = storage.expand(uri, (".parquet",))
     if not files:
         raise storage.StorageError(f"{uri}: no .parquet shards found")
-    rows = 0
-    for f in files:
+    known = [sh.get("row_groups") for sh in shards] if shards else [None] * len(files)
+    out = []
+    for i, (f, groups) in enumerate(zip(files, known)):
+        if groups is not None and i > 0:  # the first shard is opened below to check the columns
+            out.append(ShardRows(f, tuple(int(n) for n in groups)))
+            continue
         fs, path = storage.pyarrow_fs(f)
         with fs.open_input_file(path) as fh:
             pf = pq.ParquetFile(fh)
             names = set(pf.schema_arrow.names)
-            missing = [c for c in ("input_ids", "position_ids", "labels", "seg_lengths", "row_id") if c not in names]
+            missing = [c for c in REQUIRED_COLUMNS if c not in names]
             if missing:
                 raise ValueError(f"{f}: not a packed-rows shard, missing column(s) {missing}")
-            rows += pf.metadata.num_rows
-    return files, rows
+            out.append(ShardRows(f, tuple(pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups))))
+    return out
 
 
 def _layout(cfg) -> BatchLayout:
@@ -139,7 +152,7 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
     from longctx.train.spec import LoopSpec
 
     layout = _layout(cfg)
-    datasets, files, rows = None, None, None
+    datasets, files, rows, shards = None, None, None, []
     if isinstance(train_data, ray.data.Dataset):
         if layout.sequence_parallel > 1:
             raise ValueError("train.sequence_parallel > 1 needs packed Parquet shards (a URI), not a streamed Dataset: "
@@ -148,7 +161,8 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
         if cfg.train.token_budget is None and cfg.train.max_steps is None:
             rows = train_data.count()
     else:
-        files, rows = packed_parquet_files(train_data)
+        shards = packed_shard_rows(train_data)
+        files, rows = [s.uri for s in shards], sum(s.rows for s in shards)
     plan = plan_steps(layout, token_budget=cfg.train.token_budget, max_steps=cfg.train.max_steps,
                       rows_available=rows, epochs=cfg.train.epochs)
     storage_path, name = train_root_for(cfg, run_dir)
@@ -168,6 +182,7 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
         fail_at=fail_at,
         nan_at=nan_at,
         parquet_files=files,
+        parquet_row_groups=[list(s.row_groups) for s in shards] if files else None,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,

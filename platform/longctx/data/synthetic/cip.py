@@ -46,6 +46,7 @@ from longctx.data.cip import (  # noqa: F401 - the row rewrite, re-exported here
     interleave_row,
     is_cip_row,
 )
+from longctx.data.manifest import row_group_sizes, shard_row_group_rows
 from longctx.data.pack import PACKED_KIND, PACKED_SCHEMA
 from longctx.data.synthetic.common import histogram
 
@@ -98,10 +99,12 @@ def _rewrite_packed(cfg, packed: str, output: str, k: int, fraction: float, over
                         chunks.extend(n for n, d in zip(ls, ids) if d != "")
                 name = f"part-{len(shards):05d}.parquet"
                 path = os.path.join(staging, name)
-                pq.write_table(table, path, compression="zstd", row_group_size=min(256, table.num_rows))
+                pq.write_table(table, path, compression="zstd",
+                               row_group_size=shard_row_group_rows(table.num_rows, seq_len))
                 shards.append({"path": name, "rows": table.num_rows,
                                "row_id_start": int(table.column("row_id")[0].as_py()),
-                               "bytes": os.path.getsize(path), "sha256": storage.sha256_file(path)})
+                               "bytes": os.path.getsize(path), "sha256": storage.sha256_file(path),
+                               "row_groups": row_group_sizes(path)})
                 rows += table.num_rows
             manifest["shards"] = shards
             manifest["params"]["cip"] = {**cip_params(k, fraction, rows), "input": storage.normalize(packed),
