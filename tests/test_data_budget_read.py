@@ -1,7 +1,8 @@
-"""Budget-aware reading (data.read_margin, data/budget.py) through real Ray Data: over a corpus 20x larger than
-the token budget, pass 1 reads no more than the plan says, counted per source (files and records), in the
-seeded shuffled file order; the plan still hits the budget and the sources' shares; the manifest records what
-was read and skipped. Negative control: without read_margin the same corpus is read whole."""
+"""Budget-aware reading (data/budget.py) through real Ray Data: over a corpus 20x larger than the token budget,
+pass 1 reads no more than the plan says, counted per source (files and records), in the seeded shuffled file
+order; the plan still hits the budget and the sources' shares; the manifest records what was read and skipped.
+It is on by default: the budget here is train.token_budget alone, with the default read_margin. Negative control:
+without a budget the same corpus is read whole. (The mixture-aware needs and repeats: test_data_budget_plan.py.)"""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ pytestmark = [pytest.mark.ray]
 WORDS = [f"w{i}" for i in range(200)] + "the of and to in is for on that with".split()
 FILES = {"big": 48, "small": 16}   # files per source; every file holds RECORDS records of similar length
 RECORDS = 20
-MARGIN = 0.25
+MARGIN = 0.1  # data.read_margin's default
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_budget_reading_reads_only_what_the_plan_needs_and_says_so(ray_cluster, 
     total_tokens = sum(int(v.sum()) for v in lengths.values())
     budget = total_tokens // 20
 
-    cfg = _cfg(corpus, **{"data.token_budget": budget, "data.read_margin": MARGIN})
+    cfg = _cfg(corpus, **{"train.token_budget": budget})  # data.token_budget unset: reading follows it
     (tmp_path / "work").mkdir()
     cache = tokenize_corpus(cfg, str(tmp_path / "work"))
     read = cache.read["sources"]
@@ -86,7 +87,7 @@ def test_budget_reading_reads_only_what_the_plan_needs_and_says_so(ray_cluster, 
     assert records_read <= planned_files * RECORDS < total_records / 5
 
     # what was cached comes from the first files of each source's seeded shuffled order, nothing else
-    reader = BudgetReader(list_files(cfg.data.source_specs()), budget, MARGIN, cfg.data.seed)
+    reader = BudgetReader(list_files(cfg.data.source_specs()), budget, MARGIN, cfg.data.seed, data_cfg=cfg.data)
     for s in FILES:
         order = [t.uri.rsplit("part-", 1)[1][:3] for t in reader.order if t.source == s]
         ids = pq.read_table(cache.path(s)).column("doc_id")
@@ -99,6 +100,7 @@ def test_budget_reading_reads_only_what_the_plan_needs_and_says_so(ray_cluster, 
     # the plan and the manifest: exact budget, shares by the whole-source estimate, read/skipped recorded
     manifest = pack_and_publish(cfg, cache, str(tmp_path / "out"), quiet=True)
     assert manifest["token_budget"]["planned"] == budget
+    assert manifest["token_budget"]["from"] == "train.token_budget" and manifest["token_budget"]["repeat_tokens"] == 0
     assert manifest["input"]["read"]["sources"]["big"]["files_skipped"] > 0
     shares = {s: manifest["sources"][s]["out_share"] for s in FILES}
     true = {s: int(lengths[s].sum()) / total_tokens for s in FILES}

@@ -16,6 +16,7 @@ import torch
 
 from longctx import storage
 from longctx.config import load_config
+from longctx.train.batches import lane_step_rows
 from train_helpers import make_tiny_model, packed_rows, reference_training, write_packed_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
@@ -78,4 +79,6 @@ def test_training_on_two_workers_matches_single_process_and_publishes_to_s3(ray_
     state = json.loads(storage.read_text(("s3://" + ckpt if not ckpt.startswith(("s3://", "/")) else ckpt)
                                          + "/trainer_state.json"))
     assert state["step"] == STEPS
-    assert state["ledger"]["consumed"] == {"0": list(range(4 * STEPS))}
+    # (each rank's lane of the 16 rows: 0-7 and 8-15, two rows per step)
+    assert state["ledger"]["consumed"] == {"0": sorted(i for rows in lane_step_rows(16, 2, 2, STEPS) for i in rows)}
+    assert state["ledger"]["consumed"]["0"] == sorted(i for h in out.history for i in h["row_ids"])

@@ -20,7 +20,7 @@ import pytest
 from faultproxy import CountingProxy
 from longctx import storage
 from longctx.config import StorageConfig
-from longctx.data.manifest import row_group_sizes
+from longctx.data.pack import row_group_sizes
 from longctx.train.batches import Ledger, lane_bounds, lane_row_stream, lane_step_rows, parquet_tables
 from longctx.train.trainer import packed_shard_rows
 from train_helpers import packed_rows

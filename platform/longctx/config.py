@@ -157,11 +157,16 @@ class DataConfig(_Section):
     upsample_sources: list[str] = Field(default_factory=list)
     """Sources to upsample with strategy `sources` (e.g. [book, arxiv, github])."""
     token_budget: int | None = Field(None, ge=1)
-    """Tokens to emit (e.g. 500_000_000). Default: every token the strategy keeps, once."""
-    read_margin: float | None = Field(None, ge=0.0)
-    """With token_budget: read each source, in a seeded shuffled file order, only until it holds its share of
-    the budget times (1 + read_margin) tokens (e.g. 0.25), instead of tokenizing the whole corpus first; the
-    manifest's input.read says what was read and skipped. Default (null): read every file."""
+    """Tokens to emit (e.g. 500_000_000). Default: train.token_budget when that is set, else every token the
+    strategy keeps, once."""
+    budget_read: bool = True
+    """With a token budget (data.token_budget, else train.token_budget): read each source, in a seeded shuffled
+    file order, only as far as the length mixture needs for its share of the budget (long and short documents
+    as upsampling will draw them, times 1 + read_margin), instead of tokenizing the whole corpus first; the
+    manifest's input.read says what was read and skipped. false: read every file."""
+    read_margin: float = Field(0.1, ge=0.0)
+    """Extra reading beyond the mixture's need (budget_read): 0.1 reads 10% more long and short tokens than the
+    plan draws, so estimates that move while reading do not make it repeat documents."""
     seed: int = 0
     """Seed for shuffling, sampling and packing order."""
     output: str | None = None
@@ -284,7 +289,8 @@ class TrainConfig(_Section):
     lr: float = Field(1e-5, gt=0)
     """Peak learning rate (Index Long-PT 1e-5, Long-SFT 5e-6)."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    """Final LR of the cosine schedule as a fraction of the peak."""
+    """Final LR of the cosine schedule as a fraction of the peak (1.0 with warmup_ratio 0: a constant LR, as Fu et
+    al. train)."""
     warmup_ratio: float = Field(0.01, ge=0, lt=1)
     """Share of steps spent in linear warmup."""
     weight_decay: float = Field(0.1, ge=0)

@@ -18,6 +18,7 @@ import json
 from typing import Any, Iterable
 
 from longctx.config import ConfigError, JobConfig
+from longctx.data.budget import effective_data_config
 
 NON_RESULT_KEYS: tuple[str, ...] = (
     "run_name", "output_dir", "storage", "ray",
@@ -68,8 +69,9 @@ def run_fingerprint(cfg: JobConfig, *, ignore: Iterable[str] = ("tune",), length
 
 
 def data_tree(cfg: JobConfig) -> dict:
-    """The `data` section without the keys that do not shape the packed rows."""
-    d = json.loads(cfg.data.model_dump_json())
+    """The `data` section without the keys that do not shape the packed rows; `token_budget` as the data engine
+    uses it (train.token_budget when data.token_budget is unset)."""
+    d = json.loads(effective_data_config(cfg).model_dump_json())
     for k in DATA_NON_RESULT_KEYS:
         d.pop(k, None)
     return d

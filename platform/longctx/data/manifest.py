@@ -10,31 +10,12 @@ from __future__ import annotations
 import longctx
 from longctx.handoff import fingerprint_of
 from longctx.resume import data_fingerprint, data_tree
+from longctx.data.budget import data_budget
 from longctx.data.mixture import MixturePlan
 from longctx.data.pack import PACKED_KIND, PACKED_SCHEMA, PackStats
 from longctx.data.stats import LengthAccumulator, describe_lengths
 
 SCHEMA_VERSION = 1
-ROW_GROUP_MAX_ROWS = 256
-ROW_GROUP_TARGET_BYTES = 64 << 20
-"""Shard row groups: at most 256 rows and about 64 MiB of decoded token columns (three int32 columns), at least
-one row. A training rank reads whole row groups (train/batches.py), so this is also the most it reads beyond its
-own rows at each end of its stretch."""
-
-
-def shard_row_group_rows(n_rows: int, seq_len: int) -> int:
-    """Rows per row group of a shard of `n_rows` rows of `seq_len` tokens."""
-    return max(1, min(ROW_GROUP_MAX_ROWS, n_rows, ROW_GROUP_TARGET_BYTES // (12 * seq_len)))
-
-
-def row_group_sizes(path: str) -> list[int]:
-    """Rows of each row group of a local Parquet file (the manifest's per-shard `row_groups`)."""
-    import pyarrow.parquet as pq
-
-    meta = pq.ParquetFile(path).metadata
-    return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-
-
 def _rounded(x: float) -> float:
     return round(float(x), 6)
 
@@ -43,6 +24,7 @@ def build_manifest(cfg, tok, eos: int, pad: int, cache, plan: MixturePlan, in_st
                    out_acc: dict[str, LengthAccumulator], pack: PackStats, shards: list[dict],
                    bad_fraction: float) -> dict:
     d = cfg.data
+    budget, budget_from = data_budget(cfg)
     in_total = in_stats["__all__"]["tokens"] or 1
     out = {s: a.result() for s, a in sorted(out_acc.items())}
     out_total = sum(o["tokens"] for o in out.values()) or 1
@@ -60,7 +42,7 @@ def build_manifest(cfg, tok, eos: int, pad: int, cache, plan: MixturePlan, in_st
             "dropped_docs": int((sp.counts == 0).sum()),
             "repeated_docs": int((sp.counts > 1).sum()),
             "repeat_emissions": int(repeats.sum()),
-            "repeat_tokens": int((repeats * sp.lengths.astype("int64")).sum()),
+            "repeat_tokens": sp.repeat_tokens,
         }
     long_out = sum(o["long_tokens"] for o in out.values())
     rows = pack.rows
@@ -79,8 +61,9 @@ def build_manifest(cfg, tok, eos: int, pad: int, cache, plan: MixturePlan, in_st
         "strategy": plan.strategy,
         "params": plan.params,
         "seed": d.seed,
-        "token_budget": {"requested": d.token_budget, "planned": int(plan.budget),
-                         "emitted": int(pack.tokens)},
+        "token_budget": {"requested": budget, "from": budget_from, "planned": int(plan.budget),
+                         "emitted": int(pack.tokens),
+                         "repeat_tokens": int(sum(s["repeat_tokens"] for s in sources.values()))},
         "sources": sources,
         "totals": {
             "rows": rows,

@@ -36,6 +36,11 @@ class SourcePlan:
     target_tokens: int = 0
 
     @property
+    def repeat_tokens(self) -> int:
+        """Tokens emitted again after a document's first occurrence."""
+        return int((np.maximum(self.counts - 1, 0).astype(np.int64) * self.lengths.astype(np.int64)).sum())
+
+    @property
     def planned_tokens(self) -> int:
         full = (np.maximum(self.counts - 1, 0) * self.lengths.astype(np.int64)).sum()
         return int(full + np.where(self.counts > 0, self.last_take, 0).sum())

@@ -26,6 +26,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 IGNORE_INDEX = -100
 PACKED_KIND = "longctx.packed_sequences"
@@ -41,6 +42,24 @@ PACKED_SCHEMA = pa.schema([
     ("seg_doc_ids", pa.list_(pa.string())),
     ("seg_doc_tokens", pa.list_(pa.int32())),
 ])
+
+
+ROW_GROUP_MAX_ROWS = 256
+ROW_GROUP_TARGET_BYTES = 64 << 20
+"""Shard row groups: at most 256 rows and about 64 MiB of decoded token columns (three int32 columns), at least
+one row. A training rank reads whole row groups (train/batches.py), so this is also the most it reads beyond its
+own rows at each end of its stretch."""
+
+
+def shard_row_group_rows(n_rows: int, seq_len: int) -> int:
+    """Rows per row group of a shard of `n_rows` rows of `seq_len` tokens."""
+    return max(1, min(ROW_GROUP_MAX_ROWS, n_rows, ROW_GROUP_TARGET_BYTES // (12 * seq_len)))
+
+
+def row_group_sizes(path: str) -> list[int]:
+    """Rows of each row group of a local Parquet file (the manifest's per-shard `row_groups`)."""
+    meta = pq.ParquetFile(path).metadata
+    return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
 
 
 @dataclass

@@ -12,8 +12,8 @@ Two passes (why: per-source upsampling needs each source's length distribution b
           actor pool, whose actors write the token cache next to the output (every node can read it). The
           driver consumes only the metadata in a fixed order (preserve_order): lengths (4 bytes per document)
           and where each cache row group is.
-          With data.token_budget + data.read_margin, sources are read only as far as the budget needs
-          (data/budget.py) and the stream stops there.
+          With a token budget (data.token_budget, else train.token_budget), sources are read only as far as the
+          budget's length mixture needs (data/budget.py) and the stream stops there.
   plan    `mixture.plan_mixture` turns the lengths into per-document repeat counts (no tokens touched).
   pass 2  stream the cache source by source in seeded row-group order, interleave the (source, long) streams by
           deficit against their planned shares, pack best-fit decreasing over a bounded buffer, emit rows through
@@ -39,9 +39,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from longctx import cleanup, storage
-from longctx.data.manifest import row_group_sizes, shard_row_group_rows
+from longctx.data.budget import effective_data_config
 from longctx.data.mixture import MixturePlan, SourcePlan, plan_mixture
-from longctx.data.pack import PACKED_KIND, BestFitPacker, ConcatPacker, PackStats, RowBuilder, Segment
+from longctx.data.pack import (PACKED_KIND, BestFitPacker, ConcatPacker, PackStats, RowBuilder, Segment, row_group_sizes,
+                               shard_row_group_rows)
 from longctx.data.stats import LengthAccumulator, format_length_table, plot_length_histogram, source_length_stats
 from longctx.data.token_cache import (  # noqa: F401 - re-exported: callers import these from the pipeline
     DataQualityError,
@@ -583,7 +584,7 @@ def pack_and_publish(cfg, cache: TokenCache, dest: str, overwrite: bool = False,
     in_stats = source_length_stats(in_lengths, d.long_threshold)
     if not quiet:
         print(format_length_table(in_stats, d.long_threshold), flush=True)
-    plan = plan_mixture(in_lengths, d, cache.estimated_tokens or None)
+    plan = plan_mixture(in_lengths, effective_data_config(cfg), cache.estimated_tokens or None)
     with storage.publish_dir(dest, overwrite=overwrite, shared=True, kind=PACKED_KIND) as staging:
         p2 = run_pass2(cfg, cache, plan, pad, staging)
         shards, pack_stats, out_stats = p2["shards"], p2["stats"], p2["out_stats"]
@@ -691,7 +692,7 @@ def packed_dataset(cfg):
     atexit.register(shutil.rmtree, work, True)
     cache = tokenize_corpus(cfg, work)
     check_bad_fraction(cache, d.max_bad_fraction)
-    plan = plan_mixture(cache.source_lengths(), d, cache.estimated_tokens or None)
+    plan = plan_mixture(cache.source_lengths(), effective_data_config(cfg), cache.estimated_tokens or None)
     rows_per_block = max(1, min(d.rows_per_shard, (64 << 20) // (12 * d.seq_len)))
     node = ray.get_runtime_context().get_node_id()
     ds = ray.data.from_items([{"stream": 0}])

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from longctx.data import sources as src
+from longctx.data.budget import BudgetReader, data_budget
 from longctx.data.tokenize import CACHE_SCHEMA, TokenizeBatches, _row_group_bounds
 
 
@@ -225,8 +226,9 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True,
                     shared_root: str | None = None) -> TokenCache:
     """Pass 1: tokenize every source into `cache_root` (tokens) and return lengths + quarantine counts.
 
-    With `with_tokens=False` (length statistics only) nothing is cached. With data.token_budget and
-    data.read_margin set, sources are read only as far as the budget needs (data/budget.py). `shared_root`: the
+    With `with_tokens=False` (length statistics only) nothing is cached. With a token budget (data.token_budget,
+    else train.token_budget) sources are read only as far as the budget's mixture needs (data/budget.py) unless
+    data.budget_read is off. `shared_root`: the
     tokenizer actors write the cache there (a folder every node can read, or an s3:// prefix) and the driver
     only reads their metadata (lengths, where each row group is; `cache_root` then holds only the quarantine
     list); else the driver writes it under `cache_root` (one local file per source)."""
@@ -234,10 +236,9 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True,
     d = cfg.data
     tasks = src.list_files(d.source_specs())
     gate = None
-    if with_tokens and d.read_margin is not None and d.token_budget is not None:
-        from longctx.data.budget import BudgetReader
-
-        gate = BudgetReader(tasks, d.token_budget, d.read_margin, d.seed)
+    budget, _ = data_budget(cfg)
+    if with_tokens and d.budget_read and budget is not None:
+        gate = BudgetReader(tasks, budget, d.read_margin, d.seed, data_cfg=d)
         tasks = gate.order
     in_workers = with_tokens and bool(shared_root)
     cache = TokenCache(root=(shared_root if in_workers else cache_root) or "", files=len(tasks))

@@ -46,8 +46,7 @@ from longctx.data.cip import (  # noqa: F401 - the row rewrite, re-exported here
     interleave_row,
     is_cip_row,
 )
-from longctx.data.manifest import row_group_sizes, shard_row_group_rows
-from longctx.data.pack import PACKED_KIND, PACKED_SCHEMA
+from longctx.data.pack import PACKED_KIND, PACKED_SCHEMA, row_group_sizes, shard_row_group_rows
 from longctx.data.synthetic.common import histogram
 
 
