@@ -17,9 +17,9 @@ budget over SlimPajama-627B would tokenize all 627B tokens. It is on whenever a 
      the long share read), so the long pool is never drawn past its end while unread long documents remain;
    - `keep_prob`: long + keep_prob x short tokens >= T x (1 + margin) (every long document is kept, a short one
      with probability keep_prob), so the budget is met without repeats.
-3. The driver consumes the ordered stream; a label's records are kept while it is short of its need (the rest is
-   counted as read but skipped), and the stream stops when every label has its need: the files after that
-   point are never opened.
+3. The driver consumes the ordered stream; a label's records are kept until it first has its need (the rest is
+   counted as read but skipped; the margin absorbs later moves of the estimates), and the stream stops when every
+   label has its need: the files after that point are never opened.
 4. Length statistics and the plan use what was read; the budget split uses the whole-source estimates.
 
 The manifest's `input.read` records, per source: files listed/read/skipped, bytes, records kept and skipped, the
@@ -239,13 +239,13 @@ class BudgetReader:
                 is_long = n >= self.threshold
                 kept[0 if is_long else 1] += n
                 rd.long_tokens_kept += n if is_long else 0
+                # NOTE: met is final: a label's kept records are a prefix of its stream, so every cache row group
+                # the tokenizer actors wrote keeps its first records (token_cache._index_batch relies on it)
                 self.met[key] = self.need_of(label).met(kept[0], kept[1], targets[key] * (1 + self.margin))
             else:
                 keep[r] = False
                 rd.records_skipped += 1
                 rd.tokens_skipped += n
-        for key, kept in self.kept.items():  # the targets moved with the estimates: a met label may need more
-            self.met[key] = self.need_of(key[0]).met(kept[0], kept[1], targets.get(key, 0.0) * (1 + self.margin))
         for s, rd in self.reads.items():
             rd.need_tokens = int(np.ceil(sum(t for (_, src_), t in targets.items() if src_ == s) * (1 + self.margin)))
         return batch if keep.all() else batch.filter(pa.array(keep))
