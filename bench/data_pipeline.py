@@ -4,7 +4,10 @@ pipeline (read + validate + tokenize + mix + pack + write, through Ray Data), (c
 corpus and cores, at 1x and 10x corpus size.
 
     python bench/data_pipeline.py                          # shipped sample corpus (~3.5M tokens) at 1x and 10x
-    python bench/data_pipeline.py --scales 1 --variants bare ours --rounds 3
+    python bench/data_pipeline.py --scales 10 --variants bare ours warm --rounds 3
+
+`warm` is (b) in a cluster that has already run one preparation (of one file per source, untimed): Ray's worker
+processes are started and their imports done, as on a long-running cluster; (b) includes that start-up.
 
 Paired: variants run in rounds, the order rotated every round, and every ratio ("vs bare", "vs hf") is taken
 within one round, so a load change between rounds cannot flip it; the table prints each round's ratio, their
@@ -23,7 +26,11 @@ raylet and workers included), sampled every 0.25 s. Throughput counts input toke
 wall-clock second of the whole step: for (a) only the encode calls on texts already in memory; for (b) the
 whole `prepare_data` call, Ray Data startup included (ray.init excluded); for (c) load_dataset + both maps.
 `CPU s` is the user+sys time of the whole process tree (imports and Ray's own daemons included): on a busy
-machine it is steadier than wall time.
+machine it is steadier than wall time. `timed CPU s` is the CPU of the timed part only (bare: its encode loop;
+ours: every process of the tree between the start and the end of prepare_data's two passes, Ray's daemons
+included) and `CPU vs bare` the tokens per CPU-second ratio: on a machine shared with other work the wall-clock
+ratio measures mostly how the scheduler shares the cores between one process of two threads and a dozen
+processes; the CPU ratio what the pipeline costs beyond the tokenizer.
 NOTE: on a shared machine the figures are noisy; compare variants of one run, not runs.
 """
 
@@ -76,12 +83,52 @@ def run_bare(files, tokenizer, threads: int) -> dict:
 
     backend, eos, _ = load_fast_tokenizer(tokenizer)
     texts = _texts(files)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tokens = 0
     for i in range(0, len(texts), 256):
         enc = backend.encode_batch_fast(texts[i:i + 256], add_special_tokens=False)
         tokens += sum(len(e.ids) + 1 for e in enc)
-    return {"tokens": tokens, "seconds": time.perf_counter() - t0}
+    return {"tokens": tokens, "seconds": time.perf_counter() - t0, "timed_cpu_s": time.process_time() - c0}
+
+
+class TreeCpu:
+    """CPU seconds (user + sys) the process tree of this process spends between `start()` and `stop()`, sampled
+    every 0.2 s per process (a process started and ended between two samples is missed)."""
+
+    def __init__(self):
+        import psutil
+
+        self._psutil, self._root = psutil, psutil.Process()
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self._stop = threading.Event()
+
+    def _sample(self, into_first: bool = False) -> None:
+        for p in [self._root, *self._root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+            except self._psutil.Error:
+                continue
+            c = t.user + t.system
+            if into_first:
+                self.first[p.pid] = c
+            self.last[p.pid] = max(self.last.get(p.pid, 0.0), c)
+
+    def start(self) -> "TreeCpu":
+        self._sample(into_first=True)
+
+        def loop():
+            while not self._stop.wait(0.2):
+                self._sample()
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return sum(c - self.first.get(pid, 0.0) for pid, c in self.last.items())
 
 
 def _cpu_self() -> float:
@@ -127,14 +174,17 @@ def run_ours(files, tokenizer, actors: int, out: str, warm: bool = False) -> dic
     shared = shared_cache_root(out)
     # prepare_data's two passes, timed apart (same calls, same order): wall time and the driver's own CPU time;
     # the tokenizer actors write the token cache (shared_root), pass 2 runs as one Ray task per partition
+    tree = TreeCpu().start()
     t0, c0, m0 = time.perf_counter(), _cpu_self(), time.thread_time()
     cache = tokenize_corpus(cfg, work, shared_root=shared)
     t1, c1, m1 = time.perf_counter(), _cpu_self(), time.thread_time()
     manifest = pack_and_publish(cfg, cache, out, quiet=True)
     t2, c2 = time.perf_counter(), _cpu_self()
+    timed_cpu = tree.stop()
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(shared, ignore_errors=True)
-    return {"tokens": manifest["input"]["tokens"], "seconds": t2 - t0, "pass1_s": t1 - t0, "pass2_s": t2 - t1,
+    return {"tokens": manifest["input"]["tokens"], "seconds": t2 - t0, "timed_cpu_s": timed_cpu,
+            "pass1_s": t1 - t0, "pass2_s": t2 - t1,
             "driver_pass1_cpu_s": c1 - c0, "driver_pass2_cpu_s": c2 - c1, "driver_pass1_main_cpu_s": m1 - m0,
             "pass2_task_cpu_s": manifest["pass2"]["task_cpu_s"], "partitions": manifest["pass2"]["partitions"],
             "rows": manifest["rows"], "pad_fraction": manifest["pad_fraction"]}
@@ -233,6 +283,16 @@ LABELS = {"bare": "(a) bare encode_batch_fast", "ours": "(b) longctx prepare_dat
           "hf": "(c) HF map+group_texts"}
 
 
+def _cpu_ratio(r: dict, got: dict) -> str:
+    """Tokens per CPU-second of the timed part over the bare tokenizer's (its encode loop's CPU): the ratio the
+    wall clock would show on an idle machine if both kept every core busy; a busy machine moves it far less than
+    the wall-clock ratio."""
+    bare = got.get("bare")
+    if not bare or r is bare or "timed_cpu_s" not in r or "timed_cpu_s" not in bare:
+        return ""
+    return f"{bare['timed_cpu_s'] / r['timed_cpu_s'] * r['tokens'] / bare['tokens']:.2f}x"
+
+
 def _median(xs: list[float]) -> float:
     xs = sorted(xs)
     return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2 if xs else float("nan")
@@ -257,7 +317,8 @@ def main() -> None:
           f"{args.cores} cores per variant; {args.rounds} rounds", flush=True)
     try:
         print(f"{'scale':>5} {'rd':>2} {'variant':<28} {'tokens':>11} {'seconds':>8} {'Mtok/s':>7} {'vs bare':>8} "
-              f"{'vs hf':>6} {'peak MiB':>9} {'CPU s':>7} {'load':>10}", flush=True)
+              f"{'vs hf':>6} {'peak MiB':>9} {'CPU s':>7} {'timed CPU s':>11} {'CPU vs bare':>11} {'load':>10}",
+              flush=True)
         results: dict[int, list[dict[str, dict]]] = {}
         for scale in args.scales:
             files = make_corpus(os.path.join(work, f"corpus-x{scale}"), scale)
@@ -283,6 +344,7 @@ def main() -> None:
                     vs_hf = f"{r['rate'] / got['hf']['rate']:5.2f}x" if "hf" in got and v != "hf" else f"{'':>6}"
                     print(f"{scale:>5} {rd:>2} {LABELS[v] + f' {args.cores}':<28} {r['tokens']:>11,} {r['seconds']:>8.1f} "
                           f"{r['rate'] / 1e6:>7.3f} {vs_bare} {vs_hf} {r['peak_mib']:>9.0f} {r['cpu_s']:>7.1f} "
+                          f"{r.get('timed_cpu_s', float('nan')):>11.1f} {_cpu_ratio(r, got):>11} "
                           f"{r['load'][0]:>4.1f}->{r['load'][1]:<4.1f}", flush=True)
                 for o in [got[v] for v in ("ours", "warm") if v in got]:
                     print(f"{'':>9}{'warm' if o is got.get('warm') else 'ours'}: pass 1 {o['pass1_s']:.1f}s, pass 2 {o['pass2_s']:.1f}s "
@@ -298,6 +360,10 @@ def main() -> None:
                     if pairs:
                         print(f"  x{scale}: {v} / {ref} = {_median(pairs):.2f}x (rounds: "
                               f"{', '.join(f'{x:.2f}' for x in pairs)})")
+                cpu = [float(_cpu_ratio(g[v], g)[:-1]) for g in rounds if v in g and _cpu_ratio(g[v], g)]
+                if cpu:
+                    print(f"  x{scale}: {v} / bare in tokens per CPU-second = {_median(cpu):.2f}x (rounds: "
+                          f"{', '.join(f'{x:.2f}' for x in cpu)})")
         if any("ours" in g for rs in results.values() for g in rs):
             big = max(results)
             rounds = [g for g in results[big] if "ours" in g]

@@ -36,13 +36,11 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from longctx import cleanup, storage
 from longctx.data.budget import effective_data_config
 from longctx.data.mixture import MixturePlan, SourcePlan, plan_mixture
-from longctx.data.pack import (PACKED_KIND, BestFitPacker, ConcatPacker, PackStats, RowBuilder, Segment, row_group_sizes,
-                               shard_row_group_rows)
+from longctx.data.pack import PACKED_KIND, BestFitPacker, ConcatPacker, PackStats, RowBuilder, Segment, write_shard_file
 from longctx.data.stats import LengthAccumulator, format_length_table, plot_length_histogram, source_length_stats
 from longctx.data.token_cache import (  # noqa: F401 - re-exported: callers import these from the pipeline
     DataQualityError,
@@ -437,12 +435,11 @@ def _write_shard(table: pa.Table, staging: str, name: str) -> dict:
     remote = storage.is_s3(staging)
     with (tempfile.TemporaryDirectory(prefix="longctx-shard-") if remote else contextlib.nullcontext(staging)) as folder:
         path = os.path.join(folder, name)
-        seq_len = len(table.column("input_ids")[0]) if table.num_rows else 1
-        pq.write_table(table, path, compression="zstd", row_group_size=shard_row_group_rows(table.num_rows, seq_len))
+        groups = write_shard_file(table, path)
         if remote:
             fs, key = storage.fsspec_fs(storage.join(staging, name))
             storage.retry_io(lambda: fs.put_file(path, key), f"upload {name}")
-        return {"bytes": os.path.getsize(path), "sha256": storage.sha256_file(path), "row_groups": row_group_sizes(path)}
+        return {"bytes": os.path.getsize(path), "sha256": storage.sha256_file(path), "row_groups": groups}
 
 
 def _node_id() -> str:

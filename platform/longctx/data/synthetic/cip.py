@@ -46,7 +46,7 @@ from longctx.data.cip import (  # noqa: F401 - the row rewrite, re-exported here
     interleave_row,
     is_cip_row,
 )
-from longctx.data.pack import PACKED_KIND, PACKED_SCHEMA, row_group_sizes, shard_row_group_rows
+from longctx.data.pack import PACKED_KIND, PACKED_SCHEMA, write_shard_file
 from longctx.data.synthetic.common import histogram
 
 
@@ -73,7 +73,6 @@ def synth_cip(cfg, output: str, packed: str | None = None, fraction: float | Non
 
 
 def _rewrite_packed(cfg, packed: str, output: str, k: int, fraction: float, overwrite: bool) -> dict:
-    import pyarrow.parquet as pq
     import ray.data
 
     from longctx.data.pipeline import MANIFEST, load_manifest, read_packed
@@ -98,12 +97,11 @@ def _rewrite_packed(cfg, packed: str, output: str, k: int, fraction: float, over
                         chunks.extend(n for n, d in zip(ls, ids) if d != "")
                 name = f"part-{len(shards):05d}.parquet"
                 path = os.path.join(staging, name)
-                pq.write_table(table, path, compression="zstd",
-                               row_group_size=shard_row_group_rows(table.num_rows, seq_len))
+                groups = write_shard_file(table, path)
                 shards.append({"path": name, "rows": table.num_rows,
                                "row_id_start": int(table.column("row_id")[0].as_py()),
                                "bytes": os.path.getsize(path), "sha256": storage.sha256_file(path),
-                               "row_groups": row_group_sizes(path)})
+                               "row_groups": groups})
                 rows += table.num_rows
             manifest["shards"] = shards
             manifest["params"]["cip"] = {**cip_params(k, fraction, rows), "input": storage.normalize(packed),
