@@ -135,6 +135,11 @@ def test_data_section_links_the_lengths_histogram(tmp_path):
     md = data_section(manifest, str(run), str(outside))
     assert "![input tokens by document length](data_lengths.png)" in md  # copied in: the link stays relative
     assert (run / "data_lengths.png").read_bytes() == (outside / "lengths.png").read_bytes()
+    assert "Token budget" not in md  # read everything: no budget line
+    manifest["token_budget"] = {"requested": 5000, "from": "train.token_budget", "repeat_tokens": 12}
+    manifest["input"] = {"read": {"sources": {"web": {"files": 40, "files_read": 3, "tokens_kept": 5200}}}}
+    md = data_section(manifest, str(run), str(inside))
+    assert "Token budget 5,000 (`train.token_budget`): read web 3/40 files (5,200 tokens kept); 12 tokens repeat." in md
 
 
 def test_histogram_has_no_axis_offset(tmp_path, monkeypatch):

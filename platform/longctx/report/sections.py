@@ -150,6 +150,12 @@ def data_section(manifest: dict, run_root: str, data_uri: str | None = None) -> 
                      f"{100 * (i.get('long_share') or 0):.1f}% | {o.get('tokens', 0):,} | "
                      f"{100 * (src.get('out_share') or 0):.1f}% | {100 * (o.get('long_share') or 0):.1f}% |")
     md = "\n".join(lines) + "\n"
+    budget, read = manifest.get("token_budget") or {}, (manifest.get("input") or {}).get("read")
+    if read:  # budget-aware reading (data/budget.py): what was read per source and what repeats
+        parts = ", ".join(f"{name} {r['files_read']}/{r['files']} files ({r['tokens_kept']:,} tokens kept)"
+                          for name, r in sorted(read.get("sources", {}).items()))
+        md += (f"\nToken budget {budget.get('requested') or 0:,} (`{budget.get('from')}`): read {parts}; "
+               f"{budget.get('repeat_tokens', 0):,} tokens repeat.\n")
     link = _lengths_png(run_root, data_uri)
     if link:
         md += f"\n![input tokens by document length]({link})\n"
