@@ -23,6 +23,7 @@ import gzip
 import json
 import os
 import tempfile
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -36,9 +37,7 @@ from longctx.data.tokenize import load_fast_tokenizer
 from longctx.train.balance import Assignment, CostModel, assign_rows, best_possible, imbalance
 from longctx.train.batches import lane_bounds
 
-# Llama-2-7B's config.json (meta-llama/Llama-2-7b-hf)
-LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}
+DEFAULT_SHAPE = "builtin:model-shapes/llama-2-7b/config.json"
 
 
 def cost_model(config: dict) -> CostModel:
@@ -47,7 +46,7 @@ def cost_model(config: dict) -> CostModel:
     h, layers = config["hidden_size"], config["num_hidden_layers"]
     kv = h * config.get("num_key_value_heads", config["num_attention_heads"]) // config["num_attention_heads"]
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * config["intermediate_size"]
-    return CostModel(matmul_params=layers * per_layer + h * config["vocab_size"], num_layers=layers, hidden_size=h)
+    return CostModel.of(SimpleNamespace(**config), layers * per_layer + h * config["vocab_size"])
 
 
 def tokenize(sources: dict[str, str], work: str) -> TokenCache:
@@ -100,9 +99,9 @@ def main() -> None:
     ap.add_argument("--dp", type=int, default=4)
     ap.add_argument("--micro", type=int, default=1)
     ap.add_argument("--grad-accum", type=int, default=2)
-    ap.add_argument("--model-config", help="a config.json for the model shape (default: Llama-2-7B)")
+    ap.add_argument("--model-config", default=DEFAULT_SHAPE, help="a config.json for the model shape")
     args = ap.parse_args()
-    shape = json.loads(open(args.model_config).read()) if args.model_config else LLAMA2_7B
+    shape = json.loads(storage.read_text(args.model_config))
     model = cost_model(shape)
     print(f"dp {args.dp} x micro {args.micro} x grad_accum {args.grad_accum}; model {shape['num_hidden_layers']} "
           f"layers x {shape['hidden_size']}, {model.matmul_params / 1e9:.2f}B matmul params; long >= "
