@@ -18,10 +18,11 @@ The per-document reference runs on the configured backend too, except flex_atten
 parallelism: there each new sequence length compiles a new kernel (tens of seconds each), so the documents alone
 run on SDPA (exact causal attention) and the packed forward, the thing under test, on FlexAttention.
 
-Cost: one packed forward plus forwards of the compared documents (at most `max_documents`; together no more
-tokens than the micro-batch), without gradients: about two forwards, i.e. < 1 micro-step of a run. Every rank
-runs the same number of forwards (padded with repeats), since ZeRO-3 gathers parameters collectively; the ranks of
-a sequence-parallel group run each forward together (each its shard) and all-gather the hidden states.
+Cost: one packed forward plus forwards of the compared documents (at most `max_documents`; together about the
+tokens of a micro-batch), without gradients: about two forwards, i.e. < 1 micro-step of a run. Every rank
+runs the same number of forwards of the same lengths (padded with repeats), since ZeRO-3 gathers parameters
+collectively; the ranks of a sequence-parallel group run each forward together (each its shard) and all-gather
+the hidden states.
 """
 
 from __future__ import annotations
@@ -122,10 +123,18 @@ def check_packing_isolation(lm, micro, *, attn_implementation: str, attention: s
             spans = _spans(micro.doc_ids, max_documents)
             n_local = len(spans)
             n_max = n_local
+            lengths = [end - start for _, start, end in spans]
             if dist.is_available() and dist.is_initialized():
                 t = torch.tensor([n_local], dtype=torch.int64, device=device)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 n_max = int(t.item())
+                # NOTE: forward k has the same length on every rank (the longest), not only the same count: with
+                # ZeRO-3 and tiled MLP (or any length-dependent collective) forwards of different lengths issue
+                # different collectives, and the ranks' first micro-batches hold different documents
+                t = torch.tensor([lengths[k] if k < n_local else lengths[0] for k in range(n_max)], dtype=torch.int64,
+                                 device=device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                lengths = [int(x) for x in t.tolist()]
             worst, where = 0.0, "-"
             if attn_implementation == "flex_attention" and sp == 1:
                 reference_impl = "sdpa"
@@ -134,7 +143,7 @@ def check_packing_isolation(lm, micro, *, attn_implementation: str, attention: s
                 r, start, end = spans[k] if k < n_local else spans[0]  # repeats keep collective forwards even
                 doc = micro.input_ids[r : r + 1, start:end]
                 length = end - start
-                padded = -(-length // sp) * sp  # a sequence-parallel forward needs a multiple of sp tokens
+                padded = -(-max(length, lengths[k]) // sp) * sp  # sequence-parallel forwards need a multiple of sp
                 if padded != length:  # causal: padding after the document changes none of its states
                     doc = torch.cat([doc, doc[:, -1:].expand(1, padded - length)], dim=1)
                 pos = torch.arange(padded).unsqueeze(0)
