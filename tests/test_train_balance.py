@@ -11,12 +11,12 @@ Exact resume with balancing on is tests/test_train_resume.py (balancing is on by
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
+from longctx.raycluster import free_ports
 from longctx.train.balance import (Assignment, CostModel, RowBalancer, assign_rows, best_possible, imbalance, row_cost,
                                    span_lengths)
 from longctx.train.batches import PackedRow
@@ -87,12 +87,6 @@ def test_equal_costs_move_nothing():
     assert (a.rank == nat.rank).all() and (a.micro == nat.micro).all() and (a.slot == nat.slot).all()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _exchange_rows() -> list[PackedRow]:
     """Rank 0's lane holds three one-document rows, rank 1's only rows of many short documents."""
     short = [SEQ // 32] * 32
@@ -122,7 +116,7 @@ def _exchange_worker(rank: int, port: int, out_dir: str) -> None:
 def test_rows_move_to_their_ranks_intact(tmp_path):
     import json
 
-    mp.start_processes(_exchange_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_exchange_worker, args=(free_ports(1)[0], str(tmp_path)), nprocs=2, join=True, start_method="fork")
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     rows = _exchange_rows()
     costs = [row_cost(r, "document", MODEL) for r in rows]
