@@ -163,6 +163,7 @@ data:
   sources: {{c: "builtin:corpus/c.jsonl.gz"}}
   seq_len: 512
   long_threshold: 256
+  token_budget: 1024   # the largest train.token_budget below: the trials share one data set
 model: {{path: "builtin:tiny-llama", max_position_embeddings: 512}}
 train: {{num_workers: 1, zero_stage: 0, global_batch_tokens: 512, lr: 1.0e-3, val_every: 1, val_num_documents: 1}}
 eval:
