@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def run_once(model_dir: str, data_uri: str, work: str, steps: int, with_eval: bool, workers: int = 2) -> dict:
     from longctx.config import load_config
+    from longctx.eval.during_training import start_watcher
     from longctx.train.trainer import run_training
 
     overrides = [f"model.path={model_dir}", "data.seq_len=128", "train.global_batch_tokens=512",
@@ -38,7 +39,9 @@ def run_once(model_dir: str, data_uri: str, work: str, steps: int, with_eval: bo
                  "eval.bucket_edges=[0,64]"]
     cfg = load_config(None, overrides)
     t0 = time.perf_counter()
-    out = run_training(cfg, data_uri, tempfile.mkdtemp(dir=work))
+    train_root = os.path.join(tempfile.mkdtemp(dir=work), "train")
+    watcher = start_watcher(cfg, train_root, run_id="bench")  # as the train step does (longctx.runs.steps)
+    out = run_training(cfg, data_uri, train_root, run_id="bench", watcher=watcher)
     wall = time.perf_counter() - t0
     step_times = [h["step_time_s"] for h in out.history[1:]]
     return {"eval": with_eval, "steps": len(out.history), "median_step_s": statistics.median(step_times),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from longctx.jobargs import run_job
-from longctx.workflow import run_eval
+from longctx.runs.recipes import run_eval
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import sys
 
 from longctx.config import EMBEDDED_SFT_DEFAULT
 from longctx.jobargs import run_job
-from longctx.workflow import run_long_sft  # noqa: F401 - also imported from here by tests
+from longctx.runs.recipes import run_long_sft
 
 
 def main(argv: list[str] | None = None) -> int:

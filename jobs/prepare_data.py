@@ -5,7 +5,9 @@
 
 A config file with only a `data:` section is enough. Sources come from the config or from
 `--set data.sources.NAME=URI` (local folder, file, glob or s3:// prefix; .jsonl, .jsonl.gz, .jsonl.zst, .parquet).
-`--stats` prints the per-source length table only (nothing written). The last line printed is the output URI.
+The same as `longctx data prepare`: a run of kind `prepare` whose data goes to `data.output` (default: the run
+folder's `data/`); committed data of the same settings is reused, `--overwrite` prepares it again. `--stats`
+prints the per-source length table only (nothing written). The last line printed is the output URI.
 """
 
 from __future__ import annotations
@@ -14,36 +16,32 @@ import json
 import sys
 
 from longctx.jobargs import run_job
+from longctx.runs.recipes import prepare_summary, run_prepare
+from longctx.runs.steps import connect_ray
 
 
 def _prepare(cfg, args) -> int:
-    from longctx.data.pipeline import length_stats, prepare_data
-    from longctx.workflow import connect_ray, resolve_output
-
-    if not args.stats and not cfg.data.output:
-        print("prepare_data: set data.output (a local folder or s3:// prefix) for the packed shards", file=sys.stderr)
-        return 2
-    connect_ray(cfg)
     if args.stats:
-        stats = length_stats(cfg)
-        print(json.dumps(stats["quarantine"]))
+        from longctx.data.pipeline import length_stats  # deferred: the data engine imports Ray Data
+
+        connect_ray(cfg)
+        print(json.dumps(length_stats(cfg)["quarantine"]))
         return 0
-    manifest = prepare_data(cfg, resolve_output(cfg.data.output), overwrite=args.overwrite)
-    print(json.dumps({"rows": manifest["rows"], "tokens": manifest["tokens"],
-                      "pad_fraction": manifest["pad_fraction"], "quarantined": manifest["quarantine"]["by_reason"],
-                      "timings": manifest["timings"]}))
-    print(manifest["uri"])
+    uri, manifest = run_prepare(cfg, replace=args.overwrite)
+    print(json.dumps(prepare_summary(manifest)))
+    print(uri)
     return 0
 
 
 def _args(p) -> None:
     p.add_argument("--stats", action="store_true", help="print per-source length statistics only")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing committed output")
+    p.add_argument("--overwrite", action="store_true", help="prepare again over an existing committed output")
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_job("prepare_data", __doc__, _prepare, argv, default_config=None, kind="prepare",
                    example="data.sources.web=s3://bucket/web/", add_args=_args)
+
 
 if __name__ == "__main__":
     sys.exit(main())

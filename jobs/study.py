@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from longctx.study import add_study_args, run_from_args
+from longctx.runs.study import add_study_args, run_from_args
 
 
 def main(argv: list[str] | None = None) -> int:

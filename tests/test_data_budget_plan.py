@@ -16,6 +16,7 @@ import pytest
 
 from longctx.config import DataConfig, SourceSpec, load_config
 from longctx.data.budget import BudgetReader, data_budget, effective_data_config, repeats_while_unread
+from longctx.data.fingerprint import data_fingerprint
 from longctx.data.mixture import plan_mixture
 from longctx.data.sources import FileTask
 
@@ -117,8 +118,6 @@ def test_budget_reading_is_on_whenever_a_budget_is_set():
 
 
 def test_the_data_fingerprint_follows_the_training_budget_it_prepares_for():
-    from longctx.resume import data_fingerprint
-
     a = load_config(None, ["train.token_budget=81920"])
     b = load_config(None, ["train.token_budget=163840"])
     c = load_config(None, ["train.token_budget=163840", "data.token_budget=163840"])

@@ -197,7 +197,7 @@ def test_training_refuses_before_its_first_step(ray_cluster, tmp_path):
                              "train.global_batch_tokens=128", "train.micro_batch_size=2", "train.max_steps=2",
                              "train.isolation_tolerance=1e-12"])
     with pytest.raises(Exception, match="refusing to train") as e:
-        run_training(cfg, data_uri, str(tmp_path / "run"))
+        run_training(cfg, data_uri, str(tmp_path / "run" / "train"), run_id="run")
     msg = str(e.value)
     assert "attn_implementation=sdpa" in msg and "micro_batch_size=2" in msg and "differ from per-document" in msg
     metrics = tmp_path / "run" / "train" / "metrics.jsonl"

@@ -36,8 +36,8 @@ def _floats(x):
 
 
 def test_short_study_reports_verdicts_first_and_numbers_recomputable(ray_cluster, tmp_path):
-    from longctx.study import (STRATEGIES, TARGET_DATA, TARGET_NLL, TARGET_PASSKEY_NAIVE, TARGET_PASSKEY_SFT,
-                               TARGET_ROPE, trial_numbers, verdict_lines, verdicts)
+    from longctx.runs.study_report import (STRATEGIES, TARGET_DATA, TARGET_NLL, TARGET_PASSKEY_NAIVE,
+                                           TARGET_PASSKEY_SFT, TARGET_ROPE, trial_numbers, verdict_lines, verdicts)
 
     out = tmp_path / "study"
     rc = _job_main()([

@@ -1,6 +1,7 @@
 """The study's verdict rules on hand-made numbers (the end-to-end run is tests/test_study.py)."""
 
-from longctx.study import TARGET_ROPE, TARGET_NLL, rope_grid_point, verdicts
+from longctx.runs.study import rope_grid_point
+from longctx.runs.study_report import TARGET_NLL, TARGET_ROPE, verdicts
 
 
 def _status(nums, target):

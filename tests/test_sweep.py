@@ -267,18 +267,27 @@ def test_sweep_interrupted_and_resumed_runs_every_trial_once(tmp_path):
     assert all(r["trial_key"] in (res / "report.md").read_text() for r in table)
 
 
-def test_resuming_refuses_a_sweep_whose_trials_would_compute_something_else():
-    from longctx.tune.sweep import resume_differences
+def test_resuming_refuses_a_sweep_whose_trials_would_compute_something_else(tmp_path):
+    from longctx.tune.sweep import open_sweep
 
-    base = ["tune.name=s", "tune.params.rope_theta=[1.0e+4, 1.0e+5]"]
-    old = load_config(None, base)
+    base = [f"output_dir={tmp_path}", "tune.name=s", "tune.params.rope_theta=[1.0e+4, 1.0e+5]"]
+    first = open_sweep(load_config(None, base))
+    assert (tmp_path / "s" / "config.yaml").exists() and (tmp_path / "s" / "lease.json").exists()
+    first.close()
     # where and how fast it runs may change
-    resume_differences(old, load_config(None, base + ["tune.max_concurrent_trials=4", "ray.num_cpus=16",
-                                                      "train.resources_per_worker={trainer_node: 0.01}"]), "r/s/config.yaml")
+    open_sweep(load_config(None, base + ["tune.max_concurrent_trials=4", "ray.num_cpus=16",
+                                         "tune.trial_resources={CPU: 1, head_node: 0.01}"])).close()
     # what the trials compute may not: Tuner.restore would keep the old grid, and new settings would reach only
     # the unfinished trials
-    with pytest.raises(ValueError, match=r"tune.params.rope_theta.grid.*choose a new tune.name|Choose a new tune.name"):
-        resume_differences(old, load_config(None, ["tune.name=s", "tune.params.rope_theta=[1.0e+4, 1.0e+6]"]),
-                           "r/s/config.yaml")
+    with pytest.raises(ValueError, match=r"tune.params.rope_theta.*Choose a new tune.name"):
+        open_sweep(load_config(None, [f"output_dir={tmp_path}", "tune.name=s", "tune.params.rope_theta=[1.0e+4, 1.0e+6]"]))
     with pytest.raises(ValueError, match=r"train.lr: 1e-05 -> 0.001"):
-        resume_differences(old, load_config(None, base + ["train.lr=1.0e-3"]), "r/s/config.yaml")
+        open_sweep(load_config(None, base + ["train.lr=1.0e-3"]))
+    # the workers' resources pick the GPU, so the "auto" attention kernel: not a placement-only key
+    with pytest.raises(ValueError, match=r"train.resources_per_worker"):
+        open_sweep(load_config(None, base + ["train.resources_per_worker={trainer_node: 0.01}"]))
+    # one driver per sweep: it holds the sweep's lease while it runs (tests/test_runs.py: a second one is refused)
+    held = open_sweep(load_config(None, base))
+    assert json.loads((tmp_path / "s" / "lease.json").read_text())["pid"] == os.getpid()
+    held.close()
+    assert not (tmp_path / "s" / "lease.json").exists()

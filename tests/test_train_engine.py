@@ -40,7 +40,7 @@ def test_training_on_two_workers_matches_single_process_and_publishes_to_s3(ray_
         "train.grad_clip=0.5", "train.loss_chunk_tokens=40",
     ])
 
-    out = run_training(cfg, data_uri, run_dir)
+    out = run_training(cfg, data_uri, f"{run_dir}/train", run_id="r1")
 
     # Steps, tokens and the per-step log.
     assert out.steps == STEPS and out.tokens == STEPS * 4 * SEQ

@@ -44,7 +44,8 @@ def test_worker_killed_mid_run_resumes_exactly(ray_cluster, tmp_path, capfd):
     trigger = tmp_path / "kill-once"
     trigger.write_text("armed")
     # Rank 1 dies right after reporting the checkpoint of step 4 (the registration window).
-    out = run_training(cfg, data_uri, str(tmp_path / "run"), fail_at={"step": 4, "rank": 1, "trigger_file": str(trigger)})
+    out = run_training(cfg, data_uri, str(tmp_path / "run" / "train"), run_id="run",
+                       fail_at={"step": 4, "rank": 1, "trigger_file": str(trigger)})
 
     assert not trigger.exists(), "the failure was never injected"
     assert capfd_text(capfd).count("[train] resumed at step 4 ") == 1, "the reported checkpoint was not resumed from"

@@ -64,7 +64,7 @@ def test_nan_loss_with_stop_names_the_step_and_rows_and_publishes_nothing(ray_cl
     root = f"{run}/train"
     cfg = _cfg(model_dir, "train.max_steps=3", "train.checkpoint_every=1")
     with pytest.raises(NonFiniteTraining) as err:
-        run_training(cfg, data, run, nan_at={"step": 2, "rank": 1})
+        run_training(cfg, data, root, run_id="nan", nan_at={"step": 2, "rank": 1})
     msg = str(err.value)
     assert "non-finite loss" in msg and "at step 2 (rows [4, 5, 6, 7])" in msg and "train.nonfinite=stop" in msg
     assert "last checkpoint: step 1" in msg and exit_code(err.value) == 4
@@ -77,7 +77,7 @@ def test_nan_loss_with_stop_names_the_step_and_rows_and_publishes_nothing(ray_cl
     data_bytes[200:456] = bytes(b ^ 0xFF for b in data_bytes[200:456])
     storage.write_bytes(states, bytes(data_bytes))
     with pytest.raises(NoIntactCheckpoint) as err:
-        run_training(cfg, data, run)
+        run_training(cfg, data, root, run_id="nan")
     assert "checkpoint_00000001: deepspeed/state/mp_rank_00_model_states.pt altered" in str(err.value)
     assert exit_code(err.value) == 4 and not storage.exists(f"{root}/final_model")
 
@@ -145,7 +145,7 @@ def test_preempted_run_and_damaged_checkpoints_resume_from_the_newest_intact(ray
     sent: list = []
     _sigterm_after_checkpoint(root, 2, sent)
     with pytest.raises(TrainingPreempted) as err:
-        run_training(cfg, data, str(run), nan_at={"step": 2, "rank": 1})
+        run_training(cfg, data, root, run_id="run", nan_at={"step": 2, "rank": 1})
     assert sent, "SIGTERM was never sent"
     at = err.value.step
     assert 2 <= at < steps and exit_code(err.value) == 75 and "rerun the same command" in str(err.value)
@@ -194,7 +194,7 @@ def test_preempted_run_and_damaged_checkpoints_resume_from_the_newest_intact(ray
     droot = str(damaged / "train")
     _flip(f"{droot}/{refs[0].name}/deepspeed/state/mp_rank_00_model_states.pt")
     (damaged / "train" / integrity.RAY_SNAPSHOT).write_bytes(b'{"checkpoint_results": [')
-    out = run_training(cfg, data, str(damaged))
+    out = run_training(cfg, data, droot, run_id="damaged")
     said = capfd.readouterr()
     said = said.out + said.err
     assert f"{refs[0].name} is damaged (deepspeed/state/mp_rank_00_model_states.pt altered" in said

@@ -30,7 +30,7 @@ def test_ulysses_sp2_equals_single_process_training(ray_cluster, tmp_path):
         "train.num_workers=2", "train.sequence_parallel=2", "train.zero_stage=1",
         "train.global_batch_tokens=128", f"train.max_steps={STEPS}", "train.lr=3e-3", "train.warmup_ratio=0.5",
     ])
-    out = run_training(cfg, data_uri, str(tmp_path / "run"))
+    out = run_training(cfg, data_uri, str(tmp_path / "run" / "train"), run_id="run")
     assert out.layout["data_parallel"] == 1 and out.layout["grad_accum"] == 2
     # Both SP ranks read the same rows; the step log counts them once.
     assert [h["row_ids"] for h in out.history] == [[0, 1], [2, 3]]

@@ -34,7 +34,7 @@ def test_zero3_offloads_and_memory_savers_equal_single_process(ray_cluster, tmp_
         "train.global_batch_tokens=256", f"train.max_steps={STEPS}", "train.lr=3e-3", "train.warmup_ratio=0.5",
         "train.loss_chunk_tokens=50",
     ])
-    out = run_training(cfg, data_uri, str(tmp_path / "run"))
+    out = run_training(cfg, data_uri, str(tmp_path / "run" / "train"), run_id="run")
 
     info = json.loads(storage.read_text(str(tmp_path / "run" / "train" / "engine_info.json")))
     zero = info["deepspeed_config"]["zero_optimization"]

@@ -46,19 +46,17 @@ def _load(args, kind: str | None = None):
 
 
 def _cmd_data_prepare(args) -> int:
-    from longctx.workflow import connect_ray, prepare_step, start_run
+    from longctx.runs.recipes import prepare_summary, run_prepare
 
-    run = start_run(_load(args, "prepare"), "prepare")
-    connect_ray(run.cfg)
-    uri, manifest = prepare_step(run, run.cfg)  # committed data of the same settings is reused
-    print(json.dumps({k: manifest.get("totals", {}).get(k) for k in ("rows", "tokens")}))
+    uri, manifest = run_prepare(_load(args, "prepare"), replace=args.overwrite)  # committed data is reused
+    print(json.dumps(prepare_summary(manifest)))
     print(uri)
     return 0
 
 
 def _cmd_data_stats(args) -> int:
-    from longctx.workflow import connect_ray
     from longctx.data.pipeline import length_stats
+    from longctx.runs.steps import connect_ray
 
     cfg = _load(args)
     connect_ray(cfg)
@@ -94,13 +92,14 @@ def _cmd_data_clean(args) -> int:
 
 def _cmd_data_synth(args) -> int:
     from longctx import storage
-    from longctx.workflow import connect_ray, start_run
+    from longctx.runs.folder import SYNTH_DIR, open_run
+    from longctx.runs.steps import connect_ray
 
     cfg = _load(args)
     run = None
     if not (args.output or cfg.synth.output):
-        run = start_run(cfg, f"synth-{args.kind}")
-    dest = args.output or storage.join(cfg.synth.output or run.path("synth"), args.kind)
+        run = open_run(cfg, f"synth-{args.kind}")
+    dest = args.output or storage.join(cfg.synth.output or run.path(SYNTH_DIR), args.kind)
     connect_ray(cfg)
     if args.kind == "cip":
         from longctx.data.synthetic.cip import synth_cip
@@ -113,11 +112,13 @@ def _cmd_data_synth(args) -> int:
         fn = tables.synth_tables if args.kind == "tables" else retrieval.synth_retrieval
         result = fn(cfg, dest)
         print(json.dumps({"uri": result["uri"], **result["totals"], **result["timings"]}))
+    if run is not None:
+        run.close()
     return 0
 
 
 def _cmd_train(args) -> int:
-    from longctx.workflow import run_long_pt
+    from longctx.runs.recipes import run_long_pt
 
     cfg = _load(args, "pt")
     run_long_pt(cfg)
@@ -125,7 +126,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_sft(args) -> int:
-    from longctx.workflow import run_long_sft
+    from longctx.runs.recipes import run_long_sft
 
     run_long_sft(_load(args, "sft"))
     return 0
@@ -133,7 +134,7 @@ def _cmd_sft(args) -> int:
 
 def _cmd_eval_run(args) -> int:
     cfg = _load(args, "eval")  # checks first: importing the runner imports torch
-    from longctx.workflow import run_eval
+    from longctx.runs.recipes import run_eval
 
     run_eval(cfg)
     return 0
@@ -174,7 +175,7 @@ def _cmd_tune(args) -> int:
 
 
 def _cmd_study(args) -> int:
-    from longctx.study import run_from_args
+    from longctx.runs.study import run_from_args
 
     return run_from_args(args)
 
@@ -273,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = data_sub.add_parser(name, help=help_)
         _add_config_args(p)
         p.set_defaults(func=fn)
+        if name == "prepare":
+            p.add_argument("--overwrite", action="store_true", help="prepare again over an existing committed output")
 
     p = data_sub.add_parser("synth", help="synthetic long data: CIP-k packed rows, SynL tables or retrieval "
                             "instructions (chat JSONL for Long-SFT)")
@@ -328,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--fresh", action="store_true", help="fail if a sweep of this name exists instead of resuming it")
     tn.set_defaults(func=_cmd_tune)
 
-    from longctx.study import add_study_args
+    from longctx.runs.study import add_study_args
 
     st = verbs.add_parser("study", help="the papers' orderings side by side: baselines, data strategies, RoPE "
                           "sweep, retrieval vs tokens (as jobs/study.py)")

@@ -1,6 +1,6 @@
 """Prepared data as an input: is a committed packed dataset the one this job can train on?
 
-    from longctx.handoff import check_packed_data, tokenizer_fingerprint
+    from longctx.handoff import check_packed_data
     problems = check_packed_data(cfg, manifest, kind="pt")     # [] or one line per mismatch
     problems = check_packed_data(cfg, manifest, kind="sft", same_config=True)   # a rerun reusing its own data
 
@@ -13,35 +13,15 @@ data settings must also match the job's: the differing keys are named.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 
 from longctx import storage
+from longctx.runs.identity import tree_differences
 
-PT_KIND = "longctx.packed_sequences"
-SFT_KIND = "sft"
 
 
 class PreparedDataMismatch(ValueError):
     """A committed packed dataset does not fit the job; the message has one line per problem."""
-
-
-@functools.lru_cache(maxsize=8)
-def tokenizer_fingerprint(uri: str) -> str:
-    """sha256 of a tokenizer's full definition (tokenizer.json as the Rust tokenizer serialises it)."""
-    from longctx.data.tokenize import load_fast_tokenizer
-
-    tok, _, _ = load_fast_tokenizer(uri)
-    return fingerprint_of(tok)
-
-
-def fingerprint_of(tok) -> str:
-    """Fingerprint of a loaded tokenizer: a Rust `tokenizers.Tokenizer` or a transformers tokenizer (a slow one,
-    which has no serialised definition, by its sorted vocabulary)."""
-    backend = getattr(tok, "backend_tokenizer", tok)
-    text = backend.to_str() if hasattr(backend, "to_str") else repr(sorted(tok.get_vocab().items()))
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def model_vocab_size(model_uri: str) -> int | None:
@@ -55,13 +35,16 @@ def model_vocab_size(model_uri: str) -> int | None:
 
 
 def manifest_kind(manifest: dict) -> str:
+    from longctx.train.sft_data import SFT_KIND  # deferred: the data engine's package costs a second to import
+
     return "sft" if manifest.get("kind") == SFT_KIND else "pt"
 
 
 def check_packed_data(cfg, manifest: dict, kind: str = "pt", *, same_config: bool = False,
                       where: str | None = None) -> list[str]:
     """Problems (one line each) that stop `cfg` training on the dataset described by `manifest`."""
-    from longctx.resume import data_fingerprint, data_tree, tree_differences
+    # deferred: the data engine's package costs about a second to import; only a check of data needs it
+    from longctx.data.fingerprint import data_fingerprint, data_tree, tokenizer_fingerprint
 
     where = where or manifest.get("uri") or "prepared data"
     d = cfg.data

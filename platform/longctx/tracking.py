@@ -97,14 +97,6 @@ def flat_config(cfg) -> dict[str, Any]:
     return out
 
 
-def run_id_for(cfg, train_root: str) -> str:
-    """The run's id as trackers name it: run_name, else the run folder's name (`<run>/train` -> `<run>`)."""
-    if cfg.run_name:
-        return cfg.run_name
-    parts = train_root.rstrip("/").split("/")
-    return parts[-2] if parts[-1] == "train" and len(parts) > 1 else parts[-1]
-
-
 def missing_packages(cfg) -> list[str]:
     """Tracking packages the config asks for that are not installed."""
     lcfg = cfg.logging

@@ -8,9 +8,8 @@ manifest as well as byte-identical shards.
 from __future__ import annotations
 
 import longctx
-from longctx.handoff import fingerprint_of
-from longctx.resume import data_fingerprint, data_tree
 from longctx.data.budget import data_budget
+from longctx.data.fingerprint import data_fingerprint, data_tree, fingerprint_of
 from longctx.data.mixture import MixturePlan
 from longctx.data.pack import PACKED_KIND, PACKED_SCHEMA, PackStats
 from longctx.data.stats import LengthAccumulator, describe_lengths

@@ -5,7 +5,7 @@
     records = watcher.finish()                                # evaluates what is left, writes the plot
 
 The training loop publishes the HF model of each checkpoint it has persisted as a committed snapshot
-(`longctx.train.checkpoint.publish_eval_snapshot`, `<train root>/eval_snapshots/step_<N>/`). A thread in the
+(`longctx.train.snapshots.publish_eval_snapshot`, `<train root>/eval_snapshots/step_<N>/`). A thread in the
 driver polls for committed snapshots and hands them, in step order, to a pool of Ray actors (`CheckpointEvaluator`,
 `eval.during_training.actors` of them, one checkpoint each at a time) that reserve their own CPUs
 (`eval.during_training.num_cpus` each): the workers never wait for an evaluation, and an evaluation that cannot
@@ -39,78 +39,12 @@ import time
 from typing import Any
 
 from longctx import storage
+from longctx.tracking import Tracker, checkpoint_eval_scalars
+from longctx.train.snapshots import committed_eval_snapshots, ledger_uri, read_ledger, write_ledger
 
 log = logging.getLogger(__name__)
 
-LEDGER = "checkpoint_eval.jsonl"
 PLOT = "checkpoint_eval.png"
-
-
-# ------------------------------------------------------------------------------------------------ ledger
-def ledger_uri(train_root: str) -> str:
-    return storage.join(train_root, LEDGER)
-
-
-def read_ledger(uri: str) -> list[dict]:
-    """Records of a checkpoint_eval.jsonl, one per step (the first wins), in step order.
-
-    A torn last line (a writer killed mid-write on a filesystem without atomic replace) is dropped with a
-    warning: its checkpoint is then evaluated again. Any other bad line is an error naming the file and line.
-    """
-    if not storage.exists(uri):
-        return []
-    lines = storage.read_text(uri).splitlines()
-    out: dict[int, dict] = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            step = int(rec["step"])
-        except (ValueError, KeyError, TypeError) as exc:
-            if n == len(lines):
-                log.warning("%s: line %d is incomplete (%s); that checkpoint will be evaluated again", uri, n, exc)
-                continue
-            raise ValueError(f"{uri}: line {n} is not a checkpoint evaluation record ({exc})") from exc
-        out.setdefault(step, rec)
-    return [out[s] for s in sorted(out)]
-
-
-def write_ledger(uri: str, records: list[dict]) -> None:
-    """Rewrite the whole ledger (object storage has no append; the file is small). Atomic on local disks."""
-    storage.write_text(uri, "".join(json.dumps(r, allow_nan=True) + "\n" for r in sorted(records, key=lambda r: r["step"])))
-
-
-def objective_value(record: dict, objective: str) -> float | None:
-    """Higher-is-better value of `objective` in one record (None when it was not measured)."""
-    if objective == "neg_nll_beyond_base":
-        v = record.get("nll_beyond_base")
-        return None if v is None or not math.isfinite(v) else -float(v)
-    v = record.get(objective)
-    return None if v is None else float(v)
-
-
-def should_stop(records: list[dict], objective: str, patience: int, min_delta: float = 0.0) -> bool:
-    """True when the last `patience` evaluated checkpoints all failed to beat the best value before them by
-    more than `min_delta` (records in step order; checkpoints without the objective do not count)."""
-    if patience <= 0:
-        return False
-    values = [v for v in (objective_value(r, objective) for r in records) if v is not None]
-    if len(values) <= patience:
-        return False
-    best_before = max(values[:-patience])
-    return all(v <= best_before + min_delta for v in values[-patience:])
-
-
-def tune_metrics(records: list[dict]) -> dict[str, Any]:
-    """The latest evaluated checkpoint's values as flat Tune metrics (empty before the first evaluation)."""
-    if not records:
-        return {}
-    last = records[-1]
-    nll = last.get("nll_beyond_base")
-    return {"ckpt_step": last["step"], "ckpt_tokens": last.get("tokens"), "ckpt_passkey": last.get("passkey"),
-            "ckpt_needle": last.get("needle"), "ckpt_nll_beyond_base": nll,
-            "ckpt_neg_nll_beyond_base": None if nll is None else -nll}
 
 
 # ------------------------------------------------------------------------------------------------- actor
@@ -224,8 +158,6 @@ class CheckpointEvaluator:
     def _hold(self, snapshot_uri: str, step: int, t0: float) -> bool:
         """Fault-test hook (`hold_s`): keep the first evaluation open until training commits a later checkpoint
         (True), or `hold_s` passes (False). Training that waited for its evaluator would never commit one."""
-        from longctx.train.checkpoint import committed_eval_snapshots
-
         train_root = snapshot_uri.rstrip("/").rsplit("/", 2)[0]
         deadline = time.time() + self.hold_s
         while time.time() < deadline:
@@ -242,8 +174,10 @@ class CheckpointEvaluator:
 class CheckpointWatcher:
     """Driver-side thread: finds committed snapshots, evaluates each exactly once on the actor, keeps the ledger."""
 
-    def __init__(self, cfg, train_root: str, *, hold_s: float | None = None):
+    def __init__(self, cfg, train_root: str, *, run_id: str, hold_s: float | None = None):
         self.cfg = cfg
+        self.run_id = run_id
+        """The run's id (the trackers' run name), as the run folder names it."""
         self.hold_s = hold_s
         """Fault tests only: the first evaluation stays open until a later checkpoint is committed (see
         `CheckpointEvaluator._hold`), so that a test can prove training does not wait for evaluation."""
@@ -279,10 +213,8 @@ class CheckpointWatcher:
         cls = ray.remote(num_cpus=self.dt.num_cpus, num_gpus=self.dt.num_gpus, max_restarts=1)(CheckpointEvaluator)
         cfg_json = json.loads(self.cfg.model_dump_json())
         self._actors = [cls.remote(cfg_json, self.hold_s) for _ in range(self.dt.actors)]
-        from longctx.tracking import Tracker, run_id_for
-
         self._tracker = Tracker.open(self.cfg, storage.join(self.train_root, "tensorboard", "checkpoint_eval"),
-                                     run_id=run_id_for(self.cfg, self.train_root), role="checkpoint_eval",
+                                     run_id=self.run_id, role="checkpoint_eval",
                                      rank_zero_only=False)
         self._thread = threading.Thread(target=self._run, name="longctx-checkpoint-eval", daemon=True)
         self._thread.start()
@@ -300,8 +232,6 @@ class CheckpointWatcher:
 
     def pending(self) -> list[tuple[int, str]]:
         """Committed snapshots not yet in the ledger; snapshots already recorded are removed (unless kept)."""
-        from longctx.train.checkpoint import committed_eval_snapshots
-
         done = self.done_steps()
         out = []
         for step, uri in committed_eval_snapshots(self.train_root):
@@ -339,8 +269,6 @@ class CheckpointWatcher:
         write_ledger(self.ledger, self.records)
         self.evaluated.append(step)
         if self._tracker is not None:
-            from longctx.tracking import checkpoint_eval_scalars
-
             self._tracker.log(checkpoint_eval_scalars(rec), step)
             self._tracker.flush()
         print(f"[eval] checkpoint step {step} ({rec['tokens']:,} tokens): "
@@ -426,8 +354,8 @@ def checkpoint_eval_section(records: list[dict], plot_name: str | None = None) -
     return "\n".join(lines) + "\n"
 
 
-def start_watcher(cfg, train_root: str, *, hold_s: float | None = None) -> CheckpointWatcher | None:
+def start_watcher(cfg, train_root: str, *, run_id: str, hold_s: float | None = None) -> CheckpointWatcher | None:
     """The watcher for a training run when `eval.during_training.enabled`, started; else None."""
     if not cfg.eval.during_training.enabled:
         return None
-    return CheckpointWatcher(cfg, train_root, hold_s=hold_s).start()
+    return CheckpointWatcher(cfg, train_root, run_id=run_id, hold_s=hold_s).start()

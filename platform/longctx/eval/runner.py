@@ -26,6 +26,7 @@ import numpy as np
 
 from longctx import storage
 from longctx.config import JobConfig, RopeScalingConfig
+from longctx.data.fingerprint import fingerprint_of
 from longctx.eval import infinitebench
 from longctx.eval.documents import iter_texts
 from longctx.eval.generate import greedy_generate
@@ -33,7 +34,6 @@ from longctx.eval.haystack import load_haystack_text
 from longctx.eval.passkey import PasskeyPrompt, build_passkey_prompts, run_passkey_batch, score_passkey_rows
 from longctx.eval.perplexity import select_documents, summarize_position_nll
 from longctx.eval.ruler.suite import RulerWork, build_ruler_items, ruler_lengths, ruler_metrics
-from longctx.handoff import fingerprint_of
 
 log = logging.getLogger(__name__)
 

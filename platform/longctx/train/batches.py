@@ -273,11 +273,17 @@ class MicroBatch:
     """Sum over documents of length^2, padding excluded (attention FLOPs)."""
 
 
-def collate(rows: list[PackedRow], attention: str) -> MicroBatch:
-    seq_len = len(rows[0].input_ids)
+def collate(rows: list[PackedRow], attention: str, seq_len: int | None = None) -> MicroBatch:
+    """One micro-batch of packed rows. `seq_len`: the run's row length (the training loop passes its one
+    `LoopSpec.seq_len`); a row of another length fails loudly with both numbers."""
+    expected = seq_len
+    seq_len = len(rows[0].input_ids) if seq_len is None else seq_len
     for r in rows:
         if len(r.input_ids) != seq_len or len(r.labels) != seq_len or len(r.position_ids) != seq_len:
-            raise ValueError(f"row {r.row_id}: input_ids/labels/position_ids lengths differ from seq_len={seq_len}")
+            raise ValueError(f"row {r.row_id}: {len(r.input_ids)} tokens (labels {len(r.labels)}, position ids "
+                             f"{len(r.position_ids)}), but "
+                             + (f"the run's rows are data.seq_len={expected} tokens: the data was packed for another "
+                                f"row length" if expected is not None else f"the micro-batch's rows are {seq_len}"))
     position_ids = torch.from_numpy(np.stack([r.position_ids for r in rows]))
     # NOTE: attention spans follow the position ids, not seg_lengths: a CIP row (chunk-interleaved
     # pretraining) holds several document segments under one run of positions and must stay one causal

@@ -28,11 +28,10 @@ import torch
 import torch.distributed as dist
 
 from longctx import quiet, storage
-from longctx.eval.during_training import ledger_uri, read_ledger, should_stop, tune_metrics
 from longctx.model.attention import attention_inputs
 from longctx.model.load import load_causal_lm, local_model_dir, pick_attn_implementation
 from longctx.progress import emit
-from longctx.tracking import Tracker, run_id_for
+from longctx.tracking import Tracker
 from longctx.train import checkpoint as ckpt
 from longctx.train import fault_injection as inject
 from longctx.train import integrity, stops
@@ -47,7 +46,9 @@ from longctx.train.optim import adamw
 from longctx.train.preemption import PreemptionPoller, ray_preemption_notice
 from longctx.train.schedule import lr_lambda
 from longctx.train.sequence_parallel import enable_ulysses, shard_for_rank
-from longctx.train.spec import LoopSpec
+from longctx.train.snapshots import (ensure_eval_snapshot, ledger_uri, publish_eval_snapshot, read_ledger, should_stop,
+                                     tune_metrics)
+from longctx.train.spec import ENGINE_INFO, FINAL_MODEL, METRICS_LOG, LoopSpec
 
 _MAX_SKIPS_IN_A_ROW = 8
 """train.nonfinite=skip: more non-finite steps in a row than this stop the run (the model or the data is broken)."""
@@ -71,11 +72,11 @@ def _all_sum(values: list[float], device) -> list[float]:
 
 
 def train_loop_per_worker(loop_config: dict) -> dict | None:
-    """The loop Ray Train runs on every worker; `loop_config` is a `LoopSpec` as a dict (`LoopSpec.to_dict`).
+    """The loop Ray Train runs on every worker; `loop_config` is `{"spec": LoopSpec}` (`LoopSpec.to_loop_config`).
     Returns the stop reason (`longctx.train.stops`), None when the run finished: rank 0's is the `Result`'s
     `return_value`."""
     quiet.configure_worker()  # Ray Train's per-report INFO lines only with --verbose
-    return LoopRunner(LoopSpec.from_dict(loop_config)).run()
+    return LoopRunner(LoopSpec.from_loop_config(loop_config)).run()
 
 
 class LoopRunner:
@@ -87,10 +88,10 @@ class LoopRunner:
         self.t_start = time.perf_counter()
         self.startup: dict[str, float] = {}  # seconds since the loop started, per phase (engine_info.json)
         self.spec = spec
-        self.cfg = spec.config()
+        self.cfg = spec.job
         self.tcfg = self.cfg.train
         self.during = self.cfg.eval.during_training
-        self.layout = spec.batch_layout()
+        self.layout = spec.layout
         self.total_steps = int(spec.total_steps)
         self.train_root = spec.train_root
         storage.configure(self.cfg.storage)
@@ -171,7 +172,7 @@ class LoopRunner:
 
         # 1. Model.
         self.attn_impl = attn_impl = pick_attn_implementation(cfg.model.attn_implementation, self.device)
-        max_pos = cfg.model.max_position_embeddings or cfg.data.seq_len
+        max_pos = cfg.model.max_position_embeddings or self.spec.seq_len
         self.lm = lm = load_causal_lm(cfg.model.path, cfg.model, device=self.device, attn_implementation=attn_impl,
                                       max_position_embeddings=max_pos)
         # checkpointing (+ activation offload), tiled MLP, chunked loss: the same call the planner traces
@@ -226,8 +227,8 @@ class LoopRunner:
         tracker = None
         if self.is_rank0:  # TensorBoard event files (and W&B / MLflow when configured) beside metrics.jsonl
             tracker = Tracker.open(cfg, storage.join(self.train_root, "tensorboard"),
-                                   run_id=run_id_for(cfg, self.train_root), resume_step=start_step)
-        self.log = StepLog(storage.join(self.train_root, "metrics.jsonl") if self.is_rank0 else None, history,
+                                   run_id=self.spec.run_id, resume_step=start_step)
+        self.log = StepLog(storage.join(self.train_root, METRICS_LOG) if self.is_rank0 else None, history,
                            echo=self.is_rank0, tracker=tracker, flush_every_s=cfg.logging.flush_every_s)
         if self.spec.parquet_files:  # this rank's lane of the committed shards (train/batches.py)
             shards = [ShardRows(f, tuple(g)) for f, g in zip(self.spec.parquet_files, self.spec.parquet_row_groups)]
@@ -246,7 +247,8 @@ class LoopRunner:
         self.peak = device_peak_flops(str(self.device))
         model_dir = local_model_dir(cfg.model.path)
         self.tokenizer_dirs = [model_dir, local_model_dir(cfg.data.tokenizer)]
-        self.val_rows = _validation_rows(cfg, self.dp_rank, layout.data_parallel) if tcfg.val_every else None
+        self.val_rows = (_validation_rows(cfg, self.spec.seq_len, self.dp_rank, layout.data_parallel)
+                         if tcfg.val_every else None)
         self.tokens_seen = tokens
         self.skips_in_a_row, self.isolation_checked = 0, False
         return True
@@ -273,8 +275,7 @@ class LoopRunner:
                     with ckpt.safe_deepspeed_load():
                         self.engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag="state")
                     if self.is_rank0 and self.during.enabled:
-                        ckpt.ensure_eval_snapshot(folder, self.train_root, int(state["step"]),
-                                                  int(state.get("tokens", 0)))
+                        ensure_eval_snapshot(folder, self.train_root, int(state["step"]), int(state.get("tokens", 0)))
                     self.last_checkpoint_name = ref.name
                     return state
             damaged.append((ref, problems))
@@ -314,7 +315,7 @@ class LoopRunner:
             micro_rows, balance = self.balancer.assign(rows)
         else:
             micro_rows = [rows[i : i + layout.micro_batch_size] for i in range(0, len(rows), layout.micro_batch_size)]
-        micro = [collate([r for _, r in mr], cfg.data.attention) for mr in micro_rows]
+        micro = [collate([r for _, r in mr], cfg.data.attention, self.spec.seq_len) for mr in micro_rows]
         if not self.isolation_checked and tcfg.isolation_check and cfg.data.attention == "document":
             _prove_isolation(lm, micro[0], self.attn_impl, cfg, device, sp, sp_rank, self.mpu, self.is_rank0)
         self.isolation_checked = True
@@ -464,7 +465,7 @@ class LoopRunner:
                              checkpoint_dir_name=name)
         self.last_checkpoint_step, self.last_checkpoint_name = step, name
         if is_rank0 and self.during.enabled:  # persisted: now the evaluator may see it (eval/during_training.py)
-            ckpt.publish_eval_snapshot(self.lm, hf_sd, self.train_root, step, self.tokens_seen, self.tokenizer_dirs)
+            publish_eval_snapshot(self.lm, hf_sd, self.train_root, step, self.tokens_seen, self.tokenizer_dirs)
         return hf_sd
 
     def gather_finite_state_dict(self) -> dict | None:
@@ -503,7 +504,7 @@ class LoopRunner:
         if self.stop_reason is not None:
             return
         if self.is_rank0:
-            final_uri = storage.join(self.train_root, "final_model")
+            final_uri = storage.join(self.train_root, FINAL_MODEL)
             with storage.publish_dir(final_uri, overwrite=True) as staging:
                 ckpt.save_hf_model(self.lm, hf_sd, staging, self.tokenizer_dirs)
             self.log.close()
@@ -524,7 +525,7 @@ def _prove_isolation(lm, micro, attn_impl: str, cfg, device, sp: int, sp_rank: i
         emit(f"[train] {result.line()}")
 
 
-def _validation_rows(cfg, dp_rank: int, data_parallel: int) -> list[tuple[list[int], float]]:
+def _validation_rows(cfg, seq_len: int, dp_rank: int, data_parallel: int) -> list[tuple[list[int], float]]:
     """This data-parallel rank's validation rows as (token ids, weight); padded with weight-0 repeats so every
     rank runs the same number of forwards (ZeRO-3 gathers parameters collectively)."""
     from longctx.eval.documents import iter_texts
@@ -536,9 +537,9 @@ def _validation_rows(cfg, dp_rank: int, data_parallel: int) -> list[tuple[list[i
         raise ValueError("train.val_every needs train.sequence_parallel == 1 (validation rows are not sharded)")
     uri = tcfg.val_documents or cfg.eval.documents
     tok = load_tokenizer(cfg.data.tokenizer)
-    docs, skipped = select_documents(tok, iter_texts(uri, cfg.eval.text_field), cfg.data.seq_len, tcfg.val_num_documents)
+    docs, skipped = select_documents(tok, iter_texts(uri, cfg.eval.text_field), seq_len, tcfg.val_num_documents)
     if not docs:
-        raise ValueError(f"train.val_every: {uri} has no document with data.seq_len={cfg.data.seq_len} tokens "
+        raise ValueError(f"train.val_every: {uri} has no document with data.seq_len={seq_len} tokens "
                          f"({skipped} too short)")
     per_rank = -(-len(docs) // data_parallel)
     mine = [(d, 1.0) for d in docs[dp_rank::data_parallel]]
@@ -564,7 +565,7 @@ def _write_engine_info(engine, train_root: str, rank: int, world: int, n_params:
     parts = [None] * world
     dist.all_gather_object(parts, {"rank": rank, "optimizer_state_numel": _optimizer_state_numel(engine)})
     if rank == 0:
-        storage.write_json(storage.join(train_root, "engine_info.json"), {
+        storage.write_json(storage.join(train_root, ENGINE_INFO), {
             "world_size": world, "params": n_params, "attn_implementation": attn_impl,
             "zero_stage": ds_config["zero_optimization"]["stage"], "ranks": parts, "deepspeed_config": ds_config,
             "startup_s": {k: round(v, 2) for k, v in startup.items()},

@@ -34,9 +34,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from longctx import storage
+from longctx.data.fingerprint import data_fingerprint, data_tree, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
+SFT_KIND = "sft"
+"""The `kind` of a Long-SFT dataset's manifest.json (Long-PT packed rows: `longctx.data.pack.PACKED_KIND`)."""
 ROLES = {"system", "user", "assistant", "tool"}
 
 
@@ -223,9 +226,7 @@ def pack_chats(chats: list[TokenizedChat], seq_len: int, pad_id: int) -> pa.Tabl
 
 def prepare_sft_data(cfg, output: str, overwrite: bool = False) -> dict:
     """Read, mix, tokenize and pack the SFT sources of `cfg`; publish shards + manifest.json at `output`."""
-    from longctx.handoff import SFT_KIND, tokenizer_fingerprint
     from longctx.model.load import load_tokenizer
-    from longctx.resume import data_fingerprint, data_tree
 
     d = cfg.data
     if storage.is_committed(output) and not overwrite:  # found before any corpus is read

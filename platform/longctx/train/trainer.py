@@ -1,15 +1,17 @@
-"""Build and run the Ray Train job: `run_training(cfg, train_data, run_dir) -> TrainOutcome`.
+"""Build and run the Ray Train job: `run_training(cfg, train_data, train_root, run_id=...) -> TrainOutcome`.
 
     from longctx.train.trainer import run_training
-    outcome = run_training(cfg, "runs/r1/data", "runs/r1")      # packed Parquet shards (committed prefix)
-    outcome = run_training(cfg, ray_dataset, "s3://bucket/runs/r1")  # or a ray.data.Dataset with the same columns
+    outcome = run_training(cfg, "runs/r1/data", "runs/r1/train", run_id="r1")    # committed packed-Parquet shards
+    outcome = run_training(cfg, ray_dataset, "s3://bucket/runs/r1/train", run_id="r1")  # or a ray.data.Dataset
     print(outcome.final_model_uri)
 
-Layout under `<run_dir>/train/` (local or s3://): Ray Train's checkpoints (`checkpoint_<step>/`), `metrics.jsonl`
-and `metrics.csv` (one line per optimizer step, written by rank 0), and `final_model/` (an HF directory with a
-`_COMMITTED` marker); with `train.storage_path` set they go to `<storage_path>/<run id>/train/` instead.
-Re-running with the same run_dir resumes from the latest checkpoint (Ray Train V2 restores a run by storage path
-+ name from its checkpoint manager snapshot); `longctx.workflow.train_step` is how jobs get there.
+The train root (local or s3://; the run folder decides where: `longctx.runs.folder.train_root_for`) receives Ray
+Train's checkpoints (`checkpoint_<step>/`), `metrics.jsonl` and `metrics.csv` (one line per optimizer step,
+written by rank 0), and `final_model/` (an HF directory with a `_COMMITTED` marker). Training again into the same
+train root resumes from the newest intact checkpoint: the workers list the train folder and verify each
+checkpoint's manifests (`longctx.train.integrity`), so Ray Train's own snapshot is not the only record; a damaged
+checkpoint is skipped with one line. `longctx.runs.steps.train_step` is how jobs get there, and starts the
+evaluator of `eval.during_training` it passes in as `watcher`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from longctx.train import integrity, stops
 from longctx.train.batches import REQUIRED_COLUMNS, ShardRows
 from longctx.train.preemption import PreemptionGuard
 from longctx.train.schedule import BatchLayout, derive_layout, plan_steps
+from longctx.train.snapshots import ledger_uri, read_ledger
+from longctx.train.spec import FINAL_MODEL, METRICS_LOG, LoopSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +50,6 @@ class TrainOutcome:
     """Mean training throughput over the steps after the first (which includes warm-up)."""
     checkpoint_evals: list[dict] = field(default_factory=list)
     """eval.during_training: one record per evaluated checkpoint (`<train root>/checkpoint_eval.jsonl`)."""
-
-
-def train_root_for(cfg, run_dir: str | None) -> tuple[str, str]:
-    """(storage_path, name) for Ray Train; the train root is `storage_path/name`:
-    `<train.storage_path>/<run id>/train` when train.storage_path is set, else `<run_dir>/train`
-    (`<output_dir>/<run_name or 'train'>/train` without a run folder)."""
-    run_id = (run_dir.rstrip("/").rsplit("/", 1)[-1] if run_dir else None) or cfg.run_name or "train"
-    if cfg.train.storage_path:
-        return storage.join(storage.normalize(cfg.train.storage_path), run_id), "train"
-    if run_dir:
-        return storage.normalize(run_dir), "train"
-    return storage.join(storage.normalize(cfg.output_dir), run_id), "train"
 
 
 def latest_checkpoint_step(train_root: str) -> int | None:
@@ -136,12 +128,12 @@ def max_failures(cfg) -> int:
     return 3 if cfg.train.use_gpu else 0
 
 
-def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict | None = None,
+def build_trainer(cfg, train_data, train_root: str, *, run_id: str, fail_at: dict | None = None,
                   nan_at: dict | None = None, callbacks: list | None = None):
-    """(TorchTrainer, train_root, plan): everything `run_training` runs. `callbacks`: Ray Train user callbacks
-    (a sweep passes `TuneReportCallback` so the workers' reports reach Ray Tune). A checkpoint snapshot Ray Train
-    could not load is moved aside first (`integrity.repair_ray_snapshot`): the workers find the checkpoints by
-    listing the train folder."""
+    """(TorchTrainer, plan): everything `run_training` runs. `callbacks`: Ray Train user callbacks (a sweep passes
+    `TuneReportCallback` so the workers' reports reach Ray Tune). A checkpoint snapshot Ray Train could not load
+    is moved aside first (`integrity.repair_ray_snapshot`): the workers find the checkpoints by listing the train
+    folder."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -149,7 +141,6 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
     from longctx.train.deepspeed import load_user_deepspeed_json
     from longctx.train.loop import train_loop_per_worker
     from longctx.train.memory_savers import worker_env
-    from longctx.train.spec import LoopSpec
 
     layout = _layout(cfg)
     datasets, files, rows, shards = None, None, None, []
@@ -165,8 +156,8 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
         files, rows = [s.uri for s in shards], sum(s.rows for s in shards)
     plan = plan_steps(layout, token_budget=cfg.train.token_budget, max_steps=cfg.train.max_steps,
                       rows_available=rows, epochs=cfg.train.epochs)
-    storage_path, name = train_root_for(cfg, run_dir)
-    train_root = storage.join(storage_path, name)
+    train_root = storage.normalize(train_root)
+    storage_path, name = train_root.rstrip("/").rsplit("/", 1)  # Ray Train restores `storage_path/name`
     note = integrity.repair_ray_snapshot(train_root)
     if note:
         print(note, flush=True)
@@ -174,10 +165,11 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
     if cfg.train.use_gpu:
         resources["GPU"] = 1
     spec = LoopSpec(
-        job=json.loads(cfg.model_dump_json()),
-        layout={k: v for k, v in layout.as_dict().items() if k in BatchLayout.__dataclass_fields__},
+        job=cfg,
+        layout=layout,
         total_steps=plan.total,
         train_root=train_root,
+        run_id=run_id,
         ds_override=load_user_deepspeed_json(cfg.train.deepspeed_config) if cfg.train.deepspeed_config else None,
         fail_at=fail_at,
         nan_at=nan_at,
@@ -186,7 +178,7 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=spec.to_dict(),
+        train_loop_config=spec.to_loop_config(),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -200,28 +192,26 @@ def build_trainer(cfg, train_data, run_dir: str | None = None, *, fail_at: dict 
         ),
         datasets=datasets,
     )
-    return trainer, train_root, plan
+    return trainer, plan
 
 
-def run_training(cfg, train_data, run_dir: str | None = None, *, fail_at: dict | None = None,
-                 nan_at: dict | None = None, callbacks: list | None = None,
-                 eval_hold_s: float | None = None) -> TrainOutcome:
-    """Run Long-PT/Long-SFT training under Ray Train; returns where the model and metrics are.
+def run_training(cfg, train_data, train_root: str, *, run_id: str, fail_at: dict | None = None,
+                 nan_at: dict | None = None, callbacks: list | None = None, watcher=None) -> TrainOutcome:
+    """Run Long-PT/Long-SFT training under Ray Train into `train_root`; returns where the model and metrics are.
 
     `train_data`: a committed packed-Parquet prefix (local or s3://; workers read the shards directly, in a fixed
     order: exact resume) or a `ray.data.Dataset` with the packed-row columns (Ray Train's streaming split).
+    `run_id`: the run's id (the trackers' run name). `watcher`: a started
+    `longctx.eval.during_training.CheckpointWatcher` (the train step starts it): drained when training succeeds,
+    stopped with its pending snapshots kept when it fails or stops.
     Raises `longctx.train.stops.TrainingStopped` when the workers stopped on purpose: `TrainingPreempted`
     (SIGTERM/SIGINT to this process while training: checkpointed at a step boundary), `NonFiniteTraining`,
     `NoIntactCheckpoint`. Fault injection for tests: `fail_at` ({"step", "rank", "trigger_file"}) one hard worker
-    exit, `nan_at` ({"step", "rank"}) one NaN loss; `eval_hold_s` keeps the first checkpoint evaluation open until
-    a later checkpoint is committed (at most that many seconds), for the test that training never waits for it.
+    exit, `nan_at` ({"step", "rank"}) one NaN loss.
     """
-    from longctx.eval.during_training import start_watcher
-
-    trainer, train_root, plan = build_trainer(cfg, train_data, run_dir, fail_at=fail_at, nan_at=nan_at,
-                                              callbacks=callbacks)
+    trainer, plan = build_trainer(cfg, train_data, train_root, run_id=run_id, fail_at=fail_at, nan_at=nan_at,
+                                  callbacks=callbacks)
     log.info("training %d steps (limited by %s) into %s", plan.total, plan.limited_by, train_root)
-    watcher = start_watcher(cfg, train_root, hold_s=eval_hold_s)  # eval.during_training: evaluates checkpoints beside the workers
     guard = PreemptionGuard(train_root, cfg.train.preemption_grace_s)
     try:
         with guard:
@@ -234,15 +224,15 @@ def run_training(cfg, train_data, run_dir: str | None = None, *, fail_at: dict |
                                           "command to resume from the last checkpoint") from None
         raise
     stop = getattr(result, "return_value", None)  # rank 0's stop reason (longctx.train.stops), None: finished
-    checkpoint_evals = watcher.finish(drain=result.error is None and not stop) if watcher is not None else []
+    checkpoint_evals = watcher.finish(drain=result.error is None and not stop) if watcher is not None else None
     if result.error is not None:
         raise result.error
     stops.raise_for_stop(stop)
     if guard.requested:  # the signal came after the last step boundary: training is complete
         raise stops.TrainingPreempted(f"preempted ({guard.signal}) after training finished: rerun the same command "
                                       "to continue with what follows it", step=plan.total)
-    return read_outcome(cfg, train_root, result.checkpoint.path if result.checkpoint is not None else None,
-                        checkpoint_evals)
+    return read_outcome(cfg, storage.normalize(train_root),
+                        result.checkpoint.path if result.checkpoint is not None else None, checkpoint_evals)
 
 
 def read_outcome(cfg, train_root: str, checkpoint_uri: str | None = None,
@@ -250,13 +240,10 @@ def read_outcome(cfg, train_root: str, checkpoint_uri: str | None = None,
     """The outcome of a finished training under `train_root` from what it left there (metrics log, final model;
     without `checkpoint_evals`, eval.during_training's records are read from its ledger when there is one)."""
     if checkpoint_evals is None:
-        from longctx.eval.during_training import LEDGER, read_ledger
-
-        ledger = storage.join(train_root, LEDGER)
-        checkpoint_evals = read_ledger(ledger) if storage.exists(ledger) else []
-    metrics_uri = storage.join(train_root, "metrics.jsonl")
+        checkpoint_evals = read_ledger(ledger_uri(train_root))
+    metrics_uri = storage.join(train_root, METRICS_LOG)
     history = [json.loads(line) for line in storage.read_text(metrics_uri).splitlines() if line.strip()]
-    final_uri = storage.join(train_root, "final_model")
+    final_uri = storage.join(train_root, FINAL_MODEL)
     storage.require_committed(final_uri)
     timed = [h for h in history[1:] if h.get("tokens_per_s")]
     tps = sum(h["step_tokens"] for h in timed) / sum(h["step_time_s"] for h in timed) if timed else None

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from longctx.config import JobConfig, SweepParam, config_from_dict, set_dotted, slug
+from longctx.data.fingerprint import data_fingerprint
 
 # ------------------------------------------------------------------------------------------------ configs
 def base_tree(cfg: JobConfig) -> dict:
@@ -31,10 +32,8 @@ def trial_config(base: dict, params: dict[str, Any], origin: str = "trial") -> J
 
 
 def data_key(cfg: JobConfig) -> str:
-    """Hash of everything that shapes the packed data (`longctx.resume.data_fingerprint`: the `data` section
-    minus where it is written and how fast it is made)."""
-    from longctx.resume import data_fingerprint
-
+    """Hash of everything that shapes the packed data (`longctx.data.fingerprint.data_fingerprint`: the `data`
+    section minus where it is written and how fast it is made)."""
     return data_fingerprint(cfg)
 
 

@@ -27,8 +27,15 @@ from __future__ import annotations
 import json
 import time
 
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
 from longctx import storage
-from longctx.config import JobConfig, dump_config, load_config, slug
+from longctx.config import JobConfig, slug
+from longctx.eval.runner import ModelSpec, default_model_specs
+from longctx.runs.folder import CONFIG, DATA_DIR, METRICS, RunContext, open_run, resolve_outputs
+from longctx.runs.steps import connect_ray, evaluate_step, finish, prepare_step, setup_logging, train_step
+from longctx.tune.report import write_results
 from longctx.tune.space import (  # noqa: F401 - re-exported: the sweep's public helpers
     base_tree,
     compact_number,
@@ -42,67 +49,53 @@ from longctx.tune.space import (  # noqa: F401 - re-exported: the sweep's public
     validate_space,
 )
 
-TRIAL_METRICS = "metrics.json"
-
 
 # -------------------------------------------------------------------------------------------------- trial
-def ensure_data(cfg: JobConfig, sweep_root: str) -> str:
-    """The committed packed data for `cfg`'s data settings, prepared now if no trial has done so yet."""
-    from longctx.data.pipeline import prepare_data
+TRIAL_HINT = "The sweep's own check should have caught this: resume it with its settings, or choose a new tune.name."
 
-    uri = storage.join(sweep_root, "data", data_key(cfg))
-    if storage.is_committed(uri):
-        return uri
-    print(f"[sweep] preparing data {data_key(cfg)} -> {uri}", flush=True)
-    prepare_data(cfg, uri, overwrite=True)
-    return uri
+
+def data_uri(cfg: JobConfig, root: str) -> str:
+    """Where the trials with `cfg`'s data settings find their packed data (shared, prepared once)."""
+    return storage.join(root, DATA_DIR, data_key(cfg))
 
 
 def run_trial(params: dict, sweep: dict) -> dict:
-    """The Tune trainable (a Ray Train driver function): data (cached) -> Long-PT -> evaluation.
+    """The Tune trainable (a Ray Train driver function): a sub-run of the sweep through the run steps, data
+    (shared by the trials with the same data settings) -> Long-PT -> evaluation.
 
     `params`: the trial's values by dotted config path (from Tune). `sweep`: {"base": config dict,
     "root": sweep folder, "objective": name}. Returns the trial's flat metrics (also reported to Tune).
     """
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from longctx.eval.runner import ModelSpec
-    from longctx.workflow import RunContext, evaluate_step, setup_logging, train_step
-
     setup_logging()
     params = dict(params)
     key = trial_key(params)
     root = sweep["root"]
-    trial_dir = storage.join(root, "trials", key)
     cfg = trial_config(sweep["base"], params, origin=f"trial {key}")
-    storage.configure(cfg.storage)
-    run = RunContext(run_id=key, root=trial_dir, cfg=cfg, kind="trial")
     tune_trial = tune.get_context().get_trial_id()
-    done_uri = storage.join(trial_dir, TRIAL_METRICS)
-    if storage.exists(done_uri):  # finished before, but Tune's state did not record it (e.g. a killed driver)
-        metrics = json.loads(storage.read_text(done_uri))
+    run = open_run(cfg, "trial", root=storage.join(root, "trials", key), run_id=key, owned_by=root, hint=TRIAL_HINT,
+                   note={"tune_trial": tune_trial, "params": params})
+    if run.finished:  # finished before, but Tune's state did not record it (e.g. a killed driver)
+        metrics = json.loads(storage.read_text(run.path(METRICS)))
         run.attempt("reused", tune_trial=tune_trial)
-        print(f"[sweep] trial {key}: already finished, reusing {done_uri}", flush=True)
+        print(f"[sweep] trial {key}: already finished, reusing {run.path(METRICS)}", flush=True)
         tune.report(metrics)
         return metrics
-    run.attempt("started", tune_trial=tune_trial, params=params)
-    storage.write_text(storage.join(trial_dir, "config.yaml"), dump_config(cfg))
+    cfg = run.cfg
     t0 = time.time()
-    data_uri = ensure_data(cfg, root)
+    uri, _ = prepare_step(run, cfg, uri=data_uri(cfg, root))
     t_data = time.time() - t0
     # the same steps as a Long-PT run: a retried trial continues from its last checkpoint, and its evaluation is
     # reused when it finished before
-    outcome = train_step(run, cfg, data_uri, callbacks=[TuneReportCallback()])
+    outcome = train_step(run, cfg, uri, callbacks=[TuneReportCallback()])
     t_train = time.time() - t0 - t_data
     ev = evaluate_step(run, cfg, {"Long-PT": ModelSpec(outcome.final_model_uri, role="trained")})
     metrics = trial_metrics(ev, outcome.history, sweep["objective"], outcome.checkpoint_evals)
     metrics.update(trial_key=key, params=json.dumps(params, sort_keys=True), final_model=outcome.final_model_uri,
-                   data=data_uri, trial_dir=trial_dir, tokens_per_s=outcome.tokens_per_s,
+                   data=uri, trial_dir=run.root, tokens_per_s=outcome.tokens_per_s,
                    time_data_s=round(t_data, 2), time_train_s=round(t_train, 2),
                    time_total_s=round(time.time() - t0, 2))
-    storage.write_json(done_uri, metrics)  # last: the trial counts as finished once this exists
-    run.attempt("finished", tune_trial=tune_trial, objective=metrics["objective"])
+    # last: the trial counts as finished once its metrics.json and `finished` record exist
+    finish(run, metrics, tune_trial=tune_trial, objective=metrics["objective"])
     tune.report(metrics)
     return metrics
 
@@ -112,17 +105,15 @@ def sweep_root(cfg: JobConfig) -> str:
     return storage.join(cfg.output_dir, slug(cfg.tune.name or cfg.run_name or "sweep"))
 
 
-def _baselines(cfg: JobConfig, root: str) -> dict | None:
-    from longctx.eval.runner import default_model_specs, evaluate_models
-
-    if not cfg.tune.baselines or not cfg.eval.baselines:
-        return None
-    uri = storage.join(root, "baselines")
-    done = storage.join(uri, TRIAL_METRICS)
-    if storage.exists(done):
-        return json.loads(storage.read_text(done))
-    print("[sweep] evaluating the base model's training-free baselines", flush=True)
-    return evaluate_models(cfg, default_model_specs(cfg, cfg.model.path), uri)
+def open_sweep(cfg: JobConfig) -> RunContext:
+    """The sweep's own run folder `<output_dir>/<tune.name>/` (its config, attempts and lease: one driver per
+    sweep), refused when it exists with settings its trials would compute something else with: `Tuner.restore`
+    keeps the stored search space, so a changed grid would be silently ignored, and changed settings would reach
+    the unfinished trials only. Where and how fast it runs may change (`longctx.runs.identity.NOT_RESULT_KEYS`)."""
+    root = sweep_root(resolve_outputs(cfg))
+    hint = (f"Choose a new tune.name for a new sweep, or restore the settings of {storage.join(root, CONFIG)} to "
+            f"resume it.")
+    return open_run(cfg, "sweep", root=root, run_id=root.rstrip("/").rsplit("/", 1)[-1], ignore=(), hint=hint)
 
 
 def run_sweep(cfg: JobConfig, *, fresh: bool = False) -> dict:
@@ -132,22 +123,21 @@ def run_sweep(cfg: JobConfig, *, fresh: bool = False) -> dict:
     (finished trials are kept, unfinished and errored ones run again). `fresh=True` refuses an existing sweep.
     Returns {"root", "results", "trials", "complete", "best"}.
     """
-    from ray import tune
-
-    from longctx.tune.report import write_results
-    from longctx.workflow import connect_ray, resolve_outputs, setup_logging
-
     setup_logging()
-    storage.configure(cfg.storage)
-    cfg = resolve_outputs(cfg)
-    tcfg = cfg.tune
     points = validate_space(cfg)
-    root = sweep_root(cfg)
+    exp_dir = storage.join(sweep_root(resolve_outputs(cfg)), "tune")
+    if fresh and storage.exists(exp_dir):
+        raise FileExistsError(f"{exp_dir}: a sweep of this name exists; choose another tune.name or resume it")
+    run = open_sweep(cfg)
+    try:
+        return _run_sweep(run, points, fresh)
+    finally:
+        run.close()
+
+
+def _run_sweep(run: RunContext, points: list[dict], fresh: bool) -> dict:
+    cfg, root, tcfg = run.cfg, run.root, run.cfg.tune
     exp_dir = storage.join(root, "tune")
-    cfg_uri = storage.join(root, "config.yaml")
-    if storage.exists(cfg_uri) and not fresh:
-        resume_differences(load_config(cfg_uri), cfg, cfg_uri)
-    storage.write_text(cfg_uri, dump_config(cfg))
     connect_ray(cfg)
     n_trials = max(1, len(points)) * tcfg.num_samples
     print(f"[sweep] {root}: {n_trials} trials over {sorted(tcfg.space())}, objective {tcfg.objective}", flush=True)
@@ -159,10 +149,12 @@ def run_sweep(cfg: JobConfig, *, fresh: bool = False) -> dict:
     for p in points or [{}]:
         c = trial_config(base, p)
         if (key := data_key(c)) not in keys_done:
-            ensure_data(c, root)
+            prepare_step(run, c, uri=data_uri(c, root))
             keys_done.add(key)
     t_data = time.time() - t0
-    baselines = _baselines(cfg, root)
+    baselines = None
+    if tcfg.baselines and cfg.eval.baselines:  # the base model's training-free baselines, once
+        baselines = evaluate_step(run, cfg, default_model_specs(cfg, cfg.model.path), out=storage.join(root, "baselines"))
 
     trainable = tune.with_resources(
         tune.with_parameters(_tune_entry, sweep={"base": base, "root": root, "objective": tcfg.objective}),
@@ -175,8 +167,6 @@ def run_sweep(cfg: JobConfig, *, fresh: bool = False) -> dict:
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, restart_errored=True,
                                    storage_filesystem=fs)
     else:
-        if fresh and storage.exists(exp_dir):
-            raise FileExistsError(f"{exp_dir}: a sweep of this name exists; choose another tune.name or resume it")
         scheduler = None
         if tcfg.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
@@ -230,19 +220,6 @@ def run_sweep(cfg: JobConfig, *, fresh: bool = False) -> dict:
         print(f"[sweep] best trial {results['best']['trial_key']}: {tcfg.objective}={results['best']['objective']:.4f} "
               f"-> {results['best_config']}", flush=True)
     return summary
-
-
-def resume_differences(old: JobConfig, new: JobConfig, where: str) -> None:
-    """Refuse to resume a sweep whose trials would compute something else than the finished ones did (Tuner.restore
-    keeps the stored search space, so a changed grid would be silently ignored, and changed settings would apply
-    to the unfinished trials only). Where and how fast it runs may change (`longctx.resume.NON_RESULT_KEYS`)."""
-    from longctx.resume import differences
-
-    diffs = differences(old, new)
-    if diffs:
-        raise ValueError(f"sweep {where.rsplit('/', 2)[-2]!r} exists with other settings, so it cannot be resumed "
-                         f"as is ({'; '.join(diffs[:8])}{' ...' if len(diffs) > 8 else ''}). Choose a new tune.name "
-                         f"for a new sweep, or restore the settings of {where} to resume it.")
 
 
 def _tune_entry(config: dict, sweep: dict) -> None:
