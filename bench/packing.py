@@ -4,7 +4,7 @@
     python bench/packing.py                       # ~1-2 min on 2 cores
     python bench/packing.py --tokens 50e6 --buffers 4 16 64
 
-The length distribution mimics a SlimPajama-like mix after per-source long upsampling (docs/architecture.md section 4): web and
+The length distribution mimics a SlimPajama-like mix after per-source long upsampling (docs/architecture.md section 5): web and
 code documents (lognormal, median ~500-800 tokens) next to arXiv (median ~9K) and books (median ~90K), with
 70% of tokens in documents >= 4K. Only lengths are packed (zero-copy token views), so the figures are the
 packer's alone. Greedy concatenation never pads except in the last row but splits every document that

@@ -67,6 +67,16 @@ def test_snapshots_count_only_when_committed_and_resume_republishes_a_missing_on
     snapshots.write_ledger(snapshots.ledger_uri(root), [_rec(2)])
     assert snapshots.ensure_eval_snapshot(os.path.dirname(model), root, 2, 200) is None
     assert [s for s, _ in snapshots.committed_eval_snapshots(root)] == [4]
+    # the one ledger reader: a torn last line (its writer killed mid-write) is not an evaluation, so that
+    # checkpoint's snapshot is published again (evaluated twice at worst, never lost) ...
+    with open(snapshots.ledger_uri(root), "a") as f:
+        f.write('{"step": 3, "tok')
+    assert snapshots.ensure_eval_snapshot(os.path.dirname(model), root, 3, 300) == snapshots.eval_snapshot_uri(root, 3)
+    # ... and a damaged line before the last is an error naming the file and line, not a silent "not evaluated"
+    with open(snapshots.ledger_uri(root), "w") as f:
+        f.write('not json\n{"step": 1}\n')
+    with pytest.raises(ValueError, match=r"checkpoint_eval.jsonl: line 1"):
+        snapshots.ensure_eval_snapshot(os.path.dirname(model), root, 5, 500)
 
 
 def test_evaluator_scores_a_snapshot_with_finite_numbers(tmp_path):

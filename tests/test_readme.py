@@ -318,3 +318,57 @@ def test_readme_command_runs_with_ray(command, laptop_flow):
         assert Path(uri).is_dir() and "succeeded" in proc.stdout.split(uri, 1)[1]
     if command.startswith(("python jobs/long_pt.py", "longctx train", "longctx sft")) and "submit" not in command:
         assert proc.stdout.strip().splitlines()[-1].endswith("/train/final_model")
+
+
+# -------------------------------------------------------------------------------------- pointers into the docs
+def _text_files():
+    names = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    return [ROOT / n for n in names if n.endswith((".py", ".md", ".yaml", ".yml", ".sh", ".txt", ".toml"))
+            and (ROOT / n).is_file()]
+
+
+def _section_refs(text: str) -> list[tuple[str, str]]:
+    """("number", n) and ("title", t) for every pointer into docs/architecture.md in `text`."""
+    refs = [("number", m) for m in re.findall(r"architecture\.md\)?,?\s+sections?\s+(\d+)", text)]
+    refs += [("title", m) for m in re.findall(r"architecture\.md\s+\(\"([^\"]+)\"\)", text)]
+    return refs
+
+
+def _sections() -> dict[str, str]:
+    heads = re.findall(r"^## (\d+)\. (.+)$", (ROOT / "docs" / "architecture.md").read_text(), re.M)
+    return dict(heads)
+
+
+def test_pointers_into_architecture_md_name_sections_that_exist():
+    sections = _sections()
+    assert len(sections) >= 6 and "Runs" in sections.values()
+    bad, seen = [], 0
+    for path in _text_files():
+        for kind, ref in _section_refs(path.read_text(errors="replace")):
+            seen += 1
+            ok = ref in sections if kind == "number" else any(t.startswith(ref) for t in sections.values())
+            if not ok:
+                bad.append(f"{path.relative_to(ROOT)}: docs/architecture.md section {ref!r}")
+    assert seen >= 8, "the pointer pattern found almost nothing: has the wording changed?"
+    assert not bad, f"pointers to sections that do not exist ({sorted(sections.items())}): {bad}"
+    # negative control: a pointer to a section that is not there is found
+    assert _section_refs("see docs/architecture.md sect" + "ion 9") == [("number", "9")] and "9" not in sections
+    assert _section_refs('docs/architecture.md ("Runs")') == [("title", "Runs")]
+
+
+def test_data_modules_name_the_step_of_the_data_readme_they_do():
+    readme = (ROOT / "platform" / "longctx" / "data" / "README.md").read_text()
+    steps = {int(n): where for n, where in re.findall(r"^(\d+)\. \*\*[^*]+\*\* \(([^)]*)\)", readme, re.M)}
+    assert len(steps) >= 9, steps
+    claims = 0
+    for path in sorted((ROOT / "platform" / "longctx" / "data").glob("*.py")):
+        first = path.read_text().split("\n", 1)[0]
+        m = re.match(r'"""Steps? (\d+)(?:-(\d+))? of the data path', first)
+        if not m:
+            continue
+        claims += 1
+        for n in range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1):
+            assert path.name in steps.get(n, "") or path.stem in steps.get(n, ""), \
+                f"{path.name} says step {n}, data/README.md's step {n} is done by ({steps.get(n)})"
+    assert claims >= 6

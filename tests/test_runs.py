@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from longctx import storage
-from longctx.config import load_config
+from longctx.config import ConfigError, load_config
 
 
 # ------------------------------------------------------------------------------------------- where outputs go
@@ -160,7 +160,7 @@ def _manifest(cfg, **over) -> dict:
 
 
 def test_prepared_data_is_checked_against_the_job():
-    from longctx.handoff import PreparedDataMismatch, check_packed_data, model_vocab_size, require_packed_data
+    from longctx.runs.handoff import PreparedDataMismatch, check_packed_data, model_vocab_size, require_packed_data
 
     cfg = load_config(None, [])
     assert check_packed_data(cfg, _manifest(cfg), "pt", same_config=True) == []
@@ -263,7 +263,7 @@ def test_no_import_cycles_in_the_package():
 
 
 ENGINES = ("longctx.data", "longctx.train", "longctx.eval", "longctx.model")
-PLUMBING = ("longctx.runs", "longctx.preflight", "longctx.handoff", "longctx.cli", "longctx.jobargs", "longctx.tune")
+PLUMBING = ("longctx.runs", "longctx.preflight", "longctx.cli", "longctx.jobargs", "longctx.tune")
 
 
 def _up_arrows(graph: dict[str, set[str]]) -> list[str]:
@@ -278,8 +278,8 @@ def test_the_engines_never_import_run_plumbing():
     graph = _import_graph()
     assert _up_arrows(graph) == [], "an engine (data/, train/, eval/, model/) imports run plumbing"
     # negative control: the old arrow from the data engine to the job-input checks is seen
-    assert _up_arrows({**graph, "longctx.data.tokenize": graph["longctx.data.tokenize"] | {"longctx.handoff"}}) == [
-        "longctx.data.tokenize -> longctx.handoff"]
+    assert _up_arrows({**graph, "longctx.data.manifest": graph["longctx.data.manifest"] | {"longctx.runs.handoff"}}) \
+        == ["longctx.data.manifest -> longctx.runs.handoff"]
 
 
 @pytest.mark.slow
@@ -462,7 +462,7 @@ def test_a_changed_storage_path_or_worker_count_on_a_checkpoint_is_refused(tmp_p
 # -------------------------------------------------------------------------------------------- one owner
 HOLD = """
 import sys, time
-from longctx.config import load_config
+from longctx.config import ConfigError, load_config
 from longctx.runs.folder import open_run
 run = open_run(load_config(None, sys.argv[1:]), "long-pt")
 print("holding", flush=True)
@@ -528,3 +528,17 @@ def test_concurrent_appends_from_two_processes_lose_no_line(tmp_path):
     assert len(got) == 300, f"{300 - len(got)} of 300 lines lost"
     for w in ("a", "b"):
         assert [r["i"] for r in got if r["writer"] == w] == list(range(150))
+
+
+def test_recipes_are_data_over_the_same_steps():
+    from longctx.runs.recipes import EVAL, LONG_PT, LONG_SFT, Stage
+
+    assert (LONG_PT.stage.data, LONG_SFT.stage.data, EVAL.stage) == ("pt", "sft", None)
+    assert (LONG_PT.evaluate, LONG_SFT.evaluate, EVAL.evaluate) == ("trained", None, "given")
+    cfg = load_config(None, [])
+    assert Stage("long-pt", "pt").config(cfg) is cfg
+    # a stage of a multi-stage recipe: its overrides, from the previous stage's final model
+    second = Stage("32k", "pt", {"data.seq_len": 2048, "model.rope_theta": 3.2e5}).config(cfg, "s3://b/r/train/final_model")
+    assert (second.data.seq_len, second.model.rope_theta, second.model.path) == (2048, 3.2e5, "s3://b/r/train/final_model")
+    with pytest.raises(ConfigError, match="data.seq_len"):
+        Stage("bad", "pt", {"data.seq_len": 1}).config(cfg)

@@ -100,20 +100,22 @@ def _cmd_data_synth(args) -> int:
     if not (args.output or cfg.synth.output):
         run = open_run(cfg, f"synth-{args.kind}")
     dest = args.output or storage.join(cfg.synth.output or run.path(SYNTH_DIR), args.kind)
-    connect_ray(cfg)
-    if args.kind == "cip":
-        from longctx.data.synthetic.cip import synth_cip
+    try:
+        connect_ray(cfg)
+        if args.kind == "cip":
+            from longctx.data.synthetic.cip import synth_cip
 
-        result = synth_cip(cfg, dest, packed=args.packed)
-        print(json.dumps({"uri": result["uri"], "rows": result["rows"], "cip": result["params"]["cip"]["rows"]}))
-    else:
-        from longctx.data.synthetic import retrieval, tables
+            result = synth_cip(cfg, dest, packed=args.packed)
+            print(json.dumps({"uri": result["uri"], "rows": result["rows"], "cip": result["params"]["cip"]["rows"]}))
+        else:
+            from longctx.data.synthetic import retrieval, tables
 
-        fn = tables.synth_tables if args.kind == "tables" else retrieval.synth_retrieval
-        result = fn(cfg, dest)
-        print(json.dumps({"uri": result["uri"], **result["totals"], **result["timings"]}))
-    if run is not None:
-        run.close()
+            fn = tables.synth_tables if args.kind == "tables" else retrieval.synth_retrieval
+            result = fn(cfg, dest)
+            print(json.dumps({"uri": result["uri"], **result["totals"], **result["timings"]}))
+    finally:
+        if run is not None:
+            run.close()
     return 0
 
 

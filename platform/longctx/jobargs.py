@@ -46,7 +46,7 @@ def job_parser(doc: str, default_config: str | None = EMBEDDED_DEFAULT, example:
 def exit_code(e: BaseException) -> int | None:
     """The exit code of an error a job reports in one line, None for the others (they keep their traceback)."""
     from longctx.data.token_cache import DataQualityError
-    from longctx.handoff import PreparedDataMismatch
+    from longctx.runs.handoff import PreparedDataMismatch
     from longctx.train.stops import TrainingStopped
 
     if isinstance(e, (ConfigError, PreparedDataMismatch)):

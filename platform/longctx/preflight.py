@@ -556,9 +556,9 @@ def _check_sweep_grid(st: _State, limit: int = 512) -> None:
 
 
 def _check_prepared(st: _State) -> None:
-    """data.prepared: a committed packed dataset whose manifest fits the job (longctx.handoff)."""
+    """data.prepared: a committed packed dataset whose manifest fits the job (longctx.runs.handoff)."""
     from longctx.data.pipeline import load_manifest
-    from longctx.handoff import check_packed_data
+    from longctx.runs.handoff import check_packed_data
 
     uri = st.cfg.data.prepared
     fix = "prepare data for this job's settings (jobs/prepare_data.py), or match the job to the data"

@@ -5,7 +5,7 @@
     tokenizer_fingerprint("builtin:tiny-tokenizer")   # sha256 of the tokenizer's full definition
 
 The data engine records both in manifest.json (`data_fingerprint` with the settings themselves as `data_config`,
-`tokenizer.fingerprint`); the run plumbing (`longctx.handoff`, `longctx.runs.identity`) compares them with a job.
+`tokenizer.fingerprint`); the run plumbing (`longctx.runs.handoff`, `longctx.runs.identity`) compares them with a job.
 """
 
 from __future__ import annotations

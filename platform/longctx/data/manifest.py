@@ -1,4 +1,4 @@
-"""Step 5 of the data path: `manifest.json`, the record of what a packed-data folder holds and how it was made.
+"""Step 9 of the data path: `manifest.json`, the record of what a packed-data folder holds and how it was made.
 
 Contract: schemas/manifest.schema.json (a test checks that a real manifest validates). The manifest is
 deterministic (no timestamps, no durations), so two runs with the same input, config and seed produce the same

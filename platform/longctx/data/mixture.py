@@ -1,4 +1,4 @@
-"""Step 3 of the data path: the length mixture (docs/architecture.md section 4) as a plan over document lengths.
+"""Step 6 of the data path: the length mixture (docs/architecture.md section 5) as a plan over document lengths.
 
 Pass 1 of the pipeline leaves, per source, the token length of every document in cache order. From those
 lengths alone (no tokens) `plan_mixture` decides how often each document is emitted (`counts`, 0 = dropped,

@@ -1,4 +1,4 @@
-"""Step 4 of the data path: pack documents into rows of exactly `seq_len` tokens (docs/architecture.md section 4).
+"""Step 8 of the data path: pack documents into rows of exactly `seq_len` tokens (docs/architecture.md section 5).
 
 Best-fit decreasing over a bounded streaming buffer: documents longer than seq_len are first cut into seq_len
 pieces (a full piece is a row by itself; the document counts as split). Other pieces wait in a buffer of about

@@ -1,4 +1,4 @@
-"""Step 1 of the data path: list corpus files per source and read them into validated records.
+"""Steps 1-2 of the data path: list corpus files per source and read them into validated records.
 
 Every file is read by our own code (never Ray Data's JSON reader, whose `max_errored_blocks` drops a whole file
 silently): we decompress in chunks, split lines, parse and validate each record, and turn every problem of the

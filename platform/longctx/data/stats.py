@@ -1,4 +1,4 @@
-"""Length statistics per source: documents and tokens by length bucket, and the long-token share.
+"""Step 5 of the data path: length statistics per source, documents and tokens by length bucket, long share.
 
 Buckets (tokens, EOS included): 0-4K, 4-8K, 8-16K, 16-32K, 32-64K, 64-128K, >128K; this is the table the Index
 report shows for its corpus. The same function describes the input (pass 1) and the output (what the packed

@@ -1,4 +1,4 @@
-"""Pass 1 of the data engine: read + validate + tokenize every source through Ray Data, into a token cache.
+"""Step 4 of the data path (pass 1 of the data engine): read, validate, tokenize every source into a token cache.
 
 With `shared_root` (prepare_data: a folder or s3:// prefix next to the output) the tokenizer actors write the
 tokens there themselves and the driver consumes only metadata in input order (`preserve_order`): lengths (4

@@ -1,4 +1,4 @@
-"""Step 2 of the data path: tokenize validated records with a Hugging Face fast tokenizer in a Ray actor pool.
+"""Step 3 of the data path: tokenize validated records with a Hugging Face fast tokenizer in a Ray actor pool.
 
 `TokenizeBatches` is a Ray Data callable class (one tokenizer per actor, loaded once from a local folder,
 `builtin:` asset or s3:// prefix). It encodes a batch of documents with the Rust batch encoder, appends EOS to

@@ -10,7 +10,7 @@ thread) and, on the same host, while its pid exists. A second driver is refused 
 lease (its pid gone, or no heartbeat for `STALE_AFTER_S`) is taken over with a message. The driver that holds a
 lease may open the run again (a rerun inside one process is the same owner).
 
-Local folders: the read-decide-write of `acquire` runs under an exclusive `flock` on `.lease.lock`, and appends
+Local folders: the read-decide-write of `acquire` runs under an exclusive `flock` on the run folder, and appends
 are one `write()` of the whole line on an `O_APPEND` descriptor, also under `flock`: two processes appending at
 once lose nothing. Object storage (s3://) has neither appends nor locks: an append rewrites the object, and a
 takeover is a plain overwrite read back once to see who won. There the lease is what keeps writes single: only
@@ -36,7 +36,6 @@ from longctx.config import ConfigError
 log = logging.getLogger("longctx")
 
 LEASE_FILE = "lease.json"
-LOCK_FILE = ".lease.lock"
 HEARTBEAT_S = 10.0
 """How often the holder rewrites its heartbeat."""
 STALE_AFTER_S = 60.0
@@ -49,12 +48,12 @@ class RunInUse(ConfigError):
 
 @contextlib.contextmanager
 def _local_lock(folder: str):
-    """An exclusive flock on `<folder>/.lease.lock` (local folders; a no-op on s3://)."""
+    """An exclusive flock on the folder itself (local folders; a no-op on s3://): no lock file is left behind."""
     if storage.is_s3(folder):
         yield
         return
     os.makedirs(folder, exist_ok=True)
-    fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

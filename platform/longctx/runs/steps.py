@@ -22,7 +22,7 @@ import time
 from longctx import quiet, raycluster, storage
 from longctx.config import JobConfig, load_config
 from longctx.eval.during_training import start_watcher
-from longctx.handoff import require_packed_data
+from longctx.runs.handoff import require_packed_data
 from longctx.runs import identity
 from longctx.runs.folder import (CONFIG, DATA_DIR, EVAL_DIR, FINAL_MODEL_FILE, METRICS, REPORT, RunContext,
                                  claim_train_root, resolve_output)

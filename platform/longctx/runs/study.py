@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 from longctx import storage
 from longctx.config import EMBEDDED_DEFAULT, ConfigError, JobConfig, load_config
-from longctx.handoff import PreparedDataMismatch
+from longctx.runs.handoff import PreparedDataMismatch
 from longctx.model.rope import suggest_rope_base
 from longctx.runs.folder import DATA_DIR, SYNTH_DIR, RunContext, open_run
 from longctx.runs.identity import ResumeRefused
@@ -83,8 +83,9 @@ def _trial(study: RunContext, cfg: JobConfig, name: str, data_uri: str, *, data:
     config). A finished trial is kept. Returns (train summary, data manifest)."""
     run = _sub_run(study, cfg, name)
     if run.finished:
-        summary = json.loads(storage.read_text(run.path(TRIAL_SUMMARY)))
-        return summary, prepare_step(run, run.cfg, data, uri=data_uri)[1]
+        from longctx.data.pipeline import load_manifest  # deferred: see the NOTE at the imports
+
+        return json.loads(storage.read_text(run.path(TRIAL_SUMMARY))), load_manifest(data_uri)
     t0 = time.time()
     uri, manifest = prepare_step(run, run.cfg, data, uri=data_uri)
     out = train_step(run, run.cfg, uri)
@@ -248,13 +249,13 @@ def _run_parts(study: RunContext, args: dict, parts: str, rope_factors: tuple[fl
                     "share_out": v.get("out_share")} for s, v in manifest.get("sources", {}).items()}
             finals[label] = out["final_model"]
         held = _heldout_by_source(base, root, sources)
-        b_run = _sub_run(study, base, "b-strategies")
-        for i, src in enumerate(sources):
-            e_cfg = _cfg(base, **{"eval.documents": held[src], "eval.passkey.enabled": i == 0,
-                                  "eval.num_documents": min(base.eval.num_documents, 16)})
-            specs = {label: ModelSpec(uri, role=label) for label, uri in finals.items()}
-            evaluate_step(b_run, e_cfg, specs, out=b_run.path(f"eval-{src}"))
+        b_run = _sub_run(study, base, "b-strategies")  # one evaluation per source of the three trials' models
         if not b_run.finished:
+            for i, src in enumerate(sources):
+                e_cfg = _cfg(base, **{"eval.documents": held[src], "eval.passkey.enabled": i == 0,
+                                      "eval.num_documents": min(base.eval.num_documents, 16)})
+                specs = {label: ModelSpec(uri, role=label) for label, uri in finals.items()}
+                evaluate_step(b_run, e_cfg, specs, out=b_run.path(f"eval-{src}"))
             finish(b_run, {"models": finals, "sources": sources})
         timings["b"] = round(time.time() - t0, 1)
     if "d" in parts:

@@ -1,4 +1,4 @@
-"""Synthetic long-context data (LongSkywork; docs/architecture.md, section 4), generated in parallel through Ray Data.
+"""Synthetic long-context data (LongSkywork; docs/architecture.md, section 5), generated in parallel through Ray Data.
 
 - `cip`: chunk-interleaved pretraining (CIP-k) rows in the packed contract, for Long-PT
   (`data.cip.fraction` mixes them into `prepare_data`; `cip_dataset` is the Ray Data stage).

@@ -1,6 +1,6 @@
 """SynL: synthetic lengthy tables with questions answered from them, as chat SFT samples (LongSkywork).
 
-LongSkywork's exact table spec is not public (docs/architecture.md, section 4); ours: a typed table (unique key column,
+LongSkywork's exact table spec is not public (docs/architecture.md, section 5); ours: a typed table (unique key column,
 person names, categories, integers, decimals, dates) of a target token length, serialized as markdown or CSV,
 and one question whose answer is computed from the table:
 

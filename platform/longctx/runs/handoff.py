@@ -1,6 +1,6 @@
 """Prepared data as an input: is a committed packed dataset the one this job can train on?
 
-    from longctx.handoff import check_packed_data
+    from longctx.runs.handoff import check_packed_data
     problems = check_packed_data(cfg, manifest, kind="pt")     # [] or one line per mismatch
     problems = check_packed_data(cfg, manifest, kind="sft", same_config=True)   # a rerun reusing its own data
 
