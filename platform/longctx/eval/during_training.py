@@ -1,6 +1,6 @@
 """Long-context evaluation of every committed checkpoint while training runs (`eval.during_training`).
 
-    watcher = CheckpointWatcher(cfg, train_root).start()     # before trainer.fit()
+    watcher = CheckpointWatcher(cfg, train_root, run_id="r").start()   # the train step, before trainer.fit()
     result = trainer.fit()
     records = watcher.finish()                                # evaluates what is left, writes the plot
 
@@ -13,8 +13,8 @@ be scheduled (no spare CPUs) only waits until training ends. The pool is plain R
 pool: checkpoints arrive one by one over the whole run, while a Ray Data pipeline reads a dataset it can list.
 
 Each evaluation is one JSON line of `<train root>/checkpoint_eval.jsonl` (the run's metrics; step, tokens
-trained, NLL by position and beyond the base length, passkey, needle). That file is also the exactly-once
-ledger: a step already in it is never evaluated again, so re-running a run (resume) skips what was done; a
+trained, NLL by position and beyond the base length, passkey, needle; read and written by
+`longctx.train.snapshots`, its one reader). That file is also the exactly-once ledger: a step already in it is never evaluated again, so re-running a run (resume) skips what was done; a
 snapshot is removed only after its record is written (a crash in between costs one repeated evaluation, never
 a second record). The training loop reads the ledger at checkpoint steps to report the latest values to Ray
 Tune (`ckpt_passkey`, `ckpt_needle`, `ckpt_neg_nll_beyond_base`, `ckpt_nll_beyond_base`, `ckpt_step`) and
