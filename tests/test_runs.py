@@ -45,7 +45,8 @@ def test_storage_path_takes_checkpoints_and_final_model(tmp_path):
     assert train_root_for(cfg, f"{tmp_path}/runs/r1", "r1") == f"{tmp_path}/runs/r1/train"
     cfg = load_config(None, [f"train.storage_path={tmp_path}/ckpt"])
     assert train_root_for(cfg, f"{tmp_path}/runs/r1", "r1") == f"{tmp_path}/ckpt/r1/train"
-    assert train_root_for(load_config(None, ["train.storage_path=s3://b/ck"]), "s3://b/runs/r2", "r2") == "s3://b/ck/r2/train"
+    s3 = load_config(None, ["train.storage_path=s3://b/ck"])
+    assert train_root_for(s3, "s3://b/runs/r2", "r2") == "s3://b/ck/r2/train"
 
 
 # ---------------------------------------------------------------------------------- names and fingerprints
@@ -538,7 +539,8 @@ def test_recipes_are_data_over_the_same_steps():
     cfg = load_config(None, [])
     assert Stage("long-pt", "pt").config(cfg) is cfg
     # a stage of a multi-stage recipe: its overrides, from the previous stage's final model
-    second = Stage("32k", "pt", {"data.seq_len": 2048, "model.rope_theta": 3.2e5}).config(cfg, "s3://b/r/train/final_model")
-    assert (second.data.seq_len, second.model.rope_theta, second.model.path) == (2048, 3.2e5, "s3://b/r/train/final_model")
+    final = "s3://b/r/train/final_model"
+    second = Stage("32k", "pt", {"data.seq_len": 2048, "model.rope_theta": 3.2e5}).config(cfg, final)
+    assert (second.data.seq_len, second.model.rope_theta, second.model.path) == (2048, 3.2e5, final)
     with pytest.raises(ConfigError, match="data.seq_len"):
         Stage("bad", "pt", {"data.seq_len": 1}).config(cfg)

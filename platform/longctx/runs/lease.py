@@ -150,8 +150,9 @@ class Lease:
                     f"{now - float(old.get('heartbeat') or 0):.0f}s ago): two drivers would write the same run. Wait "
                     f"for it to end or stop it; a lease without a heartbeat for {STALE_AFTER_S:.0f}s is taken over")
             if state == "stale" and old:
+                age = now - float(old.get("heartbeat") or 0)
                 print(f"[longctx] taking over the stale lease of {folder} (host {old.get('host')}, pid "
-                      f"{old.get('pid')}, last heartbeat {now - float(old.get('heartbeat') or 0):.0f}s ago)", flush=True)
+                      f"{old.get('pid')}, last heartbeat {age:.0f}s ago)", flush=True)
             storage.write_text(uri, json.dumps(record))
         if storage.is_s3(folder):  # no lock on object storage: read back once to see whose write won
             time.sleep(0.2)
@@ -173,8 +174,9 @@ class Lease:
                 with _local_lock(self.folder):
                     current = _read(self.uri)
                     if not current or current.get("owner") != self.record["owner"]:
+                        current = current or {}
                         log.warning("%s: the run's lease was taken over by host %s pid %s; this driver no longer "
-                                    "owns the run", self.folder, (current or {}).get("host"), (current or {}).get("pid"))
+                                    "owns the run", self.folder, current.get("host"), current.get("pid"))
                         return
                     self.record["heartbeat"] = round(time.time(), 3)
                     storage.write_text(self.uri, json.dumps(self.record))

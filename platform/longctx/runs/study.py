@@ -152,7 +152,8 @@ def _heldout_by_source(cfg: JobConfig, root: str, sources: list[str]) -> dict[st
     for src in sources:
         lines = [ln for ln in text.splitlines() if ln.strip() and json.loads(ln).get("source") == src]
         if not lines:
-            raise ValueError(f"{cfg.eval.documents}: no held-out document of source {src!r} (records need a 'source' field)")
+            raise ValueError(f"{cfg.eval.documents}: no held-out document of source {src!r} (records need a "
+                             f"'source' field)")
         uri = storage.join(root, "heldout", f"{src}.jsonl")
         storage.write_text(uri, "\n".join(lines) + "\n")
         out[src] = uri
@@ -245,8 +246,9 @@ def _run_parts(study: RunContext, args: dict, parts: str, rope_factors: tuple[fl
                                   "data.strategy": strategy, "data.cut_len": base_len, "data.token_budget": budget})
             out, manifest = _trial(study, s_cfg, f"b-{label}", storage.join(root, DATA_DIR, label))
             plan.setdefault("b_data", {})[label] = {
-                s: {"long_share_in": v.get("in", {}).get("long_share"), "long_share_out": v.get("out", {}).get("long_share"),
-                    "share_out": v.get("out_share")} for s, v in manifest.get("sources", {}).items()}
+                s: {"long_share_in": v.get("in", {}).get("long_share"),
+                    "long_share_out": v.get("out", {}).get("long_share"), "share_out": v.get("out_share")}
+                for s, v in manifest.get("sources", {}).items()}
             finals[label] = out["final_model"]
         held = _heldout_by_source(base, root, sources)
         b_run = _sub_run(study, base, "b-strategies")  # one evaluation per source of the three trials' models

@@ -154,7 +154,8 @@ def _run_sweep(run: RunContext, points: list[dict], fresh: bool) -> dict:
     t_data = time.time() - t0
     baselines = None
     if tcfg.baselines and cfg.eval.baselines:  # the base model's training-free baselines, once
-        baselines = evaluate_step(run, cfg, default_model_specs(cfg, cfg.model.path), out=storage.join(root, "baselines"))
+        baselines = evaluate_step(run, cfg, default_model_specs(cfg, cfg.model.path),
+                                  out=storage.join(root, "baselines"))
 
     trainable = tune.with_resources(
         tune.with_parameters(_tune_entry, sweep={"base": base, "root": root, "objective": tcfg.objective}),
