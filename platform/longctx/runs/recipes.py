@@ -98,9 +98,8 @@ def train_metrics(kind: str, outcome: TrainOutcome) -> dict:
 
 def run_recipe(recipe: Recipe, cfg: JobConfig) -> dict:
     """Open the run, run the recipe's stage, evaluate, report; a finished run says so. Returns the metrics."""
-    # deferred: the evaluation runner and the report sections import torch, transformers and matplotlib
-    from longctx.eval.runner import default_model_specs
-    from longctx.report.sections import data_section, train_section
+    from longctx.eval.runner import default_model_specs  # deferred: torch + transformers; a finished run needs none
+    from longctx.report.sections import data_section, train_section  # deferred: matplotlib (seconds)
 
     setup_logging()
     run = open_run(cfg, recipe.kind)

@@ -51,9 +51,8 @@ def prepare_step(run: RunContext, cfg: JobConfig, kind: str = "pt", *, uri: str 
     """Packed data for the run at `uri` (default `data_location`): `data.prepared` (checked against the job),
     committed data of the same settings (reused: the corpus is not read), else prepared now (`replace`: prepared
     again over a committed output). Returns (uri, manifest)."""
-    # deferred: the data engines import Ray Data and transformers (seconds); a reused dataset needs neither
-    from longctx.data.pipeline import prepare_data
-    from longctx.train.sft_data import prepare_sft_data
+    from longctx.data.pipeline import prepare_data  # deferred: Ray Data (seconds); a reused dataset needs none
+    from longctx.train.sft_data import prepare_sft_data  # deferred: likewise
 
     uri = uri or data_location(run, cfg)
     if storage.is_committed(uri) and not replace:

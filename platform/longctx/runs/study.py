@@ -105,8 +105,8 @@ def _long_sft(study: RunContext, base: JobConfig, long_pt_model: str, sft_steps:
     a Long-SFT run of `sft_steps` from `long_pt_model`, and passkey + needle at `pk_len` before and after it.
     Returns what the SFT data holds (for the report)."""
     from longctx.data.pipeline import load_manifest  # deferred: see the NOTE at the imports
-    from longctx.data.synthetic import synth_retrieval, synth_tables
-    from longctx.eval.runner import ModelSpec
+    from longctx.data.synthetic import synth_retrieval, synth_tables  # deferred: likewise
+    from longctx.eval.runner import ModelSpec  # deferred: likewise
 
     root = study.root
     seq_len = base.data.seq_len
@@ -192,7 +192,7 @@ def _check_same_study(root: str, args: dict) -> None:
 
 def _run_parts(study: RunContext, args: dict, parts: str, rope_factors: tuple[float, ...]) -> dict:
     from longctx.data.synthetic.longtail import build_long_tailed_corpus  # deferred: see the NOTE at the imports
-    from longctx.eval.runner import ModelSpec, default_model_specs, eval_lengths
+    from longctx.eval.runner import ModelSpec, default_model_specs, eval_lengths  # deferred: likewise
 
     cfg, root, steps = study.cfg, study.root, args["steps"]
     t_start = time.time()
@@ -293,7 +293,7 @@ def rope_grid_point(bound: float, factor: float) -> float:
 def _head_dim(model_uri: str) -> int:
     from transformers import AutoConfig  # deferred: see the NOTE at the imports
 
-    from longctx.model.load import local_model_dir
+    from longctx.model.load import local_model_dir  # deferred: likewise (imports transformers)
 
     c = AutoConfig.from_pretrained(local_model_dir(model_uri))
     return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)

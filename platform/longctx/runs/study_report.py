@@ -231,8 +231,7 @@ STUDY_PLOT = "study.png"
 def plot_study(nums: dict) -> bytes | None:
     """PNG, one panel per part run (a, b, c, d): NLL beyond the base length of every model (a), per source and
     strategy (b), the pass key's NLL before/after long-SFT (c), against the RoPE base with the bound (d)."""
-    # deferred: imports matplotlib (seconds); the study imports this module before it trains
-    from longctx.report.plots import _STYLE, _png, plt
+    from longctx.report.plots import _STYLE, _png, plt  # deferred: matplotlib (seconds), needed for the report only
 
     panels = [k for k in ("a", "b", "c", "d") if nums.get(k)]
     if not panels:
