@@ -74,7 +74,8 @@ class StageResult:
 
 
 def run_stage(run: RunContext, cfg: JobConfig, stage: Stage) -> StageResult:
-    """Prepare the stage's data and train on it (each step resumes what the run folder already holds)."""
+    """Prepare the stage's data and train on it (each step resumes what the run folder already holds). The gate
+    step (a check of the trained model before anything evaluates or publishes it) goes after `train_step` here."""
     data_uri, manifest = prepare_step(run, cfg, stage.data)
     return StageResult(data_uri, manifest, train_step(run, cfg, data_uri))
 
