@@ -50,6 +50,7 @@ NOT_RESULT_KEYS: frozenset[str] = _keys({
     "train": "num_workers cpus_per_worker checkpoint_every storage_path max_failures log_every isolation_check "
              "isolation_tolerance",
     "eval": "batch_size num_actors gpus_per_actor",
+    "eval.ruler": "save_inputs",
     "eval.during_training": "actors num_cpus num_gpus poll_s keep_snapshots",
     "synth": "output num_actors batch_size",
     "tune": "name max_concurrent_trials trial_resources max_failures",
@@ -81,6 +82,9 @@ RESULT_KEYS: frozenset[str] = _keys({
     "eval.passkey": "enabled lengths depths trials",
     "eval.needle": "enabled haystack text_field lengths depths variants num_needles trials",
     "eval.longbench": "enabled data datasets max_seq_len max_samples chat_template longbench_e code_sim_backend",
+    "eval.ruler": "enabled lengths tasks num_samples seed essay essay_text_field squad hotpotqa cwe_words "
+                  "tokens_to_generate haystack chat_template remove_newline_tab",
+    "eval.infinitebench": "enabled data tasks max_seq_len max_samples chat_template",
     "eval.during_training": "enabled context_length num_documents passkey_lengths passkey passkey_trials needle "
                             "objective early_stop_patience early_stop_min_delta",
     "synth": "seed samples_per_shard",
