@@ -544,3 +544,24 @@ def test_recipes_are_data_over_the_same_steps():
     assert (second.data.seq_len, second.model.rope_theta, second.model.path) == (2048, 3.2e5, final)
     with pytest.raises(ConfigError, match="data.seq_len"):
         Stage("bad", "pt", {"data.seq_len": 1}).config(cfg)
+
+
+def test_the_lease_beats_while_held_and_yields_when_taken_over(tmp_path, monkeypatch):
+    import time
+
+    from longctx.runs import lease as lease_mod
+
+    monkeypatch.setattr(lease_mod, "HEARTBEAT_S", 0.05)
+    held = lease_mod.Lease.acquire(str(tmp_path / "r"), "r")
+    uri = tmp_path / "r" / lease_mod.LEASE_FILE
+    first = json.loads(uri.read_text())["heartbeat"]
+    deadline = time.time() + 30
+    while json.loads(uri.read_text())["heartbeat"] == first and time.time() < deadline:
+        time.sleep(0.05)
+    assert json.loads(uri.read_text())["heartbeat"] > first, "no heartbeat was written"
+    # another driver took it over (its own lease file): this one stops beating and does not delete it on release
+    uri.write_text(json.dumps({"host": "other-node", "pid": 1, "owner": "theirs", "heartbeat": time.time()}))
+    time.sleep(0.5)
+    assert json.loads(uri.read_text())["owner"] == "theirs"
+    held.release()
+    assert json.loads(uri.read_text())["owner"] == "theirs"
