@@ -48,7 +48,8 @@ NOT_RESULT_KEYS: frozenset[str] = _keys({
     "ray": "address num_cpus data_cpus_per_task data_resources",
     "data": "output prepared tokenize_batch_size num_tokenize_actors",
     "train": "num_workers cpus_per_worker checkpoint_every storage_path max_failures log_every isolation_check "
-             "isolation_tolerance",
+             "isolation_tolerance nonfinite preemption_grace_s activation_checkpointing tiled_mlp "
+             "activation_offload offload_params gpu_type gpu_memory_gib",
     "eval": "batch_size num_actors gpus_per_actor",
     "eval.ruler": "save_inputs",
     "eval.during_training": "actors num_cpus num_gpus poll_s keep_snapshots",
@@ -58,10 +59,13 @@ NOT_RESULT_KEYS: frozenset[str] = _keys({
     "logging.wandb": "enabled project entity group mode dir tags",
     "logging.mlflow": "enabled tracking_uri experiment_name tags",
 })
-"""Where and how fast a run goes, what it logs, and inputs bound by content instead of name: may change between
-attempts. (`data.prepared`: its content is a binding; `train.storage_path`: refused when it would move a
-checkpoint; `train.num_workers`: pinned by a checkpoint; `storage.endpoint_url`/`region` are result keys, they
-say which store an s3:// URI names.)"""
+"""Where and how fast a run goes, what it logs, what it does on a fault, and inputs bound by content instead of
+name: may change between attempts. The memory savers (`train.activation_checkpointing`, `tiled_mlp`,
+`activation_offload`, `offload_params`) say where activations and parameters live and what is recomputed: the same
+math, like the number of workers (float summation order aside); `train.offload_optimizer` is a result key (the
+offloaded step runs DeepSpeed's CPU Adam). `data.prepared`: its content is a binding; `train.storage_path`:
+refused when it would move a checkpoint; `train.num_workers`: pinned by a checkpoint; `storage.endpoint_url` and
+`region` are result keys, they say which store an s3:// URI names."""
 
 RESULT_KEYS: frozenset[str] = _keys({
     "storage": "endpoint_url region",
@@ -73,7 +77,7 @@ RESULT_KEYS: frozenset[str] = _keys({
     "model": "path rope_theta max_position_embeddings attn_implementation dtype trust_remote_code "
              "allow_pickle",
     "model.rope_scaling": "type factor original_max_position_embeddings extra",
-    "train": "use_gpu resources_per_worker zero_stage offload_optimizer activation_checkpointing deepspeed_config "
+    "train": "use_gpu resources_per_worker zero_stage offload_optimizer deepspeed_config "
              "micro_batch_size global_batch_tokens token_budget max_steps epochs lr min_lr_ratio warmup_ratio "
              "weight_decay adam_betas grad_clip seed sequence_parallel loss_chunk_tokens val_every val_documents "
              "val_num_documents",
