@@ -49,7 +49,7 @@ NOT_RESULT_KEYS: frozenset[str] = _keys({
     "data": "output prepared tokenize_batch_size num_tokenize_actors",
     "train": "num_workers cpus_per_worker checkpoint_every storage_path max_failures log_every isolation_check "
              "isolation_tolerance nonfinite preemption_grace_s activation_checkpointing tiled_mlp "
-             "activation_offload offload_params gpu_type gpu_memory_gib",
+             "activation_offload offload_params gpu_type gpu_memory_gib balance_batches",
     "eval": "batch_size num_actors gpus_per_actor",
     "eval.ruler": "save_inputs",
     "eval.during_training": "actors num_cpus num_gpus poll_s keep_snapshots",
@@ -62,15 +62,17 @@ NOT_RESULT_KEYS: frozenset[str] = _keys({
 """Where and how fast a run goes, what it logs, what it does on a fault, and inputs bound by content instead of
 name: may change between attempts. The memory savers (`train.activation_checkpointing`, `tiled_mlp`,
 `activation_offload`, `offload_params`) say where activations and parameters live and what is recomputed: the same
-math, like the number of workers (float summation order aside); `train.offload_optimizer` is a result key (the
-offloaded step runs DeepSpeed's CPU Adam). `data.prepared`: its content is a binding; `train.storage_path`:
+math, like the number of workers (float summation order aside); so is `train.balance_batches` (the rows of a step
+move between ranks and micro-steps, the step's rows, loss and gradient stay the same). `train.offload_optimizer`
+is a result key (the offloaded step runs DeepSpeed's CPU Adam); `data.budget_read` is one too (it decides which
+records are read, so which rows are packed). `data.prepared`: its content is a binding; `train.storage_path`:
 refused when it would move a checkpoint; `train.num_workers`: pinned by a checkpoint; `storage.endpoint_url` and
 `region` are result keys, they say which store an s3:// URI names."""
 
 RESULT_KEYS: frozenset[str] = _keys({
     "storage": "endpoint_url region",
     "data": "sources tokenizer seq_len attention packing strategy upsample_mode long_threshold long_share keep_prob "
-            "cut_len upsample_sources token_budget read_margin seed max_bad_fraction max_record_bytes "
+            "cut_len upsample_sources token_budget budget_read read_margin seed max_bad_fraction max_record_bytes "
             "pack_buffer_rows pack_partitions rows_per_shard eval_fraction",
     "data.cip": "fraction k",
     "data.sft": "messages_field chat_template mix",
