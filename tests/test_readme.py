@@ -97,8 +97,8 @@ README_COMMANDS: dict[str, Run | Covered] = {
     "python jobs/study.py --output runs/study":
     Covered("tests/test_study.py::test_short_study_reports_verdicts_first_and_numbers_recomputable"),
     # ---- the "Command line" table
-    "longctx data prepare --config FILE": Run("longctx data prepare --config {tiny_yaml} --set data.output={packed}",
-                                              ray=True),  # (the submitted run's data settings: its data is reused)
+    "longctx data prepare --config FILE [--overwrite]":  # the submitted run's data settings: its data is reused
+    Run("longctx data prepare --config {tiny_yaml} --set data.output={packed}", ray=True),
     "longctx data stats --config FILE": Run("longctx data stats --config {tiny_yaml}", ray=True),
     "longctx data synth cip|tables|retrieval --config FILE [--output URI] [--packed URI]":
     Run("longctx data synth tables --config {tiny_yaml} --output {tmp}/synth/tables && "
