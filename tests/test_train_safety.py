@@ -31,13 +31,14 @@ from longctx import storage
 from longctx.config import load_config
 from longctx.jobargs import exit_code
 from longctx.train import integrity
+from longctx.train.batches import lane_step_rows
 from longctx.train.schedule import cosine_lr
 from longctx.train.stops import NonFiniteTraining, NoIntactCheckpoint, TrainingPreempted
 from train_helpers import make_tiny_model, packed_rows, reference_training, write_packed_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-SEQ, ROWS_PER_STEP = 64, 4
+SEQ, ROWS_PER_STEP, ROWS = 64, 4, 40
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def tiny(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("safety")
     model_dir = make_tiny_model(str(root / "model"), hidden=32, max_pos=32)
-    table = packed_rows(40, SEQ, AutoConfig.from_pretrained(model_dir).vocab_size, seed=3)
+    table = packed_rows(ROWS, SEQ, AutoConfig.from_pretrained(model_dir).vocab_size, seed=3)
     return model_dir, table, write_packed_shards(str(root / "data"), table, rows_per_shard=8)
 
 
@@ -66,7 +67,8 @@ def test_nan_loss_with_stop_names_the_step_and_rows_and_publishes_nothing(ray_cl
     with pytest.raises(NonFiniteTraining) as err:
         run_training(cfg, data, root, run_id="nan", nan_at={"step": 2, "rank": 1})
     msg = str(err.value)
-    assert "non-finite loss" in msg and "at step 2 (rows [4, 5, 6, 7])" in msg and "train.nonfinite=stop" in msg
+    step2 = lane_step_rows(ROWS, 2, ROWS_PER_STEP // 2, 2)[1]  # each rank's lane: [2, 3] and [22, 23]
+    assert "non-finite loss" in msg and f"at step 2 (rows {step2})" in msg and "train.nonfinite=stop" in msg
     assert "last checkpoint: step 1" in msg and exit_code(err.value) == 4
     assert not storage.exists(f"{root}/final_model"), "a stopped run published a model"
     assert [r.step for r in integrity.list_checkpoints(root)] == [1]  # nothing saved at or after the NaN
@@ -151,13 +153,17 @@ def test_preempted_run_and_damaged_checkpoints_resume_from_the_newest_intact(ray
     assert 2 <= at < steps and exit_code(err.value) == 75 and "rerun the same command" in str(err.value)
     said = capfd.readouterr()
     said = said.out + said.err
-    assert "non-finite loss" in said and "at step 2 (rows [4, 5, 6, 7])" in said and "skipped" in said
+    # the rows every attempted step takes from the two ranks' lanes; the NaN attempt (step 2) is skipped, so trained
+    # step k >= 2 takes the rows of attempt k + 1
+    attempts = lane_step_rows(ROWS, 2, ROWS_PER_STEP // 2, steps + 1)
+    skipped = attempts[1]
+    assert "non-finite loss" in said and f"at step 2 (rows {skipped})" in said and "skipped" in said
     refs = integrity.list_checkpoints(root)
     assert refs[0].step == at and refs[0].name == err.value.checkpoint  # checkpointed at the step boundary
     assert integrity.verify_checkpoint(refs[0].uri) == []
     state = json.loads(open(f"{refs[0].uri}/trainer_state.json").read())
-    assert state["ledger"]["consumed"] == {"0": [*range(4), *range(8, 4 * at + 4)]}
-    assert state["ledger"]["skipped"] == {"0": [4, 5, 6, 7]}
+    assert state["ledger"]["consumed"] == {"0": sorted(attempts[0] + [r for a in attempts[2:at + 1] for r in a])}
+    assert state["ledger"]["skipped"] == {"0": skipped}
     assert state["tokens"] == at * ROWS_PER_STEP * SEQ  # the checkpoint's own count, whatever was logged
     assert not storage.is_committed(f"{root}/final_model")
 
@@ -205,7 +211,7 @@ def test_preempted_run_and_damaged_checkpoints_resume_from_the_newest_intact(ray
     for h in out.history:
         assert h["lr"] == pytest.approx(cosine_lr(h["step"] - 1, total_steps=steps, peak=3e-3, warmup_ratio=0.2,
                                                   min_lr_ratio=cfg.train.min_lr_ratio), rel=1e-6)
-    kept = table.filter(pc.invert(pc.is_in(table.column("row_id"), value_set=pa.array([4, 5, 6, 7]))))
+    kept = table.filter(pc.invert(pc.is_in(table.column("row_id"), value_set=pa.array(skipped))))
     ref_weights, _, _ = reference_training(model_dir, cfg, kept, steps)
     got = AutoModelForCausalLM.from_pretrained(out.final_model_uri).state_dict()
     worst = max((got[k] - ref_weights[k]).abs().max().item() for k in ref_weights)
