@@ -113,6 +113,12 @@ class SftConfig(_Section):
     mix: dict[str, float] = Field(default_factory=dict)
     """Long-SFT: share of conversations per source (e.g. {long: 0.375, general: 0.625}, normalised). Empty: every
     conversation of every source once. A source asked for more than it has is repeated (counted)."""
+    overlong: Literal["truncate_middle", "quarantine"] = "truncate_middle"
+    """Long-SFT: a conversation longer than data.seq_len tokens. `truncate_middle` (the Index report's rule for
+    prompts): cut its context in the middle, keeping the start (system prompt, first user turn's head) and the end
+    (last question, assistant header) and the last answer whole with its loss; `quarantine`: quarantine it
+    (`overlong_chat`, counts toward data.max_bad_fraction). A last answer longer than a row is quarantined either
+    way. The manifest counts both (conversations.truncated, truncated_tokens, overlong_quarantined)."""
 
 
 class DataConfig(_Section):

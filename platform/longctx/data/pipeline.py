@@ -422,12 +422,12 @@ def write_partition(cfg_json: str, cache: TokenCache, plan: MixturePlan, pad_id:
                                                 emissions=emissions, row_offset=row_offset)):
         name = f"part-{shard_offset + i:05d}.parquet"
         shards.append({"path": name, "rows": table.num_rows, "row_id_start": int(table.column("row_id")[0].as_py()),
-                       **_write_shard(table, staging, name)})
+                       **write_shard(table, staging, name)})
     return {"shards": shards, "stats": packer.stats, "out_stats": out_stats, "node": _node_id(),
             "cpu_s": time.process_time() - c0}
 
 
-def _write_shard(table: pa.Table, staging: str, name: str) -> dict:
+def write_shard(table: pa.Table, staging: str, name: str) -> dict:
     """Write one shard (zstd Parquet) under a local folder or an s3:// prefix; its bytes and sha256."""
     import contextlib
     import tempfile

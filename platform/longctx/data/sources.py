@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -47,8 +47,13 @@ UNREADABLE_FILE = "unreadable_file"
 NOT_A_REGULAR_FILE = "not_a_regular_file"
 BAD_FILE_NAME = "bad_file_name"
 SKIPPED_FILE = "skipped_file"
+BAD_MESSAGES = "bad_messages"      # chat mode (Long-SFT): the messages list is unusable
+OVERLONG_CHAT = "overlong_chat"    # Long-SFT, data.sft.overlong=quarantine: longer than data.seq_len tokens
 REASONS = (EMPTY_TEXT, MISSING_TEXT, BAD_TYPE, BAD_JSON, INVALID_UTF8, MISSING_SOURCE, MISSING_ID, RECORD_TOO_LARGE,
-           TRUNCATED_FILE, CORRUPT_FILE, UNREADABLE_FILE, NOT_A_REGULAR_FILE, BAD_FILE_NAME, SKIPPED_FILE)
+           TRUNCATED_FILE, CORRUPT_FILE, UNREADABLE_FILE, NOT_A_REGULAR_FILE, BAD_FILE_NAME, SKIPPED_FILE,
+           BAD_MESSAGES, OVERLONG_CHAT)
+ROLES = ("system", "user", "assistant", "tool")
+"""Chat roles a Long-SFT message may have."""
 # Reasons that describe a whole file (or the rest of it) rather than one record.
 FILE_REASONS = (TRUNCATED_FILE, CORRUPT_FILE, UNREADABLE_FILE, NOT_A_REGULAR_FILE, BAD_FILE_NAME, SKIPPED_FILE)
 # Listed and counted, but not input records: they do not count toward data.max_bad_fraction.
@@ -90,23 +95,27 @@ class FileTask:
     uri: str
     source: str  # the name the file's source is listed under
     spec: SourceSpec
+    messages_field: str | None = None  # chat mode (Long-SFT): the field holding the messages list
 
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """What a read task needs besides the file: storage settings (endpoint, retries) and the record cap."""
+    """What a read task needs besides the file: storage settings (endpoint, retries), the record cap, and for
+    Long-SFT chat data the field holding the messages (`messages_field`: chat mode, see `_validate`)."""
 
     storage: storage.StorageOptions = storage.StorageOptions()
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    messages_field: str | None = None
 
     def to_dict(self) -> dict:
-        return {"storage": asdict(self.storage), "max_record_bytes": self.max_record_bytes}
+        return {"storage": asdict(self.storage), "max_record_bytes": self.max_record_bytes,
+                "messages_field": self.messages_field}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ReadOptions":
         if "storage" not in d:  # bare StorageOptions fields
             return cls(storage.StorageOptions(**d))
-        return cls(storage.StorageOptions(**d["storage"]), int(d["max_record_bytes"]))
+        return cls(storage.StorageOptions(**d["storage"]), int(d["max_record_bytes"]), d.get("messages_field"))
 
 
 def read_options(cfg) -> dict:
@@ -205,6 +214,35 @@ class _Batcher:
         return table
 
 
+def validate_messages(messages) -> str | None:
+    """Why a chat (a Long-SFT record's messages) is unusable; None when it is fine."""
+    if not isinstance(messages, list) or not messages:
+        return "messages is not a non-empty list"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            return f"message {i} has no valid role (allowed: {sorted(ROLES)})"
+        if not isinstance(m.get("content"), str):
+            return f"message {i} content is not a string"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant turn (nothing to learn from)"
+    return None
+
+
+def _chat_text(obj: dict, field: str, out: _Batcher, rec_idx: int, has_escape: bool) -> str | None:
+    """Chat mode: the record's messages as canonical JSON text (the tokenizer actors render it with the chat
+    template), or None after quarantining the record."""
+    messages = get_path(obj, field)
+    reason = validate_messages(messages)
+    if reason:
+        out.bad(rec_idx, BAD_MESSAGES, f"field {field!r}: {reason}")
+        return None
+    text = json.dumps(messages, ensure_ascii=False)
+    if has_escape and not _encodable(text):
+        out.bad(rec_idx, INVALID_UTF8, f"lone surrogate in field {field!r}")
+        return None
+    return text
+
+
 def _encodable(value: str) -> bool:
     try:
         value.encode("utf-8")
@@ -215,12 +253,21 @@ def _encodable(value: str) -> bool:
 
 def _validate(obj: Any, rec_idx: int, task: FileTask, out: _Batcher, has_escape: bool,
               max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
-    """Check one parsed record and add it to `out` as good or quarantined."""
+    """Check one parsed record and add it to `out` as good or quarantined. Chat mode (`task.messages_field`):
+    the text is the validated messages list as JSON, and the id defaults to the record's `id` field if any."""
     spec = task.spec
+    id_field = spec.id_field
     if not isinstance(obj, dict):
         out.bad(rec_idx, BAD_TYPE, f"record is a {type(obj).__name__}, not an object")
         return
-    text = get_path(obj, spec.text_field)
+    if task.messages_field:
+        text = _chat_text(obj, task.messages_field, out, rec_idx, has_escape)
+        if text is None:
+            return
+        if not id_field and isinstance(obj.get("id"), (str, int)):
+            id_field = "id"
+    else:
+        text = get_path(obj, spec.text_field)
     if text is None:
         out.bad(rec_idx, MISSING_TEXT, f"no field {spec.text_field!r}")
         return
@@ -249,14 +296,14 @@ def _validate(obj: Any, rec_idx: int, task: FileTask, out: _Batcher, has_escape:
             out.bad(rec_idx, INVALID_UTF8, f"lone surrogate in field {spec.source_field!r}")
             return
         source = label
-    if spec.id_field:
-        doc_id = get_path(obj, spec.id_field)
+    if id_field:
+        doc_id = get_path(obj, id_field)
         if doc_id is None or isinstance(doc_id, (dict, list)):
-            out.bad(rec_idx, MISSING_ID, f"no scalar field {spec.id_field!r}")
+            out.bad(rec_idx, MISSING_ID, f"no scalar field {id_field!r}")
             return
         doc_id = str(doc_id)
         if has_escape and not _encodable(doc_id):
-            out.bad(rec_idx, INVALID_UTF8, f"lone surrogate in field {spec.id_field!r}")
+            out.bad(rec_idx, INVALID_UTF8, f"lone surrogate in field {id_field!r}")
             return
     else:
         doc_id = f"{task.uri}:{rec_idx}"
@@ -511,6 +558,8 @@ def read_file(task: FileTask, opts: storage.StorageOptions | ReadOptions | None 
     the retries raises `storage.StorageIOError` naming the file: an outage must fail the job, not be counted as
     bad records. A missing or unreadable file, a FIFO/device/socket and a damaged file are quarantined."""
     ropts = opts if isinstance(opts, ReadOptions) else ReadOptions(opts or storage.options())
+    if ropts.messages_field and not task.messages_field:
+        task = replace(task, messages_field=ropts.messages_field)
     out = _Batcher(task)
     if task.uri.startswith(SKIPPED_PREFIX):
         out.bad(-1, SKIPPED_FILE, "not a corpus file name (reads .jsonl/.json/.ndjson[.gz|.zst], .parquet; "

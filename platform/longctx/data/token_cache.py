@@ -126,6 +126,18 @@ def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True,
                        cache_root: str | None = None) -> Iterator[pa.Table]:
     """Pass 1 on Ray Data, in input order: read + validate files, then tokenize in an actor pool (which writes
     the tokens under `cache_root` itself when given, and sends only metadata on)."""
+    kwargs = {"tokenizer": cfg.data.tokenizer, "batch_docs": cfg.data.tokenize_batch_size,
+              "cache_root": cache_root if with_tokens else None, "storage_cfg": cfg.storage.model_dump()}
+    yield from record_stream(cfg, tasks, TokenizeBatches, kwargs, src.read_options(cfg),
+                             drop=() if with_tokens else ("tokens",))
+
+
+def record_stream(cfg, tasks: list[src.FileTask], actor, actor_kwargs: dict, read_opts: dict,
+                  drop: tuple[str, ...] = ()) -> Iterator[pa.Table]:
+    """The data engine's read path on Ray Data, in input order: one read task per file (`sources.read_files_batch`:
+    validated records and quarantine rows, `read_opts` a `ReadOptions.to_dict()`), then an actor pool of
+    `data.num_tokenize_actors` actors of class `actor` (Long-PT: TokenizeBatches; Long-SFT: the chat tokenizer);
+    yields their output tables without the columns `drop`."""
     import ray.data
 
     ensure_ray(cfg)
@@ -156,16 +168,12 @@ def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True,
         # file at once (32 on a 4-CPU laptop cluster), each a ~150 MB worker process, and race ahead of the
         # tokenizers; memory would then grow with the number of files instead of staying flat.
         ds = ds.map_batches(src.read_files_batch, batch_size=1, batch_format="numpy",
-                            fn_kwargs={"specs": specs, "opts": src.read_options(cfg)},
+                            fn_kwargs={"specs": specs, "opts": read_opts},
                             compute=ray.data.TaskPoolStrategy(size=readers), **read_remote)
-        ds = ds.map_batches(TokenizeBatches, fn_constructor_kwargs={"tokenizer": cfg.data.tokenizer,
-                                                                    "batch_docs": cfg.data.tokenize_batch_size,
-                                                                    "cache_root": cache_root if with_tokens else None,
-                                                                    "storage_cfg": cfg.storage.model_dump()},
-                            batch_size=None, batch_format="pyarrow",
+        ds = ds.map_batches(actor, fn_constructor_kwargs=actor_kwargs, batch_size=None, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=actors), **remote)
-        if not with_tokens:
-            ds = ds.drop_columns(["tokens"])
+        if drop:
+            ds = ds.drop_columns(list(drop))
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
     finally:
         ctx.execution_options.preserve_order = old_order
