@@ -173,14 +173,19 @@ def test_long_sft_job_end_to_end_on_s3(s3_bucket, tmp_path):
             doc = " ".join(f"item{j}={int(rng.integers(0, 999))}" for j in range(40))
             f.write(json.dumps({"id": f"L{i}", "messages": [{"role": "user", "content": doc + " What is item3?"},
                                                             {"role": "assistant", "content": "A number."}]}) + "\n")
-    with open(tmp_path / "general.jsonl", "w") as f:
-        for i in range(10):
-            f.write(json.dumps({"messages": CHAT}) + "\n")
-        f.write("{broken\n")  # 1 bad line of 17: quarantined, under max_bad_fraction
+        # longer than data.seq_len=256: cut in the middle, its answer kept (data.sft.overlong=truncate_middle)
+        f.write(json.dumps({"id": "L6", "messages": LONG_CHAT}) + "\n")
+    for part in (1, 2):  # the general set as a list of two files: both are read
+        with open(tmp_path / f"general{part}.jsonl", "w") as f:
+            for i in range(5):
+                f.write(json.dumps({"messages": CHAT}) + "\n")
+            if part == 2:
+                f.write("{broken\n")  # 1 bad line of 18: quarantined, under max_bad_fraction
     cmd = [sys.executable, str(ROOT / "jobs" / "long_sft.py"),
            "--set", f"output_dir={s3_bucket}/runs", "--set", "run_name=sft",
            "--set", f"model.path={model_dir}", "--set", "data.seq_len=256",
-           "--set", f"data.sources={{long: '{tmp_path}/long.jsonl', general: '{tmp_path}/general.jsonl'}}",
+           "--set", f"data.sources={{long: '{tmp_path}/long.jsonl', general: {{uri: ['{tmp_path}/general1.jsonl', "
+                    f"'{tmp_path}/general2.jsonl']}}}}",
            "--set", "data.sft.mix={long: 0.5, general: 0.5}", "--set", "data.max_bad_fraction=0.1",
            "--set", "train.global_batch_tokens=512", "--set", "train.epochs=2", "--set", "train.lr=1e-3",
            "--set", "ray.num_cpus=4"]
@@ -192,7 +197,13 @@ def test_long_sft_job_end_to_end_on_s3(s3_bucket, tmp_path):
     assert final == f"{s3_bucket}/runs/sft/train/final_model"
     metrics = json.loads(storage.read_text(f"{s3_bucket}/runs/sft/metrics.json"))
     assert metrics["data"]["quarantined"] == 1
-    assert metrics["data"]["conversations"]["used"] == {"long": 8, "general": 8}
+    conv = metrics["data"]["conversations"]
+    assert conv["used"] == {"long": 8, "general": 8} and conv["read"] == {"long": 7, "general": 10}
+    assert conv["repeated"] == {"long": 1, "general": 0} and conv["truncated"] >= 1 and conv["truncated_tokens"] > 0
+    data = f"{s3_bucket}/runs/sft/data"
+    bad = json.loads(storage.read_text(f"{data}/_quarantine/records.jsonl"))  # the one bad line, where it was
+    assert storage.is_committed(data) and bad["reason"] == src.BAD_JSON
+    assert bad["location"] == f"{tmp_path}/general2.jsonl:6"
     rows = metrics["data"]["rows"]
     # 2 epochs over the packed rows (2 rows per step: 512 tokens / 256 per row, dp=2, grad_accum 1).
     assert metrics["train"]["steps"] == (rows // 2) * 2 // 1
