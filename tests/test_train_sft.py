@@ -295,10 +295,11 @@ def test_sft_data_through_the_engine_on_s3(ray_cluster, s3_bucket, tmp_path):
     for name, chats in files.items():
         body = "".join(json.dumps({"id": f"{name}:{i}", "messages": m}) + "\n" for i, m in enumerate(chats))
         storage.write_text(f"{s3_bucket}/in/{name}", body + ("{broken\n" if name.startswith("general") else ""))
-    cfg = load_config(None, [
+    overrides = [
         "data.seq_len=160", "data.max_bad_fraction=0.3", "data.rows_per_shard=2",
         f"data.sources={{long: {{uri: ['{s3_bucket}/in/long/a.jsonl', '{s3_bucket}/in/long/b.jsonl']}}, "
-        f"general: '{s3_bucket}/in/general/'}}"])
+        f"general: '{s3_bucket}/in/general/'}}"]
+    cfg = load_config(None, overrides)
     out = f"{s3_bucket}/data/sft"
     m = prepare_sft_data(cfg, out)
     assert storage.is_committed(out)
@@ -334,3 +335,7 @@ def test_sft_data_through_the_engine_on_s3(ray_cluster, s3_bucket, tmp_path):
         prepare_sft_data(cfg, out)
     prepared = cfg.model_copy(update={"data": cfg.data.model_copy(update={"prepared": out})})
     assert check_packed_data(prepared, {**m, "uri": out}, "sft", same_config=True) == []
+    # what a rerun checks before reusing it: the same settings pass, another overlong policy is named
+    assert check_packed_data(cfg, {**m, "uri": out}, "sft", same_config=True) == []
+    other = load_config(None, [*overrides, "data.sft.overlong=quarantine"])
+    assert "data.sft.overlong" in "\n".join(check_packed_data(other, {**m, "uri": out}, "sft", same_config=True))

@@ -292,27 +292,32 @@ class ChatTokenizer:
 def write_sft_shard(rows: list[list[tuple]], cache_root: str, staging: str, name: str, row_offset: int,
                     seq_len: int, pad_id: int, storage_cfg: dict) -> dict:
     """Ray task: build packed rows from the token cache and write one shard under `staging`. `rows`: per row,
-    (cache_file, cache_row, source, doc_id) of each conversation in it. Returns the manifest's shard entry."""
+    (cache_file, cache_row, source, doc_id) of each conversation in it. Memory: the shard's own tokens plus one
+    cache file (one actor batch). Returns the manifest's shard entry."""
     from types import SimpleNamespace
 
     from longctx.data.pipeline import write_shard
 
     storage.configure(SimpleNamespace(**storage_cfg))
-    tables: dict[str, pa.Table] = {}
+    wanted: dict[str, set[int]] = {}
+    for row in rows:
+        for cache_file, cache_row, _, _ in row:
+            wanted.setdefault(cache_file, set()).add(cache_row)
+    tokens: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+    for cache_file in sorted(wanted):  # one cache file in memory at a time, only the rows this shard holds kept
+        fs, path = storage.pyarrow_fs(storage.join(cache_root, cache_file))
+        t = storage.retry_io(lambda: pq.read_table(path, filesystem=fs), f"read chat token cache {cache_file}")
+        for r in sorted(wanted[cache_file]):
+            tokens[(cache_file, r)] = (np.asarray(t.column("input_ids")[r].values, np.int32),
+                                       np.asarray(t.column("labels")[r].values, np.int32))
+        del t
     chats: list[TokenizedChat] = []
     plan: list[list[int]] = []
     for row in rows:
         plan.append([])
         for cache_file, cache_row, source, doc_id in row:
-            if cache_file not in tables:
-                fs, path = storage.pyarrow_fs(storage.join(cache_root, cache_file))
-                tables[cache_file] = storage.retry_io(lambda: pq.read_table(path, filesystem=fs),
-                                                      f"read chat token cache {cache_file}")
-            t = tables[cache_file]
-            ids = np.asarray(t.column("input_ids")[cache_row].values, np.int32)
-            labels = np.asarray(t.column("labels")[cache_row].values, np.int32)
             plan[-1].append(len(chats))
-            chats.append(TokenizedChat(source, doc_id, ids, labels))
+            chats.append(TokenizedChat(source, doc_id, *tokens[(cache_file, cache_row)]))
     table = build_rows(chats, plan, seq_len, pad_id, row_offset)
     return {"path": name, "rows": table.num_rows, "row_id_start": row_offset, **write_shard(table, staging, name)}
 
