@@ -279,6 +279,7 @@ def test_chat_tokenizer_and_shard_writer_without_ray(tok, tmp_path):
     assert got.to_pylist() == want.to_pylist()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.s3
 def test_sft_data_through_the_engine_on_s3(ray_cluster, s3_bucket, tmp_path):
