@@ -107,6 +107,22 @@ def test_overlong_conversation_keeps_its_last_answer(tok):
     assert b.overlong and "last assistant turn alone" in b.overlong and len(b.input_ids) == 0
 
 
+def test_a_template_that_is_not_prefix_stable_is_refused_before_ray(tmp_path):
+    """Answer spans are found by rendering prefixes; a template whose renders are not prefixes of each other
+    (here: the message count up front) is refused on the driver, before Ray starts or any chat is read."""
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{{ messages|length }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                   "{% if add_generation_prompt %}<assistant>{% endif %}")
+    cfg = load_config(None, [f"data.sft.chat_template={bad}", f"data.sources.s={tmp_path}/missing.jsonl"])
+    with pytest.raises(ValueError, match="not prefixes of each other"):
+        prepare_sft_data(cfg, str(tmp_path / "out"))
+    good = tmp_path / "good.jinja"  # control: the same template without the count passes the check
+    good.write_text(bad.read_text().removeprefix("{{ messages|length }}"))
+    cfg = load_config(None, [f"data.sft.chat_template={good}", f"data.sources.s={tmp_path}/missing.jsonl"])
+    with pytest.raises(storage.StorageError, match="missing.jsonl"):  # got past the check: listing the source
+        prepare_sft_data(cfg, str(tmp_path / "out"))
+
+
 def _read(path, uri=None):
     task = src.FileTask(0, str(path), "s", src.SourceSpec(uri=str(uri or path)))
     rows = [r for t in src.read_file(task, src.ReadOptions(messages_field="messages")) for r in t.to_pylist()]

@@ -71,6 +71,12 @@ CHAT_META_SCHEMA = pa.schema([
 ])
 
 
+TEMPLATE_PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"},
+                  {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+                  {"role": "assistant", "content": "a2"}]
+"""A two-turn chat every template is tried on before Ray starts (`prepare_sft_data`)."""
+
+
 @dataclass
 class Conversation:
     source: str
@@ -390,6 +396,8 @@ def prepare_sft_data(cfg, output: str, overwrite: bool = False) -> dict:
     template = storage.read_text(d.sft.chat_template) if d.sft.chat_template else None
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{d.tokenizer}: tokenizer has no chat template; set data.sft.chat_template")
+    # a template whose renders are not prefixes of each other is refused here, before Ray, not in an actor
+    tokenize_chat(tokenizer, Conversation("", "the chat template check", TEMPLATE_PROBE), 1 << 30, template)
     tasks = chat_files(d.source_specs())
     work = cleanup.work_dir("sft")  # the quarantine list; those of dead runs are removed
     shared = shared_cache_root(output)
