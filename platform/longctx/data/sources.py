@@ -228,7 +228,7 @@ def validate_messages(messages) -> str | None:
     return None
 
 
-def _chat_text(obj: dict, field: str, out: _Batcher, rec_idx: int, has_escape: bool) -> str | None:
+def _chat_text(obj: dict, field: str, out: _Batcher, rec_idx: int) -> str | None:
     """Chat mode: the record's messages as canonical JSON text (the tokenizer actors render it with the chat
     template), or None after quarantining the record."""
     messages = get_path(obj, field)
@@ -236,11 +236,7 @@ def _chat_text(obj: dict, field: str, out: _Batcher, rec_idx: int, has_escape: b
     if reason:
         out.bad(rec_idx, BAD_MESSAGES, f"field {field!r}: {reason}")
         return None
-    text = json.dumps(messages, ensure_ascii=False)
-    if has_escape and not _encodable(text):
-        out.bad(rec_idx, INVALID_UTF8, f"lone surrogate in field {field!r}")
-        return None
-    return text
+    return json.dumps(messages, ensure_ascii=False)  # size and lone surrogates: checked as for any text
 
 
 def _encodable(value: str) -> bool:
@@ -256,35 +252,35 @@ def _validate(obj: Any, rec_idx: int, task: FileTask, out: _Batcher, has_escape:
     """Check one parsed record and add it to `out` as good or quarantined. Chat mode (`task.messages_field`):
     the text is the validated messages list as JSON, and the id defaults to the record's `id` field if any."""
     spec = task.spec
-    id_field = spec.id_field
+    id_field, text_field = spec.id_field, task.messages_field or spec.text_field
     if not isinstance(obj, dict):
         out.bad(rec_idx, BAD_TYPE, f"record is a {type(obj).__name__}, not an object")
         return
     if task.messages_field:
-        text = _chat_text(obj, task.messages_field, out, rec_idx, has_escape)
+        text = _chat_text(obj, task.messages_field, out, rec_idx)
         if text is None:
             return
         if not id_field and isinstance(obj.get("id"), (str, int)):
             id_field = "id"
     else:
-        text = get_path(obj, spec.text_field)
+        text = get_path(obj, text_field)
     if text is None:
-        out.bad(rec_idx, MISSING_TEXT, f"no field {spec.text_field!r}")
+        out.bad(rec_idx, MISSING_TEXT, f"no field {text_field!r}")
         return
     if not isinstance(text, str):
-        out.bad(rec_idx, BAD_TYPE, f"field {spec.text_field!r} is a {type(text).__name__}, not a string")
+        out.bad(rec_idx, BAD_TYPE, f"field {text_field!r} is a {type(text).__name__}, not a string")
         return
     if not text.strip():
-        out.bad(rec_idx, EMPTY_TEXT, f"field {spec.text_field!r} is empty")
+        out.bad(rec_idx, EMPTY_TEXT, f"field {text_field!r} is empty")
         return
     if len(text) > max_bytes // 4 and len(text.encode("utf-8", "surrogatepass")) > max_bytes:
-        out.bad(rec_idx, RECORD_TOO_LARGE, f"field {spec.text_field!r} holds {len(text)} characters, more than "
+        out.bad(rec_idx, RECORD_TOO_LARGE, f"field {text_field!r} holds {len(text)} characters, more than "
                                            f"data.max_record_bytes={max_bytes} bytes")
         return
     # NOTE: a JSON escape like "\ud800" decodes to a lone surrogate: valid JSON, invalid Unicode, and the Rust
     # tokenizer (or Arrow, for an id) would fail on the whole batch. Only lines with a \u escape can hold one.
     if has_escape and not _encodable(text):
-        out.bad(rec_idx, INVALID_UTF8, f"lone surrogate in field {spec.text_field!r}")
+        out.bad(rec_idx, INVALID_UTF8, f"lone surrogate in field {text_field!r}")
         return
     source = task.source
     if spec.source_field:
