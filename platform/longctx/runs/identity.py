@@ -75,7 +75,7 @@ RESULT_KEYS: frozenset[str] = _keys({
             "cut_len upsample_sources token_budget budget_read read_margin seed max_bad_fraction max_record_bytes "
             "pack_buffer_rows pack_partitions rows_per_shard eval_fraction",
     "data.cip": "fraction k",
-    "data.sft": "messages_field chat_template mix",
+    "data.sft": "messages_field chat_template mix overlong",
     "model": "path rope_theta max_position_embeddings attn_implementation dtype trust_remote_code "
              "allow_pickle",
     "model.rope_scaling": "type factor original_max_position_embeddings extra",
