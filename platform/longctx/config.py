@@ -574,6 +574,46 @@ class DuringTrainingConfig(_Section):
     """Improvement needed to reset the early-stop patience."""
 
 
+class GateConfig(_Section):
+    """The regression gate after every training stage (`longctx.eval.gate`): a short-context check of the stage's
+    output model against its input model on the same prompts, before the output is published as the run's model."""
+
+    enabled: bool = True
+    """Run the gate after Long-PT, Long-SFT and each stage of a multi-stage recipe."""
+    action: Literal["warn", "fail"] = "warn"
+    """`warn`: a failed gate is the report's first line and `gate` in metrics.json, the run goes on; `fail`: the
+    same, then the job exits with code 5 before the stage's model is published (a recipe's later stages do not
+    start)."""
+    length: int | None = Field(None, ge=16)
+    """Context length of the gate's documents and prompts. Default: eval.base_context_length, else the
+    max_position_embeddings of the run's first model (its original training length)."""
+    num_documents: int = Field(16, ge=1)
+    """Held-out documents (eval.documents, the first N with `length` tokens) for the NLL check."""
+    max_nll_increase: float = Field(0.05, ge=0)
+    """Allowed rise of the mean token NLL within `length`, in nats (after - before)."""
+    passkey: bool = True
+    """Check passkey accuracy at `length` (eval.passkey's prompt)."""
+    passkey_depths: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    """Relative depths of the pass key."""
+    passkey_trials: int = Field(4, ge=1)
+    """Prompts per depth (one prompt is 100 / (depths x trials) points)."""
+    ruler_tasks: list[RulerTask] = Field(default_factory=lambda: ["niah_single_1"])
+    """RULER tasks checked at `length` (eval.ruler's settings otherwise); [] for none. A task whose prompt and
+    tokens to generate do not fit `length` is skipped and named in the verdict (`skipped`); at a short base
+    length set eval.ruler.tokens_to_generate (e.g. {niah: 16} at 256 tokens)."""
+    ruler_samples: int = Field(20, ge=1)
+    """Samples per RULER task (one sample is 100 / N points)."""
+    max_retrieval_drop: float = Field(5.0, ge=0)
+    """Allowed drop of passkey accuracy and of each RULER task's score, in points of 0-100 (before - after)."""
+    choices: str | None = None
+    """Short multiple-choice tasks (MMLU-style JSONL: `question`, `choices` [str], `answer` index; local, glob or
+    s3://), scored by log-likelihood: the choice whose text is likeliest after the question is the model's answer."""
+    choices_limit: int | None = Field(None, ge=1)
+    """Score the first N questions of `choices` (default: all)."""
+    max_choice_drop: float = Field(2.0, ge=0)
+    """Allowed drop of multiple-choice accuracy, in points of 0-100 (before - after)."""
+
+
 class EvalConfig(_Section):
     enabled: bool = True
     """Evaluate at the end of the job."""
@@ -624,6 +664,8 @@ class EvalConfig(_Section):
     """RULER (13 synthetic tasks at chosen lengths; off by default)."""
     infinitebench: InfiniteBenchConfig = Field(default_factory=InfiniteBenchConfig)
     """InfiniteBench's self-scored tasks from the user's files (off by default)."""
+    gate: GateConfig = Field(default_factory=GateConfig)
+    """The short-context regression gate after every training stage (on by default; `action: warn`)."""
 
 
 # ---------------------------------------------------------------------------------------------------- synth

@@ -7,8 +7,10 @@
 Exit codes: 0 done (or already finished), 2 the configuration or the inputs it names are wrong (including a rerun
 whose settings differ from the run it would continue, and prepared data that does not fit the job), 3 the input
 data failed its quality gate (or, for a sweep, not every trial finished), 4 training stopped on purpose (a
-non-finite loss or gradient norm, non-finite weights, no intact checkpoint), 75 preempted: SIGTERM/SIGINT while
-training checkpointed at a step boundary, rerun the same command to resume (`longctx.train.stops`).
+non-finite loss or gradient norm, non-finite weights, no intact checkpoint), 5 the regression gate after a
+training stage failed under `eval.gate.action: fail` (the stage's model is not published: `longctx.eval.gate`), 75
+preempted: SIGTERM/SIGINT while training checkpointed at a step boundary, rerun the same command to resume
+(`longctx.train.stops`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def job_parser(doc: str, default_config: str | None = EMBEDDED_DEFAULT, example:
 def exit_code(e: BaseException) -> int | None:
     """The exit code of an error a job reports in one line, None for the others (they keep their traceback)."""
     from longctx.data.token_cache import DataQualityError
+    from longctx.eval.gate import GateFailed
     from longctx.runs.handoff import PreparedDataMismatch
     from longctx.train.stops import TrainingStopped
 
@@ -53,7 +56,7 @@ def exit_code(e: BaseException) -> int | None:
         return 2
     if isinstance(e, DataQualityError):
         return 3
-    if isinstance(e, TrainingStopped):
+    if isinstance(e, (TrainingStopped, GateFailed)):
         return e.exit_code
     return None
 

@@ -14,6 +14,7 @@ import math
 from typing import Iterable, Sequence
 
 from longctx import storage
+from longctx.eval.gate import gate_line
 from longctx.report.plots import plot_needle_heatmap, plot_nll_by_position, plot_passkey_accuracy
 from longctx.report.verdict import verdict
 
@@ -328,6 +329,22 @@ def slug(name: str) -> str:
 _slug = slug
 
 
+def gate_markdown(gate: dict) -> str:
+    """The regression gate's table: one row per stage and check (base -> after, the limit, passed)."""
+    rows = ["| stage | length | check | before | after | limit | passed |", "|---|---|---|---|---|---|---|"]
+    for stage, v in gate["verdicts"].items():
+        for name, c in v["checks"].items():
+            rows.append(f"| {stage} | {v['length']} | {name} | {_num(c['base'])} | {_num(c['after'])} | "
+                        f"{_num(c['limit'])} | {'yes' if c['passed'] else '**no**'} |")
+    action = {v["action"] for v in gate["verdicts"].values()}
+    return "\n".join(rows) + (f"\n\nBefore: each stage's input model; after: its output, on the same prompts "
+                              f"(eval.gate.action: {', '.join(sorted(action))}).")
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
 def write_report(run_dir: str, metrics: dict, sections: Sequence[tuple[str, str] | str] = (), *,
                  title: str = "longctx run report", intro: str | None = None) -> str:
     """Write `run_dir/report.md` and its PNGs (local or s3://); returns the report's URI.
@@ -350,11 +367,16 @@ def write_report(run_dir: str, metrics: dict, sections: Sequence[tuple[str, str]
             fname = f"needle_{_slug(name)}_{variant}.png"
             storage.write_bytes(storage.join(run_dir, fname), plot_needle_heatmap(f"{name} ({variant})", v["grid"]))
             images[f"needle: {name} ({variant})"] = fname
-    parts = [f"# {title}\n"]
+    gate = metrics.get("gate") or {}
+    # a failed gate is the report's first line (one per failed stage)
+    parts = [f"**{gate_line(v)}**\n" for v in gate.get("verdicts", {}).values() if not v["passed"]]
+    parts.append(f"# {title}\n")
     if intro:
         parts.append(intro + "\n")
     if ev.get("models"):
         parts += ["## Long-context evaluation\n", eval_markdown(ev, images, run_dir)]
+    if gate.get("verdicts"):
+        parts += ["## Regression gate\n", gate_markdown(gate) + "\n"]
     for sec in sections:
         if isinstance(sec, str):
             parts.append(sec + "\n")
