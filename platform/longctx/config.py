@@ -899,6 +899,50 @@ class LoggingConfig(_Section):
     checkpoint and at the end); local files are appended at every step."""
 
 
+# --------------------------------------------------------------------------------------------------- stages
+class StageModelConfig(_Section):
+    """The RoPE keys a stage may change (`model.path` is the previous stage's final model)."""
+
+    rope_theta: float | None = Field(None, gt=0)
+    """RoPE base of this stage (e.g. ProLong: 8e6 at 64K, 1.28e8 at 512K)."""
+    rope_scaling: RopeScalingConfig | None = None
+    """RoPE scaling of this stage."""
+    max_position_embeddings: int | None = None
+    """Positions the stage's model is saved with (usually its data.seq_len)."""
+
+
+class StageConfig(_Section):
+    """One stage of a multi-stage recipe: the job's config with this stage's `data`, `model` (RoPE) and `train`
+    keys, starting from the previous stage's final model (the first from model.path)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """The stage's name: its folder `<run>/stages/<name>/` and its row in the report."""
+    kind: Literal["pt", "sft"] = "pt"
+    """`pt`: Long-PT on packed documents; `sft`: Long-SFT on chats (data.sft)."""
+    data: dict[str, Any] = Field(default_factory=dict)
+    """data.* keys of this stage, e.g. {seq_len: 65536, token_budget: 20000000000} (the rest: the job's)."""
+    model: StageModelConfig = Field(default_factory=StageModelConfig)
+    """model.rope_* and max_position_embeddings of this stage (the keys it sets; the rest: the job's)."""
+    train: dict[str, Any] = Field(default_factory=dict)
+    """train.* keys of this stage, e.g. {lr: 1.0e-5, token_budget: 20000000000} (the rest: the job's)."""
+
+
+def stage_config(cfg: "JobConfig", index: int, model_path: str | None = None) -> "JobConfig":
+    """The job's config for stage `index`: its data, model and train keys applied over the job's, `model_path`
+    (the previous stage's final model) as model.path, no `stages`. Errors name the stage and the key."""
+    stage = cfg.stages[index]
+    tree = json.loads(cfg.model_dump_json())
+    tree["stages"] = []
+    where = f"stages[{index}] ({stage.name})"
+    for section, keys in (("data", stage.data), ("train", stage.train),
+                          ("model", stage.model.model_dump(mode="json", exclude_unset=True))):
+        for key, value in keys.items():
+            set_dotted(tree, [section, *str(key).split(".")], value, f"{where}: {section}.{key}")
+    if model_path:
+        tree["model"]["path"] = model_path
+    return config_from_dict(tree, where)
+
+
 # ------------------------------------------------------------------------------------------------------ job
 class JobConfig(_Section):
     run_name: str | None = None
@@ -928,9 +972,18 @@ class JobConfig(_Section):
     """Ray Tune sweep over any of the keys above (`jobs/sweep.py`, `longctx tune`); ignored by the other jobs."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     """Experiment tracking: TensorBoard event files (default), Weights & Biases, MLflow."""
+    stages: list[StageConfig] = Field(default_factory=list)
+    """A multi-stage recipe (e.g. ProLong: 64K with RoPE base 8e6, then 512K with 1.28e8): the stages run in order in
+    one command, each from the previous stage's final model, with the regression gate (eval.gate) after each; the
+    last stage's model is evaluated and published. Empty: one stage, the job's own config."""
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "JobConfig":
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stages: names must differ, got {names}")
+        for i in range(len(self.stages)):
+            stage_config(self, i)  # each stage's config must be valid on its own (the error names the stage)
         if self.train.num_workers % self.train.sequence_parallel:
             raise ValueError(
                 f"train.num_workers={self.train.num_workers} is not a multiple of "
@@ -946,7 +999,7 @@ class JobConfig(_Section):
 
 
 # ------------------------------------------------------------------------------------------------ loading
-_SECTIONS = {"storage", "ray", "data", "model", "train", "eval", "synth", "tune", "logging"}
+_SECTIONS = {"storage", "ray", "data", "model", "train", "eval", "synth", "tune", "logging", "stages"}
 
 
 def _parse_value(text: str) -> Any:

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 from longctx import storage
-from longctx.config import ConfigError, JobConfig
+from longctx.config import ConfigError, JobConfig, stage_config
 from longctx.probe import probe_source, probe_text_source
 
 KINDS = ("pt", "sft", "eval", "prepare", "sweep")
@@ -590,9 +590,24 @@ def check_job(cfg: JobConfig, kind: str) -> list[Problem]:
     return _run(cfg, kind).problems
 
 
+def _run_stages(cfg: JobConfig, kind: str) -> _State:
+    """A multi-stage recipe: every stage's checks (its own kind, data, layout and memory), each problem named by its
+    stage. Later stages start from the previous stage's model, which has the first model's shape: each stage is
+    checked with model.path (`longctx.config.stage_config`)."""
+    st = _State(cfg, kind)
+    for i, stage in enumerate(cfg.stages):
+        sub = _run(stage_config(cfg, i), stage.kind)
+        where = f"stages[{i}] ({stage.name})"
+        st.problems += [Problem(f"{where} {p.where}", p.what, p.fix) for p in sub.problems]
+        st.warnings += [Problem(f"{where} {p.where}", p.what, p.fix) for p in sub.warnings]
+    return st
+
+
 def _run(cfg: JobConfig, kind: str) -> _State:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if cfg.stages and kind in ("pt", "sft"):
+        return _run_stages(cfg, kind)
     storage.configure(cfg.storage)
     st = _State(cfg, kind)
     checks = KIND_CHECKS[kind]
@@ -638,6 +653,8 @@ def _run(cfg: JobConfig, kind: str) -> _State:
             st.add(f"logging.{name}.enabled", f"true, but the `{name}` package is not installed here",
                    f"pip install '{name}' (or `pip install longctx[tracking]`; on a cluster, in the image or the "
                    f"job's runtime_env), or set logging.{name}.enabled=false")
+    if kind in ("pt", "sft") and cfg.eval.gate.enabled and cfg.eval.gate.choices:
+        _check_files(st, "eval.gate.choices", cfg.eval.gate.choices, EVAL_SUFFIXES)
     if kind in ("pt", "sft", "sweep") and cfg.train.val_documents and cfg.train.val_every:
         _check_files(st, "train.val_documents", cfg.train.val_documents, EVAL_SUFFIXES)
     return st

@@ -50,6 +50,15 @@ def compare(base: dict[str, float], after: dict[str, float], gate: GateConfig) -
     return checks
 
 
+def judge(measured: dict, gate: GateConfig) -> dict:
+    """The verdict on a measurement ({"scores": {"base": {...}, "after": {...}}, ...}) by `gate`'s limits and
+    action: the measurement plus passed, action, checks and failed. A recorded measurement is judged again this way
+    when a rerun changed only the limits or the action."""
+    checks = compare(measured["scores"]["base"], measured["scores"]["after"], gate)
+    failed = [name for name, c in checks.items() if not c["passed"]]
+    return {**measured, "passed": not failed, "action": gate.action, "checks": checks, "failed": failed}
+
+
 def _round(x: float) -> float | None:
     return round(float(x), 4) if math.isfinite(x) else None  # NaN/inf -> null in metrics.json
 

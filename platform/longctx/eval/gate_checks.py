@@ -20,7 +20,7 @@ import torch
 from longctx.config import JobConfig
 from longctx.eval.choices import load_choice_questions, score_choices
 from longctx.eval.documents import iter_texts
-from longctx.eval.gate import compare
+from longctx.eval.gate import judge
 from longctx.eval.passkey import build_passkey_prompts, run_passkey
 from longctx.eval.perplexity import select_documents, token_nll
 from longctx.eval.ruler.evaluate import evaluate_ruler
@@ -77,7 +77,7 @@ def measure(model, tokenizer, cfg: JobConfig, length: int, inputs: dict) -> dict
 def run_gate(cfg: JobConfig, before: str, after: str, *, length: int | None = None, device: str | None = None,
              stage: str | None = None) -> dict:
     """Measure `before` and `after` on the same inputs and judge them by `cfg.eval.gate`; returns the verdict
-    ({"passed", "action", "length", "before", "after", "checks", "failed", "seconds", "stage"})."""
+    ({"passed", "action", "checks", "failed", "length", "before", "after", "stage", "scores", "skipped", "seconds"})."""
     started = time.time()
     gate = cfg.eval.gate
     length = int(length or gate_length(cfg, before))
@@ -92,11 +92,9 @@ def run_gate(cfg: JobConfig, before: str, after: str, *, length: int | None = No
         scores[role] = measure(model, tokenizer, cfg, length, inputs)
         del model  # one model in memory at a time
         gc.collect()
-    checks = compare(scores["base"], scores["after"], gate)
-    failed = [name for name, c in checks.items() if not c["passed"]]
     skipped = inputs.get("skipped", {})
     for name, why in skipped.items():
         print(f"[longctx] gate: {name} skipped: {why}", flush=True)
-    return {"passed": not failed, "action": gate.action, "length": length, "before": before, "after": after,
-            "stage": stage, "checks": checks, "failed": failed, "skipped": skipped,
-            "seconds": round(time.time() - started, 2)}
+    measured = {"length": length, "before": before, "after": after, "stage": stage, "scores": scores,
+                "skipped": skipped, "seconds": round(time.time() - started, 2)}
+    return judge(measured, gate)

@@ -52,6 +52,7 @@ NOT_RESULT_KEYS: frozenset[str] = _keys({
              "activation_offload offload_params gpu_type gpu_memory_gib balance_batches",
     "eval": "batch_size num_actors gpus_per_actor",
     "eval.ruler": "save_inputs",
+    "eval.gate": "action max_nll_increase max_retrieval_drop max_choice_drop",
     "eval.during_training": "actors num_cpus num_gpus poll_s keep_snapshots",
     "synth": "output num_actors batch_size",
     "tune": "name max_concurrent_trials trial_resources max_failures",
@@ -67,7 +68,9 @@ move between ranks and micro-steps, the step's rows, loss and gradient stay the 
 is a result key (the offloaded step runs DeepSpeed's CPU Adam); `data.budget_read` is one too (it decides which
 records are read, so which rows are packed). `data.prepared`: its content is a binding; `train.storage_path`:
 refused when it would move a checkpoint; `train.num_workers`: pinned by a checkpoint; `storage.endpoint_url` and
-`region` are result keys, they say which store an s3:// URI names."""
+`region` are result keys, they say which store an s3:// URI names. The regression gate's `action` and limits
+(`eval.gate.max_*`) judge its measurement and do not change it: a rerun after a failed gate may loosen them or turn
+`fail` into `warn` (the measurement recorded in the stage's `gate.json` is judged again)."""
 
 RESULT_KEYS: frozenset[str] = _keys({
     "storage": "endpoint_url region",
@@ -91,6 +94,9 @@ RESULT_KEYS: frozenset[str] = _keys({
     "eval.ruler": "enabled lengths tasks num_samples seed essay essay_text_field squad hotpotqa cwe_words "
                   "tokens_to_generate haystack chat_template remove_newline_tab",
     "eval.infinitebench": "enabled data tasks max_seq_len max_samples chat_template",
+    "eval.gate": "enabled length num_documents passkey passkey_depths passkey_trials ruler_tasks ruler_samples choices "
+                 "choices_limit",
+    "": "stages",
     "eval.during_training": "enabled context_length num_documents passkey_lengths passkey passkey_trials needle "
                             "objective early_stop_patience early_stop_min_delta",
     "synth": "seed samples_per_shard",

@@ -5,10 +5,10 @@ composes from `longctx.runs.steps`, not three copies of the composition.
     metrics = run_recipe(LONG_PT, load_config("jobs/configs/index-1.9b-32k-pt.yaml"))   # = run_long_pt(cfg)
 
 A recipe names its run kind (the default run name's prefix), an optional training `Stage` (which data it
-prepares, and config overrides), what is evaluated afterwards, and the report's title and sections. A
-multi-stage recipe (Long-PT at 16K, then at 32K, then Long-SFT) is a list of stages run through the same
-`run_stage`, each in a sub-run folder `<run>/stages/<name>/` whose `model.path` is the previous stage's final
-model (`Stage.config`); `run_recipe` then evaluates and reports the last stage's model.
+prepares, and config overrides), what is evaluated afterwards, and the report's title and sections. A config
+with `stages:` (ProLong: 64K, then 512K with a new RoPE base) runs each stage in a sub-run folder
+`<run>/stages/<name>/` whose `model.path` is the previous stage's final model, the regression gate after each
+(`longctx.runs.stages`); `run_recipe` then evaluates and reports the last stage's model.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from typing import Literal
 from longctx import tracking
 from longctx.config import JobConfig, config_from_dict, set_dotted
 from longctx.eval.during_training import PLOT, checkpoint_eval_section
-from longctx.runs.folder import RunContext, open_run
-from longctx.runs.steps import (already_finished, connect_ray, evaluate_step, finish, prepare_step, setup_logging,
-                                train_step)
+from longctx.eval.gate import gate_metrics
+from longctx.runs.folder import open_run
+from longctx.runs.stages import run_stages, stages_section
+from longctx.runs.steps import already_finished, connect_ray, evaluate_step, finish, prepare_step, setup_logging
 from longctx.train.trainer import TrainOutcome
 
 
@@ -66,20 +67,6 @@ LONG_SFT = Recipe("long-sft", "Long-SFT run", Stage("long-sft", "sft"), evaluate
 EVAL = Recipe("eval", "Long-context evaluation", None, evaluate="given")
 
 
-@dataclass
-class StageResult:
-    data_uri: str
-    manifest: dict
-    outcome: TrainOutcome
-
-
-def run_stage(run: RunContext, cfg: JobConfig, stage: Stage) -> StageResult:
-    """Prepare the stage's data and train on it (each step resumes what the run folder already holds). The gate
-    step (a check of the trained model before anything evaluates or publishes it) goes after `train_step` here."""
-    data_uri, manifest = prepare_step(run, cfg, stage.data)
-    return StageResult(data_uri, manifest, train_step(run, cfg, data_uri))
-
-
 def data_metrics(kind: str, uri: str, manifest: dict) -> dict:
     totals = manifest.get("totals", {})
     if kind == "sft":
@@ -113,12 +100,19 @@ def run_recipe(recipe: Recipe, cfg: JobConfig) -> dict:
         metrics: dict = {"run_id": run.run_id}
         sections: list = []
         result = None
+        title = f"{recipe.title} {run.run_id}"
         if recipe.stage is not None:
-            scfg = recipe.stage.config(cfg)
-            result = run_stage(run, scfg, recipe.stage)
-            kind, outcome = recipe.stage.data, result.outcome
+            staged = run_stages(run, cfg, recipe.stage, title=title, metrics=metrics)
+            result, outcome = staged.result, staged.result.outcome
+            kind = cfg.stages[-1].kind if cfg.stages else recipe.stage.data
+            cfg = staged.cfg  # the last stage's settings (evaluation: its seq_len; baselines of the first model)
             metrics["data"] = data_metrics(kind, result.data_uri, result.manifest)
             metrics["train"] = train_metrics(kind, outcome)
+            if staged.rows:
+                metrics["stages"] = staged.rows
+                sections.append(("Stages", stages_section(staged.rows)))
+            if staged.verdicts:
+                metrics["gate"] = gate_metrics(staged.verdicts)
             if kind == "sft":
                 totals = result.manifest.get("totals", {})
                 print(f"[longctx] SFT: {totals.get('rows')} rows, {totals.get('loss_tokens')} loss tokens, "
@@ -143,7 +137,7 @@ def run_recipe(recipe: Recipe, cfg: JobConfig) -> dict:
                 sections.append(("Checkpoints evaluated during training",
                                  checkpoint_eval_section(outcome.checkpoint_evals, f"train/{PLOT}")))
         final = result.outcome.final_model_uri if result is not None else None
-        return finish(run, metrics, sections, title=f"{recipe.title} {run.run_id}", final_model=final)
+        return finish(run, metrics, sections, title=title, final_model=final)
     finally:
         run.close()
 

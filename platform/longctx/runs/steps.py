@@ -7,10 +7,11 @@ preparation): each first looks at what the run folder already holds, so running 
     ev = evaluate_step(run, cfg, specs)                     # skipped when its metrics are already there
     finish(run, metrics, sections, title="...", final_model=outcome.final_model_uri)
 
-Order of a run: prepare -> train -> (gate) -> evaluate -> finish. The gate (a check of the trained model before
-it is evaluated and published) is the next step to add, between `train_step` and `evaluate_step`, with the
-same shape: `gate_step(run, cfg, outcome)` recording its verdict in attempts.jsonl. See docs/architecture.md
-("Runs").
+Order of a run: prepare -> train -> gate -> evaluate -> finish. The gate (`gate_step`: the trained model against
+the stage's input model at short context, `longctx.eval.gate`) records its measurement in `<run>/gate.json` and
+its verdict in attempts.jsonl; under `eval.gate.action: fail` a failed gate stops the run before its model is
+evaluated or published (`stop_at_gate`: metrics.json and report.md say why, exit code 5). See
+docs/architecture.md ("Runs").
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from longctx import quiet, raycluster, storage
 from longctx.config import JobConfig, load_config
 from longctx.eval.during_training import start_watcher
+from longctx.eval.gate import GateFailed, gate_line, gate_metrics, judge
 from longctx.runs.handoff import require_packed_data
 from longctx.runs import identity
 from longctx.runs.folder import (CONFIG, DATA_DIR, EVAL_DIR, FINAL_MODEL_FILE, METRICS, REPORT, RunContext,
@@ -111,6 +113,58 @@ def train_step(run: RunContext, cfg: JobConfig, data_uri, *, callbacks: list | N
                                watcher=watcher)
     run.attempt("trained", steps=outcome.steps, final_loss=outcome.final_loss, final_model=outcome.final_model_uri)
     return outcome
+
+
+# ----------------------------------------------------------------------------------------------------- gate
+GATE = "gate.json"
+"""The gate's measurement and verdict in the (stage's) run folder."""
+
+
+def gate_step(run: RunContext, cfg: JobConfig, before: str, after: str, *, first_model: str | None = None,
+              stage: str | None = None) -> dict | None:
+    """The regression gate of a trained model (`after`) against the stage's input (`before`), at the gate length of
+    the run's first model (`first_model`, default `before`): None when eval.gate is off. A measurement recorded in
+    `<run>/gate.json` is judged again by the current limits instead of measured again. On a GPU cluster
+    (train.use_gpu) it runs as one Ray task on a GPU; on CPU in this process (seconds on a small model)."""
+    if not cfg.eval.gate.enabled:
+        return None
+    uri = run.path(GATE)
+    if storage.exists(uri):
+        verdict, action = judge(json.loads(storage.read_text(uri)), cfg.eval.gate), "rejudged"
+    else:
+        from longctx.eval.gate_checks import gate_length, run_gate  # deferred: torch + transformers (seconds)
+
+        length = gate_length(cfg, first_model or before)
+        with run.phase("gate"):
+            if cfg.train.use_gpu:
+                import ray  # deferred: only a GPU job sends the gate to a GPU worker
+
+                gpus = cfg.eval.gpus_per_actor or 1
+                task = ray.remote(num_cpus=1, num_gpus=gpus)(run_gate)
+                verdict = ray.get(task.remote(cfg, before, after, length=length, stage=stage))
+            else:
+                verdict = run_gate(cfg, before, after, length=length, stage=stage)
+        storage.write_json(uri, verdict)
+        action = "ran"
+    run.attempt("gate", action=action, passed=verdict["passed"], failed=verdict["failed"], stage=stage)
+    print(f"[longctx] {gate_line(verdict)}", flush=True)
+    return verdict
+
+
+def stop_at_gate(run: RunContext, metrics: dict, verdicts: list[dict], sections: list | None, title: str) -> None:
+    """A gate failed under action `fail`: write metrics.json (with `gate`) and report.md (the gate's line first),
+    publish no final model, record `gate failed`, release the run and raise GateFailed (exit code 5). Rerunning
+    with the limits loosened or `eval.gate.action=warn` judges the recorded measurement again and goes on."""
+    from longctx.report import write_report  # deferred: imports matplotlib (seconds)
+
+    failed = next(v for v in verdicts if not v["passed"])
+    metrics["gate"] = gate_metrics(verdicts)
+    storage.write_json(run.path(METRICS), metrics)
+    report = write_report(run.root, metrics, sections or [], title=title)
+    run.attempt("gate failed", report=report, stage=failed.get("stage"))
+    run.close()
+    print(f"[longctx] report: {report}", flush=True)
+    raise GateFailed(failed)
 
 
 # ------------------------------------------------------------------------------------------------- evaluate
