@@ -69,12 +69,19 @@ def gate_cfg(tmp_path_factory):
                               "eval.ruler.tokens_to_generate={niah: 16}"]), tmp
 
 
-def test_gate_passes_a_barely_changed_model_and_fails_a_damaged_one(gate_cfg):
+@pytest.fixture(scope="module")
+def verdicts(gate_cfg):
+    """The gate on a barely touched copy of the shipped model, and on a damaged copy (one measurement each)."""
     cfg, tmp = gate_cfg
     base = "builtin:tiny-llama"
     touched = _copy_with_noise(base, tmp / "touched", 0.002)
     damaged = _copy_with_noise(base, tmp / "damaged", 0.5)
-    ok = run_gate(cfg, base, touched)
+    return run_gate(cfg, base, touched), run_gate(cfg, base, damaged)
+
+
+def test_gate_passes_a_barely_changed_model_and_fails_a_damaged_one(gate_cfg, verdicts):
+    cfg, _ = gate_cfg
+    ok, bad = verdicts
     assert ok["length"] == 256  # the base's max_position_embeddings
     assert set(ok["checks"]) == {"nll", "passkey", "ruler/niah_single_1", "choices"}
     assert ok["passed"], gate_line(ok)
@@ -85,7 +92,7 @@ def test_gate_passes_a_barely_changed_model_and_fails_a_damaged_one(gate_cfg):
     assert ok["checks"]["choices"]["base"] >= 45  # chance: 25
     raise_if_failed(ok)  # passes: nothing raised
 
-    bad = run_gate(cfg, base, damaged)  # negative control: the same gate on a damaged model
+    # negative control: the same gate on a damaged model
     assert not bad["passed"]
     assert bad["checks"]["nll"]["after"] > bad["checks"]["nll"]["base"] + 0.5
     assert {"nll", "passkey", "choices"} <= set(bad["failed"])
@@ -123,3 +130,41 @@ def test_choice_file_errors_name_the_line(tmp_path):
     with pytest.raises(ChoiceFileError, match=r"mc.jsonl:2: `answer` must be an index"):
         load_choice_questions(str(f))
     assert len(load_choice_questions(str(f), limit=1)) == 1
+
+
+def test_failed_gate_stops_the_run_before_publishing_and_a_rerun_rejudges(gate_cfg, verdicts, tmp_path, capsys):
+    """The gate step of a run (`longctx.runs.steps`): a failed measurement under action `fail` writes metrics.json
+    and report.md (the gate's line first), no final model, and raises GateFailed; the same run again with
+    `eval.gate.action=warn` judges the recorded measurement again (no model is loaded) and goes on."""
+    from longctx import storage
+    from longctx.runs.folder import FINAL_MODEL_FILE, METRICS, open_run, read_attempts
+    from longctx.runs.steps import GATE, gate_step, stop_at_gate
+
+    cfg, _ = gate_cfg
+    bad = verdicts[1]
+    cfg = cfg.model_copy(update={"output_dir": str(tmp_path), "run_name": "gated"})
+    run = open_run(cfg, "long-pt")
+    storage.write_json(run.path(GATE), bad)  # the measurement an earlier attempt recorded
+    v = gate_step(run, cfg, bad["before"], bad["after"])
+    assert not v["passed"] and v["action"] == "fail" and v["checks"] == bad["checks"]
+    with pytest.raises(GateFailed) as err:
+        stop_at_gate(run, {"run_id": run.run_id}, [v], [], "Long-PT run gated")
+    assert exit_code(err.value) == 5
+    report = (tmp_path / "gated" / "report.md").read_text().splitlines()
+    assert report[0].startswith("**Regression gate FAILED at 256 tokens") and "# Long-PT run gated" in report
+    assert "## Regression gate" in "\n".join(report)
+    metrics = json.loads((tmp_path / "gated" / METRICS).read_text())
+    assert metrics["gate"]["passed"] is False and metrics["gate"]["verdicts"]["train"]["checks"]["nll"]["passed"] is False
+    assert not (tmp_path / "gated" / FINAL_MODEL_FILE).exists()
+    assert [a["event"] for a in read_attempts(run.root)][-2:] == ["gate", "gate failed"]
+
+    warn = load_config(None, [f"output_dir={tmp_path}", "run_name=gated", "eval.gate.action=warn",
+                              *[f"eval.gate.{k}={getattr(cfg.eval.gate, k)}" for k in
+                                ("num_documents", "passkey_trials", "ruler_samples", "choices")],
+                              "eval.ruler.tokens_to_generate={niah: 16}"])
+    run = open_run(warn, "long-pt")  # the limits and the action are not result keys: the same run
+    v = gate_step(run, warn, bad["before"], bad["after"])
+    run.close()
+    assert v["action"] == "warn" and not v["passed"]
+    assert read_attempts(run.root)[-1] == {**read_attempts(run.root)[-1], "event": "gate", "action": "rejudged"}
+    assert "WARNING: Regression gate FAILED" in capsys.readouterr().out

@@ -96,6 +96,8 @@ README_COMMANDS: dict[str, Run | Covered] = {
     Covered("tests/test_sweep.py::test_sweep_interrupted_and_resumed_runs_every_trial_once"),
     "python jobs/study.py --output runs/study":
     Covered("tests/test_study.py::test_short_study_reports_verdicts_first_and_numbers_recomputable"),
+    "python jobs/long_pt.py --config jobs/configs/tiny-two-stage.yaml":
+    Covered("tests/test_stages.py::test_two_stage_recipe_killed_in_stage_2_resumes_there"),
     # ---- the "Command line" table
     "longctx data prepare --config FILE [--overwrite]":  # the submitted run's data settings: its data is reused
     Run("longctx data prepare --config {tiny_yaml} --set data.output={packed}", ray=True),

@@ -23,7 +23,7 @@ import time
 from longctx import quiet, raycluster, storage
 from longctx.config import JobConfig, load_config
 from longctx.eval.during_training import start_watcher
-from longctx.eval.gate import GateFailed, gate_line, gate_metrics, judge
+from longctx.eval.gate import GateFailed, gate_line, gate_metrics, judge, raise_if_failed
 from longctx.runs.handoff import require_packed_data
 from longctx.runs import identity
 from longctx.runs.folder import (CONFIG, DATA_DIR, EVAL_DIR, FINAL_MODEL_FILE, METRICS, REPORT, RunContext,
@@ -147,7 +147,10 @@ def gate_step(run: RunContext, cfg: JobConfig, before: str, after: str, *, first
         storage.write_json(uri, verdict)
         action = "ran"
     run.attempt("gate", action=action, passed=verdict["passed"], failed=verdict["failed"], stage=stage)
-    print(f"[longctx] {gate_line(verdict)}", flush=True)
+    if verdict["passed"] or verdict["action"] == "fail":  # (a failure under `fail` is reported by stop_at_gate)
+        print(f"[longctx] {gate_line(verdict)}", flush=True)
+    else:
+        raise_if_failed(verdict)  # action warn: one WARNING line, the run goes on
     return verdict
 
 
