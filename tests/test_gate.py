@@ -154,7 +154,8 @@ def test_failed_gate_stops_the_run_before_publishing_and_a_rerun_rejudges(gate_c
     assert report[0].startswith("**Regression gate FAILED at 256 tokens") and "# Long-PT run gated" in report
     assert "## Regression gate" in "\n".join(report)
     metrics = json.loads((tmp_path / "gated" / METRICS).read_text())
-    assert metrics["gate"]["passed"] is False and metrics["gate"]["verdicts"]["train"]["checks"]["nll"]["passed"] is False
+    assert metrics["gate"]["passed"] is False
+    assert metrics["gate"]["verdicts"]["train"]["checks"]["nll"]["passed"] is False
     assert not (tmp_path / "gated" / FINAL_MODEL_FILE).exists()
     assert [a["event"] for a in read_attempts(run.root)][-2:] == ["gate", "gate failed"]
 
