@@ -53,16 +53,20 @@ def test_preflight_checks_every_stage_and_names_it(tmp_path):
     assert problems and all(p.startswith("stages[1] (s2) data.sources.web") for p in problems), problems
 
 
-def test_prolong_recipe_fits_h100_in_every_stage():
-    """Each stage of the shipped ProLong recipe is planned on Llama-3-8B's shape (`longctx plan`'s planner, the
-    preflight's memory check); the 512K stage without its sequence parallelism does not fit (negative control)."""
+def test_prolong_recipe_fits_h100_in_every_stage(capsys):
+    """`longctx plan` plans every stage of the shipped ProLong recipe on Llama-3-8B's shape (the preflight's memory
+    check per stage); the 512K stage without its sequence parallelism does not fit (negative control)."""
+    from longctx.cli import main
     from longctx.plan.planner import Planner
 
     cfg = load_config(PROLONG, ["model.path=builtin:model-shapes/llama-3.1-8b"])
     shape = json.loads(storage.read_text("builtin:model-shapes/llama-3.1-8b/config.json"))
     assert [s.name for s in cfg.stages] == ["64k", "512k"] and cfg.train.gpu_type == "h100"
-    plans = [Planner(stage_config(cfg, i), model_config=shape).plan() for i in range(2)]
-    assert all(p.fits for p in plans)
+    assert main(["plan", "--json", "--config", PROLONG, "--set", "model.path=builtin:model-shapes/llama-3.1-8b"]) == 0
+    out = capsys.readouterr()
+    plans = [json.loads(line) for line in out.out.strip().splitlines()]
+    assert [p["fits"] for p in plans] == [True, True]
+    assert "stage 1/2 64k:" in out.err and "stage 2/2 512k:" in out.err
     assert stage_config(cfg, 1).model.rope_theta == 1.28e8 and stage_config(cfg, 0).model.rope_theta == 8e6
     no_sp = load_config(PROLONG, ["model.path=builtin:model-shapes/llama-3.1-8b",
                                   "stages=" + json.dumps([cfg.stages[0].model_dump(exclude_unset=True),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from longctx import quiet
 
@@ -197,13 +198,24 @@ def _cmd_rope_suggest(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    import time
-
     from longctx.plan.planner import Planner
     from longctx.plan.report import render
 
     t0 = time.perf_counter()
     cfg = _load(args)
+    if cfg.stages:  # a multi-stage recipe: every stage's plan, in order (each names its stage)
+        from longctx.config import stage_config
+
+        for i, stage in enumerate(cfg.stages):
+            print(f"stage {i + 1}/{len(cfg.stages)} {stage.name}:", file=sys.stderr if args.json else sys.stdout)
+            code = _plan_one(stage_config(cfg, i), args, t0, Planner, render)
+            if code:
+                return code
+        return 0
+    return _plan_one(cfg, args, t0, Planner, render)
+
+
+def _plan_one(cfg, args, t0, Planner, render) -> int:
     planner = Planner(cfg, gpu=args.gpu, mfu=args.mfu, gpus_per_node=args.gpus_per_node)
     plan = planner.max_seq_len() if args.max_seq_len else planner.plan()
     if plan is None:
