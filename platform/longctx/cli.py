@@ -255,8 +255,6 @@ def _cmd_config(args) -> int:
         sys.stdout.write(dump_config(cfg))
         return 0
     if not args.schema_only:
-        import time
-
         from longctx import preflight
 
         t0 = time.perf_counter()
