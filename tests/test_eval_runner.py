@@ -107,6 +107,12 @@ def test_evaluate_models_through_ray_data(setup, ray_cluster, tmp_path):
         pk = entry["passkey"]
         assert pk["trials"] == 4 and set(pk["accuracy_by_length"]) == {"96", "128"}
         assert all(0 < v < 20 for v in pk["key_nll_by_length"].values())
+        # per-item results (for intervals): the same document and prompt ids for every model, means = aggregates
+        items = entry["items"]
+        assert items["perplexity"]["128"]["ids"] == m["Long-PT"]["items"]["perplexity"]["128"]["ids"]
+        assert np.mean(items["perplexity"]["128"]["nll_beyond_base"]) == pytest.approx(ppl["nll_beyond_base"], abs=1e-5)
+        assert items["passkey"]["ids"] == m["Long-PT"]["items"]["passkey"]["ids"] and len(items["passkey"]["ids"]) == 4
+        assert np.mean(items["passkey"]["correct"]) == pytest.approx(pk["overall"])
     # the Ray path gives the same numbers as the plain function on one model
     model = load_causal_lm(base).eval()
     direct = perplexity_by_position(model, load_tokenizer(base), iter_texts(docs), 128, [0, 64, 128], 2, limit=5)
@@ -131,6 +137,10 @@ def test_evaluate_models_through_ray_data(setup, ray_cluster, tmp_path):
         assert list(ru["scores"]) == ["512"] and list(ru["scores"]["512"]) == ["niah_single_1", "cwe", "fwe", "qa_1"]
         assert all(0 <= v <= 100 for v in ru["scores"]["512"].values()) and ru["samples"]["512"]["cwe"] == 2
         assert ru["average"]["512"] == pytest.approx(sum(ru["scores"]["512"].values()) / 4, abs=0.01)
+        ri = entry["items"]["ruler"]  # one score per sample, whose task means are RULER's task scores
+        assert len(ri["ids"]) == 8 and len(set(ri["ids"])) == 8
+        for task, score in ru["scores"]["512"].items():
+            assert np.mean([s for s, t in zip(ri["score"], ri["task"]) if t == task]) == pytest.approx(score, abs=0.01)
         folder = f"{out}/ruler/{slug(name)}/512"
         rows = [json.loads(x) for x in open(f"{folder}/niah_single_1.jsonl")]
         assert [set(r) for r in rows] == [{"index", "pred", "input", "outputs", "others", "truncation", "length",

@@ -31,6 +31,7 @@ from longctx.eval import infinitebench
 from longctx.eval.documents import iter_texts
 from longctx.eval.generate import greedy_generate
 from longctx.eval.haystack import load_haystack_text
+from longctx.eval.items import document_id, document_items, passkey_items, ruler_items
 from longctx.eval.passkey import PasskeyPrompt, build_passkey_prompts, run_passkey_batch, score_passkey_rows
 from longctx.eval.perplexity import select_documents, summarize_position_nll
 from longctx.eval.ruler.suite import RulerWork, build_ruler_items, ruler_lengths, ruler_metrics
@@ -287,6 +288,7 @@ def build_work_items(cfg: JobConfig, specs: dict[str, ModelSpec], tokenizers: di
                             f"{ev.documents}: no document has {length} tokens ({skipped} too short); give longer "
                             "documents or shorter eval.context_length / eval.extra_context_lengths")
                     w["docs"][length], w["skipped"][length] = docs, skipped
+                    w.setdefault("doc_ids", {})[length] = [document_id(d) for d in docs]
             if ev.passkey.enabled:
                 w["passkey"] = build_passkey_prompts(tok, ev.passkey.lengths, ev.passkey.depths, ev.passkey.trials, ev.seed)
             if ev.needle.enabled:
@@ -309,6 +311,7 @@ def build_work_items(cfg: JobConfig, specs: dict[str, ModelSpec], tokenizers: di
         offsets["ruler"] = offsets["longbench"] + len(w["tasks"])
         offsets["infinitebench"] = offsets["ruler"] + len(w["ruler"].items)
         info[name] = {"documents": {n: len(d) for n, d in w["docs"].items()}, "skipped_short": w["skipped"],
+                      "doc_ids": w.get("doc_ids", {}),
                       "needle": w["needle"], "tasks": w["tasks"], "ruler": w["ruler"],
                       "infinitebench": w["infinitebench"], "gen_offsets": offsets}
         ids32 = lambda ids: np.asarray(ids, dtype=np.int32)  # noqa: E731
@@ -339,7 +342,8 @@ def evaluate_models(cfg: JobConfig, models: dict[str, ModelSpec], out_dir: str) 
     """Every enabled evaluation for every model through Ray Data actors; writes `out_dir/metrics.json`.
 
     Returns {"context_length", "base_context_length", "bucket_edges", "models": {name: {"spec",
-    "perplexity", "passkey", "needle", "longbench"}}, "timing_s"}. LongBench predictions go to
+    "perplexity", "passkey", "needle", "longbench", "items"}}, "timing_s"}; "items" are the per-document,
+    per-prompt and per-RULER-sample results behind the means (`longctx.eval.items`). LongBench predictions go to
     `out_dir/longbench/<model>/<dataset>.jsonl` (scorable with `score_predictions`). Ray must be initialised
     (jobs do it); otherwise Ray Data starts a local cluster.
     """
@@ -401,6 +405,7 @@ def aggregate_results(results: list[dict], models: dict[str, ModelSpec], info: d
 
     nll_sum: dict[tuple[str, int], np.ndarray] = {}
     count: dict[tuple[str, int], np.ndarray] = {}
+    doc_rows: dict[tuple[str, int], dict[int, np.ndarray]] = defaultdict(dict)  # per-document rows (items)
     passkey_rows: dict[str, list] = defaultdict(list)
     gen: dict[str, dict[int, str]] = defaultdict(dict)
     for r in results:
@@ -412,6 +417,7 @@ def aggregate_results(results: list[dict], models: dict[str, ModelSpec], info: d
                 nll_sum[key], count[key] = np.zeros(len(nll)), np.zeros(len(nll), dtype=np.int64)
             nll_sum[key] += nll
             count[key][1:] += 1
+            doc_rows[key][int(r["index"])] = nll
         elif task == "passkey":
             passkey_rows[name].append(res)
         else:
@@ -424,6 +430,8 @@ def aggregate_results(results: list[dict], models: dict[str, ModelSpec], info: d
             ppl = summarize_position_nll(nll_sum[(model, length)], count[(model, length)], bucket_edges, base_len)
             ppl.update(documents=info[name]["documents"][length], skipped_short=info[name]["skipped_short"][length],
                        context_length=length)
+            entry.setdefault("items", {}).setdefault("perplexity", {})[str(length)] = document_items(
+                info[name]["doc_ids"][length], doc_rows[(model, length)], base_len)
             if length == context:
                 entry["perplexity"] = ppl
             else:  # further context lengths: same documents' first `length` tokens
@@ -431,6 +439,7 @@ def aggregate_results(results: list[dict], models: dict[str, ModelSpec], info: d
         if passkey_rows[name]:
             rows = sorted(passkey_rows[name], key=lambda r: (r["length"], r["depth"], r["trial"]))
             entry["passkey"] = score_passkey_rows(rows)
+            entry.setdefault("items", {})["passkey"] = passkey_items(rows)
             entry["passkey"]["examples"] = [{k: r[k] for k in ("length", "depth", "key", "prediction", "correct")} for r in rows[:2]]
         needle_prompts = info[name]["needle"]
         if needle_prompts:
@@ -492,6 +501,7 @@ def score_ruler_infinitebench(cfg: JobConfig, results: list[dict], models: dict[
         if cfg.eval.ruler.enabled:
             answers = [preds.get(off["ruler"] + i, "") for i in range(len(work.items))]
             metrics["models"][name]["ruler"] = ruler_metrics(work, answers, cfg.eval.ruler, out_dir, slug(name))
+            metrics["models"][name].setdefault("items", {})["ruler"] = ruler_items(work.items, answers)
         samples = info[name]["infinitebench"]
         if cfg.eval.infinitebench.enabled and samples:
             rows = [{"id": s.id, "prediction": preds.get(off["infinitebench"] + i, ""), "ground_truth": s.ground_truth,
