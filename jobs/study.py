@@ -2,12 +2,15 @@
 strategies on a long-tailed corpus, Index's RoPE base sweep, retrieval vs tokens trained) -> one report whose
 first lines say which ordering held and which did not.
 
-    python jobs/study.py                                   # laptop: shipped tiny base, all parts, ~40 steps a trial
-    python jobs/study.py --steps 10 --parts ab --output runs/study-quick
-    longctx study --steps 40                               # the same through the CLI
+    python jobs/study.py                                   # the full study: 3 training seeds, intervals
+    python jobs/study.py --quick --output runs/study-quick # one seed, fewer steps and prompts (< 15 min, 2 cores)
+    python jobs/study.py --steps 10 --parts ab --output runs/study-ab
+    longctx study --quick                                  # the same through the CLI
 
-Fixed seeds (config's data.seed / train.seed / eval.seed). Writes <output>/report.md, study.json (numbers and
-verdicts), plan.json and trials/<name>/ (each trial's config, training log and eval/metrics.json).
+Fixed seeds (config's data.seed / train.seed / eval.seed; training seed k adds k to the first two). Writes
+<output>/report.md (verdict counts first, then every verdict with its 95% intervals), study.json (numbers,
+per-item results and verdicts), plan.json and trials/<name>/ (each trial's config, training log and
+eval/metrics.json).
 """
 
 from __future__ import annotations

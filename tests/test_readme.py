@@ -98,6 +98,8 @@ README_COMMANDS: dict[str, Run | Covered] = {
     Covered("tests/test_study.py::test_short_study_reports_verdicts_first_and_numbers_recomputable"),
     "python jobs/long_pt.py --config jobs/configs/tiny-two-stage.yaml":
     Covered("tests/test_stages.py::test_two_stage_recipe_killed_in_stage_2_resumes_there"),
+    "python jobs/study.py --quick --output runs/study-quick":
+    Covered("tests/test_study.py::test_short_study_reports_verdicts_first_and_numbers_recomputable"),
     # ---- the "Command line" table
     "longctx data prepare --config FILE [--overwrite]":  # the submitted run's data settings: its data is reused
     Run("longctx data prepare --config {tiny_yaml} --set data.output={packed}", ray=True),
@@ -118,7 +120,7 @@ README_COMMANDS: dict[str, Run | Covered] = {
         "eval.ruler.num_samples=2 --set 'eval.ruler.tasks=[niah_single_1, vt]' --output {tmp}/ruler"),
     "longctx tune --config FILE [--fresh]":
     Covered("tests/test_sweep.py::test_sweep_interrupted_and_resumed_runs_every_trial_once"),
-    "longctx study [--output DIR] [--steps N] [--parts abcde]":
+    "longctx study [--output DIR] [--quick] [--seeds N] [--steps N] [--parts abcde]":
     Covered("tests/test_study.py::test_short_study_reports_verdicts_first_and_numbers_recomputable"),
     "longctx rope suggest --head-dim N --train-len N --target-len N":
     Run("longctx rope suggest --head-dim 32 --train-len 256 --target-len 1024"),

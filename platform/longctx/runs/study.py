@@ -1,15 +1,19 @@
 """The papers' orderings, measured side by side on a laptop: `jobs/study.py` / `longctx study`.
 
     from longctx.runs.study import run_study
-    report = run_study(load_config(None), "runs/study", steps=10)        # parts a, b, c, d, e
+    report = run_study(load_config(None), "runs/study", steps=10, seeds=3)   # parts a, b, c, d, e
 
 Parts (letters as in docs/study.md):
-  a. training-free baselines (naive, PI, dynamic NTK, YaRN) vs Long-PT: NLL beyond base, passkey at 4x base;
+  a. training-free baselines (naive, PI, dynamic NTK, YaRN) vs Long-PT (one trial per training seed,
+     `a-long-pt-s<k>`): NLL beyond base, passkey and RULER NIAH at 4x base;
   b. Fu et al.'s data strategies on a per-source long-tailed corpus (`data.synthetic.longtail`), same token
-     budget: per-source upsampling vs global upsampling vs cut at the base length; NLL beyond base per source;
-  c. LongSkywork's long-SFT stage: part a's Long-PT model, then a short Long-SFT run on the platform's own
-     synthetic retrieval (passkey, key-value, multi-needle) and SynL table conversations at lengths between the
-     base length and the training length; passkey and needle at 4x base, before and after the SFT stage;
+     budget: per-source upsampling vs global upsampling vs cut at the base length, one trial per strategy and
+     seed (`b-<strategy>-s<k>`); NLL beyond base per source;
+  c. LongSkywork's long-SFT stage: part a's Long-PT model (seed 0), then two short Long-SFT runs on the
+     platform's own synthetic retrieval (passkey, key-value, multi-needle) and SynL table conversations at
+     lengths between the base length and the training length, one rendered with the chat template and one as
+     plain text (the format of the passkey and RULER prompts); passkey, RULER NIAH and needle at 4x base,
+     before and after;
   d. Index's RoPE base sweep around the `rope suggest` bound: NLL beyond base per base;
   e. Fu et al.'s data-quantity curve: passkey and NLL beyond base vs tokens trained, from part a's run with
      `eval.during_training` on.
@@ -20,8 +24,11 @@ The study folder is a run (config, attempts, one driver's lease) and every trial
 refused, naming the keys). Every trial saves its evaluation (`trials/<name>/eval/metrics.json`, and part e's
 `checkpoint_eval.jsonl`) and `train_summary.json`; `study.json` holds the numbers taken from them and the
 verdicts computed from those (`longctx.runs.study_report`), so anyone can recompute the report from the saved
-per-trial metrics. The report's first lines state which ordering held and which did not, with the numbers; an
-ordering that failed is never hidden.
+per-trial metrics. Every evaluation saves its per-item results (documents, prompts), so each verdict is decided
+by 95% bootstrap intervals (paired over items, two-level over seeds x items; `longctx.runs.study_verdicts`):
+held, did not hold or undecided. The report's first lines count each kind and state every verdict with its
+numbers and intervals; an ordering that failed or could not be decided is never hidden. Two tiers: the full
+study (`--seeds 3`) and `--quick` (one seed, fewer steps and prompts: what CI's shortened study runs).
 """
 
 
@@ -48,6 +55,7 @@ from longctx.runs.study_report import PLAN, STRATEGIES, STUDY_JSON, trial_number
 # engines (Ray Data, torch, transformers: seconds) are imported inside the functions that run the study.
 
 TRIAL_SUMMARY = "train_summary.json"
+NIAH_TASKS = ("niah_single_1", "niah_single_2")  # RULER's single-needle NIAH: noise and essay haystacks
 TRIALS = "trials"
 
 
@@ -99,11 +107,19 @@ def _trial(study: RunContext, cfg: JobConfig, name: str, data_uri: str, *, data:
 
 
 
+# Part c's plain-text format: each turn's text on its own line, no role markers (what the passkey and RULER
+# prompts look like); the loss still covers only the answers. Prefix-stable, as Long-SFT's masking needs.
+PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] != 'assistant' %}{{ '\\n' }}{% endif %}"
+                  "{% endfor %}")
+SFT_FORMATS = {"chat": "Long-PT + long-SFT (chat)", "plain": "Long-PT + long-SFT (plain text)"}
+
+
 def _long_sft(study: RunContext, base: JobConfig, long_pt_model: str, sft_steps: int, base_len: int,
-              pk_len: int) -> dict:
+              pk_len: int, e_updates: dict) -> dict:
     """Part c: synthetic retrieval + SynL table conversations (between the base length and the training length),
-    a Long-SFT run of `sft_steps` from `long_pt_model`, and passkey + needle at `pk_len` before and after it.
-    Returns what the SFT data holds (for the report)."""
+    two Long-SFT runs of `sft_steps` from `long_pt_model` on the same conversations, one rendered with the chat
+    template (`c-long-sft-chat`) and one as plain text (`c-long-sft-plain`), and passkey, needle and RULER NIAH
+    (`e_updates`) at `pk_len` before and after. Returns what the SFT data holds (for the report)."""
     from longctx.data.pipeline import load_manifest  # deferred: see the NOTE at the imports
     from longctx.data.synthetic import synth_retrieval, synth_tables  # deferred: likewise
     from longctx.eval.runner import ModelSpec  # deferred: likewise
@@ -130,14 +146,25 @@ def _long_sft(study: RunContext, base: JobConfig, long_pt_model: str, sft_steps:
                          "synl": storage.join(synth_out, "tables", "part-*.jsonl")},
         "data.sft.mix": {"retrieval": 2 / 3, "synl": 1 / 3}, "data.token_budget": None})
     e_cfg = _cfg(base, **{"eval.passkey.lengths": [pk_len], "eval.needle.enabled": True,
-                          "eval.needle.lengths": [pk_len], "eval.perplexity": False, "eval.baselines": []})
-    out, manifest = _trial(study, sft_cfg, "c-long-sft", storage.join(root, DATA_DIR, "long-sft"), data="sft",
-                           specs=lambda final: {"Long-PT": ModelSpec(long_pt_model, role="long_pt"),
-                                                "Long-PT + long-SFT": ModelSpec(final, role="long_sft")},
-                           eval_cfg=e_cfg)
-    totals = manifest.get("totals", {})
-    return {"conversations": manifest.get("conversations"), "rows": totals.get("rows"),
-            "loss_tokens": totals.get("loss_tokens"), "steps": out["steps"], "final_loss": out["final_loss"],
+                          "eval.needle.lengths": [pk_len], "eval.perplexity": False, "eval.baselines": [],
+                          **e_updates})
+    plain_uri = storage.join(root, "sft-plain.jinja")
+    storage.write_text(plain_uri, PLAIN_TEMPLATE)
+    out: dict[str, dict] = {}
+    for fmt, label in SFT_FORMATS.items():
+        f_cfg = sft_cfg if fmt == "chat" else _cfg(sft_cfg, **{"data.sft.chat_template": plain_uri})
+
+        def specs(final, fmt=fmt, label=label):  # Long-PT itself is evaluated once, beside the chat model
+            before = {"Long-PT": ModelSpec(long_pt_model, role="long_pt")} if fmt == "chat" else {}
+            return {**before, label: ModelSpec(final, role=f"long_sft_{fmt}")}
+
+        summary, manifest = _trial(study, f_cfg, f"c-long-sft-{fmt}", storage.join(root, DATA_DIR, f"long-sft-{fmt}"),
+                                   data="sft", specs=specs, eval_cfg=e_cfg)
+        totals = manifest.get("totals", {})
+        out[fmt] = {"conversations": manifest.get("conversations"), "rows": totals.get("rows"),
+                    "loss_tokens": totals.get("loss_tokens"), "steps": summary["steps"],
+                    "final_loss": summary["final_loss"]}
+    return {**out["chat"], "formats": out,
             "samples": {k: v.get("totals", {}).get("samples", v.get("totals", {}).get("records"))
                         for k, v in sets.items()}}
 
@@ -163,16 +190,20 @@ def _heldout_by_source(cfg: JobConfig, root: str, sources: list[str]) -> dict[st
 
 def run_study(cfg: JobConfig, out_dir: str, *, steps: int = 40, parts: str = "abcde",
               rope_factors: tuple[float, ...] = (0.1, 1.0, 10.0), corpus_max_documents: int | None = None,
-              eval_documents: int | None = None, sft_steps: int | None = None) -> dict:
+              eval_documents: int | None = None, sft_steps: int | None = None, seeds: int = 1,
+              niah_samples: int = 25) -> dict:
     """Run the study's parts into `out_dir`; returns {"verdicts", "numbers", "report"}. Part c trains
-    `sft_steps` Long-SFT steps (default: half of `steps`, at least 1) from part a's model. Running it again into
-    the same folder resumes it: finished trials are kept; other settings are refused, naming them."""
+    `sft_steps` Long-SFT steps (default: half of `steps`, at least 1) from part a's model. Part a's Long-PT and
+    part b's trials run once per training seed (`seeds`: data.seed and train.seed + 0, 1, ...; trial names end in
+    `-s<k>`). RULER's NIAH tasks (`NIAH_TASKS`, `niah_samples` each; 0: off) run at 4x the base length beside
+    passkey in parts a and c. Running it again into the same folder resumes it: finished trials are kept; other
+    settings are refused, naming them."""
     setup_logging()
     root = storage.normalize(out_dir)
     study = open_run(cfg, "study", root=root, run_id=root.rstrip("/").rsplit("/", 1)[-1], hint=_hint(root))
     try:
         args = {"steps": steps, "corpus_max_documents": corpus_max_documents, "eval_documents": eval_documents,
-                "sft_steps": sft_steps}
+                "sft_steps": sft_steps, "seeds": seeds, "niah_samples": niah_samples}
         _check_same_study(root, args)
         connect_ray(study.cfg)
         return _run_parts(study, args, parts, rope_factors)
@@ -206,9 +237,15 @@ def _run_parts(study: RunContext, args: dict, parts: str, rope_factors: tuple[fl
     base = _cfg(cfg, **common)
     head_dim = _head_dim(cfg.model.path)
     bound = suggest_rope_base(head_dim, base_len, context)["base_lower_bound"]
+    seeds = list(range(args["seeds"]))
     plan: dict[str, Any] = {"parts": parts, "steps": steps, "context_length": context, "base_length": base_len,
                             "passkey_length": pk_len, "rope_bound": bound, "seed": cfg.train.seed, "sources": [],
-                            "rope_trials": {}, "timings_s": {}, "args": args}
+                            "rope_trials": {}, "timings_s": {}, "args": args, "seeds": seeds,
+                            "a_trials": {}, "b_models": {}, "niah_tasks": list(NIAH_TASKS) if args["niah_samples"] else []}
+    # RULER's NIAH at 4x base beside passkey (parts a and c): answers are 7-digit numbers, so 16 tokens suffice
+    niah = {"eval.ruler.enabled": True, "eval.ruler.lengths": [pk_len], "eval.ruler.tasks": list(NIAH_TASKS),
+            "eval.ruler.num_samples": args["niah_samples"], "eval.ruler.tokens_to_generate": {"niah": 16}} \
+        if args["niah_samples"] else {}
     storage.write_json(storage.join(root, PLAN), plan)
     timings = plan["timings_s"]
 
@@ -219,18 +256,25 @@ def _run_parts(study: RunContext, args: dict, parts: str, rope_factors: tuple[fl
         timings["data_default"] = round(time.time() - t0, 1)
     if "a" in parts or "c" in parts or "e" in parts:
         t0 = time.time()
-        a_cfg = _cfg(base, **{"eval.baselines": ["naive", "pi", "dynamic_ntk", "yarn"],
-                              "train.checkpoint_every": max(1, steps // 4),
-                              "eval.during_training.enabled": "e" in parts,
-                              "eval.during_training.passkey_lengths": [pk_len],
-                              "eval.during_training.num_documents": min(8, base.eval.num_documents)})
-        a_out, _ = _trial(study, a_cfg, "a-long-pt", data_uri,
-                          specs=lambda final: default_model_specs(a_cfg, a_cfg.model.path, final))
+        for k in seeds:  # seed 0 (the config's seeds) also evaluates the baselines and runs part e's checkpoints
+            a_cfg = _cfg(_seeded(base, k), **{"eval.baselines": ["naive", "pi", "dynamic_ntk", "yarn"] if k == 0 else [],
+                                              "train.checkpoint_every": max(1, steps // 4),
+                                              "eval.during_training.enabled": "e" in parts and k == 0,
+                                              "eval.during_training.passkey_lengths": [pk_len],
+                                              "eval.during_training.num_documents": min(8, base.eval.num_documents),
+                                              **niah})
+            k_uri = data_uri if k == 0 else storage.join(root, DATA_DIR, f"default-s{k}")  # prepared by the trial
+            out, _ = _trial(study, a_cfg, f"a-long-pt-s{k}", k_uri,
+                            specs=lambda final, c=a_cfg: default_model_specs(c, c.model.path, final))
+            plan["a_trials"][str(k)] = f"a-long-pt-s{k}"
+            timings[f"a_s{k}"] = out["seconds"]
+            if k == 0:
+                a_out = out
         timings["a"] = round(time.time() - t0, 1)
     if "c" in parts:
         t0 = time.time()
         plan["sft_steps"] = args["sft_steps"] or max(1, steps // 2)
-        plan["c_data"] = _long_sft(study, base, a_out["final_model"], plan["sft_steps"], base_len, pk_len)
+        plan["c_data"] = _long_sft(study, base, a_out["final_model"], plan["sft_steps"], base_len, pk_len, niah)
         timings["c"] = round(time.time() - t0, 1)
     if "b" in parts:
         t0 = time.time()
@@ -242,21 +286,27 @@ def _run_parts(study: RunContext, args: dict, parts: str, rope_factors: tuple[fl
         budget = int(1.25 * steps * base.train.global_batch_tokens)  # every strategy trains `steps` full steps
         finals = {}
         for label, strategy in STRATEGIES.items():
-            s_cfg = _cfg(base, **{"data.sources": {s: stats["sources"][s]["uri"] for s in sources},
-                                  "data.strategy": strategy, "data.cut_len": base_len, "data.token_budget": budget})
-            out, manifest = _trial(study, s_cfg, f"b-{label}", storage.join(root, DATA_DIR, label))
-            plan.setdefault("b_data", {})[label] = {
-                s: {"long_share_in": v.get("in", {}).get("long_share"),
-                    "long_share_out": v.get("out", {}).get("long_share"), "share_out": v.get("out_share")}
-                for s, v in manifest.get("sources", {}).items()}
-            finals[label] = out["final_model"]
+            for k in seeds:  # the seed also draws the upsampling (data.seed), so each seed has its own data
+                s_cfg = _cfg(_seeded(base, k), **{"data.sources": {s: stats["sources"][s]["uri"] for s in sources},
+                                                  "data.strategy": strategy, "data.cut_len": base_len,
+                                                  "data.token_budget": budget})
+                out, manifest = _trial(study, s_cfg, f"b-{label}-s{k}", storage.join(root, DATA_DIR, f"{label}-s{k}"))
+                if k == 0:
+                    plan.setdefault("b_data", {})[label] = {
+                        s: {"long_share_in": v.get("in", {}).get("long_share"),
+                            "long_share_out": v.get("out", {}).get("long_share"), "share_out": v.get("out_share")}
+                        for s, v in manifest.get("sources", {}).items()}
+                name = label if len(seeds) == 1 else f"{label} s{k}"
+                finals[name] = out["final_model"]
+                plan["b_models"][name] = {"strategy": label, "seed": k}
+                timings[f"b-{label}-s{k}"] = out["seconds"]
         held = _heldout_by_source(base, root, sources)
         b_run = _sub_run(study, base, "b-strategies")  # one evaluation per source of the three trials' models
         if not b_run.finished:
             for i, src in enumerate(sources):
                 e_cfg = _cfg(base, **{"eval.documents": held[src], "eval.passkey.enabled": i == 0,
                                       "eval.num_documents": min(base.eval.num_documents, 16)})
-                specs = {label: ModelSpec(uri, role=label) for label, uri in finals.items()}
+                specs = {name: ModelSpec(uri, role=plan["b_models"][name]["strategy"]) for name, uri in finals.items()}
                 evaluate_step(b_run, e_cfg, specs, out=b_run.path(f"eval-{src}"))
             finish(b_run, {"models": finals, "sources": sources})
         timings["b"] = round(time.time() - t0, 1)
@@ -264,12 +314,14 @@ def _run_parts(study: RunContext, args: dict, parts: str, rope_factors: tuple[fl
         t0 = time.time()
         thetas = {rope_grid_point(bound, f) for f in rope_factors}
         if "a" in parts and cfg.model.rope_theta:
-            plan["rope_trials"][f"{cfg.model.rope_theta:g}"] = "a-long-pt"  # part a's run is one point
+            plan["rope_trials"][f"{cfg.model.rope_theta:g}"] = "a-long-pt-s0"  # part a's run is one point
             thetas.discard(float(cfg.model.rope_theta))
         for theta in sorted(thetas):
             name = f"d-rope-{theta:g}"
             d_cfg = _cfg(base, **{"model.rope_theta": theta})
-            _trial(study, d_cfg, name, data_uri, specs=lambda final: {"Long-PT": ModelSpec(final, role="trained")})
+            summary, _ = _trial(study, d_cfg, name, data_uri,
+                                specs=lambda final: {"Long-PT": ModelSpec(final, role="trained")})
+            timings[name] = summary["seconds"]
             plan["rope_trials"][f"{theta:g}"] = name
         timings["d"] = round(time.time() - t0, 1)
     timings["total"] = round(time.time() - t_start, 1)
@@ -280,6 +332,13 @@ def _run_parts(study: RunContext, args: dict, parts: str, rope_factors: tuple[fl
     report = write_study_report(root, nums, verdict)
     print(f"[longctx] study report: {report}", flush=True)
     return {"verdicts": verdict, "numbers": nums, "report": report}
+
+
+def _seeded(cfg: JobConfig, k: int) -> JobConfig:
+    """Training seed k of a trial: data.seed and train.seed moved by k (k = 0: the config as it is). The data
+    seed is the one that matters: it orders the packed rows (and draws part b's upsampling); train.seed only
+    seeds torch, and the models train from the same base with no dropout."""
+    return cfg if k == 0 else _cfg(cfg, **{"data.seed": cfg.data.seed + k, "train.seed": cfg.train.seed + k})
 
 
 def rope_grid_point(bound: float, factor: float) -> float:
@@ -301,20 +360,33 @@ def _head_dim(model_uri: str) -> int:
 
 
 # -------------------------------------------------------------------------------------------------- command
+# The two tiers: the full study (seeds and intervals) and `--quick` (one seed, fewer steps, prompts and RoPE
+# points: under 15 minutes on 2 CPU cores). Both write the same report layout.
+FULL = {"seeds": 3, "steps": 10, "niah_samples": 25, "rope_factors": "0.1,1,10"}
+QUICK = {"seeds": 1, "steps": 6, "niah_samples": 10, "rope_factors": "1"}
+
 def add_study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The study's command-line options (`jobs/study.py` and `longctx study`)."""
     p.add_argument("--config", default=EMBEDDED_DEFAULT, help="base job config (default: the embedded tiny recipe)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key for every trial (repeatable)")
     p.add_argument("--output", default="runs/study", help="study folder (local or s3://)")
-    p.add_argument("--steps", type=int, default=10, help="training steps per trial (default 10: every part in "
-                   "about 15 minutes on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="the quick tier: " + ", ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + " unless given (one seed: its verdicts rest on "
+        "items only; what CI's shortened study runs)")
+    p.add_argument("--seeds", type=int, default=None, help="training seeds of part a's Long-PT and part b's trials "
+                   f"(default {FULL['seeds']}; --quick: 1); the intervals then cover seeds x items")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps per trial (default {FULL['steps']})")
+    p.add_argument("--niah-samples", type=int, default=None, help="RULER NIAH samples per task at 4x base in parts "
+                   f"a and c ({len(NIAH_TASKS)} tasks; default {FULL['niah_samples']}, so "
+                   f"{len(NIAH_TASKS) * FULL['niah_samples']} prompts per model; 0: off)")
     p.add_argument("--parts", default="abcde", help="parts to run: a (baselines vs Long-PT), b (data strategies), "
                    "c (Long-PT + synthetic long-SFT, from part a's model), d (RoPE base sweep), e (retrieval vs "
                    "tokens trained, from part a's run)")
-    p.add_argument("--sft-steps", type=int, default=None, help="part c: Long-SFT steps (default: twice --steps)")
-    p.add_argument("--rope-factors", default="0.1,1,10", help="RoPE bases of part d as multiples of the "
-                   "`rope suggest` bound (part a's rope_theta is one more point)")
+    p.add_argument("--sft-steps", type=int, default=None, help="part c: Long-SFT steps of each format (default: "
+                   "twice --steps)")
+    p.add_argument("--rope-factors", default=None, help="RoPE bases of part d as multiples of the "
+                   f"`rope suggest` bound (default {FULL['rope_factors']}; part a's rope_theta is one more point)")
     p.add_argument("--corpus-max-documents", type=int, default=200,
                    help="part b: read only the first N documents per source of the shipped corpus (default 200; "
                    "0: all of it)")
@@ -325,11 +397,14 @@ def add_study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_from_args(args) -> int:
     """Run the study from parsed `add_study_args` options; 2 on a usage error or a refused resume."""
+    for k, v in {**FULL, **(QUICK if args.quick else {})}.items():  # the tier's values where not given
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     bad = set(args.parts) - set("abcde")
     if bad or args.steps < 1 or (args.sft_steps is not None and args.sft_steps < 1) or args.eval_documents < 0 \
-            or args.corpus_max_documents < 0:
-        print(f"study: --parts takes letters from 'abcde' (got {args.parts!r}); --steps and --sft-steps >= 1; "
-              "--eval-documents and --corpus-max-documents >= 0",
+            or args.corpus_max_documents < 0 or args.seeds < 1 or args.niah_samples < 0:
+        print(f"study: --parts takes letters from 'abcde' (got {args.parts!r}); --steps, --sft-steps and --seeds "
+              ">= 1; --eval-documents, --corpus-max-documents and --niah-samples >= 0",
               file=sys.stderr)
         return 2
     try:
@@ -341,7 +416,8 @@ def run_from_args(args) -> int:
     try:
         out = run_study(cfg, args.output, steps=args.steps, parts=args.parts, rope_factors=factors,
                         corpus_max_documents=args.corpus_max_documents or None,
-                        eval_documents=args.eval_documents or None, sft_steps=args.sft_steps or 2 * args.steps)
+                        eval_documents=args.eval_documents or None, sft_steps=args.sft_steps or 2 * args.steps,
+                        seeds=args.seeds, niah_samples=args.niah_samples)
     except (ConfigError, PreparedDataMismatch) as e:  # a refused resume, or data that does not fit a trial
         print(f"study: {e}", file=sys.stderr)
         return 2
