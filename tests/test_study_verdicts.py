@@ -119,7 +119,8 @@ def test_verdict_kinds_from_saved_items_and_recomputed(tmp_path):
     # recomputed from the saved files: the same numbers and verdicts (the bootstrap is seeded)
     saved = json.loads(json.dumps({"numbers": nums, "verdicts": v}))
     again = trial_numbers(str(tmp_path))
-    assert json.loads(json.dumps(again)) == saved["numbers"] and json.loads(json.dumps(verdicts(again))) == saved["verdicts"]
+    assert json.loads(json.dumps(again)) == saved["numbers"]
+    assert json.loads(json.dumps(verdicts(again))) == saved["verdicts"]
 
 
 def test_each_kind_moves_with_the_saved_items(tmp_path):

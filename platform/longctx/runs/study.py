@@ -241,7 +241,8 @@ def _run_parts(study: RunContext, args: dict, parts: str, rope_factors: tuple[fl
     plan: dict[str, Any] = {"parts": parts, "steps": steps, "context_length": context, "base_length": base_len,
                             "passkey_length": pk_len, "rope_bound": bound, "seed": cfg.train.seed, "sources": [],
                             "rope_trials": {}, "timings_s": {}, "args": args, "seeds": seeds,
-                            "a_trials": {}, "b_models": {}, "niah_tasks": list(NIAH_TASKS) if args["niah_samples"] else []}
+                            "a_trials": {}, "b_models": {},
+                            "niah_tasks": list(NIAH_TASKS) if args["niah_samples"] else []}
     # RULER's NIAH at 4x base beside passkey (parts a and c): answers are 7-digit numbers, so 16 tokens suffice
     niah = {"eval.ruler.enabled": True, "eval.ruler.lengths": [pk_len], "eval.ruler.tasks": list(NIAH_TASKS),
             "eval.ruler.num_samples": args["niah_samples"], "eval.ruler.tokens_to_generate": {"niah": 16}} \
@@ -257,7 +258,8 @@ def _run_parts(study: RunContext, args: dict, parts: str, rope_factors: tuple[fl
     if "a" in parts or "c" in parts or "e" in parts:
         t0 = time.time()
         for k in seeds:  # seed 0 (the config's seeds) also evaluates the baselines and runs part e's checkpoints
-            a_cfg = _cfg(_seeded(base, k), **{"eval.baselines": ["naive", "pi", "dynamic_ntk", "yarn"] if k == 0 else [],
+            baselines = ["naive", "pi", "dynamic_ntk", "yarn"] if k == 0 else []
+            a_cfg = _cfg(_seeded(base, k), **{"eval.baselines": baselines,
                                               "train.checkpoint_every": max(1, steps // 4),
                                               "eval.during_training.enabled": "e" in parts and k == 0,
                                               "eval.during_training.passkey_lengths": [pk_len],

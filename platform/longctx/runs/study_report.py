@@ -188,7 +188,8 @@ def write_study_report(root: str, nums: dict, verdict: list[dict]) -> str:
     if "a" in nums:
         ia = items.get("a", {})
         lines += ["## a. Training-free baselines vs Long-PT", "",
-                  "| model | seeds | NLL within base | NLL beyond base [95%] | passkey at 4x [95%] | RULER NIAH at 4x [95%] |",
+                  "| model | seeds | NLL within base | NLL beyond base [95%] | passkey at 4x [95%] "
+                  "| RULER NIAH at 4x [95%] |",
                   "|---|---:|---:|---:|---:|---:|"]
         for name, v in nums["a"].items():
             m = ia.get(v["role"], {})
@@ -206,7 +207,8 @@ def write_study_report(root: str, nums: dict, verdict: list[dict]) -> str:
             docs = items.get("b", {}).get(name, {}).get("nll_beyond_base")
             mean = value_interval(docs, strata={i: i.split("/", 1)[0] for i in next(iter(docs.values()))}).text() \
                 if docs else _f(v["nll_beyond_base_mean"])
-            lines.append(f"| {name} | {v['seeds']} | " + " | ".join(_f(v["nll_beyond_base_by_source"].get(s)) for s in srcs)
+            per_source = " | ".join(_f(v["nll_beyond_base_by_source"].get(s)) for s in srcs)
+            lines.append(f"| {name} | {v['seeds']} | {per_source}"
                          + f" | {mean} | {_pct(v['passkey_4x'])} |")
         lines += ["", "Long-token share per source, in -> out (how much each strategy upsampled; seed 0):", "",
                   "| strategy | " + " | ".join(srcs) + " |", "|---|" + "---:|" * len(srcs)]

@@ -93,7 +93,8 @@ def _part_a(nums: dict) -> list[dict]:
         others = "; ".join(f"{LABELS[r]} {100 * value_interval(items[r][metric]).point:.0f}%"
                            for r in roles if r != "naive" and items.get(r, {}).get(metric))
         out.append(_verdict(target, [threshold(f"naive {name}", naive, "<=", 0.10)], ""))
-        out[-1]["detail"] += f" (others: {others}; {len(next(iter(naive.values())))} prompts per model)"
+        n = len(next(iter(naive.values())))
+        out[-1]["detail"] += f" (others: {others}; {n} prompt{'s' if n != 1 else ''} per model)"
     return out
 
 
