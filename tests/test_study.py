@@ -43,8 +43,8 @@ def test_short_study_reports_verdicts_first_and_numbers_recomputable(ray_cluster
     out = tmp_path / "study"
     rc = _job_main()([
         "--quick", "--output", str(out), "--steps", "2", "--sft-steps", "1", "--corpus-max-documents", "20",
-        "--eval-documents", "3", "--niah-samples", "2", "--set", "train.global_batch_tokens=4096",
-        "--set", "eval.passkey.trials=1", "--set", "eval.passkey.depths=[0.5]",
+        "--eval-documents", "3", "--niah-samples", "2", "--passkey-trials", "2",
+        "--set", "train.global_batch_tokens=4096", "--set", "eval.passkey.depths=[0.5]",
         "--set", "eval.during_training.passkey_trials=1",
     ])
     assert rc == 0

@@ -191,19 +191,20 @@ def _heldout_by_source(cfg: JobConfig, root: str, sources: list[str]) -> dict[st
 def run_study(cfg: JobConfig, out_dir: str, *, steps: int = 40, parts: str = "abcde",
               rope_factors: tuple[float, ...] = (0.1, 1.0, 10.0), corpus_max_documents: int | None = None,
               eval_documents: int | None = None, sft_steps: int | None = None, seeds: int = 1,
-              niah_samples: int = 25) -> dict:
+              niah_samples: int = 25, passkey_trials: int | None = None) -> dict:
     """Run the study's parts into `out_dir`; returns {"verdicts", "numbers", "report"}. Part c trains
     `sft_steps` Long-SFT steps (default: half of `steps`, at least 1) from part a's model. Part a's Long-PT and
     part b's trials run once per training seed (`seeds`: data.seed and train.seed + 0, 1, ...; trial names end in
     `-s<k>`). RULER's NIAH tasks (`NIAH_TASKS`, `niah_samples` each; 0: off) run at 4x the base length beside
-    passkey in parts a and c. Running it again into the same folder resumes it: finished trials are kept; other
+    passkey in parts a and c; `passkey_trials` per depth sets the number of passkey prompts (default: the
+    config's eval.passkey.trials). Running it again into the same folder resumes it: finished trials are kept; other
     settings are refused, naming them."""
     setup_logging()
     root = storage.normalize(out_dir)
     study = open_run(cfg, "study", root=root, run_id=root.rstrip("/").rsplit("/", 1)[-1], hint=_hint(root))
     try:
         args = {"steps": steps, "corpus_max_documents": corpus_max_documents, "eval_documents": eval_documents,
-                "sft_steps": sft_steps, "seeds": seeds, "niah_samples": niah_samples}
+                "sft_steps": sft_steps, "seeds": seeds, "niah_samples": niah_samples, "passkey_trials": passkey_trials}
         _check_same_study(root, args)
         connect_ray(study.cfg)
         return _run_parts(study, args, parts, rope_factors)
@@ -234,6 +235,8 @@ def _run_parts(study: RunContext, args: dict, parts: str, rope_factors: tuple[fl
               "eval.scaling_factor": context / base_len}
     if args["eval_documents"]:
         common["eval.num_documents"] = args["eval_documents"]
+    if args["passkey_trials"]:
+        common["eval.passkey.trials"] = args["passkey_trials"]
     base = _cfg(cfg, **common)
     head_dim = _head_dim(cfg.model.path)
     bound = suggest_rope_base(head_dim, base_len, context)["base_lower_bound"]
@@ -364,8 +367,9 @@ def _head_dim(model_uri: str) -> int:
 # -------------------------------------------------------------------------------------------------- command
 # The two tiers: the full study (seeds and intervals) and `--quick` (one seed, fewer steps, prompts and RoPE
 # points: under 15 minutes on 2 CPU cores). Both write the same report layout.
-FULL = {"seeds": 3, "steps": 10, "niah_samples": 25, "rope_factors": "0.1,1,10"}
-QUICK = {"seeds": 1, "steps": 6, "niah_samples": 10, "rope_factors": "1"}
+# Passkey: 17 trials x 3 depths = 51 prompts per model (12 could not decide "passkey >= 90%" either way short of 12/12).
+FULL = {"seeds": 3, "steps": 10, "niah_samples": 25, "passkey_trials": 17, "rope_factors": "0.1,1,10"}
+QUICK = {"seeds": 1, "steps": 6, "niah_samples": 10, "passkey_trials": 7, "rope_factors": "1"}
 
 def add_study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The study's command-line options (`jobs/study.py` and `longctx study`)."""
@@ -382,6 +386,8 @@ def add_study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--niah-samples", type=int, default=None, help="RULER NIAH samples per task at 4x base in parts "
                    f"a and c ({len(NIAH_TASKS)} tasks; default {FULL['niah_samples']}, so "
                    f"{len(NIAH_TASKS) * FULL['niah_samples']} prompts per model; 0: off)")
+    p.add_argument("--passkey-trials", type=int, default=None, help="passkey prompts per depth at 4x base "
+                   f"(default {FULL['passkey_trials']}: {3 * FULL['passkey_trials']} prompts at the 3 default depths)")
     p.add_argument("--parts", default="abcde", help="parts to run: a (baselines vs Long-PT), b (data strategies), "
                    "c (Long-PT + synthetic long-SFT, from part a's model), d (RoPE base sweep), e (retrieval vs "
                    "tokens trained, from part a's run)")
@@ -404,9 +410,9 @@ def run_from_args(args) -> int:
             setattr(args, k, v)
     bad = set(args.parts) - set("abcde")
     if bad or args.steps < 1 or (args.sft_steps is not None and args.sft_steps < 1) or args.eval_documents < 0 \
-            or args.corpus_max_documents < 0 or args.seeds < 1 or args.niah_samples < 0:
-        print(f"study: --parts takes letters from 'abcde' (got {args.parts!r}); --steps, --sft-steps and --seeds "
-              ">= 1; --eval-documents, --corpus-max-documents and --niah-samples >= 0",
+            or args.corpus_max_documents < 0 or args.seeds < 1 or args.niah_samples < 0 or args.passkey_trials < 1:
+        print(f"study: --parts takes letters from 'abcde' (got {args.parts!r}); --steps, --sft-steps, --seeds "
+              "and --passkey-trials >= 1; --eval-documents, --corpus-max-documents and --niah-samples >= 0",
               file=sys.stderr)
         return 2
     try:
@@ -419,7 +425,7 @@ def run_from_args(args) -> int:
         out = run_study(cfg, args.output, steps=args.steps, parts=args.parts, rope_factors=factors,
                         corpus_max_documents=args.corpus_max_documents or None,
                         eval_documents=args.eval_documents or None, sft_steps=args.sft_steps or 2 * args.steps,
-                        seeds=args.seeds, niah_samples=args.niah_samples)
+                        seeds=args.seeds, niah_samples=args.niah_samples, passkey_trials=args.passkey_trials)
     except (ConfigError, PreparedDataMismatch) as e:  # a refused resume, or data that does not fit a trial
         print(f"study: {e}", file=sys.stderr)
         return 2
