@@ -65,7 +65,7 @@ def bench_ray(args, cfg) -> None:
 
 def bench_cip(args) -> None:
     from longctx.data.pack import RowBuilder, Segment
-    from longctx.data.synthetic.cip import cip_table
+    from longctx.data.cip import cip_table
 
     rng = np.random.default_rng(0)
     builder = RowBuilder(args.cip_seq, 0, "document")

@@ -224,7 +224,7 @@ def test_rayjob_sweep_drivers_land_on_the_head_and_its_trials_fit_the_pools():
     driver = cfg.tune.trial_resources
     assert driver and all(head.get(k, 0) >= v for k, v in driver.items()), (driver, head)
     # every trial's config (grid point) still fits one pool, concurrent trials included
-    from longctx.tune.sweep import base_tree, trial_config, validate_space
+    from longctx.tune.space import base_tree, trial_config, validate_space
 
     pools = _kuberay_node_types()
     for point in validate_space(cfg):

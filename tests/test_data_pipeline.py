@@ -18,7 +18,7 @@ import zstandard
 from longctx import storage
 from longctx.config import load_config
 from longctx.data import length_stats, packed_dataset, prepare_data, read_packed
-from longctx.data.pipeline import DataQualityError
+from longctx.data.token_cache import DataQualityError
 from longctx.model.load import load_tokenizer
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]

@@ -112,7 +112,7 @@ def test_haystack_and_documents_from_a_corpus(tmp_path):
     import json
 
     from longctx.eval.documents import iter_texts
-    from longctx.eval.runner import load_haystack_text
+    from longctx.eval.haystack import load_haystack_text
 
     path = tmp_path / "docs.jsonl.gz"
     with gzip.open(path, "wt") as f:

@@ -52,7 +52,7 @@ def test_sweep_config_errors_name_the_problem(overrides, message):
 
 
 def test_sweep_space_is_validated_per_trial_before_any_work():
-    from longctx.tune.sweep import validate_space
+    from longctx.tune.space import validate_space
 
     with pytest.raises(ValueError, match="tune.params is empty"):
         validate_space(load_config(None))
@@ -67,7 +67,7 @@ def test_sweep_space_is_validated_per_trial_before_any_work():
 
 
 def test_trial_and_data_keys():
-    from longctx.tune.sweep import data_key, trial_config, trial_key
+    from longctx.tune.space import data_key, trial_config, trial_key
 
     a = {"model.rope_theta": 1e4, "train.token_budget": 1024}
     b = {"model.rope_theta": 1e5, "train.token_budget": 1024}
@@ -85,7 +85,7 @@ def test_trial_and_data_keys():
 
 
 def test_cumulative_perplexity_is_the_token_weighted_mean_up_to_each_length():
-    from longctx.tune.sweep import cumulative_perplexity
+    from longctx.tune.space import cumulative_perplexity
 
     out = cumulative_perplexity([256, 512, 1024], [2.0, 3.0, 4.0], [255, 256, 512])
     assert out[0] == pytest.approx(math.exp(2.0))

@@ -16,7 +16,8 @@ from longctx import storage
 from longctx.config import load_config
 from longctx.data import prepare_data
 from longctx.data.pack import PACKED_SCHEMA, RowBuilder, Segment
-from longctx.data.synthetic.cip import chunk_bounds, cip_row_count, cip_table, is_cip_row, synth_cip
+from longctx.data.cip import chunk_bounds, cip_row_count, cip_table, is_cip_row
+from longctx.data.synthetic.cip import synth_cip
 from longctx.model.attention import attention_inputs
 
 SEQ = 128

@@ -63,7 +63,7 @@ def interleave_row(ids: np.ndarray, labels: np.ndarray, seg_lengths: list[int], 
             [seg_doc_ids[j] for j, _, _ in order], [int(seg_doc_tokens[j]) for j, _, _ in order])
 
 
-def _matrix(col, rows: int) -> tuple[np.ndarray, bool]:
+def column_matrix(col, rows: int) -> tuple[np.ndarray, bool]:
     """[rows, seq_len] numpy of a list<int32> or Ray tensor column; True when it was a tensor column."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
@@ -82,7 +82,7 @@ def cip_table(table: pa.Table, k: int = 2, fraction: float = 1.0) -> pa.Table:
         return table
     mats, tensor = {}, False
     for c in FIXED:
-        mats[c], tensor = _matrix(table.column(c), n)
+        mats[c], tensor = column_matrix(table.column(c), n)
         mats[c] = mats[c].copy()
     seg = {c: table.column(c).to_pylist() for c in ("seg_lengths", "seg_sources", "seg_doc_ids", "seg_doc_tokens")}
     seq_len = mats["input_ids"].shape[1]

@@ -42,13 +42,7 @@ from longctx.data.budget import effective_data_config
 from longctx.data.mixture import MixturePlan, SourcePlan, plan_mixture
 from longctx.data.pack import PACKED_KIND, BestFitPacker, ConcatPacker, PackStats, RowBuilder, Segment, write_shard_file
 from longctx.data.stats import LengthAccumulator, format_length_table, plot_length_histogram, source_length_stats
-from longctx.data.token_cache import (  # noqa: F401 - re-exported: callers import these from the pipeline
-    DataQualityError,
-    TokenCache,
-    check_bad_fraction,
-    ensure_ray,
-    tokenize_corpus,
-)
+from longctx.data.token_cache import TokenCache, check_bad_fraction, tokenize_corpus
 from longctx.data.tokenize import load_fast_tokenizer
 
 log = logging.getLogger(__name__)

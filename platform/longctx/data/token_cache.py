@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from longctx.data import sources as src
 from longctx.data.budget import BudgetReader, data_budget
-from longctx.data.tokenize import CACHE_SCHEMA, TokenizeBatches, _row_group_bounds
+from longctx.data.tokenize import CACHE_SCHEMA, TokenizeBatches, row_group_bounds
 
 
 
@@ -106,7 +106,7 @@ class TokenCache:
             table = pa.table({"doc_id": [i for i, _ in rows],
                               "tokens": pa.array([np.asarray(t, np.int32) for _, t in rows], pa.list_(pa.int32()))},
                              schema=CACHE_SCHEMA)
-            bounds = _row_group_bounds(cache.lengths[label][0])
+            bounds = row_group_bounds(cache.lengths[label][0])
             cache.row_groups[label] = [hi - lo for lo, hi in bounds]
             with pq.ParquetWriter(cache.path(label), CACHE_SCHEMA, compression="none") as w:
                 for lo, hi in bounds:
@@ -190,7 +190,7 @@ def _cache_batch(batch: pa.Table, cache: TokenCache, writers: dict, staged: dict
         part = batch if len(labels.unique()) == 1 else batch.filter(pc.equal(labels, label))
         lengths = part.column("n_tokens").to_numpy()
         cache.lengths.setdefault(label, []).append(lengths)
-        for lo, hi in _row_group_bounds(lengths):
+        for lo, hi in row_group_bounds(lengths):
             cache.row_groups.setdefault(label, []).append(hi - lo)
             if with_tokens:
                 if label not in writers:

@@ -93,7 +93,7 @@ CACHE_ROW_GROUP_DOCS = 1024
 CACHE_ROW_GROUP_TOKENS = 8 << 20
 
 
-def _row_group_bounds(lengths: np.ndarray) -> list[tuple[int, int]]:
+def row_group_bounds(lengths: np.ndarray) -> list[tuple[int, int]]:
     """Slices of at most CACHE_ROW_GROUP_DOCS documents and (unless one document is bigger) TOKENS tokens:
     pass 2 holds one cache row group per source in memory, so this bounds its memory."""
     bounds, lo, acc = [], 0, 0
@@ -158,7 +158,7 @@ class TokenizeBatches:
 
     def _write_cache(self, table: pa.Table, good: np.ndarray) -> pa.Table:
         """Write the good rows' tokens under cache_root, one file per source label (row groups as the driver's
-        cache had them: _row_group_bounds); return the rows without tokens, with where they went."""
+        cache had them: row_group_bounds); return the rows without tokens, with where they went."""
         import uuid
 
         import pyarrow.parquet as pq
@@ -175,7 +175,7 @@ class TokenizeBatches:
             name = f"{uuid.uuid4().hex}.parquet"
             uri = storage.join(self.cache_root, name)
             fs, path = storage.pyarrow_fs(uri)
-            bounds = _row_group_bounds(n_tok[idx])
+            bounds = row_group_bounds(n_tok[idx])
 
             def write(part=part, fs=fs, path=path, bounds=bounds):
                 with fs.open_output_stream(path) as out, pq.ParquetWriter(out, CACHE_SCHEMA, compression="none") as w:

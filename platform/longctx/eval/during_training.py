@@ -93,7 +93,7 @@ class CheckpointEvaluator:
         self.needle = []
         if dt.needle:
             from longctx.eval.needle import build_needle_prompts
-            from longctx.eval.runner import load_haystack_text
+            from longctx.eval.haystack import load_haystack_text
 
             nd = ev.needle
             text = load_haystack_text(nd.haystack, nd.text_field, min_chars=16 * max(nd.lengths))
@@ -312,10 +312,10 @@ def _fmt(v) -> str:
 # ---------------------------------------------------------------------------------------------- report
 def plot_checkpoint_eval(records: list[dict]) -> bytes:
     """PNG: retrieval (passkey, needle) and NLL beyond the base length against tokens trained."""
-    from longctx.report.plots import _STYLE, _png, plt
+    from longctx.report.plots import STYLE, png_bytes, plt
 
     tokens = [r["tokens"] for r in records]
-    with plt.rc_context(_STYLE):
+    with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(7.5, 4.2))
         # needle: NeedleBench's 0-100 score, drawn as a fraction on the same 0-1 axis as passkey accuracy
         for key, label, style, scale in (("passkey", "passkey accuracy", "o-", 1.0),
@@ -337,7 +337,7 @@ def plot_checkpoint_eval(records: list[dict]) -> bytes:
         lines2 = ax2.get_legend_handles_labels()
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="best", fontsize=8)
         ax.set_title("Retrieval and NLL beyond base vs tokens trained")
-        return _png(fig)
+        return png_bytes(fig)
 
 
 def checkpoint_eval_section(records: list[dict], plot_name: str | None = None) -> str:

@@ -458,7 +458,7 @@ def score_longbench(cfg: JobConfig, results: list[dict], models: dict[str, Model
     """Write each model's LongBench-format predictions and add their scores to `metrics`."""
     from longctx.eval import metrics as M
     from longctx.eval.longbench import score_rows
-    from longctx.report.markdown import _slug
+    from longctx.report.markdown import slug
 
     lb = cfg.eval.longbench
     for name in models:
@@ -473,7 +473,7 @@ def score_longbench(cfg: JobConfig, results: list[dict], models: dict[str, Model
                                      "metric": t.metric, "truncated": t.truncated})
         for ds, rows in by_ds.items():
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            storage.write_text(storage.join(out_dir, "longbench", _slug(name), f"{ds}.jsonl"), text)
+            storage.write_text(storage.join(out_dir, "longbench", slug(name), f"{ds}.jsonl"), text)
         all_rows = [r for rows in by_ds.values() for r in rows]
         scores = score_rows(all_rows, longbench_e=lb.longbench_e, code_sim_backend=lb.code_sim_backend)
         flat = {k: v for k, v in scores.items() if isinstance(v, (int, float))}

@@ -326,8 +326,6 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "model"
 
 
-_slug = slug
-
 
 def gate_markdown(gate: dict) -> str:
     """The regression gate's table: one row per stage and check (base -> after, the limit, passed)."""
@@ -364,7 +362,7 @@ def write_report(run_dir: str, metrics: dict, sections: Sequence[tuple[str, str]
             images[kind] = fname
     for name, m in ev.get("models", {}).items() if not needle_saturated(ev) else ():
         for variant, v in (m.get("needle") or {}).items():
-            fname = f"needle_{_slug(name)}_{variant}.png"
+            fname = f"needle_{slug(name)}_{variant}.png"
             storage.write_bytes(storage.join(run_dir, fname), plot_needle_heatmap(f"{name} ({variant})", v["grid"]))
             images[f"needle: {name} ({variant})"] = fname
     gate = metrics.get("gate") or {}

@@ -14,17 +14,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-_STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False}
+# The look every longctx plot shares (the report's, the sweep's, the study's and the watcher's).
+STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False}
 
 
-def _png(fig, dpi: float | str = "figure") -> bytes:
+def png_bytes(fig, dpi: float | str = "figure") -> bytes:
+    """The figure as PNG bytes; closes it."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight", dpi=dpi)
     plt.close(fig)
     return buf.getvalue()
 
 
-def _mark_base(ax, base_len, label_y: float | None = None):
+def mark_base(ax, base_len, label_y: float | None = None):
+    """A dashed line at the length the base model was trained at, labelled."""
     if base_len:
         ax.axvline(base_len, color="0.35", linestyle="--", linewidth=1)
         ax.annotate(f"base trained at {base_len}", xy=(base_len, 1.0), xycoords=("data", "axes fraction"),
@@ -36,7 +39,7 @@ def plot_nll_by_position(metrics: dict) -> bytes | None:
     models = {n: m["perplexity"] for n, m in metrics.get("models", {}).items() if m.get("perplexity")}
     if not models:
         return None
-    with plt.rc_context(_STYLE):
+    with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(7.5, 4.2))
         for name, ppl in models.items():
             curve = ppl.get("curve") or {}
@@ -45,7 +48,7 @@ def plot_nll_by_position(metrics: dict) -> bytes | None:
             else:  # bucket means only
                 xs = [(lo + hi) / 2 for lo, hi in ppl["buckets"]]
                 ax.plot(xs, ppl["mean_nll"], marker="o", label=name)
-        _mark_base(ax, metrics.get("base_context_length"))
+        mark_base(ax, metrics.get("base_context_length"))
         ax.set_xlabel("token position")
         ax.set_ylabel("mean next-token NLL (nats)")
         ctx = metrics.get("context_length")
@@ -53,7 +56,7 @@ def plot_nll_by_position(metrics: dict) -> bytes | None:
         ax.set_title(f"NLL by position ({docs} held-out documents, {ctx} tokens each)", fontsize=10)
         ax.set_xlim(0, ctx or None)
         ax.legend(fontsize=8, frameon=False)
-        return _png(fig)
+        return png_bytes(fig)
 
 
 def plot_passkey_accuracy(metrics: dict) -> bytes | None:
@@ -61,7 +64,7 @@ def plot_passkey_accuracy(metrics: dict) -> bytes | None:
     models = {n: m["passkey"] for n, m in metrics.get("models", {}).items() if m.get("passkey")}
     if not models:
         return None
-    with plt.rc_context(_STYLE):
+    with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(7.5, 4.0))
         n = len(models)
         for k, (name, pk) in enumerate(models.items()):
@@ -74,14 +77,14 @@ def plot_passkey_accuracy(metrics: dict) -> bytes | None:
         all_lengths = sorted({int(x) for pk in models.values() for x in pk["accuracy_by_length"]})
         ax.set_xticks(all_lengths, [str(x) for x in all_lengths])
         ax.minorticks_off()
-        _mark_base(ax, metrics.get("base_context_length"))
+        mark_base(ax, metrics.get("base_context_length"))
         ax.set_ylim(-5, 105)
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel("passkey accuracy (%)")
         trials = next(iter(models.values())).get("trials")
         ax.set_title(f"Passkey retrieval ({trials} prompts per model, depths averaged)", fontsize=10)
         ax.legend(fontsize=8, frameon=False)
-        return _png(fig)
+        return png_bytes(fig)
 
 
 def plot_needle_heatmap(name: str, grid: dict) -> bytes:
@@ -94,7 +97,7 @@ def plot_needle_heatmap(name: str, grid: dict) -> bytes:
     scores = grid["scores"]  # {length: {depth: score}}
     data = np.array([[scores.get(str(n), {}).get(str(d), math.nan) for n in lengths] for d in depths], dtype=float)
     cmap = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
-    with plt.rc_context({**_STYLE, "axes.grid": False}):
+    with plt.rc_context({**STYLE, "axes.grid": False}):
         fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(lengths) + 2.5), max(3.0, 0.45 * len(depths) + 1.6)))
         im = ax.imshow(data, cmap=cmap, vmin=0, vmax=100, aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
@@ -107,7 +110,7 @@ def plot_needle_heatmap(name: str, grid: dict) -> bytes:
         ax.set_ylabel("needle depth")
         ax.set_title(f"{name}: needle retrieval score (mean {grid.get('mean', float('nan')):.1f})", fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="score")
-        return _png(fig)
+        return png_bytes(fig)
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -131,7 +134,7 @@ def plot_loss_curve(history: list[dict], title: str = "training loss") -> bytes 
     steps, loss = [p[0] for p in pts], [p[1] for p in pts]
     window = max(2, round(len(loss) / 10))
     val = [(h["step"], h["val_loss"]) for h in history if isinstance(h.get("val_loss"), (int, float))]
-    with plt.rc_context(_STYLE):
+    with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(7.5, 4.0))
         ax.plot(steps, loss, color="#9ab8d8", linewidth=1.0, label="train loss (per step)")
         ax.plot(steps, smooth(loss, window), color="#1f5fa8", linewidth=2.0,
@@ -144,4 +147,4 @@ def plot_loss_curve(history: list[dict], title: str = "training loss") -> bytes 
         ax.ticklabel_format(axis="both", style="plain", useOffset=False)
         ax.set_title(f"{title} ({len(loss)} steps)", fontsize=10)
         ax.legend(fontsize=8, frameon=False)
-        return _png(fig)
+        return png_bytes(fig)

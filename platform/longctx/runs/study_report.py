@@ -265,12 +265,12 @@ def plot_study(nums: dict) -> bytes | None:
     """PNG, one panel per part run (a, b, c, d): each baseline's NLL beyond base minus Long-PT's (a) and each
     strategy's minus cut-at-base's per source (b), with paired 95% intervals; passkey and RULER NIAH at 4x before
     and after long-SFT with their intervals (c); NLL beyond base against the RoPE base with the bound (d)."""
-    from longctx.report.plots import _STYLE, _png, plt  # deferred: matplotlib (seconds), needed for the report only
+    from longctx.report.plots import STYLE, png_bytes, plt  # deferred: matplotlib (seconds), needed for the report only
 
     panels = [k for k in ("a", "b", "c", "d") if nums.get(k)]
     if not panels:
         return None
-    with plt.rc_context(_STYLE):
+    with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
         for ax, part in zip(axes[0], panels):
             if part == "a":  # each baseline against Long-PT, paired intervals (what the verdicts decide on)
@@ -327,7 +327,7 @@ def plot_study(nums: dict) -> bytes | None:
                 ax.set_xlabel("rope_theta")
                 ax.set_ylabel("NLL beyond base (nats)")
         fig.tight_layout()
-        return _png(fig)
+        return png_bytes(fig)
 
 
 def _diff(x: dict | None, y: dict | None, value: bool = False) -> tuple[float, float, float]:

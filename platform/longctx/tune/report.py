@@ -25,7 +25,7 @@ import yaml
 
 from longctx import storage
 from longctx.config import OBJECTIVE_MODE, JobConfig, load_config, set_dotted
-from longctx.report.plots import _mark_base, _png, plt
+from longctx.report.plots import mark_base, png_bytes, plt
 from longctx.tune.space import compact_number, trial_key
 
 ROPE = "model.rope_theta"
@@ -146,7 +146,7 @@ def plot_heatmap(table: list[dict], x_axis: str, y_axis: str | None, objective: 
     fig.colorbar(im, ax=ax, label=objective)
     ax.set_title(f"{objective} ({OBJECTIVE_MODE[objective]} is best)", pad=26)
     ax.grid(False)
-    return _png(fig, dpi=110)
+    return png_bytes(fig, dpi=110)
 
 
 def plot_ppl_vs_length(table: list[dict], baselines: dict | None, base_len: int | None) -> bytes | None:
@@ -177,13 +177,13 @@ def plot_ppl_vs_length(table: list[dict], baselines: dict | None, base_len: int 
             edges = [hi for _, hi in ppl["buckets"]]
             ax.plot(edges, cumulative_perplexity(edges, ppl["mean_nll"], ppl["tokens"]), linestyle="--",
                     color="0.5" if "naive" in name else "0.2", label=name)
-    _mark_base(ax, base_len)
+    mark_base(ax, base_len)
     ax.set_xlabel("evaluated context length (tokens)")
     ax.set_ylabel("perplexity over the first N tokens")
     ax.set_title("Perplexity vs context length per RoPE base")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig, dpi=110)
+    return png_bytes(fig, dpi=110)
 
 
 def plot_objective_vs_rope(table: list[dict], objective: str, bound: dict | None) -> bytes | None:
@@ -205,7 +205,7 @@ def plot_objective_vs_rope(table: list[dict], objective: str, bound: dict | None
     ax.set_title(f"{objective} vs RoPE base")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig, dpi=110)
+    return png_bytes(fig, dpi=110)
 
 
 # ---------------------------------------------------------------------------------------------------- writing

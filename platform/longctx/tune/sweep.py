@@ -36,12 +36,9 @@ from longctx.eval.runner import ModelSpec, default_model_specs
 from longctx.runs.folder import CONFIG, DATA_DIR, METRICS, RunContext, open_run, resolve_outputs
 from longctx.runs.steps import connect_ray, evaluate_step, finish, prepare_step, setup_logging, train_step
 from longctx.tune.report import write_results
-from longctx.tune.space import (  # noqa: F401 - re-exported: the sweep's public helpers
+from longctx.tune.space import (
     base_tree,
-    compact_number,
-    cumulative_perplexity,
     data_key,
-    grid_points,
     param_space,
     trial_config,
     trial_key,

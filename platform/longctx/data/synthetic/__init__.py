@@ -16,7 +16,8 @@ Everything is a function of `synth.seed` (or `data.seed`) and sized in tokens of
     from longctx.data.synthetic import synth_cip, synth_tables, synth_retrieval, cip_table, cip_dataset
 """
 
-from longctx.data.synthetic.cip import cip_dataset, cip_table, synth_cip
+from longctx.data.cip import cip_dataset, cip_table
+from longctx.data.synthetic.cip import synth_cip
 from longctx.data.synthetic.common import load_chat_jsonl
 from longctx.data.synthetic.retrieval import synth_retrieval
 from longctx.data.synthetic.tables import synth_tables

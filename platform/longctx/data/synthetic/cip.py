@@ -35,17 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from longctx import storage
-from longctx.data.cip import (  # noqa: F401 - the row rewrite, re-exported here
-    FIXED,
-    _matrix,
-    chunk_bounds,
-    cip_dataset,
-    cip_params,
-    cip_row_count,
-    cip_table,
-    interleave_row,
-    is_cip_row,
-)
+from longctx.data.cip import FIXED, cip_dataset, cip_params, column_matrix, is_cip_row
 from longctx.data.pack import PACKED_KIND, PACKED_SCHEMA, write_shard_file
 from longctx.data.synthetic.common import histogram
 
@@ -125,7 +115,7 @@ def _to_parquet_form(batch: pa.Table) -> pa.Table:
     for f in PACKED_SCHEMA:
         col = batch.column(f.name)
         if f.name in FIXED:
-            m, _ = _matrix(col, n)
+            m, _ = column_matrix(col, n)
             offs = pa.array(np.arange(0, (n + 1) * m.shape[1], m.shape[1], dtype=np.int32))
             col = pa.ListArray.from_arrays(offs, pa.array(m.reshape(-1).astype(np.int32, copy=False)))
         cols[f.name] = col

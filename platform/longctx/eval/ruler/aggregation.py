@@ -15,11 +15,11 @@ import string
 
 import numpy as np
 
-from longctx.eval.ruler.synthetic import RulerLengthError, _Task, fit_sample, search_size
+from longctx.eval.ruler.synthetic import RulerLengthError, Task, fit_sample, search_size
 from longctx.eval.ruler.words import cwe_words, read_english_words, zeta
 
 
-class CommonWords(_Task):
+class CommonWords(Task):
     """common_words_extraction.py: a numbered word list where 10 words repeat most; one-shot example first."""
 
     base_task = "common_words_extraction"
@@ -81,7 +81,7 @@ class CommonWords(_Task):
         return rows
 
 
-class FrequentWords(_Task):
+class FrequentWords(Task):
     """freq_words_extraction.py: coded 6-letter words with Zipf(alpha) counts; the top one is noise ('...')."""
 
     base_task = "freq_words_extraction"

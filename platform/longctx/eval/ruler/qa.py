@@ -17,7 +17,7 @@ import random
 
 from longctx import storage
 from longctx.eval.ruler.constants import DOCUMENT_PROMPT
-from longctx.eval.ruler.synthetic import _Task, fit_sample, search_size
+from longctx.eval.ruler.synthetic import Task, fit_sample, search_size
 
 QA_SOURCES = {"squad": "SQuAD 2.0 dev JSON (dev-v2.0.json)", "hotpotqa": "HotpotQA dev distractor JSON "
               "(hotpot_dev_distractor_v1.json)"}
@@ -68,7 +68,7 @@ def read_hotpotqa(uri: str) -> tuple[list[dict], list[str]]:
 READERS = {"squad": read_squad, "hotpotqa": read_hotpotqa}
 
 
-class QA(_Task):
+class QA(Task):
     """qa.py: the question's own documents plus distractors (same article first for SQuAD), shuffled."""
 
     base_task = "qa"

@@ -142,7 +142,7 @@ def remove_newline_tab(text: str) -> str:
     return " ".join(text.replace("\n", " ").replace("\t", " ").strip().split())
 
 
-class _Task:
+class Task:
     base_task = ""
 
     def __init__(self, *, template: Template, count: Callable[[str], int], max_seq_length: int,
@@ -166,7 +166,7 @@ class _Task:
                 "length_w_model_temp": length, "answer_prefix": prefix}
 
 
-class NIAH(_Task):
+class NIAH(Task):
     """niah.py: keys and values as words, 7-digit numbers or UUIDs; haystack noise, essay or needle."""
 
     base_task = "niah"
@@ -266,7 +266,7 @@ class NIAH(_Task):
         return rows
 
 
-class VariableTracking(_Task):
+class VariableTracking(Task):
     """variable_tracking.py: chains `VAR X = 12345`, `VAR Y = VAR X`, ... in noise; one-shot ICL example."""
 
     base_task = "variable_tracking"
