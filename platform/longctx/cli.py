@@ -22,32 +22,35 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 
-from longctx import quiet
+from longctx import __version__, cleanup, quiet
+from longctx.model.rope import suggest_rope_base
+from longctx.train.gpus import PLAN_KINDS
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_config: str | None = None) -> None:
-    from longctx.config import EMBEDDED_DEFAULT
-    from longctx.jobargs import add_config_args
+    from longctx.config import EMBEDDED_DEFAULT  # deferred: CLI start-up time
+    from longctx.jobargs import add_config_args  # deferred: CLI start-up time
 
     add_config_args(p, default_config or EMBEDDED_DEFAULT)
 
 
 def _load(args, kind: str | None = None):
     """The config of `args`; with `kind`, also the checks that job runs before Ray starts (longctx.preflight)."""
-    from longctx.config import load_config
+    from longctx.config import load_config  # deferred: CLI start-up time
 
     cfg = load_config(args.config, args.overrides)
     if kind is not None:
-        from longctx import preflight
+        from longctx import preflight  # deferred: CLI start-up time
 
         preflight.require(cfg, kind)
     return cfg
 
 
 def _cmd_data_prepare(args) -> int:
-    from longctx.runs.recipes import prepare_summary, run_prepare
+    from longctx.runs.recipes import prepare_summary, run_prepare  # deferred: CLI start-up time
 
     uri, manifest = run_prepare(_load(args, "prepare"), replace=args.overwrite)  # committed data is reused
     print(json.dumps(prepare_summary(manifest)))
@@ -56,8 +59,8 @@ def _cmd_data_prepare(args) -> int:
 
 
 def _cmd_data_stats(args) -> int:
-    from longctx.data.pipeline import length_stats
-    from longctx.runs.steps import connect_ray
+    from longctx.data.pipeline import length_stats  # deferred: CLI start-up time
+    from longctx.runs.steps import connect_ray  # deferred: CLI start-up time
 
     cfg = _load(args)
     connect_ray(cfg)
@@ -66,17 +69,13 @@ def _cmd_data_stats(args) -> int:
 
 
 def _cmd_data_clean(args) -> int:
-    import tempfile
-
-    from longctx import cleanup
-
     removed = cleanup.remove_dead([args.tmp or tempfile.gettempdir(), *args.path])
     for path in removed:
         print(f"removed {path}")
     print(f"removed {len(removed)} folders of dead runs (folders of running ones are kept)")
     failed = 0
     if args.prefix:
-        from longctx import storage
+        from longctx import storage  # deferred: CLI start-up time
 
         orphans = []
         for prefix in args.prefix:
@@ -92,9 +91,9 @@ def _cmd_data_clean(args) -> int:
 
 
 def _cmd_data_synth(args) -> int:
-    from longctx import storage
-    from longctx.runs.folder import SYNTH_DIR, open_run
-    from longctx.runs.steps import connect_ray
+    from longctx import storage  # deferred: CLI start-up time
+    from longctx.runs.folder import SYNTH_DIR, open_run  # deferred: CLI start-up time
+    from longctx.runs.steps import connect_ray  # deferred: CLI start-up time
 
     cfg = _load(args)
     run = None
@@ -104,12 +103,12 @@ def _cmd_data_synth(args) -> int:
     try:
         connect_ray(cfg)
         if args.kind == "cip":
-            from longctx.data.synthetic.cip import synth_cip
+            from longctx.data.synthetic.cip import synth_cip  # deferred: CLI start-up time
 
             result = synth_cip(cfg, dest, packed=args.packed)
             print(json.dumps({"uri": result["uri"], "rows": result["rows"], "cip": result["params"]["cip"]["rows"]}))
         else:
-            from longctx.data.synthetic import retrieval, tables
+            from longctx.data.synthetic import retrieval, tables  # deferred: CLI start-up time
 
             fn = tables.synth_tables if args.kind == "tables" else retrieval.synth_retrieval
             result = fn(cfg, dest)
@@ -121,7 +120,7 @@ def _cmd_data_synth(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from longctx.runs.recipes import run_long_pt
+    from longctx.runs.recipes import run_long_pt  # deferred: CLI start-up time
 
     cfg = _load(args, "pt")
     run_long_pt(cfg)
@@ -129,7 +128,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_sft(args) -> int:
-    from longctx.runs.recipes import run_long_sft
+    from longctx.runs.recipes import run_long_sft  # deferred: CLI start-up time
 
     run_long_sft(_load(args, "sft"))
     return 0
@@ -137,24 +136,24 @@ def _cmd_sft(args) -> int:
 
 def _cmd_eval_run(args) -> int:
     cfg = _load(args, "eval")  # checks first: importing the runner imports torch
-    from longctx.runs.recipes import run_eval
+    from longctx.runs.recipes import run_eval  # deferred: CLI start-up time
 
     run_eval(cfg)
     return 0
 
 
 def _cmd_eval_score(args) -> int:
-    from longctx.eval.scoring import score_prediction_file
+    from longctx.eval.scoring import score_prediction_file  # deferred: CLI start-up time
 
     score_prediction_file(args.predictions, args.output)
     return 0
 
 
 def _cmd_eval_ruler_generate(args) -> int:
-    from longctx.eval.ruler.generate import iter_ruler, write_ruler_samples
-    from longctx.eval.ruler.suite import ruler_lengths
-    from longctx.eval.runner import ModelSpec, base_max_positions, tokenizer_uri
-    from longctx.model.load import load_tokenizer
+    from longctx.eval.ruler.generate import iter_ruler, write_ruler_samples  # deferred: CLI start-up time
+    from longctx.eval.ruler.suite import ruler_lengths  # deferred: CLI start-up time
+    from longctx.eval.runner import ModelSpec, base_max_positions, tokenizer_uri  # deferred: CLI start-up time
+    from longctx.model.load import load_tokenizer  # deferred: CLI start-up time
 
     cfg = _load(args)
     model = cfg.eval.model or cfg.model.path
@@ -168,7 +167,7 @@ def _cmd_eval_ruler_generate(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from longctx.tune.sweep import run_sweep
+    from longctx.tune.sweep import run_sweep  # deferred: CLI start-up time
 
     summary = run_sweep(_load(args, "sweep"), fresh=args.fresh)
     if not summary["complete"]:
@@ -178,14 +177,12 @@ def _cmd_tune(args) -> int:
 
 
 def _cmd_study(args) -> int:
-    from longctx.runs.study import run_from_args
+    from longctx.runs.study import run_from_args  # deferred: CLI start-up time
 
     return run_from_args(args)
 
 
 def _cmd_rope_suggest(args) -> int:
-    from longctx.model.rope import suggest_rope_base
-
     r = suggest_rope_base(args.head_dim, args.train_len, args.target_len)
     if args.target_len <= args.train_len:
         print(f"longctx: warning: --target-len {args.target_len} is not longer than --train-len {args.train_len}: "
@@ -198,13 +195,13 @@ def _cmd_rope_suggest(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from longctx.plan.planner import Planner
-    from longctx.plan.report import render
+    from longctx.plan.planner import Planner  # deferred: CLI start-up time
+    from longctx.plan.report import render  # deferred: CLI start-up time
 
     t0 = time.perf_counter()
     cfg = _load(args)
     if cfg.stages:  # a multi-stage recipe: every stage's plan, in order (each names its stage)
-        from longctx.config import stage_config
+        from longctx.config import stage_config  # deferred: CLI start-up time
 
         for i, stage in enumerate(cfg.stages):
             print(f"stage {i + 1}/{len(cfg.stages)} {stage.name}:", file=sys.stderr if args.json else sys.stdout)
@@ -234,12 +231,12 @@ def _plan_one(cfg, args, t0, Planner, render) -> int:
 
 
 def _cmd_config(args) -> int:
-    from longctx.config import dump_config, job_config_schema
+    from longctx.config import dump_config, job_config_schema  # deferred: CLI start-up time
 
     if args.action == "schema":
         text = json.dumps(job_config_schema(), indent=2, sort_keys=True) + "\n"
         if args.output:
-            from longctx import storage
+            from longctx import storage  # deferred: CLI start-up time
 
             storage.write_text(args.output, text)
             print(f"wrote {args.output}")
@@ -247,7 +244,7 @@ def _cmd_config(args) -> int:
             sys.stdout.write(text)
         return 0
     if args.config is None:  # validate without --config: the embedded recipe of the job kind checked
-        from longctx.config import EMBEDDED_DEFAULT, EMBEDDED_SFT_DEFAULT
+        from longctx.config import EMBEDDED_DEFAULT, EMBEDDED_SFT_DEFAULT  # deferred: CLI start-up time
 
         args.config = EMBEDDED_SFT_DEFAULT if args.kind == "sft" else EMBEDDED_DEFAULT
     cfg = _load(args)
@@ -255,7 +252,7 @@ def _cmd_config(args) -> int:
         sys.stdout.write(dump_config(cfg))
         return 0
     if not args.schema_only:
-        from longctx import preflight
+        from longctx import preflight  # deferred: CLI start-up time
 
         t0 = time.perf_counter()
         kind = args.kind or preflight.default_kind(cfg)
@@ -268,11 +265,9 @@ def _cmd_config(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from longctx import __version__
-    from longctx.config import EMBEDDED_SFT_DEFAULT
-    from longctx.jobargs import add_config_args
-    from longctx.plan.planner import DEFAULT_MFU
-    from longctx.train.gpus import PLAN_KINDS
+    from longctx.config import EMBEDDED_SFT_DEFAULT  # deferred: CLI start-up time
+    from longctx.jobargs import add_config_args  # deferred: CLI start-up time
+    from longctx.plan.planner import DEFAULT_MFU  # deferred: CLI start-up time
 
     parser = argparse.ArgumentParser(prog="longctx", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"longctx {__version__}",
@@ -343,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--fresh", action="store_true", help="fail if a sweep of this name exists instead of resuming it")
     tn.set_defaults(func=_cmd_tune)
 
-    from longctx.runs.study import add_study_args
+    from longctx.runs.study import add_study_args  # deferred: CLI start-up time
 
     st = verbs.add_parser("study", help="the papers' orderings side by side: baselines, data strategies, RoPE "
                           "sweep, retrieval vs tokens (as jobs/study.py)")
@@ -389,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from longctx.jobargs import exit_code
+    from longctx.jobargs import exit_code  # deferred: CLI start-up time
 
     args = build_parser().parse_args(argv)
     if getattr(args, "verbose", False):

@@ -12,6 +12,7 @@ kept in sync by a test; regenerate with `longctx config schema --output schemas/
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from pathlib import Path
@@ -1057,8 +1058,6 @@ def _format_error(err: ValidationError, origin: str) -> str:
 
 def did_you_mean(given: Any, choices: list[str]) -> str:
     """` (did you mean 'x'?)` when `given` is close to one of `choices` (difflib), else ``."""
-    import difflib
-
     if not isinstance(given, str) or not choices:
         return ""
     by_lower = {str(c).lower(): str(c) for c in choices}

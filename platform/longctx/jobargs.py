@@ -21,6 +21,8 @@ from typing import Callable
 
 from longctx import quiet
 from longctx.config import EMBEDDED_DEFAULT, EMBEDDED_SFT_DEFAULT, ConfigError, load_config
+from longctx.eval.gate import GateFailed
+from longctx.train.stops import TrainingStopped
 
 
 def add_config_args(p: argparse.ArgumentParser, default_config: str | None = EMBEDDED_DEFAULT,
@@ -47,10 +49,8 @@ def job_parser(doc: str, default_config: str | None = EMBEDDED_DEFAULT, example:
 
 def exit_code(e: BaseException) -> int | None:
     """The exit code of an error a job reports in one line, None for the others (they keep their traceback)."""
-    from longctx.data.token_cache import DataQualityError
-    from longctx.eval.gate import GateFailed
-    from longctx.runs.handoff import PreparedDataMismatch
-    from longctx.train.stops import TrainingStopped
+    from longctx.data.token_cache import DataQualityError  # deferred: pulls in pyarrow, used only here
+    from longctx.runs.handoff import PreparedDataMismatch  # deferred: pulls in pyarrow, used only here
 
     if isinstance(e, (ConfigError, PreparedDataMismatch)):
         return 2
@@ -75,7 +75,7 @@ def run_job(prog: str, doc: str, fn: Callable, argv: list[str] | None = None, *,
     try:
         cfg = load_config(args.config, args.overrides)
         if kind is not None:
-            from longctx import preflight
+            from longctx import preflight  # deferred: pulls in pyarrow, used only here
 
             preflight.require(cfg, kind)  # every checkable mistake, before Ray starts
         result = fn(cfg, args)

@@ -28,7 +28,10 @@ on purpose: every check a job runs before Ray starts is listed here, per job kin
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+import importlib.util
+import itertools
 import json
 import os
 import re
@@ -37,8 +40,14 @@ import time
 from dataclasses import dataclass, field
 
 from longctx import storage
-from longctx.config import ConfigError, JobConfig, stage_config
+from longctx.config import ConfigError, JobConfig, config_from_dict, set_dotted, stage_config
+from longctx.data.pipeline import load_manifest
+from longctx.plan.planner import Planner, resolve_gpu
+from longctx.plan.report import refusal
 from longctx.probe import probe_source, probe_text_source
+from longctx.runs.handoff import check_packed_data
+from longctx.tracking import missing_packages
+from longctx.train.schedule import BatchLayoutError, derive_layout
 
 KINDS = ("pt", "sft", "eval", "prepare", "sweep")
 CORPUS_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz", ".jsonl.zst", ".json.zst",
@@ -119,8 +128,8 @@ _CLIENTS: dict[tuple, object] = {}
 
 def _s3_client():
     """One boto3 client per endpoint/region/credentials (creating one takes a noticeable fraction of a second)."""
-    import boto3
-    from botocore.config import Config
+    import boto3  # deferred: boto3 (slow to import), needed only here
+    from botocore.config import Config  # deferred: heavy import, used only here
 
     opts = storage.options()
     key = (opts.endpoint_url, opts.region, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
@@ -145,8 +154,8 @@ def _missing_credentials_line() -> tuple[str, str]:
 
 
 def _check_s3_credentials(st: _State, uris: dict[str, str]) -> None:
-    import botocore.exceptions
-    import botocore.session
+    import botocore.exceptions  # deferred: heavy import, used only here
+    import botocore.session  # deferred: heavy import, used only here
 
     where = "S3 (" + ", ".join(sorted(uris)) + ")"
     try:
@@ -173,7 +182,7 @@ def _check_s3_credentials(st: _State, uris: dict[str, str]) -> None:
 
 def _s3_error(e: Exception, uri: str) -> tuple[str, str, bool]:
     """(what, fix, blocks_all_s3) for an exception of an S3 request on `uri`."""
-    import botocore.exceptions as bx
+    import botocore.exceptions as bx  # deferred: heavy import, used only here
 
     if isinstance(e, bx.NoCredentialsError):
         what, fix = _missing_credentials_line()
@@ -218,7 +227,7 @@ def _s3_files(uri: str, limit: int = 1000) -> list[str]:
     try:
         client.head_object(Bucket=bucket, Key=key)
     except Exception as e:  # noqa: BLE001
-        import botocore.exceptions as bx
+        import botocore.exceptions as bx  # deferred: heavy import, used only here
 
         if isinstance(e, bx.ClientError) and str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey",
                                                                                               "NotFound"):
@@ -341,10 +350,10 @@ def _vocab(folder: str) -> dict[str, int]:
     without tokenizer.json goes through transformers (which may convert a slow tokenizer)."""
     path = os.path.join(folder, "tokenizer.json")
     if os.path.isfile(path):
-        import tokenizers
+        import tokenizers  # deferred: heavy import, used only here
 
         return tokenizers.Tokenizer.from_file(path).get_vocab(with_added_tokens=True)
-    from longctx.model.load import load_tokenizer
+    from longctx.model.load import load_tokenizer  # deferred: pulls in torch, used only here
 
     return load_tokenizer(folder).get_vocab()
 
@@ -383,8 +392,6 @@ def _check_tokenizer(st: _State) -> None:
 
 # -------------------------------------------------------------------------------------------- layout / model
 def _check_layout(st: _State) -> None:
-    from longctx.train.schedule import BatchLayoutError, derive_layout
-
     t = st.cfg.train
     try:
         derive_layout(global_batch_tokens=t.global_batch_tokens, seq_len=st.cfg.data.seq_len,
@@ -426,8 +433,6 @@ def _check_positions(st: _State) -> None:
 
 
 def _check_backend(st: _State) -> None:
-    import importlib.util
-
     cfg, t = st.cfg, st.cfg.train
     attn = cfg.model.attn_implementation
     if attn == "auto":  # as longctx.model.load.pick_attn_implementation on the workers (no torch import here)
@@ -465,8 +470,6 @@ def _check_memory(st: _State) -> None:
     cfg = st.cfg
     if not cfg.train.use_gpu or not isinstance(st.model_config_full, dict) or st.problems:
         return  # nothing to plan, or the job is refused already (a plan of a broken config would mislead)
-    from longctx.plan.planner import Planner, resolve_gpu
-    from longctx.plan.report import refusal
 
     kind, memory, _ = resolve_gpu(cfg)
     if memory is None:
@@ -518,11 +521,6 @@ def _check_eval_suites(st: _State) -> None:
 def _check_sweep_grid(st: _State, limit: int = 512) -> None:
     """Layout, positions and backend of every grid point of a sweep (up to `limit`): a trial whose parameters do
     not divide would otherwise fail minutes into the sweep. Random axes (choice/uniform) are not enumerable."""
-    import copy
-    import itertools
-
-    from longctx.config import config_from_dict, set_dotted
-
     grid = {k: v.grid for k, v in st.cfg.tune.space().items() if v.grid is not None}
     if not grid:
         return
@@ -557,9 +555,6 @@ def _check_sweep_grid(st: _State, limit: int = 512) -> None:
 
 def _check_prepared(st: _State) -> None:
     """data.prepared: a committed packed dataset whose manifest fits the job (longctx.runs.handoff)."""
-    from longctx.data.pipeline import load_manifest
-    from longctx.runs.handoff import check_packed_data
-
     uri = st.cfg.data.prepared
     fix = "prepare data for this job's settings (jobs/prepare_data.py), or match the job to the data"
     try:
@@ -647,7 +642,6 @@ def _run(cfg: JobConfig, kind: str) -> _State:
     if "backend" in checks:
         _check_memory(st)  # last: only a job that is otherwise right is planned
     if kind in ("pt", "sft", "sweep"):  # logging.wandb / logging.mlflow need their package (longctx.tracking)
-        from longctx.tracking import missing_packages
 
         for name in missing_packages(cfg):
             st.add(f"logging.{name}.enabled", f"true, but the `{name}` package is not installed here",

@@ -67,7 +67,7 @@ def connect(cfg=None, *, num_cpus: int | None = None):
     `ray`. Joins an already initialised Ray (a test's cluster, a Tune trial) as is."""
     import ray  # deferred (as storage below): the watchdog, `python -m longctx.raycluster`, starts without them
 
-    from longctx import storage
+    from longctx import storage  # deferred: as ray above
 
     if cfg is not None:
         storage.configure(cfg.storage)
@@ -259,7 +259,7 @@ def _loopback_only(on: bool) -> None:
     """Make this process see the environment `_private_env` set: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once at
     import, RAY_AUTH_MODE when its config is initialised, and caches the token of the first cluster."""
     from ray._private import ray_constants  # NOTE: private: the flag behind the node address is read at import
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # deferred: heavy import, used only here
 
     ray_constants.ENABLE_RAY_CLUSTER = not on
     Config.initialize("")  # as Ray's own token-auth setup does after changing RAY_AUTH_MODE

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from longctx import storage
+from longctx.config import ConfigError
 
 log = logging.getLogger("longctx.tracking")
 
@@ -106,8 +107,6 @@ def missing_packages(cfg) -> list[str]:
 
 def check_available(cfg) -> None:
     """Fail before Ray is started when `logging.wandb` / `logging.mlflow` is on without its package."""
-    from longctx.config import ConfigError
-
     missing = missing_packages(cfg)
     if missing:
         raise ConfigError(
@@ -131,7 +130,7 @@ class Tracker:
         self.wandb_run = wandb_run
         self.mlflow = mlflow_module
         if logdir:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # deferred: optional dependency
 
             remote = logdir.startswith("s3://")
             self._local_dir = tempfile.mkdtemp(prefix="longctx-tb-") if remote else logdir
@@ -162,7 +161,7 @@ class Tracker:
                    flush_every_s=lcfg.flush_every_s, wandb_run=wandb_run, mlflow_module=mlflow_module, role=role)
 
     def _write_hparams(self, hparams: dict[str, Any]) -> None:
-        from tensorboardX.summary import hparams as hparams_summary
+        from tensorboardX.summary import hparams as hparams_summary  # deferred: optional dependency
 
         exp, ssi, sei = hparams_summary({k: v for k, v in hparams.items()}, {"train/loss": float("nan")})
         fw = self._writer._get_file_writer()
@@ -222,7 +221,7 @@ def _mlflow_key(name: str) -> str:
 
 
 def _open_wandb(wcfg, hparams: dict, run_id: str, role: str, rank_zero_only: bool):
-    from ray.air.integrations.wandb import setup_wandb
+    from ray.air.integrations.wandb import setup_wandb  # deferred: heavy import, used only here
 
     kwargs: dict[str, Any] = {"project": wcfg.project, "group": wcfg.group or run_id, "mode": wcfg.mode,
                               "id": f"{run_id}-{role}" if role != "train" else run_id,
@@ -241,7 +240,7 @@ def _open_wandb(wcfg, hparams: dict, run_id: str, role: str, rank_zero_only: boo
 
 
 def _open_mlflow(mcfg, hparams: dict, run_id: str, role: str, rank_zero_only: bool, output_dir: str):
-    from ray.air.integrations.mlflow import setup_mlflow
+    from ray.air.integrations.mlflow import setup_mlflow  # deferred: heavy import, used only here
 
     uri = mcfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri and not output_dir.startswith("s3://"):

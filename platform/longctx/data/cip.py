@@ -97,7 +97,7 @@ def cip_table(table: pa.Table, k: int = 2, fraction: float = 1.0) -> pa.Table:
     out = table
     for c in FIXED:
         if tensor:
-            from ray.data.extensions import ArrowTensorArray
+            from ray.data.extensions import ArrowTensorArray  # deferred: heavy import, used only here
 
             arr = ArrowTensorArray.from_numpy(mats[c].astype(np.int32, copy=False))
         else:

@@ -27,10 +27,13 @@ partitions depend on the config and the plan only; the sha256 of every shard is 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from typing import Iterator
 
@@ -38,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 
 from longctx import cleanup, storage
+from longctx.config import JobConfig
 from longctx.data.budget import effective_data_config
 from longctx.data.mixture import MixturePlan, SourcePlan, plan_mixture
 from longctx.data.pack import PACKED_KIND, BestFitPacker, ConcatPacker, PackStats, RowBuilder, Segment, write_shard_file
@@ -321,7 +325,7 @@ def packed_row_tables(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int,
     if len(builder):
         yield cip(builder.table())
     if d.cip.fraction > 0 and emissions is None:  # the manifest's params record the CIP share
-        from longctx.data.cip import cip_params
+        from longctx.data.cip import cip_params  # deferred: import cycle with longctx.data.cip
 
         plan.params["cip"] = cip_params(d.cip.k, d.cip.fraction, row_id)
 
@@ -390,8 +394,6 @@ def plan_partitions(data_cfg, cache: TokenCache, plan: MixturePlan) -> list[dict
 def partition_row_count(cfg_json: str, cache: TokenCache, plan: MixturePlan, emissions: dict) -> dict:
     """Rows partition `emissions` packs into (`rows`), from the lengths alone (no token read): the driver
     numbers rows and shards from these before any partition writes. `cpu_s`: the CPU time it took."""
-    from longctx.config import JobConfig
-
     cfg = JobConfig.model_validate_json(cfg_json)
     storage.configure(cfg.storage)
     c0 = time.process_time()
@@ -404,8 +406,6 @@ def write_partition(cfg_json: str, cache: TokenCache, plan: MixturePlan, pad_id:
     """One pass-2 partition: pack its rows (row ids from `row_offset`) and write them as shards
     `part-{shard_offset + i:05d}.parquet` of rows_per_shard rows under `staging` (local folder or s3:// prefix).
     Returns the shard entries, the packer's stats, per-source output statistics and the node it ran on."""
-    from longctx.config import JobConfig
-
     cfg = JobConfig.model_validate_json(cfg_json)
     storage.configure(cfg.storage)
     c0 = time.process_time()
@@ -423,9 +423,6 @@ def write_partition(cfg_json: str, cache: TokenCache, plan: MixturePlan, pad_id:
 
 def write_shard(table: pa.Table, staging: str, name: str) -> dict:
     """Write one shard (zstd Parquet) under a local folder or an s3:// prefix; its bytes and sha256."""
-    import contextlib
-    import tempfile
-
     remote = storage.is_s3(staging)
     with (tempfile.TemporaryDirectory(prefix="longctx-shard-") if remote else contextlib.nullcontext(staging)) as folder:
         path = os.path.join(folder, name)
@@ -438,7 +435,7 @@ def write_shard(table: pa.Table, staging: str, name: str) -> dict:
 
 def _node_id() -> str:
     try:
-        import ray
+        import ray  # deferred: heavy import, used only here
 
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     except Exception:  # noqa: BLE001 - only a label for the record
@@ -456,7 +453,7 @@ def run_pass2(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int, staging: s
     emissions = plan_partitions(d, cache, plan)
     parts = len(emissions)
     cfg_json = cfg.model_dump_json()
-    import ray
+    import ray  # deferred: heavy import, used only here
 
     use_ray = ray.is_initialized() if use_ray is None else use_ray
     if use_ray:
@@ -465,7 +462,7 @@ def run_pass2(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int, staging: s
             opts["resources"] = dict(cfg.ray.data_resources)
         if not cache.chunks:
             # NOTE: a cache the driver wrote (one local file per source) is on this node only: run the tasks here
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # deferred: heavy import, used only here
 
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
                 node_id=ray.get_runtime_context().get_node_id(), soft=False)
@@ -499,7 +496,7 @@ def run_pass2(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int, staging: s
         for s, acc in r["out_stats"].items():
             out_stats.setdefault(s, LengthAccumulator(d.long_threshold)).merge(acc)
     if d.cip.fraction > 0:  # the manifest's params record the CIP share
-        from longctx.data.cip import cip_params
+        from longctx.data.cip import cip_params  # deferred: import cycle with longctx.data.cip
 
         plan.params["cip"] = cip_params(d.cip.k, d.cip.fraction, stats.rows)
     return {"shards": shards, "stats": stats, "out_stats": dict(sorted(out_stats.items())), "partitions": parts,
@@ -511,7 +508,7 @@ def _cip_hook(cip_cfg):
     """data.cip: rewrite a share of the packed rows as CIP-k rows (longctx.data.cip); identity when off."""
     if cip_cfg.fraction <= 0:
         return lambda table: table
-    from longctx.data.cip import cip_table
+    from longctx.data.cip import cip_table  # deferred: import cycle with longctx.data.cip
 
     return lambda table: cip_table(table, cip_cfg.k, cip_cfg.fraction)
 
@@ -565,7 +562,7 @@ def shared_cache_root(dest: str) -> str:
 
 def pack_and_publish(cfg, cache: TokenCache, dest: str, overwrite: bool = False, quiet: bool = False) -> dict:
     """Quarantine check, mixture plan, pass 2 and atomic publish for a finished pass 1 (no Ray needed)."""
-    from longctx.data.manifest import build_manifest
+    from longctx.data.manifest import build_manifest  # deferred: import cycle with longctx.data.manifest
 
     d = cfg.data
     t_pack = time.time()
@@ -621,7 +618,7 @@ def read_packed(uri: str):
 
     Columns as in schemas/packed_sequence.schema.json; `input_ids`, `position_ids`, `labels` convert to numpy
     int32 arrays of shape [seq_len] (batch_format="numpy" gives [batch, seq_len])."""
-    import ray.data
+    import ray.data  # deferred: heavy import, used only here
 
     manifest, root = _manifest_and_root(uri)
     paths = [storage.join(root, s["path"]) for s in manifest["shards"]]
@@ -639,7 +636,7 @@ FIXED_COLUMNS = ("input_ids", "position_ids", "labels")
 
 def fixed_length_columns(batch: pa.Table, seq_len: int) -> pa.Table:
     """list<int32> columns of length seq_len -> Ray tensor columns, so numpy batches are [rows, seq_len] int32."""
-    from ray.data.extensions import ArrowTensorArray
+    from ray.data.extensions import ArrowTensorArray  # deferred: heavy import, used only here
 
     for name in FIXED_COLUMNS:
         col = batch.column(name).combine_chunks()
@@ -651,8 +648,6 @@ def fixed_length_columns(batch: pa.Table, seq_len: int) -> pa.Table:
 def _pack_in_task(batch: dict, cfg_json: str, cache: TokenCache, plan: MixturePlan, pad_id: int,
                   rows_per_block: int) -> Iterator[pa.Table]:
     """Ray Data function for `packed_dataset`: runs pass 2 where the cache is and yields row tables."""
-    from longctx.config import JobConfig
-
     cfg = JobConfig.model_validate_json(cfg_json)
     d = cfg.data
     row = 0
@@ -670,11 +665,9 @@ def packed_dataset(cfg):
     Pass 1 (tokenize, quarantine checks, plan) runs now; pass 2 (mix + pack) runs lazily in one Ray task pinned
     to this node, where the token cache lives (a temp folder removed when this process exits). Iterating the
     dataset again replays the same rows."""
-    import atexit
-
-    import ray
-    import ray.data
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    import ray  # deferred: heavy import, used only here
+    import ray.data  # deferred: heavy import, used only here
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # deferred: heavy import, used only here
 
     d = cfg.data
     storage.configure(cfg.storage)

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
 
 from longctx import storage
 from longctx.config import SourceSpec
@@ -332,7 +334,6 @@ class _Decompressed:
     def _new(self):
         if self.uri.endswith(".gz"):
             return zlib.decompressobj(wbits=31)
-        import zstandard
 
         return zstandard.ZstdDecompressor().decompressobj()
 
@@ -511,8 +512,6 @@ def _parse_line(task: FileTask, raw: bytes, line_no: int, out: _Batcher, max_byt
 
 
 def _read_parquet(task: FileTask, f, out: _Batcher, max_bytes: int) -> Iterator[pa.Table]:
-    import pyarrow.parquet as pq
-
     pf = pq.ParquetFile(f)
     row = 0
     for rg in range(pf.num_row_groups):

@@ -95,10 +95,10 @@ def plot_length_histogram(lengths_by_source: dict[str, np.ndarray], path: str, *
                           long_threshold: int, title: str = "tokens by document length") -> str:
     """PNG bar chart (matplotlib Agg): each source's share of tokens per document-length bin, with bins derived
     from `seq_len` and `long_threshold` (`length_bins`); bins at or beyond long_threshold are hatched."""
-    import matplotlib
+    import matplotlib  # deferred: heavy import, used only here
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: heavy import, used only here
 
     sources = sorted(lengths_by_source)
     arrays = {s: np.asarray(lengths_by_source[s], np.int64) for s in sources}

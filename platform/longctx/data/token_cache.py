@@ -24,9 +24,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from longctx import raycluster, storage
 from longctx.data import sources as src
 from longctx.data.budget import BudgetReader, data_budget
 from longctx.data.tokenize import CACHE_SCHEMA, TokenizeBatches, row_group_bounds
+from longctx.progress import Progress
 
 
 
@@ -75,8 +77,6 @@ class TokenCache:
         name, i = self.chunk(source, rg)
         pf = self._files.get(name)
         if pf is None:
-            from longctx import storage
-
             uri = storage.join(self.root, name)
             fs, path = storage.pyarrow_fs(uri)
             pf = self._files[name] = pq.ParquetFile(fs.open_input_file(path))
@@ -117,8 +117,6 @@ class TokenCache:
 def ensure_ray(cfg) -> None:
     """Connect to Ray if the caller has not (RAY_ADDRESS / cfg.ray.address, else a local cluster): the one
     connector, `longctx.raycluster.connect`."""
-    from longctx import raycluster
-
     raycluster.connect(cfg)
 
 
@@ -138,7 +136,7 @@ def record_stream(cfg, tasks: list[src.FileTask], actor, actor_kwargs: dict, rea
     validated records and quarantine rows, `read_opts` a `ReadOptions.to_dict()`), then an actor pool of
     `data.num_tokenize_actors` actors of class `actor` (Long-PT: TokenizeBatches; Long-SFT: the chat tokenizer);
     yields their output tables without the columns `drop`."""
-    import ray.data
+    import ray.data  # deferred: heavy import, used only here
 
     ensure_ray(cfg)
     remote = {"num_cpus": cfg.ray.data_cpus_per_task}
@@ -254,7 +252,6 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True,
     staged: dict[str, str] = {}
     qfile = open(os.path.join(cache_root, "quarantine.jsonl"), "w") if cache_root else None
     cache.quarantine_path = qfile.name if qfile else ""
-    from longctx.progress import Progress
 
     bar = Progress("tokenize", total=len(tasks), unit="files")  # files started; a line every 10 s
     files_seen: set[int] = set()

@@ -14,10 +14,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import uuid
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from longctx import storage
 
@@ -54,7 +57,7 @@ def load_fast_tokenizer(uri: str):
     cfg_path = os.path.join(folder, "tokenizer_config.json")
     tcfg = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
     if os.path.exists(tok_json):
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # deferred: heavy import, used only here
 
         backend = Tokenizer.from_file(tok_json)
         eos = _token_text(tcfg.get("eos_token"))
@@ -62,7 +65,7 @@ def load_fast_tokenizer(uri: str):
         eos_id = backend.token_to_id(eos) if eos else None
         pad_id = backend.token_to_id(pad) if pad else None
     else:  # only a slow-tokenizer layout: let transformers convert it (needs a fast conversion to exist)
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # deferred: heavy import, used only here
 
         hf = AutoTokenizer.from_pretrained(folder, use_fast=True)
         if not hf.is_fast:
@@ -126,15 +129,13 @@ class TokenizeBatches:
     def __init__(self, tokenizer: str, batch_docs: int = 256, cache_root: str | None = None,
                  storage_cfg: dict | None = None):
         if storage_cfg is not None:
-            from types import SimpleNamespace
-
             storage.configure(SimpleNamespace(**storage_cfg))
         self.backend, self.eos, self.pad = load_fast_tokenizer(tokenizer)
         self.batch_docs = batch_docs
         self.cache_root = cache_root
         self.node = ""
         if cache_root:
-            import ray
+            import ray  # deferred: heavy import, used only here
 
             self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
@@ -159,10 +160,6 @@ class TokenizeBatches:
     def _write_cache(self, table: pa.Table, good: np.ndarray) -> pa.Table:
         """Write the good rows' tokens under cache_root, one file per source label (row groups as the driver's
         cache had them: row_group_bounds); return the rows without tokens, with where they went."""
-        import uuid
-
-        import pyarrow.parquet as pq
-
         n = table.num_rows
         files = np.full(n, None, object)
         rgs = np.full(n, -1, np.int32)

@@ -14,6 +14,9 @@ import json
 import logging
 from typing import Iterator
 
+import pyarrow.parquet as pq
+import zstandard
+
 from longctx import storage
 
 log = logging.getLogger(__name__)
@@ -33,8 +36,6 @@ def _open_lines(uri: str, data: bytes) -> io.TextIOBase:
     if uri.endswith(".gz"):
         data = gzip.decompress(data)
     elif uri.endswith(".zst"):
-        import zstandard
-
         data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
     return io.StringIO(data.decode("utf-8", errors="strict"))
 
@@ -46,8 +47,6 @@ def iter_records(uri: str) -> Iterator[tuple[str, dict]]:
         raise storage.StorageError(f"{uri}: no {', '.join(SUFFIXES)} files found")
     for f in files:
         if f.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
             fs, path = storage.pyarrow_fs(f)
             table = pq.read_table(path, filesystem=fs)
             for i, rec in enumerate(table.to_pylist()):

@@ -38,7 +38,13 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+
 from longctx import storage
+from longctx.config import JobConfig
+from longctx.eval.documents import iter_texts
+from longctx.eval.haystack import load_haystack_text
+from longctx.eval.needle import build_needle_prompts, score_needle, summarize_needle
 from longctx.tracking import Tracker, checkpoint_eval_scalars
 from longctx.train.snapshots import committed_eval_snapshots, ledger_uri, read_ledger, write_ledger
 
@@ -50,7 +56,7 @@ PLOT = "checkpoint_eval.png"
 # ------------------------------------------------------------------------------------------------- actor
 def eval_settings(cfg) -> dict:
     """(context length, base length, passkey lengths) the checkpoints are evaluated at."""
-    from longctx.eval.runner import base_max_positions
+    from longctx.eval.runner import base_max_positions  # deferred: pulls in torch, used only here
 
     dt = cfg.eval.during_training
     context = int(dt.context_length or cfg.eval.context_length or cfg.data.seq_len)
@@ -63,13 +69,11 @@ class CheckpointEvaluator:
     """Ray actor: builds the documents and prompts once, then evaluates one snapshot per call."""
 
     def __init__(self, cfg_json: dict, hold_s: float | None = None):
-        import torch
+        import torch  # deferred: heavy import, used only here
 
-        from longctx.config import JobConfig
-        from longctx.eval.documents import iter_texts
-        from longctx.eval.passkey import build_passkey_prompts
-        from longctx.eval.perplexity import select_documents
-        from longctx.model.load import load_tokenizer
+        from longctx.eval.passkey import build_passkey_prompts  # deferred: pulls in torch, used only here
+        from longctx.eval.perplexity import select_documents  # deferred: pulls in torch, used only here
+        from longctx.model.load import load_tokenizer  # deferred: pulls in torch, used only here
 
         cfg = JobConfig.model_validate(cfg_json)
         storage.configure(cfg.storage)
@@ -92,23 +96,18 @@ class CheckpointEvaluator:
                                               dt.passkey_trials, ev.seed) if self.settings["passkey_lengths"] else [])
         self.needle = []
         if dt.needle:
-            from longctx.eval.needle import build_needle_prompts
-            from longctx.eval.haystack import load_haystack_text
-
             nd = ev.needle
             text = load_haystack_text(nd.haystack, nd.text_field, min_chars=16 * max(nd.lengths))
             self.needle = build_needle_prompts(self.tok, text, nd.lengths, nd.depths, nd.variants, nd.num_needles,
                                                nd.trials, ev.seed)
 
     def evaluate(self, snapshot_uri: str) -> dict:
-        import numpy as np
-        import torch
+        import torch  # deferred: heavy import, used only here
 
-        from longctx.eval.generate import greedy_generate
-        from longctx.eval.needle import score_needle, summarize_needle
-        from longctx.eval.passkey import run_passkey_batch, score_passkey_rows
-        from longctx.eval.perplexity import summarize_position_nll, token_nll
-        from longctx.eval.runner import ModelSpec
+        from longctx.eval.generate import greedy_generate  # deferred: pulls in torch, used only here
+        from longctx.eval.passkey import run_passkey_batch, score_passkey_rows  # deferred: pulls in torch, used only here
+        from longctx.eval.perplexity import summarize_position_nll, token_nll  # deferred: pulls in torch, used only here
+        from longctx.eval.runner import ModelSpec  # deferred: pulls in torch, used only here
 
         t0 = time.time()
         info = json.loads(storage.read_text(storage.published_path(snapshot_uri, "snapshot.json")))
@@ -199,12 +198,12 @@ class CheckpointWatcher:
         return {int(r["step"]) for r in self.records}
 
     def start(self) -> "CheckpointWatcher":
-        import ray
+        import ray  # deferred: heavy import, used only here
 
         settings = eval_settings(self.cfg)  # a bad model path or base length fails before training starts
         if settings["passkey_lengths"]:  # so does a passkey length too short for the prompt (in the driver)
-            from longctx.eval.passkey import build_passkey_prompts
-            from longctx.model.load import load_tokenizer
+            from longctx.eval.passkey import build_passkey_prompts  # deferred: pulls in torch, used only here
+            from longctx.model.load import load_tokenizer  # deferred: pulls in torch, used only here
 
             try:
                 build_passkey_prompts(load_tokenizer(self.cfg.data.tokenizer), settings["passkey_lengths"], [0.5], 1)
@@ -245,7 +244,7 @@ class CheckpointWatcher:
     def poll(self, wait_s: float = 0.0) -> bool:
         """Collect finished evaluations and start pending ones on idle actors (lowest step first); True while
         work is in flight or pending."""
-        import ray
+        import ray  # deferred: heavy import, used only here
 
         if self._inflight:
             refs = {ref: step for step, (_, _, ref) in self._inflight.items()}
@@ -279,7 +278,7 @@ class CheckpointWatcher:
     def finish(self, drain: bool = True, timeout_s: float | None = None) -> list[dict]:
         """Stop polling; with `drain`, evaluate every committed snapshot still pending (the final checkpoint).
         Writes the plot beside the ledger and returns all records of the run."""
-        import ray
+        import ray  # deferred: heavy import, used only here
 
         self._stop.set()
         if self._thread is not None:
@@ -312,7 +311,7 @@ def _fmt(v) -> str:
 # ---------------------------------------------------------------------------------------------- report
 def plot_checkpoint_eval(records: list[dict]) -> bytes:
     """PNG: retrieval (passkey, needle) and NLL beyond the base length against tokens trained."""
-    from longctx.report.plots import STYLE, png_bytes, plt
+    from longctx.report.plots import STYLE, png_bytes, plt  # deferred: pulls in matplotlib, used only here
 
     tokens = [r["tokens"] for r in records]
     with plt.rc_context(STYLE):

@@ -29,10 +29,10 @@ def save_tiny_llama(
 
     A larger `initializer_range` (e.g. 0.5) makes attention scores, and so RoPE changes, visible in the outputs.
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import torch  # deferred: heavy import, used only here
+    from transformers import LlamaConfig, LlamaForCausalLM  # deferred: heavy import, used only here
 
-    from longctx.model.load import load_tokenizer
+    from longctx.model.load import load_tokenizer  # deferred: pulls in torch, used only here
 
     tok = load_tokenizer(tokenizer_uri)
     cfg = LlamaConfig(

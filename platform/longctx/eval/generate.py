@@ -30,7 +30,7 @@ def model_device(model) -> torch.device:
 @torch.inference_mode()
 def prefill(model, input_ids: torch.Tensor, prefill_chunk: int = 4096):
     """Run the prompt through the model chunk by chunk; returns (last-position logits [B, V], cache)."""
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # deferred: heavy import, used only here
 
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"prefill needs a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}")

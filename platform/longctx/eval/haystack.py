@@ -13,6 +13,7 @@ re-tokenizing would not give the same ids.
 
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -127,8 +128,6 @@ _DETAILS = ["Nobody seems to mind the delay.", "Children count the boats from th
 
 def generate_haystack_text(n_sentences: int = 1500, seed: int = 7) -> str:
     """Plain, needle-free filler prose from a seeded template grammar (the shipped default haystack)."""
-    import random
-
     rng = random.Random(seed)
     out = []
     for i in range(n_sentences):

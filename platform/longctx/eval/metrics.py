@@ -73,7 +73,7 @@ def jieba_cut(text: str) -> list[str]:
     """jieba's accurate-mode segmentation (loaded once; its dictionary log line is silenced)."""
     global _JIEBA
     if _JIEBA is None:
-        import jieba
+        import jieba  # deferred: heavy import, used only here
 
         jieba.setLogLevel(logging.WARNING)
         _JIEBA = jieba

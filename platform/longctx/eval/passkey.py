@@ -21,8 +21,11 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+import torch
+
 from longctx.eval.generate import greedy_generate
 from longctx.eval.haystack import Haystack, fill_with_needles
+from longctx.eval.perplexity import token_nll
 
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -146,10 +149,6 @@ def key_nll(model, tokenizer, prompts: Sequence[PasskeyPrompt]) -> list[float]:
     A graded signal beside exact match: small models that never retrieve the key still show whether the
     context helps (lower NLL) or a RoPE change breaks it (higher NLL).
     """
-    import torch
-
-    from longctx.eval.perplexity import token_nll
-
     targets = [tokenizer(" " + p.key, add_special_tokens=False)["input_ids"] for p in prompts]
     out = [0.0] * len(prompts)
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)

@@ -23,18 +23,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from longctx import storage
 from longctx.config import JobConfig, RopeScalingConfig
 from longctx.data.fingerprint import fingerprint_of
-from longctx.eval import infinitebench
-from longctx.eval.documents import iter_texts
+from longctx.eval import infinitebench, metrics as M
+from longctx.eval.documents import SUFFIXES, iter_texts
 from longctx.eval.generate import greedy_generate
 from longctx.eval.haystack import load_haystack_text
 from longctx.eval.items import document_id, document_items, passkey_items, ruler_items
+from longctx.eval.longbench import build_prompts, dataset_name, read_task_file, score_rows
+from longctx.eval.needle import build_needle_prompts, score_needle, summarize_needle
 from longctx.eval.passkey import PasskeyPrompt, build_passkey_prompts, run_passkey_batch, score_passkey_rows
-from longctx.eval.perplexity import select_documents, summarize_position_nll
+from longctx.eval.perplexity import select_documents, summarize_position_nll, token_nll
 from longctx.eval.ruler.suite import RulerWork, build_ruler_items, ruler_lengths, ruler_metrics
+from longctx.model.load import load_causal_lm, load_tokenizer, local_model_dir
+from longctx.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +77,6 @@ class ModelSpec:
         }
 
     def load(self, model_cfg=None, device: str = "cpu"):
-        from longctx.model.load import load_causal_lm
-
         kwargs: dict[str, Any] = {}
         if self.rope_theta is not None:
             kwargs["rope_theta"] = self.rope_theta
@@ -92,9 +95,7 @@ class ModelSpec:
 
 def base_max_positions(base_uri: str) -> int:
     """max_position_embeddings of a model's config (its training length for a model that was not extended)."""
-    from transformers import AutoConfig
-
-    from longctx.model.load import local_model_dir
+    from transformers import AutoConfig  # deferred: heavy import, used only here
 
     return int(AutoConfig.from_pretrained(local_model_dir(base_uri)).max_position_embeddings)
 
@@ -132,7 +133,6 @@ def default_model_specs(
 def tokenizer_uri(spec: ModelSpec, cfg: JobConfig) -> str:
     if spec.tokenizer:
         return spec.tokenizer
-    from longctx.model.load import local_model_dir
 
     try:
         d = local_model_dir(spec.uri)
@@ -148,8 +148,6 @@ class EvalActor:
     """Ray Data callable class: runs a batch of work items, loading and caching model replicas."""
 
     def __init__(self, specs: dict[str, ModelSpec], tokenizers: dict[str, str], model_cfg, prefill_chunk: int):
-        import torch
-
         self.specs = specs
         self.tokenizer_uris = tokenizers
         self.model_cfg = model_cfg
@@ -169,18 +167,12 @@ class EvalActor:
         return model
 
     def _tokenizer(self, name: str):
-        from longctx.model.load import load_tokenizer
-
         uri = self.tokenizer_uris[name]
         if uri not in self.tokenizers:
             self.tokenizers[uri] = load_tokenizer(uri)
         return self.tokenizers[uri]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        from longctx.eval.perplexity import token_nll
-
         n = len(batch["model"])
         results: list[str | None] = [None] * n
         groups: dict[tuple, list[int]] = defaultdict(list)
@@ -225,7 +217,7 @@ class EvalActor:
 
 # ----------------------------------------------------------------------------------------------- driver
 def _pool_size(cfg: JobConfig, n_models: int, gpus_per_actor: float) -> int:
-    import ray
+    import ray  # deferred: heavy import, used only here
 
     if cfg.eval.num_actors:
         return cfg.eval.num_actors
@@ -237,9 +229,6 @@ def _pool_size(cfg: JobConfig, n_models: int, gpus_per_actor: float) -> int:
 
 def _task_files(cfg: JobConfig) -> list[tuple[str, str]]:
     """(dataset, uri) of the LongBench/LEval files to run."""
-    from longctx.eval.documents import SUFFIXES
-    from longctx.eval.longbench import dataset_name
-
     lb = cfg.eval.longbench
     if not lb.data:
         raise ValueError("eval.longbench.enabled needs eval.longbench.data (a folder, glob or s3:// prefix of JSONL files)")
@@ -261,10 +250,6 @@ def build_work_items(cfg: JobConfig, specs: dict[str, ModelSpec], tokenizers: di
     Generation rows ("gen") are numbered per model: needle prompts, LongBench-format samples, RULER samples,
     InfiniteBench samples, in that order (`gen_offsets` in the info says where each starts).
     """
-    from longctx.eval.longbench import build_prompts, read_task_file
-    from longctx.eval.needle import build_needle_prompts
-    from longctx.model.load import load_tokenizer
-
     ev = cfg.eval
     context = ev.context_length or cfg.data.seq_len
     rows: list[dict] = []
@@ -347,7 +332,7 @@ def evaluate_models(cfg: JobConfig, models: dict[str, ModelSpec], out_dir: str) 
     `out_dir/longbench/<model>/<dataset>.jsonl` (scorable with `score_predictions`). Ray must be initialised
     (jobs do it); otherwise Ray Data starts a local cluster.
     """
-    import ray
+    import ray  # deferred: heavy import, used only here
 
     if not models:
         raise ValueError("evaluate_models: no models to evaluate")
@@ -377,7 +362,6 @@ def evaluate_models(cfg: JobConfig, models: dict[str, ModelSpec], out_dir: str) 
         num_cpus=cfg.ray.data_cpus_per_task,
         num_gpus=gpus,
     )
-    from longctx.progress import Progress
 
     bar = Progress("eval", total=len(rows), unit="work items")  # a line every 10 s (LONGCTX_PROGRESS_EVERY_S)
     results = []
@@ -401,8 +385,6 @@ def evaluate_models(cfg: JobConfig, models: dict[str, ModelSpec], out_dir: str) 
 def aggregate_results(results: list[dict], models: dict[str, ModelSpec], info: dict, context: int,
                       bucket_edges: list[int], base_len: int) -> dict:
     """Per-model metrics from the actors' result rows."""
-    from longctx.eval.needle import score_needle, summarize_needle
-
     nll_sum: dict[tuple[str, int], np.ndarray] = {}
     count: dict[tuple[str, int], np.ndarray] = {}
     doc_rows: dict[tuple[str, int], dict[int, np.ndarray]] = defaultdict(dict)  # per-document rows (items)
@@ -456,9 +438,7 @@ def aggregate_results(results: list[dict], models: dict[str, ModelSpec], info: d
 def score_longbench(cfg: JobConfig, results: list[dict], models: dict[str, ModelSpec], info: dict,
                     metrics: dict, out_dir: str) -> None:
     """Write each model's LongBench-format predictions and add their scores to `metrics`."""
-    from longctx.eval import metrics as M
-    from longctx.eval.longbench import score_rows
-    from longctx.report.markdown import slug
+    from longctx.report.markdown import slug  # deferred: pulls in matplotlib, used only here
 
     lb = cfg.eval.longbench
     for name in models:
@@ -493,7 +473,7 @@ def _generations(results: list[dict], name: str) -> dict[int, str]:
 def score_ruler_infinitebench(cfg: JobConfig, results: list[dict], models: dict[str, ModelSpec], info: dict,
                               metrics: dict, out_dir: str) -> None:
     """RULER's table and InfiniteBench's scores per model; their prediction files go under out_dir."""
-    from longctx.report.markdown import slug
+    from longctx.report.markdown import slug  # deferred: pulls in matplotlib, used only here
 
     for name in models:
         preds, off = _generations(results, name), info[name]["gen_offsets"]

@@ -81,7 +81,7 @@ def document_block_mask(doc_ids: torch.Tensor, block_size: int = 128):
     when its document ranges overlap otherwise, skipped when they do not. Document ids must be non-decreasing
     along each row (as `document_ids_from_position_ids` makes them).
     """
-    from torch.nn.attention.flex_attention import BlockMask
+    from torch.nn.attention.flex_attention import BlockMask  # deferred: heavy import, used only here
 
     b, s = doc_ids.shape
     docs = doc_ids.to(torch.int32)

@@ -62,7 +62,7 @@ def pick_attn_implementation(requested: str, device: torch.device | str) -> str:
 
 def load_config_with_rope(model_uri: str, model_cfg=None, *, trust_remote_code: bool = False, **rope_kwargs):
     """The model's HF config with RoPE changes from a `ModelConfig` (or explicit keyword overrides)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # deferred: heavy import, used only here
 
     model_dir = local_model_dir(model_uri)
     hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
@@ -89,7 +89,7 @@ def load_causal_lm(
     Keyword overrides (`rope_theta=`, `scaling=`, `max_position_embeddings=`) take precedence over model_cfg,
     which is how evaluation builds its training-free baselines from the same base model.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: heavy import, used only here
 
     trust = bool(getattr(model_cfg, "trust_remote_code", False))
     allow_pickle = bool(getattr(model_cfg, "allow_pickle", False))
@@ -111,7 +111,7 @@ def load_causal_lm(
 
 def load_tokenizer(uri: str, *, trust_remote_code: bool = False):
     """A Hugging Face fast tokenizer from a local folder, `builtin:` asset or s3:// prefix."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: heavy import, used only here
 
     tok = AutoTokenizer.from_pretrained(local_model_dir(uri), use_fast=True, trust_remote_code=trust_remote_code)
     if not tok.is_fast:

@@ -153,7 +153,7 @@ class Planner:
                  model_config: dict | None = None):
         import torch  # deferred (here and below): torch and transformers take seconds; the CLI imports this module
 
-        from longctx.model.load import pick_attn_implementation
+        from longctx.model.load import pick_attn_implementation  # deferred: pulls in torch, used only here
 
         self.cfg = cfg
         self.on_gpu = bool(cfg.train.use_gpu or gpu)
@@ -171,8 +171,8 @@ class Planner:
 
     def _count_params(self) -> tuple[int, int, int]:
         """(all parameters, those doing matmul work per token, the most one module holds), on the meta device."""
-        import torch
-        from transformers import AutoModelForCausalLM
+        import torch  # deferred: heavy import, used only here
+        from transformers import AutoModelForCausalLM  # deferred: heavy import, used only here
 
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(self.hf_config, attn_implementation="sdpa", dtype=self.dtype)

@@ -125,7 +125,7 @@ def _fake_process_group(size: int):
         raise RuntimeError("longctx plan: cannot trace sequence parallelism in a process that already has a "
                            "torch.distributed process group")
     import deepspeed  # deferred: only sequence-parallel traces need DeepSpeed's comm (imported by _deepspeed_on_cpu)
-    import deepspeed.comm as ds_dist
+    import deepspeed.comm as ds_dist  # deferred: heavy import, used only here
 
     dist.init_process_group("fake", rank=0, world_size=size, store=dist.HashStore())
     disable_deepspeed_shm_comm()

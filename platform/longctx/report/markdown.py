@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Iterable, Sequence
 
 from longctx import storage
@@ -307,7 +308,7 @@ def eval_markdown(metrics: dict, images: dict[str, str] | None = None, run_dir: 
 def _describe(spec: dict, run_dir: str | None = None) -> str:
     uri = spec.get("uri", "?")
     if run_dir and uri != "?":
-        from longctx.report.sections import relative
+        from longctx.report.sections import relative  # deferred: import cycle with longctx.report.sections
 
         uri = relative(uri, run_dir)
     s = f"`{uri}`"
@@ -321,8 +322,6 @@ def _describe(spec: dict, run_dir: str | None = None) -> str:
 
 def slug(name: str) -> str:
     """A model name as a file name part ("base + PI x4" -> "base-pi-x4")."""
-    import re
-
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "model"
 
 

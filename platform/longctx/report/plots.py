@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np
 
 # The look every longctx plot shares (the report's, the sweep's, the study's and the watcher's).
 STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False}
@@ -89,8 +90,7 @@ def plot_passkey_accuracy(metrics: dict) -> bytes | None:
 
 def plot_needle_heatmap(name: str, grid: dict) -> bytes:
     """Needle-in-a-haystack heatmap: score (0-100) by context length (x) and needle depth (y)."""
-    import numpy as np
-    from matplotlib.colors import LinearSegmentedColormap
+    from matplotlib.colors import LinearSegmentedColormap  # deferred: heavy import, used only here
 
     lengths = [int(x) for x in grid["lengths"]]
     depths = [float(d) for d in grid["depths"]]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from longctx import storage
+from longctx.report.plots import plot_loss_curve
 
 LOSS_CURVE = "loss_curve.png"
 
@@ -88,8 +89,6 @@ def layout_table(layout: dict) -> str:
 
 def train_section(cfg, outcome, timings: dict, run_root: str) -> str:
     """Markdown summary of the training run; writes the loss curve beside report.md."""
-    from longctx.report.plots import plot_loss_curve
-
     hist = outcome.history or []
     tps = sorted(h["tokens_per_s"] for h in hist[1:] if h.get("tokens_per_s")) or \
         sorted(h["tokens_per_s"] for h in hist if h.get("tokens_per_s"))

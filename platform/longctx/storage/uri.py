@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import stat
 from dataclasses import dataclass
@@ -232,7 +233,6 @@ def private_group(gid: int) -> bool:
     """A user-private group (named like this user, no other members; umask 002 systems): group-writable is fine."""
     try:
         import grp  # deferred: POSIX-only modules
-        import pwd
 
         g = grp.getgrgid(gid)
         me = pwd.getpwuid(os.getuid()).pw_name

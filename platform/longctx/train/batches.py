@@ -32,8 +32,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
+from longctx import storage
 from longctx.model.attention import attention_inputs, document_ids_from_position_ids
 from longctx.train.sequence_parallel import shard_for_rank
 
@@ -119,10 +121,6 @@ def rows_from_table(table: pa.Table, where: str) -> Iterator[PackedRow]:
 
 def parquet_tables(files: list[str], read_batch_rows: int = 64) -> Iterator[pa.Table]:
     """Record batches of committed Parquet shards (local or s3://) in a fixed order, as small tables."""
-    import pyarrow.parquet as pq
-
-    from longctx import storage
-
     for uri in files:
         fs, path = storage.pyarrow_fs(uri)
         with fs.open_input_file(path) as f:
@@ -166,10 +164,6 @@ def lane_tables(shards: list[ShardRows], start: int, stop: int, read_batch_rows:
     """Rows at positions [start, stop) of the shards taken in order, as small tables, opening only the shards and
     reading only the row groups that hold them. `skip_group(row_ids)`: read a row group's row_id column first and
     skip the group when it returns True (a resume skipping what was consumed)."""
-    import pyarrow.parquet as pq
-
-    from longctx import storage
-
     pos = 0
     for shard in shards:
         n = shard.rows

@@ -17,6 +17,7 @@ checkpoints this run wrote under its own storage path, and `safe_deepspeed_load`
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import json
@@ -84,7 +85,7 @@ def read_trainer_state(folder: str) -> dict:
 @contextlib.contextmanager
 def safe_deepspeed_load():
     """Make DeepSpeed's checkpoint loading use torch.load(weights_only=True) for the duration."""
-    from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine as tce
+    from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine as tce  # deferred: heavy import, used only here
 
     original = tce.TorchCheckpointEngine.load
 
@@ -102,19 +103,17 @@ def safe_deepspeed_load():
 
 def _deepspeed_safe_globals() -> list:
     """Plain types DeepSpeed checkpoint files contain besides tensors (found by loading our own checkpoints)."""
-    import collections
-
     allowed: list = [collections.OrderedDict, collections.defaultdict, dict, list, set, tuple]
     with contextlib.suppress(ImportError):
-        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.runtime.zero.config import ZeroStageEnum  # deferred: heavy import, used only here
 
         allowed.append(ZeroStageEnum)
     with contextlib.suppress(ImportError):
-        from deepspeed.utils.tensor_fragment import fragment_address
+        from deepspeed.utils.tensor_fragment import fragment_address  # deferred: heavy import, used only here
 
         allowed.append(fragment_address)
     with contextlib.suppress(ImportError):
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler  # deferred: heavy import, used only here
 
         allowed += [LossScaler, DynamicLossScaler]
     return allowed

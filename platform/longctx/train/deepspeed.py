@@ -12,8 +12,10 @@ are derived from the layout.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import logging
+import os
 from typing import Any
 
 from longctx import storage
@@ -113,8 +115,6 @@ def disable_deepspeed_shm_comm() -> None:
     ~/.cache/torch_extensions that stays behind if a worker is killed mid-build and then blocks every later run.
     Gloo is what we test and is enough for CPU runs; GPU runs use nccl and never build it.
     """
-    import importlib
-
     # NOTE: `import deepspeed.comm.torch as m` would bind the torch library (deepspeed.comm imports torch).
     ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     ds_torch_comm.build_shm_op = lambda: None
@@ -122,8 +122,6 @@ def disable_deepspeed_shm_comm() -> None:
 
 def init_single_process(device: str) -> None:
     """A one-rank process group for DeepSpeed outside Ray Train (benchmarks: nccl on GPU, gloo on CPU)."""
-    import os
-
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(29500 + os.getpid() % 1000)),
                        ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)

@@ -194,7 +194,7 @@ def describe(problems: list[str], limit: int = 3) -> str:
 def snapshot_problem(train_root: str) -> str | None:
     """Why Ray Train could not load the run's checkpoint snapshot (torn, empty, another Ray version, naming a
     checkpoint folder that is gone), or None when it can (or there is none)."""
-    import ray
+    import ray  # deferred: heavy import, used only here
 
     uri = storage.join(train_root, RAY_SNAPSHOT)
     if not storage.exists(uri):

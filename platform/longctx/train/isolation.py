@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from longctx.model.attention import attention_inputs
+from longctx.train.sequence_parallel import shard_for_rank
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}
 
@@ -67,8 +68,6 @@ def _hidden(lm, input_ids: torch.Tensor, kwargs: dict, sp: int, sp_rank: int, sp
     shard and the shards are all-gathered."""
     base = getattr(lm, lm.base_model_prefix)
     if sp > 1:
-        from longctx.train.sequence_parallel import shard_for_rank
-
         pos = kwargs["position_ids"]
         out = base(input_ids=shard_for_rank(input_ids, sp_rank, sp),
                    position_ids=shard_for_rank(pos, sp_rank, sp), use_cache=False).last_hidden_state.contiguous()
@@ -101,7 +100,7 @@ def check_packing_isolation(lm, micro, *, attn_implementation: str, attention: s
     beyond tolerance. The packed forward's inputs come from `inputs_fn` (default: `forward_inputs`, what training
     uses; tests pass a leaking one as the negative control). Call on every rank of the run at the same point
     (forwards are collective under ZeRO-3 and sequence parallelism)."""
-    from longctx.train.batches import forward_inputs
+    from longctx.train.batches import forward_inputs  # deferred: pulls in pyarrow, used only here
 
     t0 = time.perf_counter()
     dtype = next(lm.parameters()).dtype

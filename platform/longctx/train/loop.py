@@ -28,8 +28,10 @@ import torch
 import torch.distributed as dist
 
 from longctx import quiet, storage
+from longctx.eval.documents import iter_texts
+from longctx.eval.perplexity import select_documents
 from longctx.model.attention import attention_inputs
-from longctx.model.load import load_causal_lm, local_model_dir, pick_attn_implementation
+from longctx.model.load import load_causal_lm, load_tokenizer, local_model_dir, pick_attn_implementation
 from longctx.progress import emit
 from longctx.tracking import Tracker
 from longctx.train import checkpoint as ckpt
@@ -39,6 +41,7 @@ from longctx.train.balance import CostModel, RowBalancer
 from longctx.train.batches import (Ledger, RowStream, ShardRows, collate, lane_row_stream, rank_forward_inputs,
                                    ray_data_tables)
 from longctx.train.deepspeed import build_deepspeed_config, disable_deepspeed_shm_comm
+from longctx.train.isolation import check_packing_isolation
 from longctx.train.loss import shift_targets
 from longctx.train.memory_savers import prepare_for_training
 from longctx.train.metrics import StepLog, count_params, device_peak_flops, memory_stats, model_step_flops
@@ -59,7 +62,7 @@ _DS_ACCEL_ENV = "DS_ACCELERATOR"
 
 def _device(use_gpu: bool) -> torch.device:
     if use_gpu:
-        import ray.train.torch
+        import ray.train.torch  # deferred: heavy import, used only here
 
         return ray.train.torch.get_device()
     return torch.device("cpu")
@@ -515,8 +518,6 @@ class LoopRunner:
 def _prove_isolation(lm, micro, attn_impl: str, cfg, device, sp: int, sp_rank: int, mpu, is_rank0: bool) -> None:
     """The first micro-batch packed vs per document on this backend/layout (longctx.train.isolation); raises
     PackingLeakError (the run fails before its first optimizer step) when documents see each other."""
-    from longctx.train.isolation import check_packing_isolation
-
     result = check_packing_isolation(lm, micro, attn_implementation=attn_impl, attention=cfg.data.attention,
                                      device=device, sp=sp, sp_rank=sp_rank,
                                      sp_group=mpu.get_sequence_parallel_group() if mpu is not None else None,
@@ -528,10 +529,6 @@ def _prove_isolation(lm, micro, attn_impl: str, cfg, device, sp: int, sp_rank: i
 def _validation_rows(cfg, seq_len: int, dp_rank: int, data_parallel: int) -> list[tuple[list[int], float]]:
     """This data-parallel rank's validation rows as (token ids, weight); padded with weight-0 repeats so every
     rank runs the same number of forwards (ZeRO-3 gathers parameters collectively)."""
-    from longctx.eval.documents import iter_texts
-    from longctx.eval.perplexity import select_documents
-    from longctx.model.load import load_tokenizer
-
     tcfg = cfg.train
     if tcfg.sequence_parallel > 1:
         raise ValueError("train.val_every needs train.sequence_parallel == 1 (validation rows are not sharded)")
@@ -560,8 +557,6 @@ def _optimizer_state_numel(engine) -> int:
 def _write_engine_info(engine, train_root: str, rank: int, world: int, n_params: dict, attn_impl: str, ds_config: dict,
                        startup: dict):
     """Rank 0 writes train/engine_info.json: per-rank optimizer-state sizes, attention backend, DeepSpeed config."""
-    from longctx import storage
-
     parts = [None] * world
     dist.all_gather_object(parts, {"rank": rank, "optimizer_state_numel": _optimizer_state_numel(engine)})
     if rank == 0:

@@ -28,6 +28,9 @@ import resource
 import time
 from typing import Any
 
+from longctx.progress import emit, format_duration
+from longctx.train.gpus import gpu_by_name
+
 ATTENTION_CONVENTIONS = {"causal": 6.0, "full_square": 12.0}
 """FLOPs per (layer x attention width x squared document length) of fwd+bwd attention, by counting convention."""
 
@@ -78,9 +81,7 @@ def device_peak_flops(device: str = "cpu") -> float | None:
     not listed there (MFU then not reported)."""
     if not str(device).startswith("cuda"):
         return None
-    import torch
-
-    from longctx.train.gpus import gpu_by_name
+    import torch  # deferred: heavy import, used only here
 
     spec = gpu_by_name(torch.cuda.get_device_name())
     return spec.peak_bf16_flops if spec else None
@@ -90,7 +91,7 @@ def memory_stats(device: str = "cpu") -> dict[str, float]:
     """Peak memory of this worker: GPU allocated (GiB) on CUDA, process max RSS (GiB) always."""
     out = {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if str(device).startswith("cuda"):
-        import torch
+        import torch  # deferred: heavy import, used only here
 
         out["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -127,8 +128,6 @@ class StepLog:
             record.setdefault("eta_s", (int(total) - int(record["step"])) * elapsed / done)
         self.history.append(record)
         if self.echo:
-            from longctx.progress import emit
-
             emit(format_step(record))
         if self.tracker is not None:
             self.tracker.log_step(record)
@@ -143,8 +142,6 @@ class StepLog:
     def annotate(self, step: int, **fields: Any) -> None:
         """Add fields measured at `step` (e.g. val_loss) to that step's record, and to the tracker."""
         if self.echo:
-            from longctx.progress import emit
-
             emit(f"[train] step {step} " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in fields.items()))
         if self.history and self.history[-1].get("step") == step:
@@ -166,7 +163,7 @@ class StepLog:
             self.tracker.close()
 
     def _write(self, upto: int) -> None:
-        from longctx import storage
+        from longctx import storage  # deferred: pulls in pyarrow, used only here
 
         if upto == 0 and self._written is None:
             return  # nothing to write yet
@@ -219,8 +216,6 @@ def format_step(r: dict) -> str:
         if r.get("mfu_full_square") is not None:
             parts.append(f"(full-square {100 * r['mfu_full_square']:.1f}%)")
     if r.get("elapsed_s") is not None:
-        from longctx.progress import format_duration
-
         parts.append(f"elapsed {format_duration(r['elapsed_s'])}")
         if r.get("total_steps"):
             parts.append(f"eta {format_duration(r.get('eta_s'))}")

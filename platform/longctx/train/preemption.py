@@ -18,6 +18,7 @@ unlimited by default) and the restore finds that checkpoint by listing the train
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import signal
@@ -46,7 +47,7 @@ def _remove(uri: str) -> None:
 
 def _in_ray_actor() -> bool:
     """True inside a Ray actor (a Ray Tune trial): Ray and Tune stop those themselves."""
-    import ray
+    import ray  # deferred: heavy import, used only here
 
     return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
@@ -99,8 +100,6 @@ class PreemptionGuard:
         self._timer.start()
 
     def _expire(self) -> None:
-        import _thread
-
         self.expired = True
         emit(f"[train] no checkpoint within train.preemption_grace_s={self.grace_s:g}: stopping now (a rerun "
              "resumes from the last checkpoint)")
@@ -136,7 +135,7 @@ class PreemptionPoller:
 def ray_preemption_notice():
     """Ray Train's notice that a node of this worker group is being drained (None when there is none, or this
     Ray has no such API). Every rank must call it at the same step (it is a barrier)."""
-    import ray.train
+    import ray.train  # deferred: heavy import, used only here
 
     get = getattr(ray.train, "get_preemption_info", None)
     return get() if get is not None else None

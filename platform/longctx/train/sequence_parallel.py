@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from longctx.model.attention import document_causal_mask, document_ids_from_position_ids
+from longctx.model.attention import document_block_mask, document_causal_mask, document_ids_from_position_ids
 
 CORE_NAME = "longctx_document_attention"
 
 
 def _document_attention(backend: str):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # deferred: heavy import, used only here
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         position_ids = kwargs.get("position_ids")
@@ -38,9 +38,7 @@ def _document_attention(backend: str):
             raise ValueError("sequence-parallel document attention needs position_ids (restarting per document)")
         doc_ids = document_ids_from_position_ids(position_ids)
         if backend == "flex_attention":
-            from transformers.integrations.flex_attention import flex_attention_forward
-
-            from longctx.model.attention import document_block_mask
+            from transformers.integrations.flex_attention import flex_attention_forward  # deferred: heavy import, used only here
 
             return flex_attention_forward(module, query, key, value, document_block_mask(doc_ids), **kwargs)
         mask = document_causal_mask(doc_ids.to(query.device))
@@ -55,8 +53,8 @@ def enable_ulysses(lm, sequence_parallel: int, micro_batch_size: int, *, core: s
     `core` is the backend the model was loaded with (sdpa, flex_attention or flash_attention_2). For document
     attention with sdpa/flex the core is swapped for our mask-rebuilding one.
     """
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
-    from transformers import AttentionInterface
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF  # deferred: heavy import, used only here
+    from transformers import AttentionInterface  # deferred: heavy import, used only here
 
     cfg = lm.config.get_text_config()
     for name, n in (("num_attention_heads", cfg.num_attention_heads), ("num_key_value_heads", cfg.num_key_value_heads)):

@@ -41,7 +41,9 @@ import os
 import random
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -51,7 +53,11 @@ import pyarrow.parquet as pq
 from longctx import cleanup, storage
 from longctx.data import sources as src
 from longctx.data.fingerprint import data_fingerprint, data_tree, tokenizer_fingerprint
+from longctx.data.pack import PACKED_SCHEMA
+from longctx.data.pipeline import shared_cache_root, write_shard
 from longctx.data.sources import validate_messages  # noqa: F401 - re-exported: preflight's probe checks chats with it
+from longctx.data.token_cache import TokenCache, check_bad_fraction, record_stream
+from longctx.progress import Progress
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -208,8 +214,6 @@ def plan_rows(lengths: list[int], seq_len: int) -> list[list[int]]:
 def build_rows(chats: list[TokenizedChat], rows: list[list[int]], seq_len: int, pad_id: int,
                row_offset: int = 0) -> pa.Table:
     """Packed rows (document attention, padding with label -100) in the packed-row schema."""
-    from longctx.data.pack import PACKED_SCHEMA
-
     cols = {k: [] for k in PACKED_SCHEMA.names}
     for row_id, members in enumerate(rows, start=row_offset):
         ids = [chats[i].input_ids for i in members]
@@ -249,8 +253,6 @@ class ChatTokenizer:
 
     def __init__(self, tokenizer: str, chat_template: str | None, seq_len: int, overlong: str, cache_root: str,
                  storage_cfg: dict):
-        from types import SimpleNamespace
-
         from longctx.model.load import load_tokenizer  # Ray worker side: transformers is imported here only
 
         storage.configure(SimpleNamespace(**storage_cfg))
@@ -258,8 +260,6 @@ class ChatTokenizer:
         self.template, self.seq_len, self.overlong, self.cache_root = chat_template, seq_len, overlong, cache_root
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import uuid
-
         cols = {n: batch.column(n).to_pylist() for n in ("file_idx", "rec_idx", "source", "doc_id", "reason",
                                                           "detail", "records")}
         n = batch.num_rows
@@ -300,10 +300,6 @@ def write_sft_shard(rows: list[list[tuple]], cache_root: str, staging: str, name
     """Ray task: build packed rows from the token cache and write one shard under `staging`. `rows`: per row,
     (cache_file, cache_row, source, doc_id) of each conversation in it. Memory: the shard's own tokens plus one
     cache file (one actor batch). Returns the manifest's shard entry."""
-    from types import SimpleNamespace
-
-    from longctx.data.pipeline import write_shard
-
     storage.configure(SimpleNamespace(**storage_cfg))
     wanted: dict[str, set[int]] = {}
     for row in rows:
@@ -351,9 +347,6 @@ def _read_and_tokenize(cfg, tasks: list[src.FileTask], cache_root: str, qpath: s
     """Pass 1 on Ray Data (the data engine's `record_stream`): read + validate, then `ChatTokenizer` actors.
     Returns (metadata of the good conversations as a table, in input order; quarantined records by reason).
     Quarantine rows are written to `qpath` as they arrive."""
-    from longctx.data.token_cache import record_stream
-    from longctx.progress import Progress
-
     d = cfg.data
     opts = src.ReadOptions(storage.options(), d.max_record_bytes, d.sft.messages_field).to_dict()
     kwargs = {"tokenizer": d.tokenizer, "chat_template": template, "seq_len": d.seq_len,
@@ -382,9 +375,7 @@ def prepare_sft_data(cfg, output: str, overwrite: bool = False) -> dict:
     """Read, tokenize, mix and pack the SFT sources of `cfg` on Ray; publish shards + manifest.json at `output`."""
     import ray  # deferred: this module is imported by preflight, which runs before Ray
 
-    from longctx.data.pipeline import shared_cache_root
-    from longctx.data.token_cache import TokenCache, check_bad_fraction
-    from longctx.model.load import load_tokenizer
+    from longctx.model.load import load_tokenizer  # deferred: pulls in torch, used only here
 
     d = cfg.data
     storage.configure(cfg.storage)

@@ -63,7 +63,7 @@ def raise_for_stop(reason: dict | None) -> None:
 
 def nonfinite_tensors(state_dict: dict | None) -> list[str]:
     """Names of the tensors in a state dict holding NaN or inf."""
-    import torch
+    import torch  # deferred: heavy import, used only here
 
     if not state_dict:
         return []

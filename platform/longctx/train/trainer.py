@@ -21,9 +21,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from longctx import quiet, storage
 from longctx.train import integrity, stops
 from longctx.train.batches import REQUIRED_COLUMNS, ShardRows
+from longctx.train.deepspeed import load_user_deepspeed_json
+from longctx.train.memory_savers import worker_env
 from longctx.train.preemption import PreemptionGuard
 from longctx.train.schedule import BatchLayout, derive_layout, plan_steps
 from longctx.train.snapshots import ledger_uri, read_ledger
@@ -82,8 +86,6 @@ def packed_shard_rows(uri: str) -> list[ShardRows]:
 
 
 def _shard_rows(uri: str, root: str) -> list[ShardRows]:
-    import pyarrow.parquet as pq
-
     try:
         shards = json.loads(storage.read_text(storage.join(root, "manifest.json"))).get("shards")
     except storage.StorageNotFound:
@@ -134,13 +136,11 @@ def build_trainer(cfg, train_data, train_root: str, *, run_id: str, fail_at: dic
     `TuneReportCallback` so the workers' reports reach Ray Tune). A checkpoint snapshot Ray Train could not load
     is moved aside first (`integrity.repair_ray_snapshot`): the workers find the checkpoints by listing the train
     folder."""
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    import ray.data  # deferred: heavy import, used only here
+    import ray.train  # deferred: heavy import, used only here
+    from ray.train.torch import TorchTrainer  # deferred: heavy import, used only here
 
-    from longctx.train.deepspeed import load_user_deepspeed_json
-    from longctx.train.loop import train_loop_per_worker
-    from longctx.train.memory_savers import worker_env
+    from longctx.train.loop import train_loop_per_worker  # deferred: pulls in ray, used only here
 
     layout = _layout(cfg)
     datasets, files, rows, shards = None, None, None, []

@@ -21,12 +21,17 @@ import math
 import os
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import yaml
 
 from longctx import storage
 from longctx.config import OBJECTIVE_MODE, JobConfig, load_config, set_dotted
+from longctx.model.rope import suggest_rope_base
 from longctx.report.plots import mark_base, png_bytes, plt
-from longctx.tune.space import compact_number, trial_key
+from longctx.tune.space import base_tree, compact_number, cumulative_perplexity, trial_key
 
 ROPE = "model.rope_theta"
 BUDGET = "train.token_budget"
@@ -72,11 +77,10 @@ def best_row(table: list[dict], objective: str) -> dict | None:
 
 def rope_bound(cfg: JobConfig) -> dict | None:
     """`rope suggest` for the sweep: the base's head_dim and training length, the evaluated context length."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # deferred: heavy import, used only here
 
-    from longctx.eval.runner import eval_lengths
-    from longctx.model.load import local_model_dir
-    from longctx.model.rope import suggest_rope_base
+    from longctx.eval.runner import eval_lengths  # deferred: pulls in torch, used only here
+    from longctx.model.load import local_model_dir  # deferred: pulls in torch, used only here
 
     try:
         hf = AutoConfig.from_pretrained(local_model_dir(cfg.model.path))
@@ -112,8 +116,6 @@ def _bound_x(values: list[float], bound: float) -> float | None:
 
 
 def plot_heatmap(table: list[dict], x_axis: str, y_axis: str | None, objective: str, bound: dict | None) -> bytes:
-    import numpy as np
-
     xs = sorted({r[x_axis] for r in table if r[x_axis] is not None})
     ys = sorted({r[y_axis] for r in table if r[y_axis] is not None}) if y_axis else [None]
     grid = np.full((len(ys), len(xs)), np.nan)
@@ -151,8 +153,6 @@ def plot_heatmap(table: list[dict], x_axis: str, y_axis: str | None, objective: 
 
 def plot_ppl_vs_length(table: list[dict], baselines: dict | None, base_len: int | None) -> bytes | None:
     """Cumulative perplexity at each evaluated length, per RoPE base (the largest token budget of each)."""
-    from longctx.tune.space import cumulative_perplexity
-
     done = [r for r in table if r["status"] == "done" and r.get("bucket_nll")]
     if not done:
         return None
@@ -211,8 +211,6 @@ def plot_objective_vs_rope(table: list[dict], objective: str, bound: dict | None
 # ---------------------------------------------------------------------------------------------------- writing
 def best_config_yaml(cfg: JobConfig, best: dict, axes: list[str]) -> str:
     """The best trial's full job config as YAML (validated by loading it back)."""
-    from longctx.tune.space import base_tree
-
     tree = base_tree(cfg)
     tree["run_name"] = None
     for a in axes:
@@ -244,10 +242,6 @@ def _md_table(table: list[dict], axes: list[str], best_key: str | None) -> str:
 
 def write_results(cfg: JobConfig, root: str, rows: list[dict], baselines: dict | None) -> dict:
     """Publish `<root>/results/` (see the module docstring); returns {"uri", "best", "best_config"}."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
     axes = sorted(cfg.tune.space())
     table = trial_table(rows, axes)
     objective = cfg.tune.objective

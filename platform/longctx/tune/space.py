@@ -62,7 +62,7 @@ def grid_points(space: dict[str, SweepParam]) -> list[dict[str, Any]]:
 
 
 def param_space(space: dict[str, SweepParam]) -> dict[str, Any]:
-    from ray import tune
+    from ray import tune  # deferred: heavy import, used only here
 
     out: dict[str, Any] = {}
     for k, v in space.items():

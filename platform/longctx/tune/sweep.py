@@ -167,7 +167,7 @@ def _run_sweep(run: RunContext, points: list[dict], fresh: bool) -> dict:
     else:
         scheduler = None
         if tcfg.scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
+            from ray.tune.schedulers import ASHAScheduler  # deferred: heavy import, used only here
 
             # Rungs in optimizer steps: the validation reports carry `step`, the final (evaluation) report does
             # not, so ASHA never acts on it; stop_last_trials=False lets a trial past max_t finish its evaluation.
@@ -176,7 +176,7 @@ def _run_sweep(run: RunContext, points: list[dict], fresh: bool) -> dict:
                                       max_t=tcfg.asha.max_t, stop_last_trials=False)
         search_alg = None
         if any(v.grid is None for v in tcfg.space().values()):
-            from ray.tune.search.basic_variant import BasicVariantGenerator
+            from ray.tune.search.basic_variant import BasicVariantGenerator  # deferred: heavy import, used only here
 
             search_alg = BasicVariantGenerator(random_state=tcfg.seed)
         tuner = tune.Tuner(

@@ -37,7 +37,9 @@ import pyarrow as pa
 from longctx import storage
 from longctx.data.cip import FIXED, cip_dataset, cip_params, column_matrix, is_cip_row
 from longctx.data.pack import PACKED_KIND, PACKED_SCHEMA, write_shard_file
+from longctx.data.pipeline import MANIFEST, load_manifest, prepare_data, read_packed
 from longctx.data.synthetic.common import histogram
+from longctx.raycluster import connect as ensure_ray
 
 
 def synth_cip(cfg, output: str, packed: str | None = None, fraction: float | None = None,
@@ -48,9 +50,6 @@ def synth_cip(cfg, output: str, packed: str | None = None, fraction: float | Non
     manifest is the input's with `params.cip` added. Without: the configured corpus is prepared by the data
     engine with `data.cip.fraction` set (`prepare_data`, CIP applied in its packing pass). `fraction` defaults
     to data.cip.fraction, or 1.0 (every row) when that is 0. Returns the manifest plus `uri` and `timings`."""
-    from longctx.data.pipeline import prepare_data
-    from longctx.raycluster import connect as ensure_ray
-
     storage.configure(cfg.storage)
     fraction = fraction if fraction is not None else (cfg.data.cip.fraction or 1.0)
     if not packed:
@@ -63,9 +62,7 @@ def synth_cip(cfg, output: str, packed: str | None = None, fraction: float | Non
 
 
 def _rewrite_packed(cfg, packed: str, output: str, k: int, fraction: float, overwrite: bool) -> dict:
-    import ray.data
-
-    from longctx.data.pipeline import MANIFEST, load_manifest, read_packed
+    import ray.data  # deferred: heavy import, used only here
 
     t0 = time.time()
     manifest = load_manifest(packed)

@@ -24,9 +24,15 @@ import random
 import time
 from typing import Any, Callable
 
+import jinja2
+import jinja2.ext
 import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+import longctx
 from longctx import storage
+from longctx.data.tokenize import load_fast_tokenizer, local_tokenizer_dir
+from longctx.raycluster import connect as ensure_ray
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -55,8 +61,6 @@ class ChatTokens:
     """Token counts of chat samples with a tokenizer folder's Rust tokenizer and its chat template."""
 
     def __init__(self, tokenizer: str):
-        from longctx.data.tokenize import load_fast_tokenizer, local_tokenizer_dir
-
         self.uri = tokenizer
         self.backend, self.eos, self.pad = load_fast_tokenizer(tokenizer)
         folder = local_tokenizer_dir(tokenizer)
@@ -73,10 +77,6 @@ class ChatTokens:
                         for k, v in tcfg.items() if k.endswith("_token") and isinstance(v, (str, dict))}
         self._compiled = None
         if template:
-            import jinja2
-            import jinja2.ext
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
             # NOTE: same environment options as transformers' _compile_jinja_template (trim/lstrip blocks), so
             # the rendered text, and therefore the token count, is the one the SFT path will see.
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
@@ -127,9 +127,7 @@ def histogram(values: list[float], lo: float, hi: float, bins: int = 10) -> dict
 def run_generator(cfg, generator_cls: type, ctor_kwargs: dict, n: int):
     """Batches {index, line, tokens, task, target_tokens, depth} from `generator_cls` over ray.data.range(n),
     in index order (an actor pool of synth.num_actors actors, data_cpus_per_task CPUs each)."""
-    import ray.data
-
-    from longctx.raycluster import connect as ensure_ray
+    import ray.data  # deferred: heavy import, used only here
 
     ensure_ray(cfg)
     s = cfg.synth
@@ -207,8 +205,6 @@ def generate_sft_set(cfg, kind: str, generator_cls: type, ctor_kwargs: dict, n: 
 
 def sft_manifest(cfg, kind: str, params: dict, stats: list[dict], shards: list[dict],
                  length_range: tuple[int, int]) -> dict:
-    import longctx
-
     tokens = [r["tokens"] for r in stats]
     errors = [r["tokens"] - r["target"] for r in stats]
     by_task: dict[str, int] = {}

@@ -80,7 +80,7 @@ def build_long_tailed_corpus(out_dir: str, seed: int = 0, *, sources: dict[str, 
     `{"id", "source", "text"}` (ids `<original id>#<piece>`), in a seeded shuffled order. `max_documents`: read
     only the first N documents of each source (quick tests).
     """
-    from longctx.model.load import load_tokenizer
+    from longctx.model.load import load_tokenizer  # deferred: pulls in torch, used only here
 
     sources = dict(sources or DEFAULT_SOURCES)
     fractions = {**DEFAULT_LONG_FRACTION, **(long_doc_fraction or {})}

@@ -25,8 +25,11 @@ import numpy as np
 import pyarrow.compute as pc
 
 from longctx import storage
+from longctx.config import DataConfig
+from longctx.data import sources as src
 from longctx.data.synthetic.common import (ChatTokens, chat_record, generate_sft_set, item_rng, spread,
                                            target_length)
+from longctx.raycluster import connect as ensure_ray
 
 KIND = "retrieval"
 CITIES = ["Oslo", "Lima", "Quito", "Hanoi", "Dakar", "Perth", "Turin", "Kyoto", "Minsk", "Porto", "Tunis", "Cusco",
@@ -38,9 +41,6 @@ INSTRUCTION = ("Some facts are hidden in the long text below. Read it, then answ
 def load_haystack(cfg) -> tuple[list[str], list[str]]:
     """(doc ids, texts) of the haystack corpus, at most synth.retrieval.haystack_max_chars characters, taken
     evenly from every file so a big first source does not crowd out the others."""
-    from longctx.config import DataConfig
-    from longctx.data import sources as src
-
     r = cfg.synth.retrieval
     specs = DataConfig(sources=r.haystack).source_specs() if r.haystack else cfg.data.source_specs()
     tasks = src.list_files(specs)
@@ -170,7 +170,7 @@ class RetrievalSamples:
     """Ray Data actor: batch {"id": sample indices} -> retrieval samples (index, line, tokens, task, ...)."""
 
     def __init__(self, tokenizer: str, seed: int, settings: dict, haystack: list):
-        import ray
+        import ray  # deferred: heavy import, used only here
 
         ref = haystack[0]  # wrapped in a list so Ray passes the reference, not a copy per argument
         doc_ids, texts = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
@@ -190,9 +190,7 @@ def retrieval_settings(cfg) -> dict:
 def synth_retrieval(cfg, output: str | None = None, overwrite: bool = False) -> dict:
     """Generate `synth.retrieval.num_samples` retrieval chat samples and publish them at `output` (default
     `synth.output/retrieval`). Returns the manifest plus `uri` and `timings`."""
-    import ray
-
-    from longctx.raycluster import connect as ensure_ray
+    import ray  # deferred: heavy import, used only here
 
     storage.configure(cfg.storage)
     dest = output or (storage.join(cfg.synth.output, "retrieval") if cfg.synth.output else None)

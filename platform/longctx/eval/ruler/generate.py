@@ -23,7 +23,7 @@ from longctx import storage
 from longctx.eval.haystack import load_haystack_text
 from longctx.eval.ruler.aggregation import CommonWords, FrequentWords
 from longctx.eval.ruler.constants import BASE_TASKS, TASK_NAMES, TASKS
-from longctx.eval.ruler.qa import READERS, QA
+from longctx.eval.ruler.qa import QA, QA_SOURCES, READERS
 from longctx.eval.ruler.synthetic import NIAH, RulerLengthError, Template, VariableTracking
 from longctx.progress import Progress
 
@@ -91,8 +91,6 @@ class _Resources:
         if dataset not in self._qa:
             uri = getattr(self.settings, dataset)
             if not uri:
-                from longctx.eval.ruler.qa import QA_SOURCES
-
                 raise ValueError(f"RULER {'qa_1' if dataset == 'squad' else 'qa_2'} needs the {QA_SOURCES[dataset]} "
                                  f"in RULER's format: set eval.ruler.{dataset}=PATH, or leave the task out of "
                                  "eval.ruler.tasks")
