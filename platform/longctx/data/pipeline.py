@@ -43,6 +43,8 @@ import pyarrow as pa
 from longctx import cleanup, storage
 from longctx.config import JobConfig
 from longctx.data.budget import effective_data_config
+from longctx.data.cip import cip_params, cip_table
+from longctx.data.manifest import build_manifest
 from longctx.data.mixture import MixturePlan, SourcePlan, plan_mixture
 from longctx.data.pack import PACKED_KIND, BestFitPacker, ConcatPacker, PackStats, RowBuilder, Segment, write_shard_file
 from longctx.data.stats import LengthAccumulator, format_length_table, plot_length_histogram, source_length_stats
@@ -325,8 +327,6 @@ def packed_row_tables(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int,
     if len(builder):
         yield cip(builder.table())
     if d.cip.fraction > 0 and emissions is None:  # the manifest's params record the CIP share
-        from longctx.data.cip import cip_params  # deferred: import cycle with longctx.data.cip
-
         plan.params["cip"] = cip_params(d.cip.k, d.cip.fraction, row_id)
 
 
@@ -496,8 +496,6 @@ def run_pass2(cfg, cache: TokenCache, plan: MixturePlan, pad_id: int, staging: s
         for s, acc in r["out_stats"].items():
             out_stats.setdefault(s, LengthAccumulator(d.long_threshold)).merge(acc)
     if d.cip.fraction > 0:  # the manifest's params record the CIP share
-        from longctx.data.cip import cip_params  # deferred: import cycle with longctx.data.cip
-
         plan.params["cip"] = cip_params(d.cip.k, d.cip.fraction, stats.rows)
     return {"shards": shards, "stats": stats, "out_stats": dict(sorted(out_stats.items())), "partitions": parts,
             "rows_per_partition": rows, "nodes": [r["node"] for r in results],
@@ -508,8 +506,6 @@ def _cip_hook(cip_cfg):
     """data.cip: rewrite a share of the packed rows as CIP-k rows (longctx.data.cip); identity when off."""
     if cip_cfg.fraction <= 0:
         return lambda table: table
-    from longctx.data.cip import cip_table  # deferred: import cycle with longctx.data.cip
-
     return lambda table: cip_table(table, cip_cfg.k, cip_cfg.fraction)
 
 
@@ -562,8 +558,6 @@ def shared_cache_root(dest: str) -> str:
 
 def pack_and_publish(cfg, cache: TokenCache, dest: str, overwrite: bool = False, quiet: bool = False) -> dict:
     """Quarantine check, mixture plan, pass 2 and atomic publish for a finished pass 1 (no Ray needed)."""
-    from longctx.data.manifest import build_manifest  # deferred: import cycle with longctx.data.manifest
-
     d = cfg.data
     t_pack = time.time()
     tok, eos, pad = load_fast_tokenizer(d.tokenizer)

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 from longctx import storage
 from longctx.eval.gate import gate_line
 from longctx.report.plots import plot_needle_heatmap, plot_nll_by_position, plot_passkey_accuracy
+from longctx.report.sections import relative
 from longctx.report.verdict import verdict
 
 BEYOND = "†"
@@ -308,8 +309,6 @@ def eval_markdown(metrics: dict, images: dict[str, str] | None = None, run_dir: 
 def _describe(spec: dict, run_dir: str | None = None) -> str:
     uri = spec.get("uri", "?")
     if run_dir and uri != "?":
-        from longctx.report.sections import relative  # deferred: import cycle with longctx.report.sections
-
         uri = relative(uri, run_dir)
     s = f"`{uri}`"
     if spec.get("rope_theta"):
