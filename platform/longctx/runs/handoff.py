@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 
 from longctx import storage
-from longctx.data.fingerprint import data_fingerprint, data_tree, tokenizer_fingerprint
 from longctx.runs.identity import tree_differences
 
 
@@ -44,7 +43,9 @@ def manifest_kind(manifest: dict) -> str:
 def check_packed_data(cfg, manifest: dict, kind: str = "pt", *, same_config: bool = False,
                       where: str | None = None) -> list[str]:
     """Problems (one line each) that stop `cfg` training on the dataset described by `manifest`."""
-    # deferred: the data engine's package costs about a second to import; only a check of data needs it
+    from longctx.data.fingerprint import (  # deferred: the data package takes ~1 s to import (`longctx --help` imports
+        data_fingerprint, data_tree, tokenizer_fingerprint)  # this module); only a check of data needs it
+
     where = where or manifest.get("uri") or "prepared data"
     d = cfg.data
     problems: list[str] = []
