@@ -22,12 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 
-from longctx import __version__, cleanup, quiet
-from longctx.model.rope import suggest_rope_base
-from longctx.train.gpus import PLAN_KINDS
+from longctx import quiet
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_config: str | None = None) -> None:
@@ -69,6 +66,10 @@ def _cmd_data_stats(args) -> int:
 
 
 def _cmd_data_clean(args) -> int:
+    import tempfile  # deferred: CLI start-up time
+
+    from longctx import cleanup  # deferred: CLI start-up time
+
     removed = cleanup.remove_dead([args.tmp or tempfile.gettempdir(), *args.path])
     for path in removed:
         print(f"removed {path}")
@@ -183,6 +184,8 @@ def _cmd_study(args) -> int:
 
 
 def _cmd_rope_suggest(args) -> int:
+    from longctx.model.rope import suggest_rope_base  # deferred: CLI start-up time
+
     r = suggest_rope_base(args.head_dim, args.train_len, args.target_len)
     if args.target_len <= args.train_len:
         print(f"longctx: warning: --target-len {args.target_len} is not longer than --train-len {args.train_len}: "
@@ -265,9 +268,11 @@ def _cmd_config(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from longctx import __version__  # deferred: CLI start-up time
     from longctx.config import EMBEDDED_SFT_DEFAULT  # deferred: CLI start-up time
     from longctx.jobargs import add_config_args  # deferred: CLI start-up time
     from longctx.plan.planner import DEFAULT_MFU  # deferred: CLI start-up time
+    from longctx.train.gpus import PLAN_KINDS  # deferred: CLI start-up time
 
     parser = argparse.ArgumentParser(prog="longctx", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"longctx {__version__}",
