@@ -15,9 +15,10 @@ import torch
 from longctx.config import GateConfig, load_config
 from longctx.eval.choices import ChoiceFileError, load_choice_questions
 from longctx.eval.gate import GATE_FAILED_EXIT_CODE, GateFailed, compare, gate_line, gate_metrics, raise_if_failed
-from longctx.eval.gate_checks import run_gate
+from longctx.eval.gate_checks import load_gate_inputs, run_gate
+from longctx.eval.runner import ModelSpec, tokenizer_uri
 from longctx.jobargs import exit_code
-from longctx.model.load import load_causal_lm, local_model_dir
+from longctx.model.load import load_causal_lm, load_tokenizer, local_model_dir
 
 
 def _copy_with_noise(src: str, dst, relative_std: float, seed: int = 0) -> str:
@@ -169,3 +170,14 @@ def test_failed_gate_stops_the_run_before_publishing_and_a_rerun_rejudges(gate_c
     assert v["action"] == "warn" and not v["passed"]
     assert read_attempts(run.root)[-1] == {**read_attempts(run.root)[-1], "event": "gate", "action": "rejudged"}
     assert "WARNING: Regression gate FAILED" in capsys.readouterr().out
+
+
+def test_a_passkey_prompt_longer_than_the_gate_is_skipped_and_named():
+    """At 64 tokens the passkey prompt (88 tokens) does not fit: the check is skipped with the reason, as a RULER
+    task that does not fit, instead of failing the run after training (the Long-SFT job's test gates at 64)."""
+    cfg = load_config(None, ["eval.gate.num_documents=2"])
+    tok = load_tokenizer(tokenizer_uri(ModelSpec("builtin:tiny-llama"), cfg))
+    short = load_gate_inputs(cfg, 64, tok)
+    assert "passkey" not in short and "too short" in short["skipped"]["passkey"]
+    fits = load_gate_inputs(cfg, 256, tok)  # control: at the base length the passkey check is built
+    assert len(fits["passkey"]) >= 1 and "passkey" not in fits.get("skipped", {})

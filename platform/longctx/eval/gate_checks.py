@@ -44,8 +44,11 @@ def load_gate_inputs(cfg: JobConfig, length: int, tokenizer) -> dict:
                          "set eval.gate.length lower or give longer eval.documents")
     out: dict = {"docs": docs}
     if gate.passkey:
-        out["passkey"] = build_passkey_prompts(tokenizer, [length], gate.passkey_depths, gate.passkey_trials,
-                                               seed=cfg.eval.seed)
+        try:
+            out["passkey"] = build_passkey_prompts(tokenizer, [length], gate.passkey_depths, gate.passkey_trials,
+                                                   seed=cfg.eval.seed)
+        except ValueError as e:  # the prompt does not fit the gate's length: skipped and named, as a RULER task
+            out.setdefault("skipped", {})["passkey"] = str(e)
     if gate.choices:
         out["choices"] = load_choice_questions(gate.choices, gate.choices_limit)
     return out
