@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 LEVEL_ENV = "LONGCTX_LOG_LEVEL"
 KNOWN_WARNINGS = ("ignore:`torch.distributed.all_gather_into_tensor` is deprecated:FutureWarning",)
@@ -72,6 +73,16 @@ def configure_driver() -> None:
     DataContext.get_current().print_on_execution_start = False
     for name in ("ray.data", "ray.train", "ray.tune"):  # Ray Data logs its progress blocks at INFO off a terminal
         logging.getLogger(name).setLevel(logging.WARNING)
+    # the driver loads models too (the regression gate): Hugging Face progress bars off here as in the workers;
+    # the variables for a later import, the calls for a transformers the driver has already imported
+    for key, value in process_env().items():
+        if key != "PYTHONWARNINGS":
+            os.environ.setdefault(key, value)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging  # deferred: already imported (sys.modules), no cost
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def configure_worker() -> None:
