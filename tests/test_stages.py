@@ -80,13 +80,13 @@ def test_prolong_recipe_fits_h100_in_every_stage(capsys):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_two_stage_recipe_killed_in_stage_2_resumes_there(tmp_path):
-    """`python jobs/long_pt.py --config jobs/configs/tiny-two-stage.yaml` (2 steps per stage): the driver is
+    """`python jobs/long_pt.py --config jobs/configs/tiny-two-stage.yaml` (4 steps per stage): the driver is
     SIGKILLed once stage 2 has a checkpoint; the same command finishes the run from there (stage 1 reused, stage 2
     resumed), with the gate after each stage, one report row per stage and the last stage's model published."""
     env = dict(os.environ, LONGCTX_CACHE=str(tmp_path / "cache"), RAY_raylet_start_wait_time_s="300")
     env.pop("RAY_ADDRESS", None)
     env.pop("LONGCTX_HOME", None)
-    sets = ["output_dir=runs", "train.max_steps=2", "train.checkpoint_every=1", "eval.num_documents=4",
+    sets = ["output_dir=runs", "train.max_steps=4", "train.checkpoint_every=1", "eval.num_documents=4",
             "eval.passkey.trials=1", "eval.passkey.lengths=[1024]", "eval.gate.num_documents=4",
             "eval.gate.passkey_trials=1", "eval.gate.ruler_samples=5"]  # shortened: CI time
     cmd = [sys.executable, str(ROOT / "jobs" / "long_pt.py"), "--config", TWO_STAGE,
