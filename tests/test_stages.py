@@ -128,7 +128,7 @@ def test_two_stage_recipe_killed_in_stage_2_resumes_there(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     rows = metrics["stages"]
     assert [(r["stage"], r["seq_len"], r["rope_theta"], r["steps"]) for r in rows] == \
-        [("ctx512", 512, 40000.0, 2), ("ctx1k", 1024, 80000.0, 2)]
+        [("ctx512", 512, 40000.0, 4), ("ctx1k", 1024, 80000.0, 4)]
     gate = metrics["gate"]
     assert list(gate["verdicts"]) == ["ctx512", "ctx1k"]
     for name, v in gate["verdicts"].items():
