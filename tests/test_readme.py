@@ -97,7 +97,7 @@ README_COMMANDS: dict[str, Run | Covered] = {
     "python jobs/study.py --output runs/study":
     Covered("tests/test_study.py::test_short_study_reports_verdicts_first_and_numbers_recomputable"),
     "python jobs/long_pt.py --config jobs/configs/tiny-two-stage.yaml":
-    Covered("tests/test_stages.py::test_two_stage_recipe_killed_in_stage_2_resumes_there"),
+    Covered("tests/test_long_pt_job.py::test_two_stage_job_killed_in_stage_2_and_resubmitted_on_s3"),
     "python jobs/study.py --quick --output runs/study-quick":
     Covered("tests/test_study.py::test_short_study_reports_verdicts_first_and_numbers_recomputable"),
     # ---- the "Command line" table

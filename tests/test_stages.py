@@ -1,16 +1,11 @@
 """Multi-stage recipes (`stages:`): each stage's config, the preflight of every stage before Ray, the shipped
-ProLong recipe's memory plan per stage; and (slow, Ray) the laptop two-stage recipe run end to end, killed in
-stage 2 and resumed there."""
+ProLong recipe's memory plan per stage. The laptop two-stage recipe run end to end, killed in stage 2 and resumed
+there, is tests/test_long_pt_job.py (the main job's end-to-end test runs that recipe)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -73,71 +68,3 @@ def test_prolong_recipe_fits_h100_in_every_stage(capsys):
                                                           {**cfg.stages[1].model_dump(exclude_unset=True),
                                                            "train": {"global_batch_tokens": 8388608}}])])
     assert Planner(stage_config(no_sp, 1), model_config=shape).plan().fits is False
-
-
-# ------------------------------------------------------------------------------------------------ end to end
-@pytest.mark.e2e
-@pytest.mark.slow
-@pytest.mark.ray
-def test_two_stage_recipe_killed_in_stage_2_resumes_there(tmp_path):
-    """`python jobs/long_pt.py --config jobs/configs/tiny-two-stage.yaml` (4 steps per stage): the driver is
-    SIGKILLed once stage 2 has a checkpoint; the same command finishes the run from there (stage 1 reused, stage 2
-    resumed), with the gate after each stage, one report row per stage and the last stage's model published."""
-    env = dict(os.environ, LONGCTX_CACHE=str(tmp_path / "cache"), RAY_raylet_start_wait_time_s="300")
-    env.pop("RAY_ADDRESS", None)
-    env.pop("LONGCTX_HOME", None)
-    sets = ["output_dir=runs", "train.max_steps=4", "train.checkpoint_every=1", "eval.num_documents=4",
-            "eval.passkey.trials=1", "eval.passkey.lengths=[1024]", "eval.gate.num_documents=4",
-            "eval.gate.passkey_trials=1", "eval.gate.ruler_samples=5"]  # shortened: CI time
-    cmd = [sys.executable, str(ROOT / "jobs" / "long_pt.py"), "--config", TWO_STAGE,
-           *[a for s in sets for a in ("--set", s)]]
-    t0 = time.time()
-    log1 = open(tmp_path / "attempt1.log", "w+")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log1, stderr=subprocess.STDOUT, text=True)
-    snapshot = None
-    while time.time() - t0 < 900 and proc.poll() is None:
-        found = list((tmp_path / "runs").glob("long-pt-*/stages/ctx1k/train/checkpoint_manager_snapshot.json"))
-        if found and "checkpoint_0000000" in found[0].read_text():
-            snapshot = found[0]
-            break
-        time.sleep(0.5)
-    assert snapshot, "no stage-2 checkpoint recorded: " + open(tmp_path / "attempt1.log").read()[-4000:]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    run = snapshot.parents[3]
-    assert not (run / "final_model.txt").exists()
-    t_kill = time.time() - t0
-
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
-    final = proc.stdout.strip().splitlines()[-1]
-    assert final == str(run / "stages" / "ctx1k" / "train" / "final_model")
-    assert (run / "final_model.txt").read_text().strip() == final
-
-    def events(folder):
-        return [(a["attempt"], a["event"], a.get("action")) for a in
-                map(json.loads, (folder / "attempts.jsonl").read_text().splitlines())]
-
-    s1, s2 = events(run / "stages" / "ctx512"), events(run / "stages" / "ctx1k")
-    assert (1, "train", "started") in s1 and (2, "train", "reused") in s1 and (2, "gate", "rejudged") in s1, s1
-    assert (1, "train", "started") in s2 and (2, "train", "resumed") in s2 and (2, "gate", "ran") in s2, s2
-    assert (2, "finished", None) in events(run)
-    assert "[train] resumed at step" in log
-
-    metrics = json.loads((run / "metrics.json").read_text())
-    rows = metrics["stages"]
-    assert [(r["stage"], r["seq_len"], r["rope_theta"], r["steps"]) for r in rows] == \
-        [("ctx512", 512, 40000.0, 4), ("ctx1k", 1024, 80000.0, 4)]
-    gate = metrics["gate"]
-    assert list(gate["verdicts"]) == ["ctx512", "ctx1k"]
-    for name, v in gate["verdicts"].items():
-        assert v["length"] == 256 and {"nll", "passkey", "ruler/niah_single_1"} <= set(v["checks"]), (name, v)
-        assert all({"base", "after", "limit", "passed"} <= set(c) for c in v["checks"].values())
-    # each stage is checked against its own input: stage 2's "before" is stage 1's model
-    assert gate["verdicts"]["ctx1k"]["before"] == rows[0]["final_model"]
-    assert gate["verdicts"]["ctx1k"]["checks"]["nll"]["base"] == gate["verdicts"]["ctx512"]["checks"]["nll"]["after"]
-    report = (run / "report.md").read_text()
-    assert "## Stages" in report and "| ctx512 | pt | 512 |" in report and "| ctx1k | pt | 1,024 |" in report
-    assert "## Regression gate" in report
-    print(f"two-stage e2e: killed after {t_kill:.0f}s, resumed run {time.time() - t0 - t_kill:.0f}s")
