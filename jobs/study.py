@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from longctx.runs.study import add_study_args, run_from_args
+from longctx.runs.study import run_from_args
+from longctx.runs.study_args import add_study_args
 
 
 def main(argv: list[str] | None = None) -> int:

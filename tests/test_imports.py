@@ -261,3 +261,20 @@ def test_every_module_imports_in_a_fresh_interpreter():
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
     proc = subprocess.run([sys.executable, "-c", code, *mods], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+ENGINES = ("torch", "ray", "transformers", "deepspeed")
+
+
+def _engines_after(code: str) -> list[str]:
+    probe = code + f"\nimport sys\nprint(' '.join(m for m in {ENGINES!r} if m in sys.modules))\n"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.split()
+
+
+def test_cli_parser_imports_no_engine():
+    """`longctx --help` (every verb's parser, the study's included) imports no engine: help and usage errors take a
+    fraction of a second. The negative control: importing the study's code itself pulls torch in."""
+    assert _engines_after("from longctx.cli import build_parser\nbuild_parser()") == []
+    assert "torch" in _engines_after("import longctx.runs.study")

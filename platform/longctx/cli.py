@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--fresh", action="store_true", help="fail if a sweep of this name exists instead of resuming it")
     tn.set_defaults(func=_cmd_tune)
 
-    from longctx.runs.study import add_study_args  # deferred: CLI start-up time
+    from longctx.runs.study_args import add_study_args  # deferred: CLI start-up time
 
     st = verbs.add_parser("study", help="the papers' orderings side by side: baselines, data strategies, RoPE "
                           "sweep, retrieval vs tokens (as jobs/study.py)")

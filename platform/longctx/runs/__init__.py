@@ -7,7 +7,8 @@
     recipes.py     Long-PT, Long-SFT and evaluation as Recipe values over the steps; run_prepare
     stages.py      the job's stage or a recipe's `stages:`, each a sub-run, with the regression gate after each
     handoff.py     is a committed packed dataset the one this job can train on?
-    study.py       the papers' orderings: every trial a sub-run; study_report.py: its numbers and report
+    study.py       the papers' orderings: every trial a sub-run; study_report.py: its numbers and report;
+                   study_args.py: its options and tiers (light: `longctx --help` imports no engine)
 
 See docs/architecture.md, section 4.
 """

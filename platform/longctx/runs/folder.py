@@ -30,7 +30,7 @@ from longctx.runs import identity
 from longctx.runs.identity import RERUN_HINT, ResumeRefused
 from longctx.runs.lease import Lease, append_line
 from longctx.train.spec import FINAL_MODEL
-from longctx.train.trainer import latest_checkpoint_step
+from longctx.train.integrity import latest_intact_step
 
 # ------------------------------------------------------------------------------------------ the run's files
 CONFIG = "config.yaml"
@@ -252,7 +252,7 @@ def _check_moved_training_state(saved: JobConfig, run: RunContext) -> None:
     old = train_root_for(saved, run.root, run.run_id)
     if old == run.train_root:
         return
-    step = latest_checkpoint_step(old)
+    step = latest_intact_step(old)
     done = storage.is_committed(storage.join(old, FINAL_MODEL))
     if step or done:
         what = "its final model" if done else f"a checkpoint at step {step}"

@@ -34,7 +34,6 @@ study (`--seeds 3`) and `--quick` (one seed, fewer steps and prompts: what CI's 
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import math
@@ -43,19 +42,19 @@ import time
 from typing import Any, Callable
 
 from longctx import storage
-from longctx.config import EMBEDDED_DEFAULT, ConfigError, JobConfig, load_config
+from longctx.config import ConfigError, JobConfig, load_config
 from longctx.runs.handoff import PreparedDataMismatch
 from longctx.model.rope import suggest_rope_base
 from longctx.runs.folder import DATA_DIR, SYNTH_DIR, RunContext, open_run
 from longctx.runs.identity import ResumeRefused
 from longctx.runs.steps import connect_ray, evaluate_step, finish, prepare_step, setup_logging, train_step
+from longctx.runs.study_args import FULL, NIAH_TASKS, QUICK
 from longctx.runs.study_report import PLAN, STRATEGIES, STUDY_JSON, trial_numbers, verdicts, write_study_report
 
 # NOTE: `longctx` builds every verb's parser at start-up, the study's from this module (`add_study_args`), so the
 # engines (Ray Data, torch, transformers: seconds) are imported inside the functions that run the study.
 
 TRIAL_SUMMARY = "train_summary.json"
-NIAH_TASKS = ("niah_single_1", "niah_single_2")  # RULER's single-needle NIAH: noise and essay haystacks
 TRIALS = "trials"
 
 
@@ -365,44 +364,6 @@ def _head_dim(model_uri: str) -> int:
 
 
 # -------------------------------------------------------------------------------------------------- command
-# The two tiers: the full study (seeds and intervals) and `--quick` (one seed, fewer steps, prompts and RoPE
-# points: under 15 minutes on 2 CPU cores). Both write the same report layout.
-# Passkey: 17 trials x 3 depths = 51 prompts per model (12 could not decide "passkey >= 90%" either way short of 12/12).
-FULL = {"seeds": 3, "steps": 10, "niah_samples": 25, "passkey_trials": 17, "rope_factors": "0.1,1,10"}
-QUICK = {"seeds": 1, "steps": 6, "niah_samples": 10, "passkey_trials": 7, "rope_factors": "1"}
-
-def add_study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The study's command-line options (`jobs/study.py` and `longctx study`)."""
-    p.add_argument("--config", default=EMBEDDED_DEFAULT, help="base job config (default: the embedded tiny recipe)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key for every trial (repeatable)")
-    p.add_argument("--output", default="runs/study", help="study folder (local or s3://)")
-    p.add_argument("--quick", action="store_true", help="the quick tier: " + ", ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + " unless given (one seed: its verdicts rest on "
-        "items only; what CI's shortened study runs)")
-    p.add_argument("--seeds", type=int, default=None, help="training seeds of part a's Long-PT and part b's trials "
-                   f"(default {FULL['seeds']}; --quick: 1); the intervals then cover seeds x items")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps per trial (default {FULL['steps']})")
-    p.add_argument("--niah-samples", type=int, default=None, help="RULER NIAH samples per task at 4x base in parts "
-                   f"a and c ({len(NIAH_TASKS)} tasks; default {FULL['niah_samples']}, so "
-                   f"{len(NIAH_TASKS) * FULL['niah_samples']} prompts per model; 0: off)")
-    p.add_argument("--passkey-trials", type=int, default=None, help="passkey prompts per depth at 4x base "
-                   f"(default {FULL['passkey_trials']}: {3 * FULL['passkey_trials']} prompts at the 3 default depths)")
-    p.add_argument("--parts", default="abcde", help="parts to run: a (baselines vs Long-PT), b (data strategies), "
-                   "c (Long-PT + synthetic long-SFT, from part a's model), d (RoPE base sweep), e (retrieval vs "
-                   "tokens trained, from part a's run)")
-    p.add_argument("--sft-steps", type=int, default=None, help="part c: Long-SFT steps of each format (default: "
-                   "twice --steps)")
-    p.add_argument("--rope-factors", default=None, help="RoPE bases of part d as multiples of the "
-                   f"`rope suggest` bound (default {FULL['rope_factors']}; part a's rope_theta is one more point)")
-    p.add_argument("--corpus-max-documents", type=int, default=200,
-                   help="part b: read only the first N documents per source of the shipped corpus (default 200; "
-                   "0: all of it)")
-    p.add_argument("--eval-documents", type=int, default=8, help="held-out documents per evaluation (default 8; "
-                   "0: the config's eval.num_documents)")
-    return p
-
-
 def run_from_args(args) -> int:
     """Run the study from parsed `add_study_args` options; 2 on a usage error or a refused resume."""
     for k, v in {**FULL, **(QUICK if args.quick else {})}.items():  # the tier's values where not given
