@@ -170,6 +170,7 @@ def test_two_stage_job_killed_in_stage_2_and_resubmitted_on_s3(s3_bucket, tmp_pa
     assert "naive" in report.lower() and "Long-PT" in report
     assert "## Stages" in report and "| ctx512 | pt | 512 |" in report and "| ctx1k | pt | 1,024 |" in report
     assert "## Regression gate" in report
+    assert "- stage ctx1k (the last), from `stages/ctx512/train/final_model`, rope_theta 80000.0" in report
     pngs = [p for p in storage.expand(run) if p.endswith(".png")]
     assert pngs, "no plots in the run folder"
     # the report reads true: a loss curve, the lengths histogram linked, no raw dict, no absolute path

@@ -82,6 +82,10 @@ def test_train_section_has_the_loss_curve_and_relative_paths(tmp_path):
     assert (tmp_path / "runs" / "r1" / "loss_curve.png").read_bytes()[:8] == PNG
     assert str(tmp_path) not in md and "`train/final_model`" in md and "`train/metrics.jsonl`" in md
     assert not re.search(r"\{['\"]", md), "a raw dict in the report"
+    assert md.startswith("- model `builtin:tiny-llama`, rope_theta")
+    # a multi-stage run's last stage says which stage it is and the model it started from (not the run's first)
+    staged = train_section(JobConfig(), out, {}, run, stage="ctx1k", from_model=f"{run}/stages/ctx512/train/final_model")
+    assert staged.startswith("- stage ctx1k (the last), from `stages/ctx512/train/final_model`, rope_theta"), staged
 
 
 def test_passkey_all_zero_is_one_line_not_a_plot(tmp_path):

@@ -87,14 +87,18 @@ def layout_table(layout: dict) -> str:
                       "| " + " | ".join(cell(layout[k]) for k, _ in cols) + " |"])
 
 
-def train_section(cfg, outcome, timings: dict, run_root: str) -> str:
-    """Markdown summary of the training run; writes the loss curve beside report.md."""
+def train_section(cfg, outcome, timings: dict, run_root: str, *, from_model: str | None = None,
+                  stage: str | None = None) -> str:
+    """Markdown summary of the training run; writes the loss curve beside report.md. In a multi-stage run it is
+    the last stage's training: `stage` names it and `from_model` is the model it started from (the previous
+    stage's final model; default `cfg.model.path`)."""
     hist = outcome.history or []
     tps = sorted(h["tokens_per_s"] for h in hist[1:] if h.get("tokens_per_s")) or \
         sorted(h["tokens_per_s"] for h in hist if h.get("tokens_per_s"))
     rope = cfg.model.rope_theta or "unchanged"
     lines = [
-        f"- model `{relative(cfg.model.path, run_root)}`, rope_theta {rope}, seq_len {cfg.data.seq_len}, "
+        (f"- stage {stage} (the last), from " if stage else "- model ")
+        + f"`{relative(from_model or cfg.model.path, run_root)}`, rope_theta {rope}, seq_len {cfg.data.seq_len}, "
         f"attention `{cfg.data.attention}`",
         f"- {cfg.train.num_workers} workers ({'GPU' if cfg.train.use_gpu else 'CPU'}), ZeRO-{cfg.train.zero_stage}, "
         f"global batch {cfg.train.global_batch_tokens:,} tokens",
