@@ -176,7 +176,7 @@ eval:
 tune:
   name: e2e
   params:
-    rope_theta: [1.0e+4, 1.0e+5, 1.0e+6]
+    rope_theta: [1.0e+4, 1.0e+6]   # 2 x 2 trials: enough to interrupt after two and resume the rest (CI time)
     token_budget: [512, 1024]
   max_concurrent_trials: 1
   baselines: false
@@ -223,7 +223,7 @@ def test_sweep_interrupted_and_resumed_runs_every_trial_once(tmp_path):
     assert "interrupted" in text1
     assert not (root / "results").exists(), "results published by an unfinished sweep"
     finished_at_interrupt = {k for k, v in _attempts(root).items() if any(a["event"] == "finished" for a in v)}
-    assert finished_at_interrupt >= finished_before and len(finished_at_interrupt) < 6
+    assert finished_at_interrupt >= finished_before and len(finished_at_interrupt) < 4
 
     # 2. The same command resumes and finishes only what is missing.
     proc2 = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
@@ -231,7 +231,7 @@ def test_sweep_interrupted_and_resumed_runs_every_trial_once(tmp_path):
     assert proc2.returncode == 0, text2[-6000:]
     assert "resuming" in text2
     attempts = _attempts(root)
-    assert len(attempts) == 6
+    assert len(attempts) == 4
     for key, events in attempts.items():
         kinds = [a["event"] for a in events]
         assert kinds.count("finished") == 1, (key, kinds)
@@ -245,9 +245,9 @@ def test_sweep_interrupted_and_resumed_runs_every_trial_once(tmp_path):
     assert (res / "_COMMITTED").exists()
     with open(res / "trials.csv") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 6 and {r["status"] for r in table} == {"done"}
+    assert len(table) == 4 and {r["status"] for r in table} == {"done"}
     grid = {(float(r["model.rope_theta"]), int(r["train.token_budget"])) for r in table}
-    assert grid == {(t, b) for t in (1e4, 1e5, 1e6) for b in (512, 1024)}
+    assert grid == {(t, b) for t in (1e4, 1e6) for b in (512, 1024)}
     for r in table:
         for col in ("objective", "nll_beyond_base", "nll_within_base", "overall_nll", "val_loss", "final_train_loss"):
             assert math.isfinite(float(r[col])), (r["trial_key"], col, r[col])
