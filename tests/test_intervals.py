@@ -177,3 +177,11 @@ def test_ruler_items_score_each_sample_as_ruler_does():
     assert got["score"] == [100.0, 0.0, 100.0]
     assert item_values({"items": {"ruler": got}}, "ruler", 64) == {
         "ruler-64-niah_single_1-0": 1.0, "ruler-64-niah_single_1-1": 0.0, "ruler-64-niah_single_1-2": 1.0}
+
+
+def test_interval_text_shows_round_off_zero_as_zero_and_a_real_negative_with_its_sign():
+    from longctx.report.intervals import Interval
+
+    assert Interval(0.1, -1e-17, 0.22, 0.95, 1, 51).text(100, "+.0f") == "+10 [+0, +22]"
+    assert Interval(0.1, -0.004, 0.22, 0.95, 1, 51).text(100, "+.0f") == "+10 [-0, +22]"  # below 0: keeps its sign
+    assert Interval(-0.057, -0.1, 0.001, 0.95, 3, 8).text() == "-0.057 [-0.100, 0.001]"
