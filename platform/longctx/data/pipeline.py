@@ -31,6 +31,7 @@ import atexit
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -211,20 +212,27 @@ def mixed_segments(cache: TokenCache, plan: MixturePlan, seed: int, piece_len: i
         doc, take, start, stop = emissions[(s, long)]
         streams.append(_emitted_segments(cache, s, plan.sources[s], doc, take, plan.chunk_len, piece_len, tokens,
                                          start, stop))
-    want = np.array([targets[k] for k in keys], np.float64)
-    emitted = np.zeros(len(keys), np.float64)
-    rank = np.random.default_rng([seed, 1_000_003]).permutation(len(keys)).astype(np.float64)
+    # NOTE: Python floats (IEEE doubles, as numpy's float64) over a handful of buckets: numpy's per-call overhead on
+    # arrays this small cost more than the packing itself; only the bucket that moved gets a new score.
+    want = [float(targets[k]) for k in keys]
+    emitted = [0.0] * len(keys)
+    rank = np.random.default_rng([seed, 1_000_003]).permutation(len(keys)).tolist()
     heads = [next(st, None) for st in streams]
-    alive = np.array([h is not None for h in heads])
-    while alive.any():
-        nxt = np.array([len(h.tokens) if h is not None else 0 for h in heads], np.float64)
-        score = np.where(alive, (emitted + nxt / 2) / want, np.inf)
-        best = np.flatnonzero(score == score.min())
-        k = int(best[np.argmin(rank[best])])
+
+    def score(k: int) -> tuple[float, int]:  # ties: the lower seeded rank
+        h = heads[k]
+        return ((emitted[k] + len(h.tokens) / 2) / want[k] if h is not None else math.inf), rank[k]
+
+    scores = [score(k) for k in range(len(keys))]
+    while True:
+        best = min(scores)
+        if best[0] == math.inf:
+            return
+        k = scores.index(best)
         seg = heads[k]
         emitted[k] += len(seg.tokens)
         heads[k] = next(streams[k], None)
-        alive[k] = heads[k] is not None
+        scores[k] = score(k)
         yield seg
 
 
