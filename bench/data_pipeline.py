@@ -4,10 +4,14 @@ pipeline (read + validate + tokenize + mix + pack + write, through Ray Data), (c
 corpus and cores, at 1x and 10x corpus size.
 
     python bench/data_pipeline.py                          # shipped sample corpus (~3.5M tokens) at 1x and 10x
-    python bench/data_pipeline.py --scales 10 --variants bare ours warm --rounds 3
+    python bench/data_pipeline.py --scales 10 --variants bare ours warm noray --rounds 2
 
 `warm` is (b) in a cluster that has already run one preparation (of one file per source, untimed): Ray's worker
-processes are started and their imports done, as on a long-running cluster; (b) includes that start-up.
+processes are started and their imports done, as on a long-running cluster; (b) includes that start-up. Ray Data
+still starts a new actor pool per dataset, so `warm` too pays the start of its tokenizer actors. `noray` is the
+same work without Ray, in one process and one thread: the functions pass 1's read tasks and tokenizer actors run,
+then pass 2's partitions one after the other; its tokens per CPU-second over the bare tokenizer's is what (b)
+would reach if Ray cost nothing.
 
 Paired: variants run in rounds, the order rotated every round, and every ratio ("vs bare", "vs hf") is taken
 within one round, so a load change between rounds cannot flip it; the table prints each round's ratio, their
@@ -30,7 +34,10 @@ machine it is steadier than wall time. `timed CPU s` is the CPU of the timed par
 ours: every process of the tree between the start and the end of prepare_data's two passes, Ray's daemons
 included) and `CPU vs bare` the tokens per CPU-second ratio: on a machine shared with other work the wall-clock
 ratio measures mostly how the scheduler shares the cores between one process of two threads and a dozen
-processes; the CPU ratio what the pipeline costs beyond the tokenizer.
+processes; the CPU ratio what the pipeline costs beyond the tokenizer. `CPU by process` splits the timed CPU of
+(b) by Ray's process titles: the driver, the tokenizer actors, Ray Data's own helper actors (stats, autoscaling
+coordinator, actor locations), the task workers (read tasks, pass-2 tasks, idle pooled workers) and Ray's daemons
+(raylet, GCS, agents); the medians give each part in units of the bare tokenizer's CPU for the same tokens.
 NOTE: on a shared machine the figures are noisy; compare variants of one run, not runs.
 """
 
@@ -91,9 +98,27 @@ def run_bare(files, tokenizer, threads: int) -> dict:
     return {"tokens": tokens, "seconds": time.perf_counter() - t0, "timed_cpu_s": time.process_time() - c0}
 
 
+# Roles of the processes of the tree, by Ray's process title (`ray::<what runs>`), most specific first: a worker
+# process that ever ran a tokenizer actor counts as one.
+ROLES = ("driver", "tokenizer actors", "Ray Data helper actors", "task workers", "Ray daemons")
+_HELPERS = ("ray::_StatsActor", "ray::_AutoscalingCoordinatorActor", "ray::ActorLocationTracker")
+_DAEMONS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def _role(title: str) -> int:
+    if "MapWorker(" in title:
+        return 1
+    if title.startswith(_HELPERS):
+        return 2
+    if title.startswith("ray::") and not title.startswith(_DAEMONS):
+        return 3  # read tasks, pass-2 tasks, idle pooled workers
+    return 4      # raylet, GCS, agents, log monitor
+
+
 class TreeCpu:
     """CPU seconds (user + sys) the process tree of this process spends between `start()` and `stop()`, sampled
-    every 0.2 s per process (a process started and ended between two samples is missed)."""
+    every 0.2 s per process (a process started and ended between two samples is missed); `by_role()` splits it
+    by ROLES."""
 
     def __init__(self):
         import psutil
@@ -101,12 +126,22 @@ class TreeCpu:
         self._psutil, self._root = psutil, psutil.Process()
         self.first: dict[int, float] = {}
         self.last: dict[int, float] = {}
+        self.role: dict[int, int] = {self._root.pid: 0}
         self._stop = threading.Event()
+
+    def by_role(self) -> dict[str, float]:
+        out = dict.fromkeys(ROLES, 0.0)
+        for pid, c in self.last.items():
+            out[ROLES[self.role.get(pid, 4)]] += c - self.first.get(pid, 0.0)
+        return out
 
     def _sample(self, into_first: bool = False) -> None:
         for p in [self._root, *self._root.children(recursive=True)]:
             try:
                 t = p.cpu_times()
+                if p.pid != self._root.pid:
+                    title = " ".join(p.cmdline())
+                    self.role[p.pid] = min(self.role.get(p.pid, 4), _role(title))
             except self._psutil.Error:
                 continue
             c = t.user + t.system
@@ -138,12 +173,61 @@ def _cpu_self() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _config(tokenizer: str, actors: int):
+    from longctx.config import load_config
+
+    return load_config(None, [f"data.tokenizer={tokenizer}", "data.seq_len=32768", "data.long_threshold=4096",
+                              f"data.num_tokenize_actors={actors}", "data.strategy=cut-seq", "data.rows_per_shard=64",
+                              f"data.pack_partitions={actors}"])
+
+
+def run_noray(files, tokenizer, partitions: int, out: str) -> dict:
+    """The pipeline's own work in this one process, without Ray: what pass 1's read tasks and tokenizer actors run
+    (`sources.read_file`, then `TokenizeBatches` on each of its tables), file after file; the token cache written
+    from their output (`TokenCache.from_documents`: one file per source instead of one per actor batch); then
+    pass 2 (`pack_and_publish`: with Ray not initialised its partitions run here, one after the other). Its
+    tokens per CPU-second over the bare tokenizer's is what `prepare_data` would reach if Ray cost nothing."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as in the actors: one thread each
+    import numpy as np  # deferred: each variant's child process imports only what it measures
+    import pyarrow.compute as pc
+
+    from longctx.data import sources as src
+    from longctx.data.pipeline import pack_and_publish
+    from longctx.data.token_cache import TokenCache
+    from longctx.data.tokenize import TokenizeBatches
+
+    cfg = _config(tokenizer, partitions)
+    cfg.data.sources = {name: {"uri": os.path.dirname(paths[0])} for name, paths in files.items()}
+    tasks = src.list_files(cfg.data.source_specs())
+    opts = src.ReadOptions.from_dict(src.read_options(cfg))
+    tok = TokenizeBatches(cfg.data.tokenizer, cfg.data.tokenize_batch_size)  # loaded before the timing, as (a)'s
+    t0, c0 = time.perf_counter(), time.process_time()
+    docs: dict[str, list] = {}
+    for task in tasks:
+        for table in src.read_file(task, opts):
+            rows = tok(table)
+            bad = pc.is_valid(rows.column("reason"))
+            if pc.any(bad).as_py():
+                raise RuntimeError(f"{task.uri}: quarantined records; the benchmark corpus has none")
+            values = rows.column("tokens").combine_chunks().flatten().to_numpy()
+            offs = np.concatenate([[0], np.cumsum(rows.column("n_tokens").to_numpy())])
+            for i, (label, doc_id) in enumerate(zip(rows.column("source").to_pylist(),
+                                                    rows.column("doc_id").to_pylist())):
+                docs.setdefault(label, []).append((doc_id, values[offs[i]:offs[i + 1]]))
+    cache = TokenCache.from_documents(out + "-work", docs)
+    t1 = time.perf_counter()
+    manifest = pack_and_publish(cfg, cache, out, quiet=True)
+    t2 = time.perf_counter()
+    shutil.rmtree(out + "-work", ignore_errors=True)
+    return {"tokens": manifest["input"]["tokens"], "seconds": t2 - t0, "timed_cpu_s": time.process_time() - c0,
+            "pass1_s": t1 - t0, "pass2_s": t2 - t1}
+
+
 def run_ours(files, tokenizer, actors: int, out: str, warm: bool = False) -> dict:
     """`warm`: first run a preparation of one file per source in the same cluster (untimed), so the timed one
     finds Ray's worker processes started and their imports done, as on a long-running cluster."""
     import ray
 
-    from longctx.config import load_config
     from longctx.data.pipeline import pack_and_publish
     from longctx.data.token_cache import tokenize_corpus
 
@@ -157,9 +241,7 @@ def run_ours(files, tokenizer, actors: int, out: str, warm: bool = False) -> dic
             if attempt == 2:
                 raise
             time.sleep(5)
-    cfg = load_config(None, [f"data.tokenizer={tokenizer}", "data.seq_len=32768", "data.long_threshold=4096",
-                             f"data.num_tokenize_actors={actors}", "data.strategy=cut-seq", "data.rows_per_shard=64",
-                             f"data.pack_partitions={actors}"])
+    cfg = _config(tokenizer, actors)
     from longctx.data.pipeline import shared_cache_root
 
     if warm:
@@ -184,6 +266,7 @@ def run_ours(files, tokenizer, actors: int, out: str, warm: bool = False) -> dic
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(shared, ignore_errors=True)
     return {"tokens": manifest["input"]["tokens"], "seconds": t2 - t0, "timed_cpu_s": timed_cpu,
+            "cpu_by_role": tree.by_role(),
             "pass1_s": t1 - t0, "pass2_s": t2 - t1,
             "driver_pass1_cpu_s": c1 - c0, "driver_pass2_cpu_s": c2 - c1, "driver_pass1_main_cpu_s": m1 - m0,
             "pass2_task_cpu_s": manifest["pass2"]["task_cpu_s"], "partitions": manifest["pass2"]["partitions"],
@@ -272,6 +355,8 @@ def child(variant: str, corpus_json: str, tokenizer: str, workdir: str, n: int) 
     files = json.loads(corpus_json)
     if variant == "bare":
         r = run_bare(files, tokenizer, n)
+    elif variant == "noray":
+        r = run_noray(files, tokenizer, n, os.path.join(workdir, f"noray-{time.time_ns()}"))
     elif variant in ("ours", "warm"):
         r = run_ours(files, tokenizer, n, os.path.join(workdir, f"ours-{time.time_ns()}"), warm=variant == "warm")
     else:
@@ -280,7 +365,7 @@ def child(variant: str, corpus_json: str, tokenizer: str, workdir: str, n: int) 
 
 
 LABELS = {"bare": "(a) bare encode_batch_fast", "ours": "(b) longctx prepare_data", "warm": "(b') same, warm cluster",
-          "hf": "(c) HF map+group_texts"}
+          "noray": "(b'') same work, no Ray", "hf": "(c) HF map+group_texts"}
 
 
 def _cpu_ratio(r: dict, got: dict) -> str:
@@ -302,7 +387,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--variants", nargs="+", default=["bare", "ours", "warm", "hf"],
-                    choices=["bare", "ours", "warm", "hf"])
+                    choices=["bare", "ours", "warm", "noray", "hf"])
     ap.add_argument("--rounds", type=int, default=2, help="paired rounds (variant order rotated each round)")
     ap.add_argument("--tokenizer", default="builtin:tiny-tokenizer")
     ap.add_argument("--cores", type=int, default=2, help="threads (bare), tokenizer actors (ours), procs (hf)")
@@ -352,9 +437,14 @@ def main() -> None:
                           f"{o['driver_pass1_cpu_s']:.1f}s (main thread {o['driver_pass1_main_cpu_s']:.1f}s) + "
                           f"{o['driver_pass2_cpu_s']:.1f}s; "
                           f"pad {100 * o['pad_fraction']:.3f}%", flush=True)
+                    roles = o["cpu_by_role"]
+                    print(f"{'':>9}CPU by process: " + ", ".join(f"{k} {v:.1f}s" for k, v in roles.items()), flush=True)
+                if "noray" in got:
+                    print(f"{'':>9}noray: pass 1 {got['noray']['pass1_s']:.1f}s, pass 2 {got['noray']['pass2_s']:.1f}s "
+                          f"(one process, one thread)", flush=True)
         print("\nmedians over rounds (ratios paired within a round):")
         for scale, rounds in results.items():
-            for v in ("ours", "warm"):
+            for v in ("ours", "warm", "noray"):
                 for ref in ("bare", "hf"):
                     pairs = [g[v]["rate"] / g[ref]["rate"] for g in rounds if v in g and ref in g]
                     if pairs:
@@ -364,6 +454,14 @@ def main() -> None:
                 if cpu:
                     print(f"  x{scale}: {v} / bare in tokens per CPU-second = {_median(cpu):.2f}x (rounds: "
                           f"{', '.join(f'{x:.2f}' for x in cpu)})")
+                # where the CPU went, in units of the bare tokenizer's CPU for the same tokens (paired per round):
+                # the parts sum to 1 / (CPU vs bare); the tokenizer actors' part minus noray's is what Ray adds there
+                per = [{k: c / g["bare"]["timed_cpu_s"] * g["bare"]["tokens"] / g[v]["tokens"]
+                        for k, c in g[v]["cpu_by_role"].items()} for g in rounds if v in g and "bare" in g
+                       and "cpu_by_role" in g[v]]
+                if per:
+                    print(f"  x{scale}: {v} CPU by process, in bare-tokenizer CPUs: " + ", ".join(
+                        f"{k} {_median([x[k] for x in per]):.2f}" for k in ROLES))
         if any("ours" in g for rs in results.values() for g in rs):
             big = max(results)
             rounds = [g for g in results[big] if "ours" in g]
