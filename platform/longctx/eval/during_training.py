@@ -38,8 +38,6 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
-
 from longctx import storage
 from longctx.config import JobConfig
 from longctx.eval.documents import iter_texts
@@ -106,7 +104,7 @@ class CheckpointEvaluator:
 
         from longctx.eval.generate import greedy_generate  # deferred: pulls in torch, used only here
         from longctx.eval.passkey import run_passkey_batch, score_passkey_rows  # deferred: pulls in torch, used only here
-        from longctx.eval.perplexity import summarize_position_nll, token_nll  # deferred: pulls in torch, used only here
+        from longctx.eval.perplexity import position_nll_sums, summarize_position_nll  # deferred: pulls in torch, used only here
         from longctx.eval.runner import ModelSpec  # deferred: pulls in torch, used only here
 
         t0 = time.time()
@@ -120,11 +118,7 @@ class CheckpointEvaluator:
                                "context_length": context, "base_context_length": base_len}
         bs = ev.batch_size
         if self.docs:
-            nll_sum, count = np.zeros(context), np.zeros(context, dtype=np.int64)
-            for i in range(0, len(self.docs), bs):
-                batch = torch.tensor(self.docs[i : i + bs], dtype=torch.long)
-                nll_sum += token_nll(model, batch).double().numpy().sum(axis=0)
-                count[1:] += batch.shape[0]
+            nll_sum, count = position_nll_sums(model, self.docs, bs)
             ppl = summarize_position_nll(nll_sum, count, ev.bucket_edges, base_len)
             rec.update(nll_overall=ppl["overall_nll"], nll_within_base=ppl.get("nll_within_base"),
                        nll_beyond_base=ppl.get("nll_beyond_base"),

@@ -22,7 +22,7 @@ from longctx.eval.choices import load_choice_questions, score_choices
 from longctx.eval.documents import iter_texts
 from longctx.eval.gate import judge
 from longctx.eval.passkey import build_passkey_prompts, run_passkey
-from longctx.eval.perplexity import select_documents, token_nll
+from longctx.eval.perplexity import position_nll_sums, select_documents
 from longctx.eval.ruler.evaluate import evaluate_ruler
 from longctx.eval.ruler.synthetic import RulerLengthError
 from longctx.eval.runner import ModelSpec, base_max_positions, tokenizer_uri
@@ -57,11 +57,8 @@ def load_gate_inputs(cfg: JobConfig, length: int, tokenizer) -> dict:
 def measure(model, tokenizer, cfg: JobConfig, length: int, inputs: dict) -> dict[str, float]:
     """The gate's scores of one model: {"nll": nats, "passkey": points, "ruler/<task>": points, "choices": points}."""
     gate, ev = cfg.eval.gate, cfg.eval
-    docs = inputs["docs"]
-    nll_sum = 0.0
-    for i in range(0, len(docs), ev.batch_size):
-        nll_sum += float(token_nll(model, torch.tensor(docs[i:i + ev.batch_size]))[:, 1:].double().sum())
-    scores = {"nll": nll_sum / (len(docs) * (length - 1))}
+    nll_sum, count = position_nll_sums(model, inputs["docs"], ev.batch_size)
+    scores = {"nll": float(nll_sum.sum() / count.sum())}
     if "passkey" in inputs:
         scores["passkey"] = 100.0 * run_passkey(model, tokenizer, inputs["passkey"], ev.batch_size)["overall"]
     for task in gate.ruler_tasks:

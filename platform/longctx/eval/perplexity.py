@@ -127,6 +127,19 @@ def summarize_position_nll(
     return out
 
 
+def position_nll_sums(model, docs: Sequence[Sequence[int]], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of next-token NLL, number of predicted tokens) per position over `docs` (token id lists of one length),
+    in batches of `batch_size`: what `summarize_position_nll` takes."""
+    length = len(docs[0])
+    nll_sum = np.zeros(length, dtype=np.float64)
+    count = np.zeros(length, dtype=np.int64)
+    for start in range(0, len(docs), batch_size):
+        batch = torch.tensor(docs[start : start + batch_size], dtype=torch.long)
+        nll_sum += token_nll(model, batch).double().numpy().sum(axis=0)
+        count[1:] += batch.shape[0]
+    return nll_sum, count
+
+
 def perplexity_by_position(
     model,
     tokenizer,
@@ -150,14 +163,8 @@ def perplexity_by_position(
             f"perplexity_by_position: no document has {context_length} tokens ({skipped} skipped as too short); "
             "use longer documents or a shorter eval.context_length"
         )
-    nll_sum = np.zeros(context_length, dtype=np.float64)
-    count = np.zeros(context_length, dtype=np.int64)
     model.eval()
-    for start in range(0, len(docs), batch_size):
-        batch = torch.tensor(docs[start : start + batch_size], dtype=torch.long)
-        nll = token_nll(model, batch).double().numpy()
-        nll_sum += nll.sum(axis=0)
-        count[1:] += batch.shape[0]
+    nll_sum, count = position_nll_sums(model, docs, batch_size)
     out = summarize_position_nll(nll_sum, count, bucket_edges, base_context_length)
     out.update(documents=len(docs), skipped_short=skipped, context_length=context_length)
     return out
