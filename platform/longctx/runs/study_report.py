@@ -24,7 +24,8 @@ from longctx.eval.items import item_values
 from longctx.report.intervals import count_kinds, diff_interval, value_interval
 from longctx.runs.folder import EVAL_DIR, METRICS, REPORT, TRAIN_DIR
 from longctx.runs.study_verdicts import (TARGET_DATA, TARGET_NIAH_NAIVE, TARGET_NLL, TARGET_PASSKEY_NAIVE,  # noqa: F401
-                                         TARGET_PASSKEY_SFT, TARGET_PASSKEY_SFT_PLAIN, TARGET_ROPE, TARGETS, verdicts)
+                                         TARGET_PASSKEY_SFT, TARGET_PASSKEY_SFT_PLAIN, TARGET_ROPE, TARGETS, source_items,
+                                         source_strata, verdicts)
 from longctx.train.snapshots import ledger_uri, read_ledger
 
 PLAN = "plan.json"
@@ -205,7 +206,7 @@ def write_study_report(root: str, nums: dict, verdict: list[dict]) -> str:
                   + " | mean [95%] | passkey at 4x |", "|---|---:|" + "---:|" * (len(srcs) + 2)]
         for name, v in nums["b"].items():
             docs = items.get("b", {}).get(name, {}).get("nll_beyond_base")
-            mean = value_interval(docs, strata={i: i.split("/", 1)[0] for i in next(iter(docs.values()))}).text() \
+            mean = value_interval(docs, strata=source_strata(next(iter(docs.values())))).text() \
                 if docs else _f(v["nll_beyond_base_mean"])
             per_source = " | ".join(_f(v["nll_beyond_base_by_source"].get(s)) for s in srcs)
             lines.append(f"| {name} | {v['seeds']} | {per_source}"
@@ -286,14 +287,13 @@ def plot_study(nums: dict) -> bytes | None:
                 ax.set_title("a. baselines vs Long-PT")
                 ax.set_ylabel("NLL beyond base minus Long-PT's (nats, 95%)")
             elif part == "b":  # per source, against cut-at-base (the sources' NLLs differ by ~2 nats)
-                ref = (nums["b"].get("cut-at-base") or {}).get("nll_beyond_base_by_source", {})
                 strategies = [st for st in nums["b"] if st != "cut-at-base"]
                 sources = sorted({s for v in nums["b"].values() for s in v["nll_beyond_base_by_source"]})
                 width = 0.8 / max(1, len(strategies))
                 ib = nums.get("items", {}).get("b", {})
                 for i, st in enumerate(strategies):
-                    ivs = [_diff(_source(ib.get(st, {}).get("nll_beyond_base"), s),
-                                 _source(ib.get("cut-at-base", {}).get("nll_beyond_base"), s)) for s in sources]
+                    x, y = ib.get(st, {}).get("nll_beyond_base"), ib.get("cut-at-base", {}).get("nll_beyond_base")
+                    ivs = [_diff(x and source_items(x, s), y and source_items(y, s)) for s in sources]
                     ax.bar([j + i * width for j in range(len(sources))], [iv[0] for iv in ivs], width, label=st,
                            yerr=[[iv[0] - iv[1] for iv in ivs], [iv[2] - iv[0] for iv in ivs]], capsize=3)
                 ax.axhline(0, color="black", lw=0.8)
@@ -337,12 +337,6 @@ def _diff(x: dict | None, y: dict | None, value: bool = False) -> tuple[float, f
     iv = diff_interval(x, None if value else y)
     return iv.point, iv.lo, iv.hi
 
-
-def _source(by_seed: dict | None, src: str) -> dict | None:
-    """Part b's items of one source (ids "<source>/<document>")."""
-    if not by_seed:
-        return None
-    return {seed: {i: v for i, v in vals.items() if i.split("/", 1)[0] == src} for seed, vals in by_seed.items()}
 
 
 def _f(v) -> str:

@@ -121,6 +121,16 @@ def _part_c(nums: dict) -> list[dict]:
     return out
 
 
+def source_strata(ids) -> dict[str, str]:
+    """Part b's document items by source: {item id: source} (ids are "<source>/<document id>")."""
+    return {i: i.split("/", 1)[0] for i in ids}
+
+
+def source_items(by_seed: dict, src: str) -> dict:
+    """Part b's items ({seed: {item id: value}}) of one source."""
+    return {seed: {i: v for i, v in vals.items() if i.split("/", 1)[0] == src} for seed, vals in by_seed.items()}
+
+
 def _part_b(nums: dict) -> dict:
     items = (nums.get("items") or {}).get("b") or {}
     need = ("per-source", "global", "cut-at-base")
@@ -128,15 +138,13 @@ def _part_b(nums: dict) -> dict:
         return _not_run(TARGET_DATA, "part b not run")
     m = {s: items[s]["nll_beyond_base"] for s in need}
     ids = next(iter(m["per-source"].values()))
-    strata = {i: i.split("/", 1)[0] for i in ids}
+    strata = source_strata(ids)
     links = [ordering("per-source - global", m["per-source"], m["global"], strata=strata),
              ordering("per-source - cut-at-base", m["per-source"], m["cut-at-base"], strata=strata)]
     for src in sorted(set(strata.values())):
-        def only(x, src=src):
-            return {seed: {i: v for i, v in vals.items() if strata[i] == src} for seed, vals in x.items()}
-
-        links.append(ordering(f"{src}: per-source - cut-at-base (<= {DATA_ALLOWANCE})", only(m["per-source"]),
-                              only(m["cut-at-base"]), "<=", DATA_ALLOWANCE))
+        links.append(ordering(f"{src}: per-source - cut-at-base (<= {DATA_ALLOWANCE})",
+                              source_items(m["per-source"], src), source_items(m["cut-at-base"], src), "<=",
+                              DATA_ALLOWANCE))
     means = ", ".join(f"{k} {v['nll_beyond_base_mean']:.3f}" for k, v in nums["b"].items())
     return _verdict(TARGET_DATA, links, means + " (mean over sources; differences, 95% intervals)")
 
@@ -170,4 +178,4 @@ def verdicts(nums: dict) -> list[dict]:
     return [by[t] for t in TARGETS]
 
 
-__all__ = ["TARGETS", "verdicts", "HELD", "FAILED", "UNDECIDED", "NOT_RUN"]
+__all__ = ["TARGETS", "verdicts", "source_items", "source_strata", "HELD", "FAILED", "UNDECIDED", "NOT_RUN"]
