@@ -47,7 +47,7 @@ class Interval:
         return asdict(self)
 
     def text(self, scale: float = 1.0, fmt: str = ".3f") -> str:
-        def num(v: float) -> str:  # round-off below 1e-12 (a bootstrap percentile of exact zeros) shows as 0, not -0
+        def num(v: float) -> str:  # a negative zero or a round-off below 1e-12 shows as 0, not -0
             return f"{round(scale * v, 12) + 0.0:{fmt}}"
 
         return f"{num(self.point)} [{num(self.lo)}, {num(self.hi)}]"

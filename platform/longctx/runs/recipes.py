@@ -132,10 +132,10 @@ def run_recipe(recipe: Recipe, cfg: JobConfig) -> dict:
                 tracking.log_evaluation(cfg, run.root, run.run_id, metrics["eval"], step=outcome.steps)
             if recipe.data_section:
                 sections.append(("Data", data_section(result.manifest, run.root, result.data_uri)))
-            last = metrics.get("stages") or []  # a multi-stage run: the last stage started from the one before it
+            rows = staged.rows  # a multi-stage run: the last stage started from the one before it
             sections.append(("Training", train_section(
-                cfg, outcome, run.timings, run.root, stage=last[-1]["stage"] if last else None,
-                from_model=last[-2]["final_model"] if len(last) > 1 else None)))
+                cfg, outcome, run.timings, run.root, stage=rows[-1]["stage"] if rows else None,
+                from_model=rows[-2]["final_model"] if len(rows) > 1 else None)))
             if outcome.checkpoint_evals:  # eval.during_training: every checkpoint, evaluated while training ran
                 sections.append(("Checkpoints evaluated during training",
                                  checkpoint_eval_section(outcome.checkpoint_evals, f"train/{PLOT}")))

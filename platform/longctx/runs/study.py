@@ -51,8 +51,9 @@ from longctx.runs.steps import connect_ray, evaluate_step, finish, prepare_step,
 from longctx.runs.study_args import FULL, NIAH_TASKS, QUICK
 from longctx.runs.study_report import PLAN, STRATEGIES, STUDY_JSON, trial_numbers, verdicts, write_study_report
 
-# NOTE: `longctx` builds every verb's parser at start-up, the study's from this module (`add_study_args`), so the
-# engines (Ray Data, torch, transformers: seconds) are imported inside the functions that run the study.
+# NOTE: importing this module (for `run_study`, or `longctx study` once its options are parsed: the parser is in
+# `longctx.runs.study_args`) brings torch through `runs.steps`; Ray, Ray Data and transformers (seconds more) are
+# imported inside the functions that run the study, so a usage error or a refused resume is reported without them.
 
 TRIAL_SUMMARY = "train_summary.json"
 TRIALS = "trials"
