@@ -98,15 +98,16 @@ def run_bare(files, tokenizer, threads: int) -> dict:
     return {"tokens": tokens, "seconds": time.perf_counter() - t0, "timed_cpu_s": time.process_time() - c0}
 
 
-# Roles of the processes of the tree, by Ray's process title (`ray::<what runs>`), most specific first: a worker
-# process that ever ran a tokenizer actor counts as one.
-ROLES = ("driver", "tokenizer actors", "Ray Data helper actors", "task workers", "Ray daemons")
+# Roles of the processes of the tree, by Ray's process title (`ray::<what runs>`), most specific first: a pooled
+# worker process that ever ran a tokenize task (pass 1's `transform_block`) counts as a tokenizer worker, whatever
+# else it ran (the same processes run read tasks and pass-2 tasks).
+ROLES = ("driver", "tokenizer workers", "Ray Data helper actors", "other task workers", "Ray daemons")
 _HELPERS = ("ray::_StatsActor", "ray::_AutoscalingCoordinatorActor", "ray::ActorLocationTracker")
 _DAEMONS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
 def _role(title: str) -> int:
-    if "MapWorker(" in title:
+    if "transform_block" in title or "MapWorker(" in title:
         return 1
     if title.startswith(_HELPERS):
         return 2

@@ -73,8 +73,8 @@ class RayConfig(_Section):
     """CPUs for a local cluster started by the job (may oversubscribe the machine so Ray Data and the
     training workers can run side by side). Ignored when connecting to an existing cluster."""
     data_cpus_per_task: float = 0.25
-    """CPUs each Ray Data read/tokenize/pack task or actor reserves. Fractional on small machines: two 1-CPU
-    actors plus a read task deadlock a 2-CPU cluster."""
+    """CPUs each data task reserves (tokenize and pack tasks; a read task half of it). Fractional on small
+    machines, so that data tasks and training workers fit side by side."""
     data_resources: dict[str, float] = Field(default_factory=dict)
     """Custom resources data tasks ask for (e.g. {"data_node": 0.01} to pin them to the CPU pool)."""
 
@@ -201,7 +201,8 @@ class DataConfig(_Section):
     tokenize_batch_size: int = Field(256, ge=1)
     """Documents per tokenizer batch."""
     num_tokenize_actors: int = Field(1, ge=1)
-    """Size of the tokenizer actor pool (raise on a cluster)."""
+    """Tokenize tasks running at once in pass 1 (one per record block; raise on a cluster). The name is kept
+    from when they were actors."""
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     """Share of long documents held out (by id hash) for evaluation instead of training."""
     cip: CipConfig = Field(default_factory=CipConfig)

@@ -8,10 +8,10 @@ Public entry points (the CLI and jobs call these):
     stats = length_stats(cfg)                 # per-source length table only (`longctx data stats`)
 
 Two passes (why: per-source upsampling needs each source's length distribution before it can choose):
-  pass 1  Ray Data: one read task per file (our own parser, quarantine rows instead of errors) -> tokenizer
-          actor pool, whose actors write the token cache next to the output (every node can read it). The
-          driver consumes only the metadata in a fixed order (preserve_order): lengths (4 bytes per document)
-          and where each cache row group is.
+  pass 1  Ray tasks (`data/pass1.py`): one read task per file (our own parser, quarantine rows instead of
+          errors) -> one tokenize task per record block, which writes the token cache next to the output (every
+          node can read it). The driver consumes only the metadata, in input order: lengths (4 bytes per
+          document) and where each cache row group is.
           With a token budget (data.token_budget, else train.token_budget), sources are read only as far as the
           budget's length mixture needs (data/budget.py) and the stream stops there.
   plan    `mixture.plan_mixture` turns the lengths into per-document repeat counts (no tokens touched).
@@ -552,7 +552,7 @@ def prepare_data(cfg, output: str | None = None, overwrite: bool = False) -> dic
 
 
 def shared_cache_root(dest: str) -> str:
-    """Where pass 1's tokenizer actors write the token cache: a fresh folder or s3:// prefix next to the output
+    """Where pass 1's tokenize tasks write the token cache: a fresh folder or s3:// prefix next to the output
     (`longctx-tokens-<owner>`), which every node can read when the output is shared storage (s3://, or a shared
     folder on a cluster). Removed when the preparation ends; a local one of a killed run goes with the next."""
     dest = storage.normalize(dest)

@@ -1,6 +1,6 @@
 """Step 4 of the data path (pass 1 of the data engine): read, validate, tokenize every source into a token cache.
 
-With `shared_root` (prepare_data: a folder or s3:// prefix next to the output) the tokenizer actors write the
+With `shared_root` (prepare_data: a folder or s3:// prefix next to the output) the tokenize tasks write the
 tokens there themselves and the driver consumes only metadata in input order (`preserve_order`): lengths (4
 bytes each, kept) and where each cache row group is. Without it the driver appends each document's tokens to
 one Parquet file per source label on local disk (packed_dataset). Quarantine rows are counted by reason and
@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from longctx import raycluster, storage
 from longctx.data import sources as src
 from longctx.data.budget import BudgetReader, data_budget
+from longctx.data.pass1 import record_stream
 from longctx.data.tokenize import CACHE_SCHEMA, TokenizeBatches, row_group_bounds
 from longctx.progress import Progress
 
@@ -52,7 +53,7 @@ class TokenCache:
     read: dict = field(default_factory=dict)  # budget-aware reading (data/budget.py): per-source report
     estimated_tokens: dict[str, int] = field(default_factory=dict)  # whole-corpus tokens per label (read_margin)
     chunks: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # per row group: (file, index)
-    nodes: list[str] = field(default_factory=list)  # Ray nodes whose tokenizer actors wrote the cache
+    nodes: list[str] = field(default_factory=list)  # Ray nodes whose tokenize tasks wrote the cache
     _files: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -122,64 +123,14 @@ def ensure_ray(cfg) -> None:
 
 def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True,
                        cache_root: str | None = None) -> Iterator[pa.Table]:
-    """Pass 1 on Ray Data, in input order: read + validate files, then tokenize in an actor pool (which writes
-    the tokens under `cache_root` itself when given, and sends only metadata on)."""
+    """Pass 1 on Ray, in input order: read + validate files, then tokenize each record block in a task (whose
+    `TokenizeBatches` writes the tokens under `cache_root` itself when given, and sends only metadata on)."""
     kwargs = {"tokenizer": cfg.data.tokenizer, "batch_docs": cfg.data.tokenize_batch_size,
               "cache_root": cache_root if with_tokens else None, "storage_cfg": cfg.storage.model_dump()}
     yield from record_stream(cfg, tasks, TokenizeBatches, kwargs, src.read_options(cfg),
                              drop=() if with_tokens else ("tokens",))
 
 
-def record_stream(cfg, tasks: list[src.FileTask], actor, actor_kwargs: dict, read_opts: dict,
-                  drop: tuple[str, ...] = ()) -> Iterator[pa.Table]:
-    """The data engine's read path on Ray Data, in input order: one read task per file (`sources.read_files_batch`:
-    validated records and quarantine rows, `read_opts` a `ReadOptions.to_dict()`), then an actor pool of
-    `data.num_tokenize_actors` actors of class `actor` (Long-PT: TokenizeBatches; Long-SFT: the chat tokenizer);
-    yields their output tables without the columns `drop`."""
-    import ray.data  # deferred: heavy import, used only here
-
-    ensure_ray(cfg)
-    remote = {"num_cpus": cfg.ray.data_cpus_per_task}
-    if cfg.ray.data_resources:
-        remote["resources"] = dict(cfg.ray.data_resources)
-    ctx = ray.data.DataContext.get_current()
-    old_order, old_block = ctx.execution_options.preserve_order, ctx.target_max_block_size
-    ctx.execution_options.preserve_order = True  # determinism: blocks come back in file/record order
-    # NOTE: Ray Data hands whole blocks (bundled up to batch_size rows) to actors; with the default 128 MiB
-    # blocks one large file would be tokenized by one actor while the others idle. Small blocks spread it.
-    ctx.target_max_block_size = PASS1_BLOCK_BYTES
-    actors = cfg.data.num_tokenize_actors
-    readers = max(1, min(max(2, actors), len(tasks)))  # never more read tasks than files (Ray Data warns)
-    # Blocks in flight are bounded too (16 per stage worker): the stream stays flat however large the corpus.
-    old_limits = ctx.execution_options.resource_limits
-    ctx.execution_options.resource_limits = old_limits.copy(
-        object_store_memory=16 * PASS1_BLOCK_BYTES * (actors + readers))
-    try:
-        items = [{"file_idx": t.file_idx, "uri": t.uri, "source": t.source} for t in tasks]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-        specs = {t.source: t.spec.model_dump() for t in tasks}
-        # NOTE: read tasks reserve half the CPU of a tokenizer actor (parsing is much cheaper than encoding) and
-        # the differing remote args also keep Ray Data from fusing the read into the actors: fused, each actor
-        # would read and tokenize whole files serially, and a corpus of few large files would not spread.
-        read_remote = dict(remote, num_cpus=cfg.ray.data_cpus_per_task / 2)
-        # NOTE: bounded read concurrency: with fractional CPUs Ray Data would otherwise start one read task per
-        # file at once (32 on a 4-CPU laptop cluster), each a ~150 MB worker process, and race ahead of the
-        # tokenizers; memory would then grow with the number of files instead of staying flat.
-        ds = ds.map_batches(src.read_files_batch, batch_size=1, batch_format="numpy",
-                            fn_kwargs={"specs": specs, "opts": read_opts},
-                            compute=ray.data.TaskPoolStrategy(size=readers), **read_remote)
-        ds = ds.map_batches(actor, fn_constructor_kwargs=actor_kwargs, batch_size=None, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=actors), **remote)
-        if drop:
-            ds = ds.drop_columns(list(drop))
-        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
-    finally:
-        ctx.execution_options.preserve_order = old_order
-        ctx.target_max_block_size = old_block
-        ctx.execution_options.resource_limits = old_limits
-
-
-PASS1_BLOCK_BYTES = 2 << 20
 def _cache_batch(batch: pa.Table, cache: TokenCache, writers: dict, staged: dict, cache_root, with_tokens: bool):
     """Append a batch of good tokenized records to the per-source caches; lengths stay in memory."""
     cache.good += batch.num_rows
@@ -200,7 +151,7 @@ def _cache_batch(batch: pa.Table, cache: TokenCache, writers: dict, staged: dict
 
 
 def _index_batch(batch: pa.Table, cache: TokenCache) -> None:
-    """A batch of good records whose tokens the tokenizer actors wrote (CACHED_SCHEMA): keep their lengths and
+    """A batch of good records whose tokens the tokenize tasks wrote (CACHED_SCHEMA): keep their lengths and
     where their row groups are; the records of one cache row group kept here are always its first ones (the
     budget gate only drops a source's later records), so a row group is (file, index, how many)."""
     cache.good += batch.num_rows
@@ -235,7 +186,7 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True,
     With `with_tokens=False` (length statistics only) nothing is cached. With a token budget (data.token_budget,
     else train.token_budget) sources are read only as far as the budget's mixture needs (data/budget.py) unless
     data.budget_read is off. `shared_root`: the
-    tokenizer actors write the cache there (a folder every node can read, or an s3:// prefix) and the driver
+    tokenize tasks write the cache there (a folder every node can read, or an s3:// prefix) and the driver
     only reads their metadata (lengths, where each row group is; `cache_root` then holds only the quarantine
     list); else the driver writes it under `cache_root` (one local file per source)."""
     t0 = time.time()
@@ -286,7 +237,7 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True,
             if gate is not None:
                 gate.exhausted = True
     finally:
-        stream.close()  # stops Ray Data's stream when budget-aware reading broke off early
+        stream.close()  # cancels pass 1's tasks when budget-aware reading broke off early
         for w in writers.values():
             w.close()
         if qfile:

@@ -1,12 +1,11 @@
-"""Step 3 of the data path: tokenize validated records with a Hugging Face fast tokenizer in a Ray actor pool.
+"""Step 3 of the data path: tokenize validated records with a Hugging Face fast tokenizer in Ray tasks.
 
-`TokenizeBatches` is a Ray Data callable class (one tokenizer per actor, loaded once from a local folder,
-`builtin:` asset or s3:// prefix). It encodes a batch of documents with the Rust batch encoder, appends EOS to
+`TokenizeBatches` is pass 1's transform (`data/pass1.py`: one instance per Ray worker process, so the tokenizer
+is loaded once per process from a local folder, `builtin:` asset or s3:// prefix). It encodes a batch of documents with the Rust batch encoder, appends EOS to
 every document, and returns the token ids as a `list<int32>` column plus `n_tokens`. Quarantine rows (non-null
 `reason`) pass through with no tokens, so the driver can count them in order.
 
-    ds.map_batches(TokenizeBatches, fn_constructor_kwargs={"tokenizer": "builtin:tiny-tokenizer"},
-                   batch_format="pyarrow", concurrency=2, num_cpus=0.25)
+    rows = TokenizeBatches("builtin:tiny-tokenizer")(records)   # records: sources.RECORD_SCHEMA table
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ def load_fast_tokenizer(uri: str):
 
     NOTE: reads tokenizer.json with the `tokenizers` library directly instead of transformers' AutoTokenizer:
     the ids are the same (AutoTokenizer wraps this very object; tests/test_data_tokenize.py checks), and every
-    Ray actor saves importing transformers (10+ s of CPU on a busy 2-core machine)."""
+    Ray worker saves importing transformers (10+ s of CPU on a busy 2-core machine)."""
     folder = local_tokenizer_dir(uri)
     tok_json = os.path.join(folder, "tokenizer.json")
     cfg_path = os.path.join(folder, "tokenizer_config.json")
@@ -120,9 +119,9 @@ CACHED_SCHEMA = pa.schema([f for f in TOKEN_SCHEMA if f.name != "tokens"] + [
 
 
 class TokenizeBatches:
-    """Ray Data actor: records (RECORD_SCHEMA) -> token rows (TOKEN_SCHEMA).
+    """Pass-1 transform: records (RECORD_SCHEMA) -> token rows (TOKEN_SCHEMA).
 
-    With `cache_root` (a folder every node can read, or an s3:// prefix) the actor writes the good records'
+    With `cache_root` (a folder every node can read, or an s3:// prefix) it writes the good records'
     tokens there itself, one Parquet file per (batch, source label), and returns CACHED_SCHEMA rows: the
     metadata without the tokens, so no token passes through the driver."""
 

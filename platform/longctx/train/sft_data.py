@@ -2,13 +2,14 @@
 
     manifest = prepare_sft_data(cfg, "runs/sft1/data")   # packed Parquet shards, manifest.json, _COMMITTED
 
-1. Read: the data engine's read path (`data/sources.py` in chat mode, one Ray Data read task per file) over every
+1. Read: the data engine's read path (`data/sources.py` in chat mode, one Ray read task per file) over every
    file of every URI of every source of `data.sources`; each line holds `{"messages": [{"role": "system"|"user"|
    "assistant"|"tool", "content": str}, ...]}` (field: data.sft.messages_field). Bad lines (invalid JSON, no
    messages, no assistant turn, bad roles/contents, damaged files) are quarantined with file:line and a reason
    into `_quarantine/records.jsonl`, never fatal unless more than data.max_bad_fraction of the records are bad.
    A published folder's bookkeeping (`manifest.json`, anything under an `_underscore/` folder) is not read.
-2. Tokenize: a Ray Data actor pool (`ChatTokenizer`, data.num_tokenize_actors actors) renders each conversation
+2. Tokenize: one Ray task per record block (`ChatTokenizer`, built once per worker process; data.num_tokenize_actors
+   at a time, `data/pass1.py`) renders each conversation
    with the tokenizer's chat template (or data.sft.chat_template) and tokenizes it once with offsets. Label spans
    are the characters each assistant turn adds after the generation prompt (render(messages[:k],
    add_generation_prompt) vs render(messages[:k+1])): its content and end-of-turn marker get loss; the prompt,
@@ -18,7 +19,7 @@
    (the last question and the assistant header) around a cut in the middle, and the last answer whole with its
    loss (the Index report's rule for prompts); `quarantine` quarantines it (`overlong_chat`). A last answer that
    alone exceeds a row is quarantined either way. Both are counted in the manifest; nothing is cut silently.
-   The actors write the tokens (ids, labels) to a token cache next to the output; the driver gets metadata only.
+   The tasks write the tokens (ids, labels) to a token cache next to the output; the driver gets metadata only.
 3. Mix (driver, metadata only): data.sft.mix gives each source's share of the conversations (Index: ~30K long +
    ~50K general); sampled without replacement while a source lasts, then repeated (counted). Empty mix: every
    conversation once.
@@ -30,7 +31,7 @@
    (`storage.publish_dir`, `_COMMITTED` last). A run finding committed data of the same settings reuses it, and
    `data.prepared` trains on it (`runs.steps.prepare_step`).
 Epochs are the trainer's (train.epochs): the same rows are read again. Same input + config + seed -> the same
-shards (input order is kept through Ray Data, the mix is seeded, the packing plan is deterministic).
+shards (input order is kept through pass 1, the mix is seeded, the packing plan is deterministic).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ from longctx.data.fingerprint import data_fingerprint, data_tree, tokenizer_fing
 from longctx.data.pack import PACKED_SCHEMA
 from longctx.data.pipeline import shared_cache_root, write_shard
 from longctx.data.sources import validate_messages  # noqa: F401 - re-exported: preflight's probe checks chats with it
-from longctx.data.token_cache import TokenCache, check_bad_fraction, record_stream
+from longctx.data.pass1 import record_stream
+from longctx.data.token_cache import TokenCache, check_bad_fraction
 from longctx.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -245,7 +247,7 @@ def pack_chats(chats: list[TokenizedChat], seq_len: int, pad_id: int) -> pa.Tabl
 
 # ------------------------------------------------------------------------------------- Ray workers
 class ChatTokenizer:
-    """Ray Data actor: validated chat records (`sources.RECORD_SCHEMA`, chat mode) -> CHAT_META_SCHEMA rows.
+    """Pass-1 transform (`data/pass1.py`, one instance per worker process): validated chat records (`sources.RECORD_SCHEMA`, chat mode) -> CHAT_META_SCHEMA rows.
 
     Good conversations are rendered, labelled and fitted to seq_len (`tokenize_chat`); their ids and labels go
     to one Parquet file per batch under `cache_root` (shared with every node, or s3://); an over-long one the
@@ -344,7 +346,7 @@ def chat_files(specs: dict) -> list[src.FileTask]:
 
 
 def _read_and_tokenize(cfg, tasks: list[src.FileTask], cache_root: str, qpath: str, template: str | None):
-    """Pass 1 on Ray Data (the data engine's `record_stream`): read + validate, then `ChatTokenizer` actors.
+    """Pass 1 on Ray (the data engine's `record_stream`): read + validate, then `ChatTokenizer` on every block.
     Returns (metadata of the good conversations as a table, in input order; quarantined records by reason).
     Quarantine rows are written to `qpath` as they arrive."""
     d = cfg.data
