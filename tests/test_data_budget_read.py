@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 
 from longctx.config import SourceSpec, load_config
@@ -90,7 +89,7 @@ def test_budget_reading_reads_only_what_the_plan_needs_and_says_so(ray_cluster, 
     reader = BudgetReader(list_files(cfg.data.source_specs()), budget, MARGIN, cfg.data.seed, data_cfg=cfg.data)
     for s in FILES:
         order = [t.uri.rsplit("part-", 1)[1][:3] for t in reader.order if t.source == s]
-        ids = pq.read_table(cache.path(s)).column("doc_id")
+        ids = cache.read_source(s).column("doc_id")
         files = {x.split("/")[1] for x in pc.unique(ids).to_pylist()}
         # a prefix of the order (files read after the need was met, while the other source caught up, are
         # counted as read and their records as skipped: not cached)

@@ -182,9 +182,8 @@ def test_same_seed_same_rows_other_seed_other_rows_and_every_token_once(tmp_path
     # every token of every document appears once (the pieces of a cut document are rows of their own, which
     # the mix order may emit in any order)
     got = tokens_by_document(packed_row_tables(cfg, cache, plan, pad_id=0))
-    import pyarrow.parquet as pq
     for s in sorted(medians):
-        t = pq.read_table(cache.path(s))
+        t = cache.read_source(s)
         for d, toks in zip(t.column("doc_id").to_pylist(), t.column("tokens").to_pylist()):
             assert sorted(got[d]) == sorted(toks), d
 

@@ -1,9 +1,9 @@
 """Step 4 of the data path (pass 1 of the data engine): read, validate, tokenize every source into a token cache.
 
 With `shared_root` (prepare_data: a folder or s3:// prefix next to the output) the tokenize tasks write the
-tokens there themselves and the driver consumes only metadata in input order (`preserve_order`): lengths (4
+tokens there themselves and the driver consumes only metadata in input order: lengths (4
 bytes each, kept) and where each cache row group is. Without it the driver appends each document's tokens to
-one Parquet file per source label on local disk (packed_dataset). Quarantine rows are counted by reason and
+one Arrow IPC file per source label on local disk (packed_dataset). Quarantine rows are counted by reason and
 written to a JSONL file as they arrive. `pipeline.py` plans the mixture from the lengths and reads the cache in
 pass 2, from any node when it is shared.
 
@@ -22,13 +22,12 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from longctx import raycluster, storage
 from longctx.data import sources as src
 from longctx.data.budget import BudgetReader, data_budget
 from longctx.data.pass1 import record_stream
-from longctx.data.tokenize import CACHE_SCHEMA, TokenizeBatches, row_group_bounds
+from longctx.data.tokenize import CACHE_SCHEMA, CACHE_SUFFIX, TokenizeBatches, row_group_bounds, write_cache_groups
 from longctx.progress import Progress
 
 
@@ -64,7 +63,7 @@ class TokenCache:
         return {s: np.concatenate(v) if v else np.zeros(0, np.int32) for s, v in self.lengths.items()}
 
     def path(self, source: str) -> str:
-        return os.path.join(self.root, f"{sorted(self.lengths).index(source):04d}.parquet")
+        return os.path.join(self.root, f"{sorted(self.lengths).index(source):04d}{CACHE_SUFFIX}")
 
     def chunk(self, source: str, rg: int) -> tuple[str, int]:
         """(file under `root`, row group in it) of the source's `rg`-th cache row group."""
@@ -76,16 +75,20 @@ class TokenCache:
         """The source's `rg`-th cache row group (`row_groups[source][rg]` documents: doc_id, tokens), read from
         wherever the cache is (local folder or s3://); files stay open in this process."""
         name, i = self.chunk(source, rg)
-        pf = self._files.get(name)
-        if pf is None:
+        reader = self._files.get(name)
+        if reader is None:
             uri = storage.join(self.root, name)
             fs, path = storage.pyarrow_fs(uri)
-            pf = self._files[name] = pq.ParquetFile(fs.open_input_file(path))
+            reader = self._files[name] = pa.ipc.open_file(fs.open_input_file(path))
             if len(self._files) > 64:  # a bounded number of open files
                 self._files.pop(next(iter(self._files)))
-        table = pf.read_row_group(i)
+        table = pa.Table.from_batches([reader.get_batch(i)])
         n = self.row_groups[source][rg]
         return table if table.num_rows == n else table.slice(0, n)
+
+    def read_source(self, source: str) -> pa.Table:
+        """Every cached document of `source` (doc_id, tokens), in order (tests, small caches)."""
+        return pa.concat_tables([self.read_row_group(source, rg) for rg in range(len(self.row_groups[source]))])
 
     def __getstate__(self):  # open files stay behind when the cache is sent to a Ray task
         state = dict(self.__dict__)
@@ -109,9 +112,7 @@ class TokenCache:
                              schema=CACHE_SCHEMA)
             bounds = row_group_bounds(cache.lengths[label][0])
             cache.row_groups[label] = [hi - lo for lo, hi in bounds]
-            with pq.ParquetWriter(cache.path(label), CACHE_SCHEMA, compression="none") as w:
-                for lo, hi in bounds:
-                    w.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
+            write_cache_groups(cache.path(label), table, bounds)
         return cache
 
 
@@ -143,11 +144,12 @@ def _cache_batch(batch: pa.Table, cache: TokenCache, writers: dict, staged: dict
             cache.row_groups.setdefault(label, []).append(hi - lo)
             if with_tokens:
                 if label not in writers:
-                    staged[label] = os.path.join(cache_root, f"staged-{len(writers):04d}.parquet")
-                    writers[label] = pq.ParquetWriter(staged[label], CACHE_SCHEMA, compression="none")
-                writers[label].write_table(
-                    part.slice(lo, hi - lo).select(["doc_id", "tokens"]).cast(CACHE_SCHEMA),
-                    row_group_size=hi - lo)
+                    staged[label] = os.path.join(cache_root, f"staged-{len(writers):04d}{CACHE_SUFFIX}")
+                    sink = pa.OSFile(staged[label], "wb")
+                    writers[label] = (sink, pa.ipc.new_file(sink, CACHE_SCHEMA))
+                group = part.slice(lo, hi - lo).select(["doc_id", "tokens"]).cast(CACHE_SCHEMA)
+                writers[label][1].write_batch(pa.RecordBatch.from_arrays(
+                    [c.combine_chunks() for c in group.columns], schema=CACHE_SCHEMA))
 
 
 def _index_batch(batch: pa.Table, cache: TokenCache) -> None:
@@ -199,7 +201,7 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True,
         tasks = gate.order
     in_workers = with_tokens and bool(shared_root)
     cache = TokenCache(root=(shared_root if in_workers else cache_root) or "", files=len(tasks))
-    writers: dict[str, pq.ParquetWriter] = {}
+    writers: dict[str, tuple] = {}  # source label -> (its file, its IPC writer)
     staged: dict[str, str] = {}
     qfile = open(os.path.join(cache_root, "quarantine.jsonl"), "w") if cache_root else None
     cache.quarantine_path = qfile.name if qfile else ""
@@ -238,8 +240,9 @@ def tokenize_corpus(cfg, cache_root: str | None, with_tokens: bool = True,
                 gate.exhausted = True
     finally:
         stream.close()  # cancels pass 1's tasks when budget-aware reading broke off early
-        for w in writers.values():
+        for sink, w in writers.values():
             w.close()
+            sink.close()
         if qfile:
             qfile.close()
     if gate is not None:

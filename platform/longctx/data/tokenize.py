@@ -19,7 +19,6 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from longctx import storage
 
@@ -91,8 +90,27 @@ def encode_documents(backend, texts: list[str], eos: int) -> tuple[np.ndarray, n
 
 
 CACHE_SCHEMA = pa.schema([("doc_id", pa.string()), ("tokens", pa.list_(pa.int32()))])  # the token cache's files
+CACHE_SUFFIX = ".arrow"
 CACHE_ROW_GROUP_DOCS = 1024
 CACHE_ROW_GROUP_TOKENS = 8 << 20
+
+
+def write_cache_groups(sink, table: pa.Table, bounds: list[tuple[int, int]]) -> None:
+    """Write `table` (CACHE_SCHEMA) to `sink` (a path or an output stream) as an Arrow IPC file, one record batch
+    per (lo, hi) of `bounds`: cache row group i is batch i.
+
+    NOTE: the token cache is scratch, written once and read once: Arrow's IPC file format stores the token lists as
+    they are in memory, where Parquet encodes a repetition level per token on write and decodes it on read (about
+    5x the CPU of both on the shipped corpus, 1-3% of the whole preparation)."""
+    with pa.ipc.new_file(sink, CACHE_SCHEMA) as w:
+        for lo, hi in bounds:
+            part = table.slice(lo, hi - lo)
+            w.write_batch(pa.RecordBatch.from_arrays([c.combine_chunks() for c in part.columns], schema=CACHE_SCHEMA))
+
+
+def read_cache_group(source, i: int) -> pa.Table:
+    """Cache row group `i` of an IPC cache file (`source`: a path or a random-access file)."""
+    return pa.Table.from_batches([pa.ipc.open_file(source).get_batch(i)])
 
 
 def row_group_bounds(lengths: np.ndarray) -> list[tuple[int, int]]:
@@ -168,15 +186,14 @@ class TokenizeBatches:
         for label in sorted({labels[i] for i in np.flatnonzero(good)}):
             idx = np.flatnonzero(good & (labels == label))
             part = table.take(pa.array(idx)).select(["doc_id", "tokens"]).cast(CACHE_SCHEMA)
-            name = f"{uuid.uuid4().hex}.parquet"
+            name = f"{uuid.uuid4().hex}{CACHE_SUFFIX}"
             uri = storage.join(self.cache_root, name)
             fs, path = storage.pyarrow_fs(uri)
             bounds = row_group_bounds(n_tok[idx])
 
             def write(part=part, fs=fs, path=path, bounds=bounds):
-                with fs.open_output_stream(path) as out, pq.ParquetWriter(out, CACHE_SCHEMA, compression="none") as w:
-                    for lo, hi in bounds:
-                        w.write_table(part.slice(lo, hi - lo), row_group_size=hi - lo)
+                with fs.open_output_stream(path) as out:
+                    write_cache_groups(out, part, bounds)
 
             storage.retry_io(write, f"write token cache {uri}")
             files[idx] = name
