@@ -1,5 +1,5 @@
 """Data pipeline benchmark: tokens/s and peak memory of (a) the bare tokenizer's batch encode, (b) our full
-pipeline (read + validate + tokenize + mix + pack + write, through Ray Data), (c) the Hugging Face baseline
+pipeline (read + validate + tokenize + mix + pack + write, in Ray tasks), (c) the Hugging Face baseline
 (`datasets.map` tokenize + `group_texts` into fixed blocks, as transformers' run_clm example), on the same
 corpus and cores, at 1x and 10x corpus size.
 
@@ -7,17 +7,17 @@ corpus and cores, at 1x and 10x corpus size.
     python bench/data_pipeline.py --scales 10 --variants bare ours warm noray --rounds 2
 
 `warm` is (b) in a cluster that has already run one preparation (of one file per source, untimed): Ray's worker
-processes are started and their imports done, as on a long-running cluster; (b) includes that start-up. Ray Data
-still starts a new actor pool per dataset, so `warm` too pays the start of its tokenizer actors. `noray` is the
-same work without Ray, in one process and one thread: the functions pass 1's read tasks and tokenizer actors run,
+processes are started, their imports done and their tokenizer loaded, as on a long-running cluster; (b) includes
+that start-up. `noray` is the
+same work without Ray, in one process and one thread: the functions pass 1's read and tokenize tasks run,
 then pass 2's partitions one after the other; its tokens per CPU-second over the bare tokenizer's is what (b)
 would reach if Ray cost nothing.
 
 Paired: variants run in rounds, the order rotated every round, and every ratio ("vs bare", "vs hf") is taken
 within one round, so a load change between rounds cannot flip it; the table prints each round's ratio, their
 median, and the 1-minute load average before and after every run (the machine's own load is part of the figure).
-Per-core rates: pass 1 (Ray Data read + tokenize, the actors writing the token cache) as input tokens per
-second per tokenizer actor (wall time x actors); pass 2 (one Ray task per partition: count rows, pack, write
+Per-core rates: pass 1 (read + tokenize tasks, which write the token cache) as input tokens per
+second per tokenize worker (wall time x workers); pass 2 (one Ray task per partition: count rows, pack, write
 shards) as input tokens per CPU second of those tasks; the driver's share (its own CPU time: reading pass 1's
 metadata stream, then planning pass 2 and assembling the manifest) as microseconds of driver CPU per token and
 as a share of all the work. The projection for a 10B-token preparation on 16 nodes x 32 cores divides pass 1 and
@@ -28,15 +28,16 @@ Every variant runs in a fresh subprocess; peak memory is the largest sum of PSS 
 shared pages and Ray's object store are not double counted) over that process and all its descendants (Ray's
 raylet and workers included), sampled every 0.25 s. Throughput counts input tokens (EOS included) per
 wall-clock second of the whole step: for (a) only the encode calls on texts already in memory; for (b) the
-whole `prepare_data` call, Ray Data startup included (ray.init excluded); for (c) load_dataset + both maps.
+whole `prepare_data` call, its worker processes' start included (ray.init excluded); for (c) load_dataset + both maps.
 `CPU s` is the user+sys time of the whole process tree (imports and Ray's own daemons included): on a busy
 machine it is steadier than wall time. `timed CPU s` is the CPU of the timed part only (bare: its encode loop;
 ours: every process of the tree between the start and the end of prepare_data's two passes, Ray's daemons
 included) and `CPU vs bare` the tokens per CPU-second ratio: on a machine shared with other work the wall-clock
 ratio measures mostly how the scheduler shares the cores between one process of two threads and a dozen
 processes; the CPU ratio what the pipeline costs beyond the tokenizer. `CPU by process` splits the timed CPU of
-(b) by Ray's process titles: the driver, the tokenizer actors, Ray Data's own helper actors (stats, autoscaling
-coordinator, actor locations), the task workers (read tasks, pass-2 tasks, idle pooled workers) and Ray's daemons
+(b) by Ray's process titles: the driver, the tokenizer workers (pooled worker processes that ran a tokenize task,
+whatever else they ran: reads and pass-2 tasks too), Ray Data's own helper actors (stats, autoscaling coordinator,
+actor locations: none since pass 1 left Ray Data), the other task workers and Ray's daemons
 (raylet, GCS, agents); the medians give each part in units of the bare tokenizer's CPU for the same tokens.
 NOTE: on a shared machine the figures are noisy; compare variants of one run, not runs.
 """
@@ -183,12 +184,12 @@ def _config(tokenizer: str, actors: int):
 
 
 def run_noray(files, tokenizer, partitions: int, out: str) -> dict:
-    """The pipeline's own work in this one process, without Ray: what pass 1's read tasks and tokenizer actors run
+    """The pipeline's own work in this one process, without Ray: what pass 1's read and tokenize tasks run
     (`sources.read_file`, then `TokenizeBatches` on each of its tables), file after file; the token cache written
-    from their output (`TokenCache.from_documents`: one file per source instead of one per actor batch); then
+    from their output (`TokenCache.from_documents`: one file per source instead of one per block); then
     pass 2 (`pack_and_publish`: with Ray not initialised its partitions run here, one after the other). Its
     tokens per CPU-second over the bare tokenizer's is what `prepare_data` would reach if Ray cost nothing."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as in the actors: one thread each
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as in the tokenize tasks: one thread each
     import numpy as np  # deferred: each variant's child process imports only what it measures
     import pyarrow.compute as pc
 
@@ -256,7 +257,7 @@ def run_ours(files, tokenizer, actors: int, out: str, warm: bool = False) -> dic
     os.makedirs(work)
     shared = shared_cache_root(out)
     # prepare_data's two passes, timed apart (same calls, same order): wall time and the driver's own CPU time;
-    # the tokenizer actors write the token cache (shared_root), pass 2 runs as one Ray task per partition
+    # the tokenize tasks write the token cache (shared_root), pass 2 runs as one Ray task per partition
     tree = TreeCpu().start()
     t0, c0, m0 = time.perf_counter(), _cpu_self(), time.thread_time()
     cache = tokenize_corpus(cfg, work, shared_root=shared)
@@ -391,7 +392,7 @@ def main() -> None:
                     choices=["bare", "ours", "warm", "noray", "hf"])
     ap.add_argument("--rounds", type=int, default=2, help="paired rounds (variant order rotated each round)")
     ap.add_argument("--tokenizer", default="builtin:tiny-tokenizer")
-    ap.add_argument("--cores", type=int, default=2, help="threads (bare), tokenizer actors (ours), procs (hf)")
+    ap.add_argument("--cores", type=int, default=2, help="threads (bare), tokenize workers (ours), procs (hf)")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -456,7 +457,7 @@ def main() -> None:
                     print(f"  x{scale}: {v} / bare in tokens per CPU-second = {_median(cpu):.2f}x (rounds: "
                           f"{', '.join(f'{x:.2f}' for x in cpu)})")
                 # where the CPU went, in units of the bare tokenizer's CPU for the same tokens (paired per round):
-                # the parts sum to 1 / (CPU vs bare); the tokenizer actors' part minus noray's is what Ray adds there
+                # the parts sum to 1 / (CPU vs bare)
                 per = [{k: c / g["bare"]["timed_cpu_s"] * g["bare"]["tokens"] / g[v]["tokens"]
                         for k, c in g[v]["cpu_by_role"].items()} for g in rounds if v in g and "bare" in g
                        and "cpu_by_role" in g[v]]
@@ -473,9 +474,9 @@ def main() -> None:
             d2 = _median([g["ours"]["driver_pass2_cpu_s"] / tok for g in rounds]) * 1e6
             small = [g for g in results[min(results)] if "ours" in g]
             fixed = 0.0
-            # The driver's pass-1 CPU is its main thread (our loop over the metadata stream and Ray Data's iterator:
-            # per block, so per token) plus Ray Data's executor threads (scheduling, which polls: it grows with
-            # the pass-1 wall time, and on a cluster runs beside the tokenizers)
+            # The driver's pass-1 CPU is its main thread (our loop over the metadata stream and pass 1's scheduling:
+            # per block, so per token) plus Ray's core worker threads (which poll: they grow with the pass-1 wall
+            # time, and on a cluster run beside the tokenizers)
             d1_main = _median([g["ours"]["driver_pass1_main_cpu_s"] / tok for g in rounds]) * 1e6
             executor = _median([(g["ours"]["driver_pass1_cpu_s"] - g["ours"]["driver_pass1_main_cpu_s"]) /
                                 g["ours"]["pass1_s"] for g in rounds])
@@ -492,12 +493,12 @@ def main() -> None:
                 print(f"\ndriver CPU per extra token, x{min(results)} -> x{big}: pass 1 {m1:.3f} us (main thread "
                       f"{mm:.3f} us), pass 2 {m2:.3f} us; fixed part {fixed:.1f} s (task submission, manifest, plot)")
                 d1, d2, d1_main = max(m1, 0.0), max(m2, 0.0), max(mm, 0.0)
-            print(f"Ray Data's executor threads on the driver: {100 * executor:.1f}% of a core during pass 1")
+            print(f"the driver's other threads (Ray's core worker): {100 * executor:.1f}% of a core during pass 1")
             p2_wall = _median([g["ours"]["pass2_s"] / tok for g in rounds]) * 1e6
             work = p1_core + p2_core + d1 + d2
             print(f"\nper-core rates at x{big} (median of {len(rounds)} rounds, {tok:,} tokens):")
-            print(f"  pass 1 (read + tokenize + write the cache, {args.cores} actors): {p1_core:.3f} us/token/core "
-                  f"= {1 / p1_core:.2f} Mtok/s per core (wall x actors: includes the Ray Data start)")
+            print(f"  pass 1 (read + tokenize + write the cache, {args.cores} workers): {p1_core:.3f} us/token/core "
+                  f"= {1 / p1_core:.2f} Mtok/s per core (wall x workers: includes their start)")
             print(f"  pass 2 (count + pack + write, in Ray tasks): {p2_core:.3f} us CPU/token = "
                   f"{1 / max(p2_core, 1e-9):.2f} Mtok/s per core ({p2_wall:.3f} us wall/token on {args.cores} tasks, "
                   f"task start included)")
@@ -507,7 +508,7 @@ def main() -> None:
                   f"{100 * (d1 + d2) / work:.1f}% of the CPU work per token (target <= 5%)")
             n, cores = 10e9, 16 * 32
             parts = max(1, int(n // (4096 * 32768)))  # the default data.pack_partitions at seq_len 32K
-            # pass 1: the driver reads the metadata stream while the actors tokenize (concurrent): the slower of the
+            # pass 1: the driver reads the metadata stream while the workers tokenize (concurrent): the slower of the
             # two; pass 2: the driver plans (sequential), then the tasks, no faster than one partition
             p1_cluster, p1_driver = n * p1_core / cores / 1e6, n * d1_main / 1e6 / max(1e-9, 1 - executor)
             p1 = max(p1_cluster, p1_driver)

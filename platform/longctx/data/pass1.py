@@ -7,7 +7,7 @@ One read task per file (`read_blocks`, a streaming generator: our own parser, qu
 yields the file's record blocks (`sources.read_file`'s tables, at most 1M characters of text each); every block
 goes to one transform task (`transform_block`: an instance of the worker class, e.g. `TokenizeBatches`, built
 once per worker process and kept there). The driver only schedules: at most `data.num_tokenize_actors`
-transforms and as many reads as that (at least 2, at most the files) at a time, the blocks of the earliest
+transforms and a quarter as many reads (at least 1, at most the files) at a time, the blocks of the earliest
 unfinished file first, and it hands the results on in input order.
 
 Why not Ray Data (which ran pass 1 before): on this machine Ray Data's actor pool, its helper actors and its
@@ -30,6 +30,7 @@ from longctx import raycluster
 from longctx.data import sources as src
 
 HELD_PER_WORKER = 2  # transforms running + results waiting for their turn, per worker, beyond the head file's
+READS_PER_WORKERS = 4  # one file read at a time per this many tokenize workers (at least one)
 MAX_WORKER_INSTANCES = 2  # transform instances a worker process keeps (one per kind of work: tokenizer, chat)
 _instances: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
 
@@ -71,7 +72,10 @@ def record_stream(cfg, tasks: list[src.FileTask], cls, kwargs: dict, read_opts: 
     if cfg.ray.data_resources:
         opts["resources"] = dict(cfg.ray.data_resources)
     workers = cfg.data.num_tokenize_actors
-    readers = max(1, min(max(2, workers), len(tasks)))
+    # NOTE: reading + validating costs ~1/25 of tokenizing (bench/data_pipeline.py: 1.4 of ~35 CPU s at 10x the
+    # sample corpus), so one read per 4 workers keeps them fed, latency of object storage included; every read
+    # running at once is a worker process of its own (started, ~150 MB), so no more of them than that.
+    readers = max(1, min(-(-workers // READS_PER_WORKERS), len(tasks)))
     # NOTE: a read reserves half the CPU of a transform (parsing is much cheaper than encoding); it pauses once
     # the driver has not taken 4 of its blocks, so a fast reader of a large file never runs ahead of the
     # transforms by more than that (memory stays flat however large the corpus).
