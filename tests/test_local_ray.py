@@ -147,7 +147,13 @@ def test_two_local_jobs_and_a_head_node_each_finish_with_their_own_clean_up(tmp_
         # the head lives on, untouched, and Ctrl-C on its `ray start --block` stops it (and only it)
         assert head.poll() is None and session_processes(head_session)
         os.killpg(head.pid, signal.SIGINT)
-        head.wait(timeout=60)
+        # NOTE: Ray's own teardown (SIGTERM, then a wait, per process) once took over 60 s in a full-suite run on 2
+        # cores (the jobs above had passed); the assertion is that Ctrl-C stops the head, not how fast Ray does it
+        try:
+            head.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("Ctrl-C did not stop `ray start --head --block` within 180 s; its log ends:\n"
+                                 + (tmp_path / "head.log").read_text()[-3000:]) from None
         deadline = time.time() + 30
         while session_processes(head_session) and time.time() < deadline:
             time.sleep(0.5)
