@@ -108,6 +108,13 @@ JOB = ["train.max_steps=2", "train.num_workers=1", "train.global_batch_tokens=10
        "data.sources={c: builtin:corpus/c.jsonl.gz}"]
 
 
+def _default_sigint() -> None:
+    """In the head's process before exec: Ctrl-C handled as in a user's terminal, whatever disposition or mask this
+    pytest process's threads pass on (Ray blocks SIGINT in the processes it starts)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_local_jobs_and_a_head_node_each_finish_with_their_own_clean_up(tmp_path, free_ports):
@@ -122,7 +129,7 @@ def test_two_local_jobs_and_a_head_node_each_finish_with_their_own_clean_up(tmp_
     head = subprocess.Popen(["ray", "start", "--head", f"--port={gcs}", "--num-cpus=1",
                              f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--block"],
                             env=head_env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
     jobs = {}
     try:
         deadline = time.time() + 120
@@ -152,8 +159,12 @@ def test_two_local_jobs_and_a_head_node_each_finish_with_their_own_clean_up(tmp_
         try:
             head.wait(timeout=180)
         except subprocess.TimeoutExpired:
-            raise AssertionError("Ctrl-C did not stop `ray start --head --block` within 180 s; its log ends:\n"
-                                 + (tmp_path / "head.log").read_text()[-3000:]) from None
+            status = Path(f"/proc/{head.pid}/status").read_text() if head.poll() is None else ""
+            sig = [l for l in status.splitlines() if l.startswith(("State", "SigBlk", "SigIgn", "SigCgt", "SigPnd",
+                                                                  "ShdPnd"))]
+            mine = [l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(("SigBlk", "SigIgn"))]
+            raise AssertionError(f"Ctrl-C did not stop `ray start --head --block` within 180 s ({sig}; pytest: {mine}); "
+                                 "its log ends:\n" + (tmp_path / "head.log").read_text()[-3000:]) from None
         deadline = time.time() + 30
         while session_processes(head_session) and time.time() < deadline:
             time.sleep(0.5)
