@@ -577,11 +577,3 @@ def read_file(task: FileTask, opts: storage.StorageOptions | ReadOptions | None 
     last = out.flush()
     if last is not None:
         yield last
-
-
-def read_files_batch(batch: dict, specs: dict[str, dict], opts: dict) -> Iterator[pa.Table]:
-    """Ray Data `map_batches` function: rows {file_idx, uri, source} -> validated record tables."""
-    ropts = ReadOptions.from_dict(opts)
-    for file_idx, uri, source in zip(batch["file_idx"], batch["uri"], batch["source"]):
-        task = FileTask(int(file_idx), str(uri), str(source), SourceSpec(**specs[str(source)]))
-        yield from read_file(task, ropts)

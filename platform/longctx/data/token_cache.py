@@ -23,11 +23,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from longctx import raycluster, storage
+from longctx import storage
 from longctx.data import sources as src
 from longctx.data.budget import BudgetReader, data_budget
 from longctx.data.pass1 import record_stream
-from longctx.data.tokenize import CACHE_SCHEMA, CACHE_SUFFIX, TokenizeBatches, row_group_bounds, write_cache_groups
+from longctx.data.tokenize import (CACHE_SCHEMA, CACHE_SUFFIX, TokenizeBatches, cache_group, row_group_bounds,
+                                   write_cache_groups)
 from longctx.progress import Progress
 
 
@@ -116,12 +117,6 @@ class TokenCache:
         return cache
 
 
-def ensure_ray(cfg) -> None:
-    """Connect to Ray if the caller has not (RAY_ADDRESS / cfg.ray.address, else a local cluster): the one
-    connector, `longctx.raycluster.connect`."""
-    raycluster.connect(cfg)
-
-
 def _tokenized_batches(cfg, tasks: list[src.FileTask], with_tokens: bool = True,
                        cache_root: str | None = None) -> Iterator[pa.Table]:
     """Pass 1 on Ray, in input order: read + validate files, then tokenize each record block in a task (whose
@@ -147,9 +142,8 @@ def _cache_batch(batch: pa.Table, cache: TokenCache, writers: dict, staged: dict
                     staged[label] = os.path.join(cache_root, f"staged-{len(writers):04d}{CACHE_SUFFIX}")
                     sink = pa.OSFile(staged[label], "wb")
                     writers[label] = (sink, pa.ipc.new_file(sink, CACHE_SCHEMA))
-                group = part.slice(lo, hi - lo).select(["doc_id", "tokens"]).cast(CACHE_SCHEMA)
-                writers[label][1].write_batch(pa.RecordBatch.from_arrays(
-                    [c.combine_chunks() for c in group.columns], schema=CACHE_SCHEMA))
+                writers[label][1].write_batch(
+                    cache_group(part.slice(lo, hi - lo).select(["doc_id", "tokens"]).cast(CACHE_SCHEMA)))
 
 
 def _index_batch(batch: pa.Table, cache: TokenCache) -> None:
